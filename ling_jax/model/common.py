@@ -1,0 +1,92 @@
+"""Building blocks shared by the Ling layers: parameters with logical axes, norms, SwiGLU.
+
+Kernels are stored [in, ..., out] (the transpose of PyTorch's [out, in]) and may be split into
+named axes, e.g. the Lightning projection is [D, 3, H, K]. Parameters are stored in `param_dtype`
+and cast to the compute `dtype` at use, so training keeps fp32 master weights under bf16 compute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ling_jax import axes as ax
+
+
+class ExpertBias(nnx.Variable):
+  """The aux-loss-free router bias (spec 3.7.3): in the checkpoint, but moved by the expert-load
+  update rule, not by the optimizer (which only sees `nnx.Param`)."""
+
+
+def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtype,
+          *, fan_in: int | None = None, init: str = "normal", kind=nnx.Param) -> nnx.Variable:
+  """A variable with logical axis names; `normal` draws N(0, 1/fan_in), `ones`/`zeros` are constant."""
+  shape = tuple(shape)
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {shape}")
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  elif init == "normal":
+    std = 1.0 if fan_in is None else 1.0 / math.sqrt(fan_in)
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  else:
+    raise ValueError(f"unknown init {init!r}")
+  # Shardings are applied by the caller from the logical names (ling_jax.axes), never eagerly.
+  return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis with fp32 statistics, cast back to x's dtype (spec 3.2)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with the HF order of operations: normalise in fp32, cast, then scale (spec 3.2)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.weight = param(None, (dim,), (ax.NORM,), param_dtype, init="ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    return self.weight[...].astype(self.dtype) * rms_normalize(x, self.eps)
+
+
+class GroupRMSNorm(nnx.Module):
+  """RMSNorm over `groups` equal slices of the flattened heads (spec 3.4.6); weight is [H, K]."""
+
+  def __init__(self, heads: int, head_dim: int, groups: int, *, eps: float,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.groups, self.eps, self.dtype = groups, eps, dtype
+    self.weight = param(None, (heads, head_dim), (ax.HEADS, ax.HEAD_DIM), param_dtype, init="ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    B, T, H, K = x.shape
+    y = rms_normalize(x.reshape(B, T, self.groups, H * K // self.groups), self.eps)
+    return self.weight[...].astype(self.dtype) * y.reshape(B, T, H, K)
+
+
+class SwiGLU(nnx.Module):
+  """W_down(silu(W_gate x) * W_up x): the dense MLP, the shared expert (spec 3.6)."""
+
+  def __init__(self, hidden: int, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.dtype = dtype
+    self.gate_proj = param(rngs, (hidden, width), (ax.EMBED, ax.MLP), param_dtype, fan_in=hidden)
+    self.up_proj = param(rngs, (hidden, width), (ax.EMBED, ax.MLP), param_dtype, fan_in=hidden)
+    self.down_proj = param(rngs, (width, hidden), (ax.MLP, ax.EMBED), param_dtype, fan_in=width)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    g = x @ self.gate_proj[...].astype(self.dtype)
+    u = x @ self.up_proj[...].astype(self.dtype)
+    return (jax.nn.silu(g) * u) @ self.down_proj[...].astype(self.dtype)

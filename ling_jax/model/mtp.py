@@ -1,0 +1,39 @@
+"""The multi-token-prediction layer `model.layers.{L}` (spec 3.9): predicts token t+2.
+
+x = eh_proj([enorm(E[token_{t+1}]) | hnorm(h_t)]) with h_t the main stack output after the final
+norm (spec 6.6), then an MLA + MoE decoder layer and `final_layernorm`; logits come from the
+shared lm_head.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ling_jax import axes as ax
+from ling_jax.model.common import RMSNorm, param
+from ling_jax.model.decoder import DecoderLayer
+
+
+class MTPLayer(nnx.Module):
+
+  def __init__(self, layer: DecoderLayer, hidden: int, *, eps: float, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.dtype = dtype
+    self.layer = layer
+    self.enorm = RMSNorm(hidden, eps=eps, dtype=dtype, param_dtype=param_dtype)
+    self.hnorm = RMSNorm(hidden, eps=eps, dtype=dtype, param_dtype=param_dtype)
+    # Input rows 0..D-1 act on enorm(embedding), D..2D-1 on hnorm(hidden) (spec 4.2).
+    self.eh_proj = param(rngs, (2 * hidden, hidden), (ax.EMBED, ax.EMBED), param_dtype,
+                         fan_in=2 * hidden)
+    self.final_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, hidden: jax.Array, next_embeds: jax.Array, *, layer_idx, positions,
+               segment_ids=None, cache=None, cache_index=None):
+    """hidden, next_embeds [B, T, D] -> (normed MTP hidden [B, T, D], cache, expert load)."""
+    x = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1)
+    x = x @ self.eh_proj[...].astype(self.dtype)
+    h, cache, load = self.layer(x, layer_idx=layer_idx, positions=positions,
+                                segment_ids=segment_ids, cache=cache, cache_index=cache_index)
+    return self.final_layernorm(h), cache, load

@@ -1,0 +1,180 @@
+"""Model internals: scan vs unrolled, MoE dispatch paths, router, decode, MTP, sharded forward."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import numpy_reference as ref
+from ling_jax import axes as ax
+from ling_jax.config import ling_tiny
+from ling_jax.hf_config import to_hf_config
+from ling_jax.hf_io import hf_tensors
+from ling_jax.model import moe
+from ling_jax.weights import all_maps
+from model_utils import random_model, random_tokens
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@functools.partial(nnx.jit, static_argnames=("scan",))
+def _logits(model, tokens, scan=True):
+  return model(tokens, scan=scan)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),                                                        # prefix group + scanned group
+    dict(num_hidden_layers=7, layer_group_size=2, first_k_dense_replace=0),  # scan 3 + tail 1
+    dict(num_hidden_layers=8, layer_group_size=4, first_k_dense_replace=5),  # 2 prefix groups
+])
+def test_scan_and_unrolled_give_identical_logits(overrides):
+  cfg = ling_tiny(**overrides)
+  model = random_model(cfg)
+  tokens = random_tokens(cfg, (2, 13))
+  a, b = _logits(model, tokens, scan=True), _logits(model, tokens, scan=False)
+  assert np.isfinite(np.asarray(a)).all()
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _routing_case(seed, N=40, D=16, E=8, X=2, skew=0.0):
+  k = jax.random.split(jax.random.key(seed), 6)
+  x = jax.random.normal(k[0], (N, D))
+  wr = jax.random.normal(k[1], (D, E)) / np.sqrt(D)
+  bias = 0.05 * jax.random.normal(k[2], (E,)) + skew * (jnp.arange(E) < 2)  # skew: all to experts 0, 1
+  F = 12
+  wg = jax.random.normal(k[3], (E, D, F)) / 4
+  wu = jax.random.normal(k[4], (E, D, F)) / 4
+  wd = jax.random.normal(k[5], (E, F, D)) / 4
+  return x, wr, bias, (wg, wu, wd)
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (2, 1), (4, 2)])
+def test_router_matches_float64_spec(n_group, topk_group):
+  x, wr, bias, _ = _routing_case(3)
+  cfg = dict(num_experts=8, n_group=n_group, topk_group=topk_group, num_experts_per_tok=2,
+             routed_scaling_factor=2.5)
+  idx, w = moe.route(x, wr, bias, top_k=2, n_group=n_group, topk_group=topk_group, scale=2.5)
+  W = {"m.gate.weight": np.asarray(wr, np.float64).T, "m.gate.expert_bias": np.asarray(bias, np.float64)}
+  for t in range(x.shape[0]):
+    ids, wt = ref.route(W, "m", np.asarray(x[t], np.float64), cfg)
+    assert list(np.asarray(idx[t])) == list(ids)
+    np.testing.assert_allclose(np.asarray(w[t]), wt, rtol=1e-5)
+
+
+@pytest.mark.parametrize("skew,block", [(0.0, 4), (0.0, 64), (10.0, 8)])
+def test_sorted_moe_matches_dense_reference_with_grads(skew, block):
+  x, wr, bias, wts = _routing_case(5, skew=skew)
+  idx, w = moe.route(x, wr, bias, top_k=2, n_group=1, topk_group=1, scale=2.5)
+  if skew:  # heavily imbalanced: every token goes to experts 0 and 1, the others are empty
+    assert (np.asarray(idx) == 0).any(axis=1).all()
+    assert (np.bincount(np.asarray(idx).ravel(), minlength=8) == 0).any()
+
+  def loss(fn, x, w, wts):
+    y = fn(x, idx, w, *wts)
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+
+  dense = lambda *a: moe.experts_dense(*a)
+  srt = lambda *a: moe.experts_sorted(*a, block_size=block, blocks_per_step=3)
+  np.testing.assert_allclose(srt(x, idx, w, *wts), dense(x, idx, w, *wts), rtol=1e-5, atol=1e-5)
+  gd = jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2))(x, w, wts)
+  gs = jax.grad(lambda *a: loss(srt, *a), argnums=(0, 1, 2))(x, w, wts)
+  for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(gd)):
+    assert rel(a, b) < 1e-5
+
+
+def test_model_moe_impls_agree():
+  cfg = ling_tiny()
+  a = random_model(cfg, moe_impl="sorted")
+  b = random_model(cfg, moe_impl="dense")
+  tokens = random_tokens(cfg, (2, 9))
+  assert rel(_logits(a, tokens), _logits(b, tokens)) < 1e-5
+
+
+@pytest.mark.parametrize("overrides,T", [
+    (dict(), 70),                                                  # longer than a 64-chunk
+    (dict(num_hidden_layers=5, layer_group_size=2, q_lora_rank=None), 9),  # tail MLA layer
+])
+def test_prefill_then_decode_matches_full_forward(overrides, T):
+  cfg = ling_tiny(**overrides)
+  model = random_model(cfg, seed=2)
+  tokens = random_tokens(cfg, (2, T), seed=3)
+  full = np.asarray(_logits(model, tokens))
+
+  @nnx.jit
+  def step(model, tok, cache):
+    return model(tok, cache=cache)
+
+  P = T // 2
+  cache = model.init_cache(2, T + 3)
+  logits, cache = step(model, tokens[:, :P], cache)
+  outs = [np.asarray(logits)]
+  for t in range(P, T):
+    logits, cache = step(model, tokens[:, t:t + 1], cache)
+    outs.append(np.asarray(logits))
+  dec = np.concatenate(outs, axis=1)
+  assert int(cache["index"]) == T
+  for t in range(T):
+    assert rel(dec[:, t], full[:, t]) < 1e-5, t
+
+
+def test_mtp_matches_float64_spec():
+  cfg = ling_tiny(q_lora_rank=None)
+  model = random_model(cfg, seed=4)
+  tokens = random_tokens(cfg, (2, 12), seed=5)
+  out = nnx.jit(lambda m, t: m.forward(t, mtp=True))(model, tokens)
+  W = {n: np.asarray(a, np.float64) for n, a in hf_tensors(model, all_maps(cfg))}
+  hf = to_hf_config(cfg)
+  for b in range(2):
+    want = ref.mtp_logits(W, hf, np.asarray(out.hidden[b], np.float64), np.asarray(tokens[b]))
+    assert rel(out.mtp_logits[b], want) < 1e-5
+
+
+def test_expert_load_counts_every_routed_token():
+  cfg = ling_tiny()
+  model = random_model(cfg)
+  out = model.forward(random_tokens(cfg, (2, 7)))
+  n_moe = cfg.mlp_types().count("moe")
+  assert out.expert_load.shape == (n_moe, cfg.num_experts)
+  np.testing.assert_array_equal(np.asarray(out.expert_load).sum(1), 2 * 7 * cfg.num_experts_per_tok)
+
+
+def test_sharded_forward_on_fake_mesh_matches_single_device():
+  cfg = ling_tiny()
+  model = random_model(cfg)
+  tokens = random_tokens(cfg, (4, 8))
+  want = np.asarray(_logits(model, tokens))
+  mesh = ax.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+  assert mesh.devices.size == 8
+  state = nnx.state(model)
+  shardings = ax.state_shardings(state, mesh)
+  nnx.update(model, jax.device_put(state, shardings))
+  expert = model.groups.layers[1].mlp.experts.gate_proj[...]
+  assert len(expert.sharding.device_set) == 8
+  tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+  got = np.asarray(_logits(model, tokens))
+  assert rel(got, want) < 1e-5
+
+
+def test_gradients_are_finite_and_reach_every_param():
+  cfg = ling_tiny()
+  model = random_model(cfg)
+  tokens = random_tokens(cfg, (2, 10))
+
+  def loss(model):
+    out = model.forward(tokens, mtp=True)
+    lp = jax.nn.log_softmax(out.logits[:, :-1])
+    mp = jax.nn.log_softmax(out.mtp_logits[:, :-2])
+    return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
+             + jnp.take_along_axis(mp, tokens[:, 2:, None], -1).mean())
+
+  grads = nnx.grad(loss)(model)
+  for path, g in nnx.to_flat_state(grads):
+    g = np.asarray(g.get_value())
+    assert np.isfinite(g).all(), path
+    assert np.abs(g).max() > 0, path
