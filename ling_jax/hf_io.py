@@ -1,0 +1,245 @@
+"""Load and save the released PyTorch checkpoint layout in memory (spec 4).
+
+`load_hf(folder)` reads config.json and every `*.safetensors` file of an HF folder (the headers are
+the truth; `model.safetensors.index.json`, when present, must agree with them) and fills a model
+built abstractly, strictly: every checkpoint tensor is used exactly once and every parameter is
+filled; a missing, unexpected or mis-shaped tensor is an error naming it. `save_hf` writes the same
+layout back, into a temporary folder renamed into place only once complete.
+
+This path holds the whole model in host memory; the streaming Orbax converter is `ling_jax.convert`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from ling_jax.config import LingConfig
+from ling_jax.hf_config import read_hf_config, write_hf_config
+from ling_jax.io.safetensors import SafetensorsFile, write_safetensors
+from ling_jax.model.ling import LingForCausalLM
+from ling_jax.weights import TensorMap, all_maps, main_maps, mtp_maps
+
+INDEX = "model.safetensors.index.json"
+MTP_FILE = "model-mtp-layer.safetensors"
+# Kept in fp32 whatever the load dtype (spec 4.3: router and expert bias in fp32).
+FP32_PARAMS = (("gate", "weight"), ("gate", "expert_bias"))
+
+
+class CheckpointError(ValueError):
+  """A checkpoint folder that does not match the config or the layout of spec 4."""
+
+
+def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, **kwargs):
+  """(graphdef, abstract state) of a model, without allocating parameters."""
+  model = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                                 param_dtype=dtype, **kwargs))
+  return nnx.split(model)
+
+
+def param_dtype_for(path: tuple, dtype) -> np.dtype:
+  return np.dtype(jnp.float32) if tuple(path[-2:]) in FP32_PARAMS else np.dtype(dtype)
+
+
+def scan_folder(folder: str | os.PathLike) -> dict[str, str]:
+  """tensor name -> file, from every safetensors header; checks the index against the headers."""
+  folder = os.fspath(folder)
+  files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+  index_path = os.path.join(folder, INDEX)
+  index = None
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      index = json.load(f).get("weight_map", {})
+    missing_files = sorted(set(index.values()) - set(files))
+    if missing_files:
+      raise CheckpointError(f"{folder}: shard(s) listed in {INDEX} are missing: {missing_files}")
+  if not files:
+    raise CheckpointError(f"{folder}: no *.safetensors files")
+  where: dict[str, str] = {}
+  for fname in files:
+    with SafetensorsFile(os.path.join(folder, fname)) as st:
+      for name in st.keys():
+        if name in where:
+          raise CheckpointError(f"tensor {name!r} appears in both {where[name]} and {fname}")
+        where[name] = fname
+  if index is not None:
+    wrong = sorted(n for n, f in index.items() if where.get(n) != f)
+    if wrong:
+      n = wrong[0]
+      raise CheckpointError(
+          f"{INDEX} disagrees with the safetensors headers for {len(wrong)} tensor(s), e.g. "
+          f"{n!r}: index says {index[n]}, headers say {where.get(n, 'absent')}")
+  return where
+
+
+def check_names(maps: Iterable[TensorMap], found: Iterable[str], folder) -> None:
+  expected = {m.name for m in maps}
+  found = set(found)
+  missing, unexpected = sorted(expected - found), sorted(found - expected)
+  msgs = []
+  if missing:
+    msgs.append(f"{len(missing)} missing tensor(s): {_few(missing)}")
+  if unexpected:
+    msgs.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
+  if msgs:
+    raise CheckpointError(f"{folder} does not match its config.json: " + "; ".join(msgs))
+
+
+def _few(names: list[str], k: int = 5) -> str:
+  return ", ".join(repr(n) for n in names[:k]) + (", ..." if len(names) > k else "")
+
+
+def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "sorted",
+            gla_impl: str = "chunked", progress: bool = True):
+  """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`."""
+  folder = os.fspath(folder)
+  cfg = read_hf_config(folder)
+  where = scan_folder(folder)
+  maps = all_maps(cfg)
+  check_names(maps, where, folder)
+
+  graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
+  flat = dict(nnx.to_flat_state(abstract))
+  check_coverage(maps, {path: var.get_value().shape for path, var in flat.items()})
+  arrays = {path: np.empty(var.get_value().shape, param_dtype_for(path, dtype))
+            for path, var in flat.items()}
+  by_file: dict[str, list[TensorMap]] = defaultdict(list)
+  for m in maps:
+    by_file[where[m.name]].append(m)
+  bar = tqdm(total=len(maps), desc=f"load {os.path.basename(folder)}", unit="tensor",
+             disable=not progress)
+  for fname, fmaps in by_file.items():
+    with SafetensorsFile(os.path.join(folder, fname)) as st:
+      for m in fmaps:
+        target = arrays[m.path]
+        slice_shape = target.shape[len(m.index):]
+        want = m.hf_shape(slice_shape)
+        _, shape = st.info(m.name)
+        if tuple(shape) != want:
+          raise CheckpointError(f"{fname}: tensor {m.name!r} has shape {list(shape)}, the config "
+                                f"expects {list(want)}")
+        target[m.index] = m.to_model(st.get(m.name), slice_shape).astype(target.dtype)
+        bar.update()
+  bar.close()
+  for path, var in flat.items():
+    var.set_value(jnp.asarray(arrays.pop(path)))
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return cfg, model
+
+
+def check_coverage(maps: list[TensorMap], shapes: dict[tuple, tuple]) -> None:
+  """Every parameter is filled exactly once, slice by slice, by the name map (style rule 10)."""
+  slices = defaultdict(set)
+  for m in maps:
+    if m.path not in shapes:
+      raise CheckpointError(f"internal: {m.name} maps to unknown parameter {m.path}")
+    slices[m.path].add(m.index)
+  for path, shape in shapes.items():
+    n = len(next(iter(slices[path]))) if slices.get(path) else 0
+    want = int(np.prod(shape[:n]))
+    if len(slices.get(path, ())) != want:
+      raise CheckpointError(f"internal: parameter {'.'.join(map(str, path))} is covered by "
+                            f"{len(slices.get(path, ()))} checkpoint tensors, expected {want}")
+
+
+def hf_tensors(model: LingForCausalLM, maps: Iterable[TensorMap]):
+  """Yield (HF name, numpy array in PyTorch layout) for each map, one slice at a time.
+
+  The router weight, held in fp32 for compute, is written back in the checkpoint's dtype (that of
+  the embeddings), so a bf16 checkpoint round-trips bit-exactly; the expert bias stays fp32.
+  """
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  ckpt_dtype = flat[("word_embeddings",)].get_value().dtype
+  for m in maps:
+    value = flat[m.path].get_value()
+    if m.index:
+      value = _take(value, np.asarray(m.index, np.int32))
+    value = np.asarray(jax.device_get(value))
+    if m.path[-2:] == ("gate", "weight"):
+      value = value.astype(ckpt_dtype)
+    yield m.name, np.ascontiguousarray(m.to_hf(value))
+
+
+@jax.jit
+def _take(array, index):
+  """array[index] on device, compiled once per shape (eager indexing would compile per index)."""
+  return array[tuple(index)]
+
+
+def save_hf(model: LingForCausalLM, config: LingConfig, folder: str | os.PathLike, *,
+            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, progress: bool = True):
+  """Write `model` as an HF folder (sharded main model, MTP file, index, config.json).
+
+  Everything goes to a sibling temporary folder first; only a complete folder is renamed into
+  place, so an interrupted save never leaves something that looks like a checkpoint.
+  """
+  folder = os.path.abspath(os.fspath(folder))
+  if os.path.exists(folder) and os.listdir(folder) and not overwrite:
+    raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True)")
+  if model.config != config:
+    raise ValueError("save_hf: `config` differs from the config the model was built with")
+  tmp = f"{folder}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    main = list(main_maps(config))
+    mtp = list(mtp_maps(config))
+    bar = tqdm(total=len(main) + len(mtp), desc=f"save {os.path.basename(folder)}", unit="tensor",
+               disable=not progress)
+    weight_map, total = {}, 0
+    shards = _plan_shards(model, main, max_shard_bytes)
+    for k, shard in enumerate(shards):
+      fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+      total += _write_file(os.path.join(tmp, fname), model, shard, bar)
+      weight_map.update({m.name: fname for m in shard})
+    if mtp:
+      total += _write_file(os.path.join(tmp, MTP_FILE), model, mtp, bar)
+      weight_map.update({m.name: MTP_FILE for m in mtp})
+    bar.close()
+    with open(os.path.join(tmp, INDEX), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    write_hf_config(config, tmp)
+    if os.path.exists(folder):
+      old = f"{folder}.old-{os.getpid()}"
+      os.replace(folder, old)
+      os.replace(tmp, folder)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _plan_shards(model, maps: list[TensorMap], max_bytes: int) -> list[list[TensorMap]]:
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  shards, cur, size = [], [], 0
+  for m in maps:
+    v = flat[m.path].get_value()
+    nbytes = int(np.prod(v.shape[len(m.index):])) * v.dtype.itemsize  # an upper bound for the router
+    if cur and size + nbytes > max_bytes:
+      shards.append(cur)
+      cur, size = [], 0
+    cur.append(m)
+    size += nbytes
+  if cur:
+    shards.append(cur)
+  return shards
+
+
+def _write_file(path: str, model, maps: list[TensorMap], bar) -> int:
+  tensors = {}
+  for name, arr in hf_tensors(model, maps):
+    tensors[name] = arr
+    bar.update()
+  write_safetensors(path, tensors, metadata={"format": "pt"})
+  return sum(a.nbytes for a in tensors.values())

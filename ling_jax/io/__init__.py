@@ -1,0 +1,7 @@
+"""File-format I/O that does not depend on the model: the safetensors reader / writer (spec 4.1)."""
+
+from ling_jax.io.safetensors import (DTYPES, SafetensorsError, SafetensorsFile, TensorNotFoundError,
+                                     write_safetensors)
+
+__all__ = ["DTYPES", "SafetensorsError", "SafetensorsFile", "TensorNotFoundError",
+           "write_safetensors"]
