@@ -1,0 +1,50 @@
+"""Quickstart: build a tiny Ling, write it as an HF checkpoint, load it back, generate greedily.
+
+    python -m experiments.quickstart [OUT_DIR]
+
+Exercises the whole inference path on CPU in under a minute: the hybrid stack (Lightning + MLA +
+MoE), the strict HF-layout writer and reader, and prefill + cached decode.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+import ling_jax
+from ling_jax.generate import generate
+
+
+def config():
+  return ling_jax.ling_tiny()
+
+
+def main(out_dir: str | None = None) -> None:
+  cfg = config()
+  out_dir = out_dir or os.path.join(tempfile.gettempdir(), "ling_jax_quickstart")
+  print(f"tiny Ling: {cfg.param_count(include_mtp=True):,} parameters, layers {cfg.layer_types()}")
+  model = ling_jax.LingForCausalLM(cfg, rngs=nnx.Rngs(0))
+  ckpt = os.path.join(out_dir, "hf")
+  ling_jax.save_hf(model, cfg, ckpt, overwrite=True)
+  print(f"wrote {ckpt}: {sorted(os.listdir(ckpt))}")
+  cfg2, loaded = ling_jax.load_hf(ckpt, dtype=np.float32)
+  assert cfg2 == cfg
+  prompt = np.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]], np.int32)
+  t0 = time.perf_counter()
+  out = generate(loaded, prompt, max_new_tokens=16)
+  jax.block_until_ready(out)
+  print(f"generated 16 tokens x 2 rows in {time.perf_counter() - t0:.2f}s (incl. compile):")
+  for row in np.asarray(out):
+    print("  prompt", row[:5].tolist(), "->", row[5:].tolist())
+  # The cached decode must agree with a plain forward over the generated sequence.
+  logits = loaded(out[:, :-1])
+  assert (np.asarray(logits[:, 4:].argmax(-1)) == np.asarray(out[:, 5:])).all()
+  print("greedy decode agrees with the full forward: ok")
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:2])
