@@ -1,0 +1,1 @@
+"""Kernel benchmarks, run as modules: `python -m benchmarks.<op>`."""

@@ -1,0 +1,82 @@
+"""Simple GLA (Lightning attention): S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
+
+The public op `simple_gla` dispatches on `impl`; `simple_gla_step` is the one-token decode step.
+Semantics, layouts and numerics are those of `reference.py` (the spec; Lightning Attention-2,
+arXiv 2401.04658, and fla's simple_gla).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.simple_gla.reference import (simple_gla_chunked, simple_gla_recurrent,
+                                                 simple_gla_step as _step)
+
+from pallas_kernels.simple_gla.chunk import simple_gla_pallas
+
+IMPLS = ("recurrent", "chunked", "pallas", "pallas_interpret")
+
+
+def _check(q, k, v, g, initial_state, segment_ids, chunk_size):
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, H, K], got shape {q.shape}")
+  B, T, H, K = q.shape
+  if k.shape != q.shape:
+    raise ValueError(f"k shape {k.shape} must equal q shape {q.shape} ([B, T, H, K])")
+  if v.ndim != 4 or v.shape[:3] != (B, T, H):
+    raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got shape {v.shape}")
+  if jnp.shape(g) not in ((H,), (B, T, H)):
+    raise ValueError(f"g must be [H] = [{H}] or [B, T, H] = [{B}, {T}, {H}], "
+                     f"got shape {jnp.shape(g)}")
+  if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+    raise ValueError(f"initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, "
+                     f"got shape {initial_state.shape}")
+  if segment_ids is not None and segment_ids.shape != (B, T):
+    raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got shape {segment_ids.shape}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def simple_gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
+               impl="chunked"):
+  """Simple GLA over a sequence: returns (o [B, T, H, V] in q.dtype, final_state [B, H, K, V] fp32).
+
+  q, k [B, T, H, K]; v [B, T, H, V]; g [H] (per-head constant) or [B, T, H] (per token), a
+  log-decay <= 0; scale defaults to K ** -0.5; initial_state [B, H, K, V] feeds the first
+  segment of each row; segment_ids [B, T] resets the state wherever the id changes.
+  impl: "recurrent" (scan over tokens), "chunked" (scan over chunks of `chunk_size`), "pallas"
+  (the GPU kernels of chunk.py) or "pallas_interpret" (the same kernels interpreted, for CPU tests).
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}; valid choices: {', '.join(map(repr, IMPLS))}")
+  _check(q, k, v, g, initial_state, segment_ids, chunk_size)
+  if impl in ("pallas", "pallas_interpret"):
+    return simple_gla_pallas(q, k, v, g, scale=scale, initial_state=initial_state,
+                             segment_ids=segment_ids, chunk_size=chunk_size,
+                             interpret=impl == "pallas_interpret")
+  if impl == "recurrent":
+    return simple_gla_recurrent(q, k, v, g, scale=scale, initial_state=initial_state,
+                                segment_ids=segment_ids)
+  return simple_gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
+                            segment_ids=segment_ids, chunk_size=chunk_size)
+
+
+def simple_gla_step(q, k, v, g, state, *, scale=None):
+  """One decode step: q, k [B, H, K], v [B, H, V], g [H] or [B, H], state [B, H, K, V] fp32.
+
+  Returns (o [B, H, V] in q.dtype, new_state [B, H, K, V] fp32); see `reference.simple_gla_step`.
+  """
+  if q.ndim != 3 or k.shape != q.shape:
+    raise ValueError(f"q and k must both be [B, H, K], got shapes {q.shape} and {k.shape}")
+  B, H, K = q.shape
+  if v.ndim != 3 or v.shape[:2] != (B, H):
+    raise ValueError(f"v must be [B, H, V] = [{B}, {H}, V], got shape {v.shape}")
+  if jnp.shape(g) not in ((H,), (B, H)):
+    raise ValueError(f"g must be [H] = [{H}] or [B, H] = [{B}, {H}], got shape {jnp.shape(g)}")
+  if state.shape != (B, H, K, v.shape[-1]):
+    raise ValueError(f"state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, "
+                     f"got shape {state.shape}")
+  return _step(q, k, v, g, state, scale=scale)
+
+
+__all__ = ["simple_gla", "simple_gla_step", "simple_gla_recurrent", "simple_gla_chunked", "IMPLS"]
