@@ -99,7 +99,7 @@ def _few(names: list[str], k: int = 5) -> str:
 
 
 def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "sorted",
-            gla_impl: str = "chunked", progress: bool = True):
+            gla_impl: str = "auto", progress: bool = True):
   """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`."""
   folder = os.fspath(folder)
   cfg = read_hf_config(folder)

@@ -178,3 +178,13 @@ def test_gradients_are_finite_and_reach_every_param():
     g = np.asarray(g.get_value())
     assert np.isfinite(g).all(), path
     assert np.abs(g).max() > 0, path
+
+
+def test_model_with_pallas_lightning_kernels_matches_reference():
+  """The Lightning layers through the Pallas kernels (interpreted on CPU); kernel gradients are
+  covered in test_simple_gla_pallas.py."""
+  cfg = ling_tiny(num_hidden_layers=2, first_k_dense_replace=0)  # one Lightning layer: interpret is slow
+  tokens = random_tokens(cfg, (1, 20))
+  want = _logits(random_model(cfg, gla_impl="chunked"), tokens)
+  got = _logits(random_model(cfg, gla_impl="pallas_interpret"), tokens)
+  assert rel(got, want) < 1e-4

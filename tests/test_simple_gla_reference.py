@@ -238,7 +238,7 @@ def test_dispatch_and_validation():
   o, s = simple_gla(q, k, v, g, initial_state=h0, impl="recurrent")
   o2, s2 = simple_gla_recurrent(q, k, v, g, initial_state=h0)
   np.testing.assert_array_equal(o, o2)
-  assert set(IMPLS) == {"recurrent", "chunked"}
+  assert {"auto", "recurrent", "chunked", "pallas"} <= set(IMPLS)
   with pytest.raises(ValueError, match="'recurrent', 'chunked'"):
     simple_gla(q, k, v, g, impl="triton")
   bad = [dict(k=k[..., :8]), dict(v=v[:, :5]), dict(g=g[:1]), dict(g=g[None]),

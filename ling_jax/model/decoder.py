@@ -57,7 +57,7 @@ class DecoderLayer(nnx.Module):
 
 
 def make_layer(cfg: LingConfig, mixer: str, mlp: str, *, rngs: nnx.Rngs, dtype, param_dtype,
-               moe_impl: str = "sorted", gla_impl: str = "chunked") -> DecoderLayer:
+               moe_impl: str = "sorted", gla_impl: str = "auto") -> DecoderLayer:
   """Build one decoder layer of the given kinds from the config (the only place that reads it)."""
   common = dict(dtype=dtype, param_dtype=param_dtype)
   D, eps = cfg.hidden_size, cfg.rms_norm_eps

@@ -34,7 +34,7 @@ class LightningAttention(nnx.Module):
   def __init__(self, *, hidden: int, heads: int, head_dim: int, rotary_dim: int,
                norm_groups: int, num_layers: int, decay_form: str, rope_theta: float,
                rope_scaling, use_qk_norm: bool, eps: float, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "chunked"):
+               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto"):
     self.heads, self.head_dim, self.rotary_dim = heads, head_dim, rotary_dim
     self.num_layers, self.decay_form = num_layers, decay_form
     self.rope_theta, self.rope_scaling = rope_theta, rope_scaling

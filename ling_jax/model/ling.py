@@ -38,7 +38,7 @@ class LingForCausalLM(nnx.Module):
   """Ling-2.6 (BailingMoeV2_5ForCausalLM). `model(tokens [B, T] int32) -> logits [B, T, vocab]`."""
 
   def __init__(self, config: LingConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, moe_impl: str = "sorted", gla_impl: str = "chunked"):
+               param_dtype=jnp.float32, moe_impl: str = "sorted", gla_impl: str = "auto"):
     cfg = self.config = config
     self.dtype = dtype
     D, V, G = cfg.hidden_size, cfg.vocab_size, cfg.layer_group_size

@@ -7,6 +7,7 @@ arXiv 2401.04658, and fla's simple_gla).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.simple_gla.reference import (simple_gla_chunked, simple_gla_recurrent,
@@ -14,7 +15,17 @@ from pallas_kernels.simple_gla.reference import (simple_gla_chunked, simple_gla_
 
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 
-IMPLS = ("recurrent", "chunked", "pallas", "pallas_interpret")
+IMPLS = ("auto", "recurrent", "chunked", "pallas", "pallas_interpret")
+
+
+def resolve_impl(impl: str, head_dim: int, v_dim: int) -> str:
+  """"auto": the Pallas kernels on GPU when the head dims suit them, else the chunked reference."""
+  if impl != "auto":
+    return impl
+  pow2 = lambda n: n >= 16 and n & (n - 1) == 0
+  if jax.default_backend() == "gpu" and pow2(head_dim) and pow2(v_dim):
+    return "pallas"
+  return "chunked"
 
 
 def _check(q, k, v, g, initial_state, segment_ids, chunk_size):
@@ -44,12 +55,13 @@ def simple_gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, 
   q, k [B, T, H, K]; v [B, T, H, V]; g [H] (per-head constant) or [B, T, H] (per token), a
   log-decay <= 0; scale defaults to K ** -0.5; initial_state [B, H, K, V] feeds the first
   segment of each row; segment_ids [B, T] resets the state wherever the id changes.
-  impl: "recurrent" (scan over tokens), "chunked" (scan over chunks of `chunk_size`), "pallas"
+  impl: "auto" (resolve_impl), "recurrent" (scan over tokens), "chunked" (scan over chunks of `chunk_size`), "pallas"
   (the GPU kernels of chunk.py) or "pallas_interpret" (the same kernels interpreted, for CPU tests).
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown impl {impl!r}; valid choices: {', '.join(map(repr, IMPLS))}")
   _check(q, k, v, g, initial_state, segment_ids, chunk_size)
+  impl = resolve_impl(impl, q.shape[-1], v.shape[-1])
   if impl in ("pallas", "pallas_interpret"):
     return simple_gla_pallas(q, k, v, g, scale=scale, initial_state=initial_state,
                              segment_ids=segment_ids, chunk_size=chunk_size,
