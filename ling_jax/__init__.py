@@ -11,8 +11,11 @@ def __getattr__(name):
   if name in ("load_hf", "save_hf"):
     from ling_jax import hf_io
     return getattr(hf_io, name)
+  if name == "load":
+    from ling_jax.convert import load
+    return load
   raise AttributeError(f"module 'ling_jax' has no attribute {name!r}")
 
 
 __all__ = ["LingConfig", "YarnScaling", "ling_2_6_flash", "ling_2_6_1t", "ling_small", "ling_tiny",
-           "from_hf_config", "to_hf_config", "LingForCausalLM", "LingOutput", "load_hf", "save_hf"]
+           "from_hf_config", "to_hf_config", "LingForCausalLM", "LingOutput", "load_hf", "save_hf", "load"]

@@ -125,15 +125,21 @@ def to_hf_config(cfg: LingConfig) -> dict[str, Any]:
   return hf
 
 
-def read_hf_config(folder: str | os.PathLike, **overrides) -> LingConfig:
+def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
+  """The raw `config.json` dict of an HF folder, with errors that name the file."""
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: not a Hugging Face model folder")
   with open(path) as f:
     try:
-      hf = json.load(f)
+      return json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_hf_config(folder: str | os.PathLike, **overrides) -> LingConfig:
+  path = os.path.join(folder, "config.json")
+  hf = read_config_json(folder)
   try:
     return from_hf_config(hf, **overrides)
   except (ValueError, TypeError) as e:

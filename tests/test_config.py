@@ -1,6 +1,5 @@
 """Config presets, derived numbers, HF config strictness, and the real presets' shapes/shardings."""
 
-import dataclasses
 import json
 
 import jax
@@ -9,7 +8,7 @@ import pytest
 from flax import nnx
 
 from ling_jax import axes as ax
-from ling_jax.config import LingConfig, YarnScaling, alibi_slopes, ling_2_6_1t, ling_2_6_flash, ling_small, ling_tiny
+from ling_jax.config import YarnScaling, alibi_slopes, ling_2_6_1t, ling_2_6_flash, ling_small, ling_tiny
 from ling_jax.hf_config import from_hf_config, read_hf_config, to_hf_config
 from ling_jax.model import LingForCausalLM
 

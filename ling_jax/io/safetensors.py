@@ -278,7 +278,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
     except FileNotFoundError:
       pass
     raise
-  _fsync_dir(os.path.dirname(os.path.abspath(path)))
+  fsync_dir(os.path.dirname(os.path.abspath(path)))
   return offset
 
 
@@ -305,7 +305,7 @@ def _write_array(f, arr: np.ndarray, nbytes: int) -> None:
     f.write(np.ascontiguousarray(arr[i:i + rows]).reshape(-1).view(np.uint8))
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
   # Makes the rename itself durable; not every platform / filesystem allows opening a directory.
   try:
     fd = os.open(folder, os.O_RDONLY)

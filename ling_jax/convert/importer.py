@@ -1,0 +1,196 @@
+"""HF safetensors folder -> Orbax checkpoint of the NNX state, streamed (issue 6, spec 4).
+
+Host memory is bounded by the bytes in flight, not by the model: each checkpoint tensor is read
+from its memory-mapped shard in row blocks of at most `block_bytes`, dequantised / cast /
+transposed into the model layout, and written straight into its slice of the stacked variable
+(`experts[e]`, `groups.layers[j][g]`) through tensorstore, with at most `inflight_bytes` queued.
+Nothing is written before the whole folder has been validated (`HFSource.open`); the checkpoint is
+built in `CKPT_DIR.partial`, checked chunk by chunk, and only then renamed into place.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import shutil
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ling_jax.config import LingConfig
+from ling_jax.hf_config import to_hf_config
+from ling_jax.hf_io import CheckpointError, abstract_model, check_coverage, param_dtype_for
+from ling_jax.io.safetensors import dtype_code
+from ling_jax.weights import TensorMap, all_maps
+from ling_jax.convert import store
+from ling_jax.convert.progress import Progress, Summary
+from ling_jax.convert.source import HFSource, SourceTensor, read_config
+
+MiB = 2**20
+
+
+class ConversionError(RuntimeError):
+  """A failure while converting one tensor; the message names the file and the tensor."""
+
+
+def state_layout(cfg: LingConfig, dtype) -> tuple[list[TensorMap], dict]:
+  """(name map, {state path: (shape, stored dtype, leading index axes)}) of a model in `dtype`."""
+  _, abstract = abstract_model(cfg, dtype)
+  shapes = {path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(abstract)}
+  maps = all_maps(cfg)
+  check_coverage(maps, shapes)
+  lead = {m.path: len(m.index) for m in maps}
+  return maps, {p: (s, param_dtype_for(p, dtype), lead[p]) for p, s in shapes.items()}
+
+
+def block_rows(slice_shape: tuple, axis: int, chunk: int, itemsize: int, block_bytes: int) -> int:
+  """Indices of `axis` per block: a multiple of the chunk extent (whole-chunk writes), <= budget."""
+  per_index = int(np.prod(slice_shape)) // max(1, slice_shape[axis]) * itemsize
+  return max(chunk, block_bytes // max(1, per_index) // chunk * chunk)
+
+
+def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=jnp.bfloat16, *,
+              overwrite: bool = False, progress: bool = True, block_bytes: int = 32 * MiB,
+              chunk_bytes: int = 16 * MiB, inflight_bytes: int = 128 * MiB,
+              workers: int | None = None,
+              verify_data: bool = False, durable: bool = True) -> Summary:
+  """Convert the HF folder `hf_dir` into the checkpoint `ckpt_dir` with parameters in `dtype`.
+
+  The router weight and expert bias stay fp32 (spec 4.3); FP8 weights are dequantised (spec 4.4).
+  Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: all
+  cores but one, which tensorstore's writer threads use), at most `inflight_bytes` of them queued;
+  checkpoint chunks are at most `chunk_bytes`. `verify_data` reads every written block back and
+  compares it before committing; `durable` fsyncs the checkpoint before the rename that publishes
+  it.
+  """
+  hf_dir, ckpt_dir = os.path.abspath(os.fspath(hf_dir)), os.path.abspath(os.fspath(ckpt_dir))
+  dtype = np.dtype(dtype)
+  _, cfg, scheme = read_config(hf_dir)
+  maps, variables = state_layout(cfg, dtype)
+  slice_shapes = {m.name: variables[m.path][0][len(m.index):] for m in maps}
+  src = HFSource.open(hf_dir, maps, slice_shapes)
+
+  partial = store.start_partial(ckpt_dir, overwrite)
+  bar = Progress(f"import {os.path.basename(hf_dir)}", src.nbytes, len(src.tensors), progress)
+  pipe = None
+  try:
+    writer = store.StateWriter(os.path.join(partial, store.STATE), variables,
+                               chunk_bytes=chunk_bytes)
+    if workers is None:
+      workers = min(8, max(1, (os.cpu_count() or 2) - 1))
+    pipe = _Pipeline(writer, workers, inflight_bytes, bar)
+    for t in src.tensors:
+      where = f"{os.path.join(src.folder, t.file)}: tensor {t.map.name!r}"
+      for region, view, compute in _model_blocks(src, t, variables, writer.chunks, block_bytes):
+        pipe.submit(t.map.path, region, compute, view, where)
+      pipe.submit_done(where)
+    pipe.close()
+    writer.finish()
+    if verify_data:
+      _verify_data(src, variables, writer.chunks, os.path.join(partial, store.STATE), block_bytes)
+    store.write_marker(partial, {
+        "config": to_hf_config(cfg), "dtype": dtype.name,
+        "hf_dtypes": _hf_dtypes(src, dtype),
+        "source": {"folder": hf_dir, "quantization": scheme.description if scheme else None,
+                   "dropped": src.dropped}})
+    bar.close()
+    sync = time.perf_counter()
+    store.commit_partial(partial, ckpt_dir, durable=durable)
+    sync = time.perf_counter() - sync
+  except BaseException:
+    bar.close()
+    if pipe is not None:
+      pipe.abort()
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  finally:
+    src.close()
+  return bar.summary("import", sync)
+
+
+def _model_blocks(src: HFSource, t: SourceTensor, variables, chunks, block_bytes):
+  """(region of the variable, file view, compute) for each block of one tensor."""
+  m = t.map
+  shape, vdtype, lead = variables[m.path]
+  slice_shape = shape[lead:]
+  axis = src.block_axis(t)
+  itemsize = max(vdtype.itemsize, 4 if t.scale else t.dtype.itemsize)
+  rows = block_rows(slice_shape, axis, chunks[m.path][lead + axis], itemsize, block_bytes)
+  for o0, view, compute in src.blocks(t, slice_shape, vdtype, rows):
+    region = m.index + (slice(None),) * axis + (slice(o0, min(o0 + rows, slice_shape[axis])),)
+    yield region, view, compute
+
+
+class _Pipeline:
+  """Blocks computed on `workers` threads (pread and numpy's copies release the GIL) and written
+  by tensorstore's threads, with at most `budget` bytes of source in flight; finished writes
+  advance the progress bar in submission order."""
+
+  def __init__(self, writer: store.StateWriter, workers: int, budget: int, bar: Progress):
+    self.writer, self.budget, self.bar = writer, budget, bar
+    self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), "ling-convert")
+    self.queue: collections.deque = collections.deque()
+    self.inflight = 0
+
+  def submit(self, path, region, compute, view, where: str) -> None:
+    def task():
+      try:
+        return self.writer.write(path, region, compute())
+      except Exception as e:
+        raise ConversionError(f"{where}: {type(e).__name__}: {e}") from e
+    self.queue.append((self.pool.submit(task), view, where))
+    self.inflight += view.nbytes
+    while self.inflight > self.budget:
+      self._wait_oldest()
+
+  def submit_done(self, where: str) -> None:
+    self.queue.append((None, None, where))  # marks the end of one tensor, for the bar
+
+  def _wait_oldest(self) -> None:
+    task, view, where = self.queue.popleft()
+    if task is None:
+      self.bar.update(0, tensors=1)
+      return
+    try:
+      task.result().result()
+    except ConversionError:
+      raise
+    except Exception as e:
+      raise ConversionError(f"{where}: {type(e).__name__}: {e}") from e
+    self.inflight -= view.nbytes
+    self.bar.update(view.nbytes)
+
+  def close(self) -> None:
+    while self.queue:
+      self._wait_oldest()
+    self.pool.shutdown()
+
+  def abort(self) -> None:
+    """Let the tasks and writes already started finish (ignoring errors) before cleaning up."""
+    self.pool.shutdown(cancel_futures=True)
+    for task, _, _ in self.queue:
+      if task is not None and not task.cancelled():
+        try:
+          task.result().result()
+        except BaseException:  # noqa: BLE001 - the first error is already propagating
+          pass
+    self.queue.clear()
+
+
+def _verify_data(src, variables, chunks, state_dir, block_bytes) -> None:
+  reader = store.StateReader(state_dir)
+  for t in src.tensors:
+    for region, view, compute in _model_blocks(src, t, variables, chunks, block_bytes):
+      if reader.read(t.map.path, region).tobytes() != compute().tobytes():
+        raise CheckpointError(f"{os.path.join(src.folder, t.file)}: tensor {t.map.name!r}: "
+                              f"the checkpoint reads back different bytes at {region}")
+
+
+def _hf_dtypes(src: HFSource, dtype: np.dtype) -> dict:
+  """The safetensors dtype of every source tensor, for a bit-exact export (dequantised -> dtype)."""
+  codes = {t.map.name: dtype_code(dtype if t.scale else t.dtype) for t in src.tensors}
+  default = max(set(codes.values()), key=list(codes.values()).count)
+  return {"default": default, "other": {n: c for n, c in sorted(codes.items()) if c != default}}

@@ -1,0 +1,89 @@
+"""Restore a converted checkpoint onto any mesh through Orbax, and save a live model to one.
+
+`load` builds the model abstractly (no parameter is allocated), asks Orbax for every variable
+directly in its target sharding (`ling_jax.axes.state_shardings` on the given mesh), so each device
+reads only the chunks of its own shard, whatever mesh (if any) the checkpoint was written from.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ling_jax import axes as ax
+from ling_jax.hf_config import from_hf_config, to_hf_config
+from ling_jax.hf_io import abstract_model
+from ling_jax.io.safetensors import dtype_code
+from ling_jax.weights import all_maps
+from ling_jax.convert import store
+
+
+def _nest(flat: dict) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return out
+
+
+def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=jnp.bfloat16,
+         *, rules=ax.RULES_FSDP_TP_EP, moe_impl: str = "sorted", gla_impl: str = "chunked"):
+  """Restore `ckpt_dir` -> (config, model) with parameters (and compute) in `dtype`.
+
+  mesh=None puts every parameter on the default device; otherwise parameters are sharded over
+  `mesh` by `rules` (router weight and expert bias stay fp32, as the model builds them).
+  """
+  ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+  marker = store.read_marker(ckpt_dir)
+  cfg = from_hf_config(marker["config"])
+  graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {path: device for path, _ in nnx.to_flat_state(abstract)}
+  else:
+    shardings = dict(nnx.to_flat_state(ax.state_shardings(abstract, mesh, rules)))
+  target = {}
+  for path, var in nnx.to_flat_state(abstract):
+    v = var.get_value()
+    sharding = shardings[path]
+    sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+    target[path] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+  state_dir = os.path.join(ckpt_dir, store.STATE)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(state_dir, _nest(target))
+  nnx.replace_by_pure_dict(abstract, restored)
+  return cfg, nnx.merge(graphdef, abstract)
+
+
+def save(model, ckpt_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+  """Write a live (possibly sharded) model as a checkpoint `load` and `export_hf` read.
+
+  Orbax writes the arrays (each process its own shards); the same `.partial` + rename protocol as
+  the importer makes the result appear only once complete.
+  """
+  ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+  partial = store.start_partial(ckpt_dir, overwrite)
+  try:
+    pure = nnx.to_pure_dict(nnx.state(model))
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(partial, store.STATE), pure)
+      ckptr.wait_until_finished()
+    cfg = model.config
+    dtype = np.dtype(model.word_embeddings.get_value().dtype)
+    codes = {m.name: "F32" for m in all_maps(cfg) if m.name.endswith("gate.expert_bias")}
+    store.write_marker(partial, {
+        "config": to_hf_config(cfg), "dtype": dtype.name,
+        "hf_dtypes": {"default": dtype_code(dtype), "other": codes},
+        "source": {"folder": None, "quantization": None, "dropped": []}})
+    store.commit_partial(partial, ckpt_dir)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise

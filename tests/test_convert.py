@@ -1,0 +1,344 @@
+"""Streaming HF <-> Orbax conversion (issue 6): round trips, restore on meshes, FP8, bad input.
+
+Sources are random checkpoints in the release layout written by `hf_fixtures` from the spec (not
+from `ling_jax.weights`), checked against mlx-lm's independent `bailing_hybrid`. The conversions
+run with tiny block, chunk and in-flight budgets so that every tensor crosses several blocks.
+"""
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_fixtures import INDEX, MTP_FILE, mlx_logits, tiny_hf_config, write_random_hf_checkpoint
+from ling_jax import axes as ax
+from ling_jax.convert import (CheckpointFormatError, ConversionError, export_hf, import_hf, load,
+                              save)
+from ling_jax.convert import store
+from ling_jax.convert.fp8 import QuantScheme, quantize
+from ling_jax.hf_io import CheckpointError
+from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
+
+SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
+# Layers 0-1 a prefix group, 2-5 two scanned groups (stacked axis of 2), 6 the MLA tail; MTP.
+CFG = tiny_hf_config(num_hidden_layers=7)
+TOKENS = np.random.default_rng(1).integers(0, CFG["vocab_size"], (2, 11)).astype(np.int32)
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@functools.partial(nnx.jit)
+def _logits(model, tokens):
+  return model(tokens)
+
+
+def read_folder(folder) -> dict[str, np.ndarray]:
+  out = {}
+  for f in sorted(os.listdir(folder)):
+    if f.endswith(".safetensors"):
+      with SafetensorsFile(os.path.join(folder, f)) as st:
+        out.update({n: np.array(st.get(n)) for n in st.keys()})
+  return out
+
+
+def assert_bit_exact(got: dict, want: dict):
+  assert sorted(got) == sorted(want)
+  for name, w in want.items():
+    g = got[name]
+    assert (g.dtype, g.shape) == (w.dtype, w.shape), name
+    assert g.tobytes() == w.tobytes(), name
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def converted(request, tmp_path_factory):
+  """(source folder, its tensors, checkpoint, exported folder) for one dtype."""
+  root = tmp_path_factory.mktemp(request.param)
+  dtype = np.dtype(getattr(ml_dtypes, request.param, None) or request.param)
+  tensors = write_random_hf_checkpoint(root / "hf", CFG, dtype=dtype, num_shards=3)
+  summary = import_hf(root / "hf", root / "ckpt", dtype, **SMALL)
+  assert summary.tensors == len(tensors) and summary.bytes == sum(
+      a.nbytes for a in tensors.values())
+  export_hf(root / "ckpt", root / "out", progress=False, block_bytes=2048,
+            max_shard_bytes=200_000)
+  return root / "hf", tensors, root / "ckpt", root / "out"
+
+
+def test_import_then_export_is_bit_exact(converted):
+  src, tensors, _, out = converted
+  assert_bit_exact(read_folder(out), tensors)
+  index = json.loads((out / INDEX).read_text())["weight_map"]
+  assert sorted(index) == sorted(tensors)
+  L = CFG["num_hidden_layers"]
+  assert all((f == MTP_FILE) == n.startswith(f"model.layers.{L}.") for n, f in index.items())
+  shards = sorted({f for f in index.values() if f != MTP_FILE})
+  assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+  assert json.loads((out / "config.json").read_text())["model_type"] == "bailing_hybrid"
+  assert sorted(p.name for p in out.iterdir()) == sorted(shards + [MTP_FILE, INDEX, "config.json"])
+
+
+def test_mlx_gives_identical_logits_on_the_exported_folder(converted):
+  src, _, _, out = converted
+  np.testing.assert_array_equal(mlx_logits(out, TOKENS, "float32"),
+                                mlx_logits(src, TOKENS, "float32"))
+
+
+def test_restored_model_matches_mlx_and_any_mesh(converted, tmp_path):
+  src, tensors, ckpt, _ = converted
+  want = mlx_logits(src, TOKENS, "float32")
+  _, model = load(ckpt, dtype=jnp.float32)  # a bf16 checkpoint is upcast by Orbax on restore
+  assert rel(_logits(model, TOKENS), want) < 1e-4
+  if next(iter(tensors.values())).dtype != np.float32:
+    return
+
+  # Restore onto one mesh, save from it, restore onto a different one: same logits.
+  mesh_a = ax.make_mesh({"fsdp": 2, "tensor": 4})
+  _, model_a = load(ckpt, mesh_a, dtype=jnp.float32)
+  experts = model_a.groups.layers[0].mlp.experts.gate_proj[...]
+  assert experts.sharding.mesh.shape == mesh_a.shape
+  assert experts.sharding.spec != jax.sharding.PartitionSpec()
+  logits_a = np.asarray(_logits(model_a, TOKENS))
+  assert rel(logits_a, want) < 1e-4
+  save(model_a, tmp_path / "resaved")
+  mesh_b = ax.make_mesh({"expert": 8})
+  _, model_b = load(tmp_path / "resaved", mesh_b, dtype=jnp.float32)
+  experts = model_b.groups.layers[0].mlp.experts.gate_proj[...]
+  assert experts.sharding.spec[:2] == (None, "expert")
+  np.testing.assert_allclose(np.asarray(_logits(model_b, TOKENS)), logits_a, rtol=1e-5, atol=1e-5)
+  # ... and what Orbax saved from a sharded model exports to the same bytes.
+  export_hf(tmp_path / "resaved", tmp_path / "out", progress=False)
+  assert_bit_exact(read_folder(tmp_path / "out"), tensors)
+
+
+# ---------------------------------------------------------------------------------------- FP8
+def _is_quantised(name: str, a: np.ndarray) -> bool:
+  return (a.ndim == 2 and name.endswith(".weight") and "word_embeddings" not in name
+          and name != "lm_head.weight" and not name.endswith("mlp.gate.weight"))
+
+
+def write_fp8(folder, scheme: QuantScheme, qc: dict) -> dict[str, np.ndarray]:
+  """A random FP8 folder; returns the dequantised fp32 tensors it stands for (numpy, spec 4.4)."""
+  write_random_hf_checkpoint(folder, CFG, dtype=np.float32, num_shards=2)
+  expected, weight_map = {}, {}
+  for f in sorted(os.listdir(folder)):
+    if not f.endswith(".safetensors"):
+      continue
+    with SafetensorsFile(folder / f) as st:
+      tensors = {n: np.array(st.get(n)) for n in st.keys()}
+    out = {}
+    for n, a in tensors.items():
+      if _is_quantised(n, a):
+        q, s = quantize(a, scheme)
+        out[n], out[n[:-len("weight")] + scheme.scale_suffix] = q, s
+        full = s if scheme.kind == "channel" else np.repeat(
+            np.repeat(s, scheme.block[0], 0), scheme.block[1], 1)[:a.shape[0], :a.shape[1]]
+        expected[n] = q.astype(np.float32) * full
+      else:
+        out[n] = expected[n] = a
+    write_safetensors(folder / f, out)
+    weight_map.update({n: f for n in out})
+  (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+  return expected
+
+
+FP8_SCHEMES = {
+    "channel": (QuantScheme("channel"), {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}}}),
+    # Blocks of 16 on the tiny widths: partial edge blocks (q_lora_rank 24) included.
+    "block": (QuantScheme("block", (16, 16)), {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [16, 16]}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FP8_SCHEMES))
+def test_fp8_is_dequantised_on_import(kind, tmp_path):
+  scheme, qc = FP8_SCHEMES[kind]
+  expected = write_fp8(tmp_path / "hf", scheme, qc)
+  import_hf(tmp_path / "hf", tmp_path / "ckpt", np.float32, **SMALL, verify_data=True)
+  assert json.loads((tmp_path / "ckpt" / store.MARKER).read_text())["source"][
+      "quantization"] == scheme.description
+  export_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
+  assert_bit_exact(read_folder(tmp_path / "out"), expected)
+  # bf16: one rounding of the fp32 product (dequantised tensors export in the import dtype).
+  import_hf(tmp_path / "hf", tmp_path / "ckpt16", ml_dtypes.bfloat16, **SMALL)
+  export_hf(tmp_path / "ckpt16", tmp_path / "out16", progress=False)
+  got = read_folder(tmp_path / "out16")
+  quantised = [n for n, a in expected.items() if _is_quantised(n, a)]
+  assert_bit_exact({n: got[n] for n in quantised},
+                   {n: expected[n].astype(ml_dtypes.bfloat16) for n in quantised})
+
+
+# -------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pristine")
+  write_random_hf_checkpoint(root, tiny_hf_config(), num_shards=3)
+  return root
+
+
+@pytest.fixture
+def hf(pristine, tmp_path):
+  shutil.copytree(pristine, tmp_path / "hf")
+  return tmp_path / "hf"
+
+
+def rewrite(folder, fname, edit):
+  """Apply `edit(dict of tensors)` to one shard and keep the index in step with it."""
+  with SafetensorsFile(folder / fname) as st:
+    tensors = {n: np.array(st.get(n)) for n in st.keys()}
+  edit(tensors)
+  write_safetensors(folder / fname, tensors)
+  index = json.loads((folder / INDEX).read_text())
+  index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != fname}
+  index["weight_map"].update({n: fname for n in tensors})
+  (folder / INDEX).write_text(json.dumps(index))
+
+
+def edit_config(folder, **changes):
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+SHARD = "model-00002-of-00003.safetensors"
+QKV = "model.layers.2.attention.query_key_value.weight"   # in SHARD for the default tiny config
+
+
+def expect_failure(hf, tmp_path, error, *fragments):
+  with pytest.raises(error) as e:
+    import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL)
+  for fragment in fragments:
+    assert fragment in str(e.value)
+  assert not (tmp_path / "ckpt").exists() and not (tmp_path / f"ckpt{store.PARTIAL}").exists()
+
+
+def test_missing_shard(hf, tmp_path):
+  os.remove(hf / SHARD)
+  expect_failure(hf, tmp_path, CheckpointError, SHARD, "missing")
+
+
+def test_truncated_shard(hf, tmp_path):
+  size = os.path.getsize(hf / SHARD)
+  with open(hf / SHARD, "r+b") as f:
+    f.truncate(size - 100)
+  expect_failure(hf, tmp_path, SafetensorsError, str(hf / SHARD), "truncated", "tensor '")
+
+
+def test_unknown_and_missing_tensors(hf, tmp_path):
+  rewrite(hf, MTP_FILE, lambda t: t.update({"model.layers.4.mystery.weight": np.zeros(3)}))
+  expect_failure(hf, tmp_path, CheckpointError, "'model.layers.4.mystery.weight' in " + MTP_FILE)
+  rewrite(hf, MTP_FILE, lambda t: t.pop("model.layers.4.mystery.weight"))
+  rewrite(hf, SHARD, lambda t: t.pop(QKV))
+  expect_failure(hf, tmp_path, CheckpointError, "missing tensor", QKV)
+
+
+def test_shape_and_dtype_mismatch(hf, tmp_path):
+  rewrite(hf, SHARD, lambda t: t.update({QKV: t[QKV][:-1]}))
+  expect_failure(hf, tmp_path, CheckpointError, str(hf / SHARD), QKV, "shape")
+  rewrite(hf, SHARD, lambda t: t.update({QKV: np.zeros((3 * 4 * 16, 64), np.int32)}))
+  expect_failure(hf, tmp_path, CheckpointError, str(hf / SHARD), QKV, "int32")
+
+
+def test_config_that_disagrees_with_the_tensors(hf, tmp_path):
+  edit_config(hf, moe_intermediate_size=16)
+  expect_failure(hf, tmp_path, CheckpointError, "model.layers.", "shape", "config.json")
+  edit_config(hf, moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1)
+  expect_failure(hf, tmp_path, CheckpointError, "missing tensor", "unexpected tensor",
+                 "'model.layers.2.attention.query_key_value.weight' in " + SHARD)
+
+
+def test_fp8_config_and_scales_must_agree(hf, tmp_path):
+  scheme, qc = FP8_SCHEMES["channel"]
+  w = "model.layers.2.attention.g_proj.weight"
+  q, s = quantize(np.ones((64, 64), np.float32), scheme)
+  rewrite(hf, SHARD, lambda t: t.update({w: q, w + "_scale": s}))
+  expect_failure(hf, tmp_path, CheckpointError, "no quantization_config")
+  edit_config(hf, quantization_config=qc)
+  rewrite(hf, SHARD, lambda t: t.update({w + "_scale": s[:10]}))
+  expect_failure(hf, tmp_path, CheckpointError, w + "_scale", "[10, 1]")
+  rewrite(hf, SHARD, lambda t: t.pop(w + "_scale"))
+  expect_failure(hf, tmp_path, CheckpointError, w, "float8", "weight_scale")
+  edit_config(hf, quantization_config=FP8_SCHEMES["block"][1])
+  rewrite(hf, SHARD, lambda t: t.update({w: np.ones((64, 64), np.float32)}))
+  expect_failure(hf, tmp_path, CheckpointError, "no tensor is float8")
+
+
+# ------------------------------------------------------------------ interruption and re-runs
+def test_interrupted_import_leaves_nothing_that_looks_complete(hf, tmp_path, monkeypatch):
+  calls = []
+  write = store.StateWriter.write
+
+  def flaky(self, path, region, block):
+    calls.append(path)
+    if len(calls) == 40:
+      raise KeyboardInterrupt
+    return write(self, path, region, block)
+
+  monkeypatch.setattr(store.StateWriter, "write", flaky)
+  with pytest.raises(KeyboardInterrupt):
+    import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL, workers=1)
+  assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ckpt.partial").exists()
+
+  # A write that silently never happens is caught by the chunk count before the commit.
+  calls.clear()
+  def lossy(self, path, region, block):
+    calls.append(path)
+    return _done() if len(calls) == 40 else write(self, path, region, block)
+
+  monkeypatch.setattr(store.StateWriter, "write", lossy)
+  with pytest.raises(CheckpointFormatError, match="chunks"):
+    import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL, workers=1)
+  assert not (tmp_path / "ckpt").exists()
+  monkeypatch.undo()
+
+  # A killed run leaves only `.partial`: not loadable, and the next run starts from scratch.
+  (tmp_path / "ckpt.partial" / "state").mkdir(parents=True)
+  (tmp_path / "ckpt.partial" / "state" / "junk").write_text("half a checkpoint")
+  with pytest.raises(CheckpointFormatError, match="unfinished conversion"):
+    load(tmp_path / "ckpt")
+  import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL)
+  assert not (tmp_path / "ckpt.partial").exists()
+  assert sorted(os.listdir(tmp_path / "ckpt")) == [store.MARKER, store.STATE]
+  with pytest.raises(FileExistsError):
+    import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL)
+  import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL, overwrite=True)
+
+
+class _done:
+  """A write future that is already complete (the write it stands for never happened)."""
+
+  def result(self):
+    return None
+
+
+def test_cli(hf, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *a: subprocess.run([sys.executable, "-m", "ling_jax.convert", *a],
+                                  capture_output=True, text=True, env=env)
+  r = run("import", str(hf), str(tmp_path / "ckpt"), "--dtype", "float32", "--no-progress",
+          "--stats-json", str(tmp_path / "stats.json"))
+  assert r.returncode == 0, r.stderr
+  assert "import: " in r.stderr and "GB/s" in r.stderr and "peak host memory" in r.stderr
+  stats = json.loads((tmp_path / "stats.json").read_text())
+  assert stats["tensors"] > 0 and stats["peak_rss_bytes"] > 0
+  r = run("export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--no-progress")
+  assert r.returncode == 0, r.stderr
+  assert_bit_exact(read_folder(tmp_path / "out"), read_folder(hf))
+  os.remove(hf / SHARD)
+  r = run("import", str(hf), str(tmp_path / "ckpt2"))
+  assert r.returncode == 1 and r.stderr.startswith("error: ") and SHARD in r.stderr
