@@ -1,0 +1,107 @@
+"""`key.sub=value` command-line overrides of frozen dataclass configs.
+
+    python -m experiments.tiny_pretrain train.steps=50 data.seq_len=64 model.num_hidden_layers=2
+
+Each value is parsed by the field's annotated type (int, float, bool, str, Literal, `X | None`,
+`tuple[int, ...]`) and the config is rebuilt with `dataclasses.replace`, so its own validation
+runs. An unknown key, a malformed value or an invalid result raises `OverrideError` naming it,
+before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+
+class OverrideError(ValueError):
+  pass
+
+
+def _parse(text: str, tp, key: str) -> Any:
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if text.lower() in ("none", "null") and type(None) in args:
+      return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _parse(text, a, key)
+      except OverrideError as e:
+        errors.append(str(e))
+    raise OverrideError(f"{key}={text!r} fits none of {tp}")
+  if origin is Literal:
+    for a in args:
+      if str(a) == text:
+        return a
+    raise OverrideError(f"{key}={text!r}: choose one of {list(args)}")
+  if origin is tuple:
+    item = args[0]
+    return tuple(_parse(v.strip(), item, key) for v in text.split(",") if v.strip())
+  if tp is bool:
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise OverrideError(f"{key}={text!r} is not a bool (true/false)")
+  if tp in (int, float, str):
+    try:
+      return tp(text)
+    except ValueError:
+      raise OverrideError(f"{key}={text!r} is not {tp.__name__}") from None
+  if dataclasses.is_dataclass(tp):
+    raise OverrideError(f"{key} is a config section; set its fields as {key}.<field>=...")
+  raise OverrideError(f"{key}: cannot parse a value of type {tp}")
+
+
+def _replace(cfg, path: list[str], text: str, full: str):
+  if not dataclasses.is_dataclass(cfg):
+    raise OverrideError(f"{full}: {'.'.join(path)} is not a config section")
+  fields = {f.name: f for f in dataclasses.fields(cfg)}
+  name = path[0]
+  if name not in fields:
+    raise OverrideError(f"unknown field {full.split('=')[0]!r}: {type(cfg).__name__} has "
+                        f"{sorted(fields)}")
+  hints = typing.get_type_hints(type(cfg))
+  if len(path) == 1:
+    value = _parse(text, hints[name], full.split("=")[0])
+  else:
+    value = getattr(cfg, name)
+    if value is None:
+      raise OverrideError(f"{full}: {name} is None in this config; it has no fields to set")
+    value = _replace(value, path[1:], text, full)
+  try:
+    return dataclasses.replace(cfg, **{name: value})
+  except (ValueError, TypeError) as e:
+    raise OverrideError(f"{full}: {e}") from None
+
+
+def apply_overrides(cfg, args: list[str]):
+  """`cfg` with every `a.b.c=value` in `args` applied in order."""
+  for arg in args:
+    key, sep, text = arg.partition("=")
+    if not sep or not key:
+      raise OverrideError(f"expected key.sub=value, got {arg!r}")
+    cfg = _replace(cfg, key.split("."), text, arg)
+  return cfg
+
+
+def main(config_fn, argv: list[str]):
+  """Entry point of `python -m experiments.<name> key=value ...`: override, then train.
+
+  Bad input (an override, the corpus, a checkpoint of another config) ends with a one-line
+  error and exit status 2; anything else keeps its traceback."""
+  from ling_jax.data.sources import DataError  # here: parsing overrides needs no jax
+  from ling_jax.train import run
+  from ling_jax.train.checkpoint import ConfigMismatch
+
+  try:
+    return run(apply_overrides(config_fn(), argv))
+  except (OverrideError, DataError, ConfigMismatch) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,129 @@
+"""The grain input pipeline: documents -> tokens -> packed rows with segment ids and positions.
+
+    source --shuffle(seed, new order every epoch)--> repeat --> tokenize --> drop empty
+           --> ConcatThenSplit packing into rows of seq_len --> batch
+
+Packing (grain's ConcatThenSplitIterDataset) fills every row completely: documents are laid end to
+end, each gets its own segment id (1, 2, ... within a row) and positions 0, 1, ... A document
+longer than the space left is split; its continuation starts the next row as a new segment with
+positions from 0 again. The model masks MLA attention across segment ids and resets the Lightning
+state at every segment start, so no token ever sees another document.
+
+The iterator is grain's: `get_state()` is a small JSON-able dict saved with each checkpoint,
+`set_state()` resumes exactly. grain is imported lazily, so the training code imports without it
+(the synthetic source needs no grain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ling_jax.data.sources import FORMATS, DataError, load_documents, split_documents
+from ling_jax.data.synthetic import SyntheticIterator
+from ling_jax.data.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the tokens come from and how they are packed."""
+
+  source: str = "stdlib"        # "stdlib", "synthetic", or a file / directory / glob
+  format: str = "auto"          # one of sources.FORMATS
+  text_field: str = "text"      # the JSONL field holding the document
+  tokenizer: str | None = None  # an HF tokenizer.json; None = UTF-8 bytes (ids < 256)
+  seq_len: int = 128
+  batch_size: int = 16
+  seed: int = 0
+  eval_docs: int = 16           # documents held out for the eval loss (0: evaluate on train docs)
+  eval_batches: int = 8
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ValueError(f"data.format={self.format!r}; choose one of {FORMATS}")
+    if self.seq_len < 3 or self.batch_size < 1 or self.eval_batches < 1:
+      raise ValueError(f"data.seq_len={self.seq_len} must be >= 3, data.batch_size="
+                       f"{self.batch_size} and data.eval_batches={self.eval_batches} >= 1")
+
+
+def _packed_rows(docs, tokenizer, *, seq_len: int, seed: int):
+  """One infinite stream of packed rows {tokens, segment_ids, positions} [T] int32."""
+  import grain
+
+  ds = grain.MapDataset.source(docs).shuffle(seed).repeat(None)  # new order every epoch
+  ds = ds.map(lambda text: {"tokens": tokenizer.encode(text)})
+  ds = ds.filter(lambda ex: len(ex["tokens"]) > 0)
+  # No read-ahead threads: grain's default prefetches 500 whole documents per stream, and a row
+  # needs a new document only every few hundred tokens.
+  rows = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  ds = grain.experimental.ConcatThenSplitIterDataset(rows, length_struct={"tokens": seq_len})
+  return ds.map(lambda ex: {"tokens": ex["tokens"], "segment_ids": ex["tokens_segment_ids"],
+                            "positions": ex["tokens_positions"]})
+
+
+def packed_dataset(docs, tokenizer, *, seq_len: int, batch_size: int, seed: int):
+  """A grain IterDataset of batches {tokens, segment_ids, positions} [B, T] int32 (infinite).
+
+  Row b of every batch comes from its own packed stream (its own document order): one stream cut
+  into consecutive batches would fill a batch with neighbouring pieces of one long file.
+  """
+  import grain
+
+  seeds = np.random.SeedSequence(seed).generate_state(batch_size)  # uint32, distinct per row
+  streams = [_packed_rows(docs, tokenizer, seq_len=seq_len, seed=int(s)) for s in seeds]
+  return grain.experimental.ZipIterDataset(streams).map(
+      lambda rows: {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+
+
+def json_state(state):
+  """Undo JSON's tuple -> list: grain compares its (start, stop) slices against tuple sentinels."""
+  if isinstance(state, dict):
+    return {k: json_state(v) for k, v in state.items()}
+  if isinstance(state, (list, tuple)):
+    items = [json_state(v) for v in state]
+    return tuple(items) if all(isinstance(v, int) for v in items) else items
+  return state
+
+
+class Data:
+  """The tokenizer, a checkpointable train iterator, and a fixed list of eval batches."""
+
+  def __init__(self, cfg: DataConfig, vocab_size: int):
+    self.cfg = cfg
+    self.tokenizer = load_tokenizer(cfg.tokenizer)
+    if self.tokenizer.vocab_size > vocab_size:
+      raise DataError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's "
+                       f"vocab_size is {vocab_size}")
+    self.vocab_size = vocab_size
+    if cfg.source == "synthetic":
+      self.train_docs = self.eval_docs = None
+    else:
+      try:
+        import grain  # noqa: F401
+      except ImportError:
+        raise ImportError(f"data.source={cfg.source!r} needs grain (pip install grain); "
+                          "data.source=synthetic runs without it") from None
+      docs = load_documents(cfg.source, cfg.format, cfg.text_field)
+      self.train_docs, held = split_documents(docs, cfg.eval_docs, cfg.seed)
+      self.eval_docs = held if held is not None else self.train_docs
+
+  def train_iterator(self):
+    """A fresh iterator at the start of the stream (restore a position with `set_state`)."""
+    cfg = self.cfg
+    if cfg.source == "synthetic":
+      return SyntheticIterator(batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                               vocab_size=self.vocab_size, seed=cfg.seed)
+    return iter(packed_dataset(self.train_docs, self.tokenizer, seq_len=cfg.seq_len,
+                               batch_size=cfg.batch_size, seed=cfg.seed))
+
+  def eval_batches(self) -> list[dict[str, np.ndarray]]:
+    """The same `eval_batches` batches every call (unshuffled held-out documents, cycled if short)."""
+    cfg = self.cfg
+    if cfg.source == "synthetic":
+      it = SyntheticIterator(batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                             vocab_size=self.vocab_size, seed=cfg.seed + 1_000_003)
+    else:
+      it = iter(packed_dataset(self.eval_docs, self.tokenizer, seq_len=cfg.seq_len,
+                               batch_size=cfg.batch_size, seed=cfg.seed + 1))
+    return [next(it) for _ in range(cfg.eval_batches)]

@@ -1,0 +1,104 @@
+"""Orbax checkpoints of a run: train state, data-iterator position and config, saved together.
+
+Each step directory holds three items: `state` (the TrainState pytree: fp32 params, expert
+biases, optimizer state, step), `data` (the iterator's `get_state()` as JSON) and `meta` (the
+model and data configs). Orbax writes a step into a temporary directory and renames it when
+complete, so a process killed at any moment leaves only complete checkpoints behind (plus a
+temporary directory that is ignored and cleaned up by the next run). Saves are asynchronous: the
+device-to-host copy blocks, the file writes overlap the next training steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from ling_jax.data.pipeline import json_state
+
+
+class ConfigMismatch(ValueError):
+  """The checkpoint directory holds a run of another model or data configuration."""
+
+
+def config_meta(experiment) -> dict:
+  """The parts of an experiment a checkpoint must agree with (JSON-normalised)."""
+  meta = {"model": dataclasses.asdict(experiment.model), "data": dataclasses.asdict(experiment.data)}
+  return json.loads(json.dumps(meta))
+
+
+def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k in sorted(set(saved) | set(current)):
+    a, b = saved.get(k, "<missing>"), current.get(k, "<missing>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _diff(a, b, f"{prefix}{k}.")
+    elif a != b:
+      out.append(f"{prefix}{k}: checkpoint {a!r}, now {b!r}")
+  return out
+
+
+def check_compatible(directory: str, meta: dict) -> int | None:
+  """The latest complete step in `directory` (None if none), after checking it was written by the
+  same model and data config. Read-only: nothing is created or cleaned up here."""
+  if not os.path.isdir(directory):
+    return None
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)  # a read-only manager warns that it is read-only
+  try:
+    probe = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"),
+                                  options=ocp.CheckpointManagerOptions(
+                                      read_only=True, create=False, save_interval_steps=0))
+  finally:
+    absl.setLevel(level)
+  try:
+    step = probe.latest_step()
+    if step is None:
+      return None
+    saved = probe.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    probe.close()
+  diff = _diff(saved, meta)
+  if diff:
+    raise ConfigMismatch(f"{directory} holds step {step} of a different configuration ("
+                         + "; ".join(diff) + "); use another train.out_dir or delete it")
+  return step
+
+
+class Checkpointer:
+  """Save every `every` steps (and at the end), keep the last `keep`, restore the latest."""
+
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    self.every = every
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True,
+                                             enable_async_checkpointing=async_save),
+        item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+    if not force and step % self.every:
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=force)
+
+  def restore(self, step: int, abstract_state):
+    """(state, data-iterator state) of `step`; `abstract_state` gives the structure and shardings."""
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    return out["state"], json_state(out["data"])
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,251 @@
+"""Training: overrides, the optimizer's decay mask, the expert-bias rule, the train step, and
+exact resume after `kill -9` of a real training process."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import tiny_pretrain
+from experiments.overrides import OverrideError, apply_overrides
+from ling_jax.config import ling_tiny
+from ling_jax.data import SyntheticIterator
+from ling_jax.model import LingForCausalLM
+from ling_jax.train import TrainConfig, build_model, run
+from ling_jax.train.balance import moe_rows, update_expert_bias
+from ling_jax.train.checkpoint import ConfigMismatch
+from ling_jax.train.optim import decays, optimizer, schedule
+from ling_jax.train.report import read_metrics
+from ling_jax.train.step import init_state, make_train_step, split_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------- overrides
+def test_overrides_parse_typed_fields_and_refuse_unknown_ones():
+  exp = apply_overrides(tiny_pretrain.config(), [
+      "train.steps=7", "train.learning_rate=1e-4", "train.mtp=false", "data.tokenizer=none",
+      "model.eos_token_id=1,2", "model.decay_form=B", "model.q_lora_rank=None"])
+  assert (exp.train.steps, exp.train.learning_rate, exp.train.mtp) == (7, 1e-4, False)
+  assert exp.data.tokenizer is None and exp.model.eos_token_id == (1, 2)
+  assert exp.model.decay_form == "B" and exp.model.q_lora_rank is None
+  bad = {
+      "train.stepz=3": "unknown field 'train.stepz'",
+      "modle.hidden_size=3": "unknown field 'modle.hidden_size'",
+      "train.steps=many": "is not int",
+      "train.mtp=maybe": "not a bool",
+      "model.num_hidden_layers=0": "num_hidden_layers=0 must be >= 1",
+      "model.rope_scaling.factor=2": "rope_scaling is None",
+      "train": "expected key.sub=value",
+      "data=1": "config section",
+  }
+  for arg, match in bad.items():
+    with pytest.raises(OverrideError, match=match):
+      apply_overrides(tiny_pretrain.config(), [arg])
+
+
+def test_cli_refuses_unknown_override_without_writing(tmp_path):
+  out = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "experiments.tiny_pretrain", "train.nope=1",
+                         f"train.out_dir={out}"], cwd=ROOT, capture_output=True, text=True,
+                        env=_env(tmp_path))
+  assert proc.returncode != 0 and "unknown field 'train.nope'" in proc.stderr
+  assert not out.exists()
+
+
+# ---------------------------------------------------------------------- optimizer
+def test_no_weight_decay_on_norms_and_biases():
+  model = nnx.eval_shape(lambda: LingForCausalLM(ling_tiny(), rngs=nnx.Rngs(0)))
+  _, params, _ = split_model(model)
+  flat = {".".join(map(str, p)): p for p, _ in nnx.to_flat_state(params)}
+  path = lambda name: [jax.tree_util.DictKey(k) for k in flat[name]]
+  for name in ("norm.weight", "prefix.0.layers.0.attention.g_norm.weight",
+               "groups.layers.0.input_layernorm.weight", "mtp.enorm.weight"):
+    assert not decays(path(name)), name
+  for name in ("word_embeddings", "lm_head", "groups.layers.0.mlp.experts.up_proj",
+               "prefix.0.layers.1.attention.kv_b_proj"):
+    assert decays(path(name)), name
+  lr = schedule(TrainConfig(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1))
+  assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(100)) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------- expert bias
+O0 = {"xla_backend_optimization_level": 0}  # compile time dominates these CPU tests
+
+
+def _with(bias, path, g, expert, delta):
+  """`bias` with `delta` added to one expert of one layer's row."""
+  flat = dict(nnx.to_flat_state(bias))
+  v = flat[path].get_value()
+  v = v.at[expert].add(delta) if g is None else v.at[g, expert].add(delta)
+  return nnx.from_flat_state([(p, var.replace(v if p == path else var.get_value()))
+                              for p, var in flat.items()]), v
+
+
+def test_expert_bias_pairs_with_its_load_row_and_moves_toward_balance():
+  # ling_tiny with 7 layers: a prefix group (dense layer 0, MoE layer 1), two scanned groups
+  # (layers 2-5), a tail MLA layer and MTP: every place an expert bias lives.
+  cfg = ling_tiny(num_hidden_layers=7)
+  exp = tiny_pretrain.config()
+  model = build_model(type(exp)(cfg, exp.data, TrainConfig(moe_impl="dense")))
+  graphdef, params, bias = split_model(model)
+  tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, cfg.vocab_size)
+
+  @functools.partial(jax.jit, compiler_options=O0)
+  def loads(bias):
+    out = nnx.merge(graphdef, params, bias).forward(tokens, mtp=True)
+    return out.expert_load, out.mtp_expert_load
+
+  update = jax.jit(update_expert_bias, static_argnums=3, compiler_options=O0)
+  rows = moe_rows(bias)
+  assert len(rows) == 6  # layer 1 (prefix), 2 scanned groups x 2 layers, layer 6 (tail)
+  base, _ = loads(bias)
+  assert base.shape == (len(rows), cfg.num_experts)
+  # Pushing one layer's bias towards expert 3 puts every token of that layer's row on expert 3
+  # (earlier rows unchanged), and the update lowers exactly that entry.
+  for i, (path, g) in enumerate(rows):
+    pushed, v = _with(bias, path, g, 3, 10.0)
+    load, _ = loads(pushed)
+    assert load[i, 3] == tokens.size, (i, path, g)
+    np.testing.assert_array_equal(load[:i], base[:i])
+    new = dict(nnx.to_flat_state(update(pushed, load, None, 0.01)))[path].get_value()
+    before, after = (v[3], new[3]) if g is None else (v[g, 3], new[g, 3])
+    assert float(after) == pytest.approx(float(before) - 0.01)
+
+  # Every router (MTP included) starts overloading experts 0 and 1 through its bias (sigmoid
+  # scores are < 1, so +1 always wins); with the router weights frozen, repeated sign updates
+  # bring every layer back near balance.
+  skew = jnp.zeros(cfg.num_experts).at[:2].set(1.0)
+  bias = jax.tree.map(lambda b: b + skew, bias)
+  ratios = []
+  for _ in range(50):
+    load, mtp_load = loads(bias)
+    everything = jnp.concatenate([load, mtp_load[None]])
+    ratios.append(np.asarray(everything.max(-1) / everything.mean(-1)))
+    bias = update(bias, load, mtp_load, 0.05)
+  assert ratios[0].min() == pytest.approx(4.0)  # experts 0 and 1 take every token
+  # Sign updates settle into a small oscillation around balance, not onto it.
+  assert ratios[-1].max() < 2.0 and ratios[-1].mean() < 1.5, ratios[-1]
+
+
+# ---------------------------------------------------------------------- the train step
+def test_train_step_learns_and_moves_only_what_it_should():
+  cfg = ling_tiny(num_hidden_layers=2)  # one (linear, MLA-MoE) group + MTP: a quick compile
+  tcfg = TrainConfig(steps=20, learning_rate=1e-2, warmup_steps=3, compute_dtype="float32",
+                     moe_impl="dense")
+  exp = tiny_pretrain.config()
+  graphdef, params, bias = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
+  tx = optimizer(tcfg)
+  state = init_state(params, bias, tx)
+  step = make_train_step(graphdef, tx, schedule(tcfg), mtp_weight=cfg.mtp_loss_scaling_factor,
+                         bias_rate=1e-3, remat="dots")
+  # One batch over and over: memorising it is the quickest proof that the step learns.
+  batch = next(SyntheticIterator(batch_size=2, seq_len=32, vocab_size=cfg.vocab_size, seed=0))
+  bias0 = jax.tree.map(np.asarray, bias)
+  losses = []
+  for _ in range(tcfg.steps):
+    state, m = step(state, batch)
+    losses.append(float(m["loss"]))
+  assert set(m) >= {"loss", "ce", "mtp", "grad_norm", "lr", "load_max_mean"}
+  assert m["load_max_mean"].shape == (1,)
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.0, losses
+  assert int(state.step) == tcfg.steps
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.expert_bias, bias0)
+  assert all(0 < d <= tcfg.steps * 1e-3 + 1e-6 for d in jax.tree.leaves(moved))
+
+
+# ---------------------------------------------------------------------- whole runs
+def _env(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # Few steps: compile time dominates, and XLA's backend optimisation level 0 halves it. The
+  # processes share a compilation cache, so later ones load rather than compile.
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return env
+
+
+STEPS = 12
+RUN = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.log_every=1",
+       "train.progress=false", "train.warmup_steps=2", "train.sample_tokens=0",
+       "train.unigram_batches=1", "data.seq_len=32", "data.batch_size=4", "data.eval_batches=1",
+       "data.eval_docs=4",
+       # No dense layer: both hybrid groups are scanned (one compiled body, stacked expert biases).
+       "model.first_k_dense_replace=0"]
+
+
+def _committed(ckpt_dir):
+  return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(ckpt_dir) else []
+
+
+def _snapshot(root):
+  return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getmtime(os.path.join(d, f)))
+                for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path):
+  """Kill -9 a training process after its first checkpoint; rerunning the same command resumes
+  from the last complete checkpoint and logs exactly the losses of an uninterrupted run. The
+  finished run then refuses a different config without touching its directory."""
+  env = _env(tmp_path)
+  cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN]
+  full_dir, kill_dir = tmp_path / "full", tmp_path / "killed"
+  full = subprocess.Popen(cmd + [f"train.out_dir={full_dir}", "train.sample_tokens=8"], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  victim = subprocess.Popen(cmd + [f"train.out_dir={kill_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not _committed(kill_dir / "checkpoints") and victim.poll() is None:
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.01)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait()
+  assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  killed_at = _committed(kill_dir / "checkpoints")[-1]
+  assert 2 <= killed_at < STEPS
+  out, _ = full.communicate(timeout=300)
+  assert full.returncode == 0, out
+  assert "sample (prompt" in out and (full_dir / "loss_curve.png").stat().st_size > 1000
+
+  resumed = subprocess.run(cmd + [f"train.out_dir={kill_dir}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert f"step {killed_at}" in resumed.stdout.split("resumed from")[1].splitlines()[0]
+  want, got = read_metrics(full_dir / "metrics.jsonl"), read_metrics(kill_dir / "metrics.jsonl")
+  keys = ("loss", "ce", "mtp", "grad_norm", "lr", "load_max_mean")
+  assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+  assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in want]
+  summary = json.loads((kill_dir / "summary.json").read_text())
+  assert summary["eval_loss"] == json.loads((full_dir / "summary.json").read_text())["eval_loss"]
+  assert summary["eval_loss"] < summary["unigram_baseline"] + 1.0  # finite and sane
+
+  # A checkpoint from a different config is refused before anything is built or written.
+  before = _snapshot(full_dir)
+  exp = apply_overrides(tiny_pretrain.config(), RUN + [f"train.out_dir={full_dir}"])
+  with pytest.raises(ConfigMismatch, match="model.hidden_size: checkpoint 64, now 32"):
+    run(apply_overrides(exp, ["model.hidden_size=32"]))
+  with pytest.raises(ConfigMismatch, match="data.seq_len: checkpoint 32, now 16"):
+    run(apply_overrides(exp, ["data.seq_len=16"]))
+  assert _snapshot(full_dir) == before
+
+
+def test_empty_corpus_fails_before_writing(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "a.txt").write_text("")
+  out = tmp_path / "run"
+  exp = apply_overrides(tiny_pretrain.config(), [f"data.source={empty}", "data.eval_docs=0",
+                                                 f"train.out_dir={out}"])
+  with pytest.raises(ValueError, match="corpus is empty"):
+    run(exp)
+  assert not out.exists()
