@@ -87,14 +87,15 @@ def check_names(maps: Iterable[TensorMap], found: Iterable[str], folder) -> None
   missing, unexpected = sorted(expected - found), sorted(found - expected)
   msgs = []
   if missing:
-    msgs.append(f"{len(missing)} missing tensor(s): {_few(missing)}")
+    msgs.append(f"{len(missing)} missing tensor(s): {few_names(missing)}")
   if unexpected:
-    msgs.append(f"{len(unexpected)} unexpected tensor(s): {_few(unexpected)}")
+    msgs.append(f"{len(unexpected)} unexpected tensor(s): {few_names(unexpected)}")
   if msgs:
     raise CheckpointError(f"{folder} does not match its config.json: " + "; ".join(msgs))
 
 
-def _few(names: list[str], k: int = 5) -> str:
+def few_names(names: list[str], k: int = 5) -> str:
+  """The first k names, quoted, for error messages."""
   return ", ".join(repr(n) for n in names[:k]) + (", ..." if len(names) > k else "")
 
 
@@ -151,13 +152,15 @@ def check_coverage(maps: list[TensorMap], shapes: dict[tuple, tuple]) -> None:
                             f"{len(slices.get(path, ()))} checkpoint tensors, expected {want}")
 
 
-def hf_tensors(model: LingForCausalLM, maps: Iterable[TensorMap]):
+def hf_tensors(model: LingForCausalLM, maps: Iterable[TensorMap], flat: dict | None = None):
   """Yield (HF name, numpy array in PyTorch layout) for each map, one slice at a time.
 
   The router weight, held in fp32 for compute, is written back in the checkpoint's dtype (that of
   the embeddings), so a bf16 checkpoint round-trips bit-exactly; the expert bias stays fp32.
+  `flat` (the model's flat state) may be passed by callers that convert several batches of maps.
   """
-  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  if flat is None:
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
   ckpt_dtype = flat[("word_embeddings",)].get_value().dtype
   for m in maps:
     value = flat[m.path].get_value()
@@ -196,13 +199,14 @@ def save_hf(model: LingForCausalLM, config: LingConfig, folder: str | os.PathLik
     bar = tqdm(total=len(main) + len(mtp), desc=f"save {os.path.basename(folder)}", unit="tensor",
                disable=not progress)
     weight_map, total = {}, 0
-    shards = _plan_shards(model, main, max_shard_bytes)
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    shards = _plan_shards(flat, main, max_shard_bytes)
     for k, shard in enumerate(shards):
       fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-      total += _write_file(os.path.join(tmp, fname), model, shard, bar)
+      total += _write_file(os.path.join(tmp, fname), model, flat, shard, bar)
       weight_map.update({m.name: fname for m in shard})
     if mtp:
-      total += _write_file(os.path.join(tmp, MTP_FILE), model, mtp, bar)
+      total += _write_file(os.path.join(tmp, MTP_FILE), model, flat, mtp, bar)
       weight_map.update({m.name: MTP_FILE for m in mtp})
     bar.close()
     with open(os.path.join(tmp, INDEX), "w") as f:
@@ -220,8 +224,7 @@ def save_hf(model: LingForCausalLM, config: LingConfig, folder: str | os.PathLik
     raise
 
 
-def _plan_shards(model, maps: list[TensorMap], max_bytes: int) -> list[list[TensorMap]]:
-  flat = dict(nnx.to_flat_state(nnx.state(model)))
+def _plan_shards(flat: dict, maps: list[TensorMap], max_bytes: int) -> list[list[TensorMap]]:
   shards, cur, size = [], [], 0
   for m in maps:
     v = flat[m.path].get_value()
@@ -236,9 +239,9 @@ def _plan_shards(model, maps: list[TensorMap], max_bytes: int) -> list[list[Tens
   return shards
 
 
-def _write_file(path: str, model, maps: list[TensorMap], bar) -> int:
+def _write_file(path: str, model, flat: dict, maps: list[TensorMap], bar) -> int:
   tensors = {}
-  for name, arr in hf_tensors(model, maps):
+  for name, arr in hf_tensors(model, maps, flat):
     tensors[name] = arr
     bar.update()
   write_safetensors(path, tensors, metadata={"format": "pt"})

@@ -23,7 +23,7 @@ import numpy as np
 
 from ling_jax.config import LingConfig
 from ling_jax.hf_config import from_hf_config, read_config_json
-from ling_jax.hf_io import CheckpointError, scan_folder
+from ling_jax.hf_io import CheckpointError, few_names, scan_folder
 from ling_jax.io.safetensors import SafetensorsFile
 from ling_jax.weights import TensorMap
 from ling_jax.convert.fp8 import FP8_DTYPES, QuantScheme, dequantize_rows, quant_scheme
@@ -102,7 +102,7 @@ class HFSource:
     if missing or unknown:
       msgs = []
       if missing:
-        msgs.append(f"{len(missing)} missing tensor(s): {_few(missing)}")
+        msgs.append(f"{len(missing)} missing tensor(s): {few_names(missing)}")
       if unknown:
         unknown.sort()
         hint = (" (FP8 scales, but config.json has no quantization_config)"
@@ -203,9 +203,6 @@ class HFSource:
 def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
   return x if x.dtype == dtype else x.astype(dtype)
 
-
-def _few(names: list[str], k: int = 5) -> str:
-  return ", ".join(repr(n) for n in names[:k]) + (", ..." if len(names) > k else "")
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
