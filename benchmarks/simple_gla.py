@@ -20,13 +20,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave room fo
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import guarded, time_jax, time_torch
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
 
@@ -55,55 +54,6 @@ def floors(B, T, H, D, chunk=64):
   bwd_flops = n * (12 * chunk * D + 10 * D * D)   # the dq pass plus the dk/dv/dS pass
   return dict(fwd_bytes=fwd_bytes, fwdbwd_bytes=fwd_bytes + bwd_bytes, fwd_flops=fwd_flops,
               fwdbwd_flops=fwd_flops + bwd_flops)
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def time_jax(fn, *args, budget_s=0.4, trials=7):
-  """Median seconds per call: back-to-back calls (async dispatch), one sync per trial."""
-  jax.block_until_ready(fn(*args))  # compile
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - t0
-  reps = int(np.clip(budget_s / trials / max(once, 1e-6), 1, 200))
-  samples = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / reps)
-  return statistics.median(samples)
-
-
-def time_torch(fn, budget_s=0.4, trials=7):
-  """Median seconds per call from CUDA events around back-to-back calls."""
-  import torch
-  fn()
-  torch.cuda.synchronize()
-  t0 = time.perf_counter()
-  fn()
-  torch.cuda.synchronize()
-  once = time.perf_counter() - t0
-  reps = int(np.clip(budget_s / trials / max(once, 1e-6), 1, 200))
-  samples = []
-  for _ in range(trials):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-      fn()
-    end.record()
-    end.synchronize()
-    samples.append(start.elapsed_time(end) / 1e3 / reps)
-  return statistics.median(samples)
-
-
-def guarded(f, *a, **kw):
-  try:
-    return f(*a, **kw)
-  except Exception as e:  # a config that fails to compile is a result, not a crash
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
 # ----------------------------------------------------------------------------- the contenders
@@ -356,17 +306,28 @@ def main():
                   help="time only the default kernel configuration (fewer compiles)")
   ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
   ap.add_argument("--no-decode", action="store_true")
+  ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
+  ap.add_argument("--fwd-configs", default=None,
+                  help='JSON list of forward kernel configurations, e.g. \'[{"splits": 8}]\'')
+  ap.add_argument("--fwd-only", action="store_true", help="time only our forward kernel")
+  ap.add_argument("--no-fused", action="store_true", help="skip fla's fused_chunk variant")
   args = ap.parse_args()
   on_gpu = jax.devices()[0].platform == "gpu"
   interpret = not on_gpu
   print(f"# device: {jax.devices()[0].device_kind} ({'compiled' if on_gpu else 'interpret smoke'})")
   fla = fla_ops() if on_gpu else None
+  if fla is not None and args.no_fused:
+    fla.pop("fused_chunk", None)
   xla, xla_step = xla_ops()
   shapes = SHAPES[:1] if args.quick else SHAPES
   batches = [16] if args.quick else DECODE_BATCHES
   fwd_cfg, bwd_cfg = (SWEEP_FWD, SWEEP_BWD) if args.sweep else (FWD_CONFIGS, BWD_CONFIGS)
   if args.default_only:
     fwd_cfg, bwd_cfg = fwd_cfg[:1], bwd_cfg[:1]
+  if args.fwd_configs:
+    fwd_cfg = json.loads(args.fwd_configs)
+  if args.fwd_only:
+    bwd_cfg, fla, xla = [], None, None
   if args.shapes:
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
   if args.no_decode:
@@ -375,7 +336,7 @@ def main():
     shapes, batches, fwd_cfg, bwd_cfg = [(1, 130, 2, 64)], [2], FWD_CONFIGS[:2], BWD_CONFIGS[:1]
 
   rows, decode_rows = [], []
-  result = dict(device=jax.devices()[0].device_kind, check=check(fla, xla, interpret),
+  result = dict(device=jax.devices()[0].device_kind, check={} if args.no_check else check(fla, xla, interpret),
                 prefill=rows, decode=decode_rows)
 
   def save(row, rows):  # after every row, so a run cut short still reports what it measured

@@ -99,7 +99,7 @@ def few_names(names: list[str], k: int = 5) -> str:
   return ", ".join(repr(n) for n in names[:k]) + (", ..." if len(names) > k else "")
 
 
-def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "sorted",
+def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "auto",
             gla_impl: str = "auto", progress: bool = True):
   """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`."""
   folder = os.fspath(folder)

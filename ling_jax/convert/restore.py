@@ -35,7 +35,7 @@ def _nest(flat: dict) -> dict:
 
 
 def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=jnp.bfloat16,
-         *, rules=ax.RULES_FSDP_TP_EP, moe_impl: str = "sorted", gla_impl: str = "chunked"):
+         *, rules=ax.RULES_FSDP_TP_EP, moe_impl: str = "auto", gla_impl: str = "chunked"):
   """Restore `ckpt_dir` -> (config, model) with parameters (and compute) in `dtype`.
 
   mesh=None puts every parameter on the default device; otherwise parameters are sharded over

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax.config import LingConfig
-from ling_jax.model.common import RMSNorm, SwiGLU
+from ling_jax.model.common import RMSNorm, SwiGLU, checkpointed
 from ling_jax.model.lightning import LightningAttention
 from ling_jax.model.mla import MultiLatentAttention
 from ling_jax.model.moe import SparseMoE
@@ -57,7 +57,7 @@ class DecoderLayer(nnx.Module):
 
 
 def make_layer(cfg: LingConfig, mixer: str, mlp: str, *, rngs: nnx.Rngs, dtype, param_dtype,
-               moe_impl: str = "sorted", gla_impl: str = "auto") -> DecoderLayer:
+               moe_impl: str = "auto", gla_impl: str = "auto") -> DecoderLayer:
   """Build one decoder layer of the given kinds from the config (the only place that reads it)."""
   common = dict(dtype=dtype, param_dtype=param_dtype)
   D, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -90,16 +90,26 @@ class HybridGroup(nnx.Module):
   def __init__(self, layers: list[DecoderLayer]):
     self.layers = nnx.List(layers)
 
-  def __call__(self, h, *, first_layer, positions, segment_ids=None, cache=None, cache_index=None):
+  def __call__(self, h, *, first_layer, positions, segment_ids=None, cache=None, cache_index=None,
+               remat: bool = False, policy=None, prevent_cse: bool = True):
     """Run the group; `first_layer` (int or traced) is the global index of its first layer.
 
     cache: a list with one entry per layer (or None). Returns (h, new caches, loads [n_moe, E]).
+    remat: run each layer under `jax.checkpoint(policy=policy, prevent_cse=prevent_cse)`.
     """
     new_cache, loads = [], []
     for j, layer in enumerate(self.layers):
       c = None if cache is None else cache[j]
-      h, c, load = layer(h, layer_idx=first_layer + j, positions=positions,
-                         segment_ids=segment_ids, cache=c, cache_index=cache_index)
+      if remat:
+        # The layer index (a Python int, or the scan's tracer) and cache index are closed over.
+        idx = first_layer + j
+        h, c, load = checkpointed(
+            layer, lambda l, h, pos, seg, c: l(h, layer_idx=idx, positions=pos, segment_ids=seg,
+                                               cache=c, cache_index=cache_index),
+            h, positions, segment_ids, c, policy=policy, prevent_cse=prevent_cse)
+      else:
+        h, c, load = layer(h, layer_idx=first_layer + j, positions=positions,
+                           segment_ids=segment_ids, cache=c, cache_index=cache_index)
       new_cache.append(c)
       if load is not None:
         loads.append(load)

@@ -8,6 +8,10 @@ Expert dispatch is behind `impl`:
   rows to a multiple of `block_size` (a static upper bound on rows, nothing dropped) and run a
   blocked matmul, each block against its expert's weights. (`jax.lax.ragged_dot` is avoided: on
   jax 0.11.2 GPU it lowers to a dense masked expansion.)
+* "gmm": dropless, unpadded: sort the assignments by expert and run the Pallas grouped-matmul
+  kernels (pallas_kernels/grouped_matmul) over the ragged groups; compiled on GPU, interpret
+  mode elsewhere (slow: tests only).
+* "auto": "gmm" on GPU, "sorted" elsewhere.
 """
 
 from __future__ import annotations
@@ -18,8 +22,17 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.model.common import ExpertBias, SwiGLU, param
+from pallas_kernels.grouped_matmul import Config as GmmConfig, grouped_matmul
 
-IMPLS = ("dense", "sorted")
+IMPLS = ("auto", "dense", "sorted", "gmm")
+
+
+def resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"unknown MoE impl {impl!r}; choose one of {IMPLS}")
+  if impl == "auto":
+    return "gmm" if jax.default_backend() == "gpu" else "sorted"
+  return impl
 
 
 def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_group: int,
@@ -91,6 +104,28 @@ def experts_sorted(x, idx, w, wg, wu, wd, *, block_size: int = 64, blocks_per_st
   return jnp.einsum("nx,nxd->nd", w, y)
 
 
+def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None):
+  """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
+
+  Assignments are sorted by expert (a stable argsort of N X ids), token rows gathered into that
+  order ([N X, D], never [N, E, D]), three grouped matmuls run over the ragged expert groups, and
+  the rows are gathered back through the inverse permutation and combined with the routing
+  weights.
+  """
+  N, D = x.shape
+  E, X = wg.shape[0], idx.shape[1]
+  flat_e = idx.reshape(N * X)
+  order = jnp.argsort(flat_e, stable=True)
+  sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+  impl = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
+  mm = lambda a, b: grouped_matmul(a, b, sizes, impl=impl, config=config)
+  xs = x[order // X]  # [N X, D], row r serves token order[r] // X
+  h = jax.nn.silu(mm(xs, wg)) * mm(xs, wu)
+  ys = mm(h.astype(x.dtype), wd)  # [N X, D]
+  y = ys[jnp.argsort(order)].reshape(N, X, D).astype(jnp.float32)
+  return jnp.einsum("nx,nxd->nd", w, y)
+
+
 class Router(nnx.Module):
   """`mlp.gate`: router weight [D, E] and expert_bias [E], both kept in fp32 (spec 4.3)."""
 
@@ -116,10 +151,9 @@ class SparseMoE(nnx.Module):
 
   def __init__(self, *, hidden: int, num_experts: int, top_k: int, width: int, shared_width: int,
                n_group: int, topk_group: int, routed_scale: float, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "sorted",
+               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto",
                block_size: int = 64):
-    if impl not in IMPLS:
-      raise ValueError(f"unknown MoE impl {impl!r}; choose one of {IMPLS}")
+    impl = resolve_impl(impl)
     self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
     self.routed_scale, self.dtype, self.impl, self.block_size = routed_scale, dtype, impl, block_size
     self.gate = Router(hidden, num_experts, rngs=rngs)
@@ -137,6 +171,8 @@ class SparseMoE(nnx.Module):
     wts = [getattr(self.experts, n)[...].astype(self.dtype) for n in ("gate_proj", "up_proj", "down_proj")]
     if self.impl == "dense":
       y = experts_dense(flat, idx, w, *wts)
+    elif self.impl == "gmm":
+      y = experts_grouped(flat, idx, w, *wts)
     else:
       y = experts_sorted(flat, idx, w, *wts, block_size=self.block_size)
     # Routed outputs combine in fp32 and are cast back before the shared expert (spec 3.7.6).

@@ -1,0 +1,194 @@
+"""Routed-expert MoE layer side by side: ours (Pallas grouped matmul), padded einsum, dense.
+
+  python -m benchmarks.moe [--quick] [--tokens 256,1024] [--shapes flash,small] [--no-mgpu]
+
+At Ling-2.6-flash's expert shape (256 experts, hidden 4096, width 1024, top-8) and ling_small's
+(32 experts, hidden 1024, width 576, top-4), bf16, random top-k routings, for 256 .. 16384
+tokens, forward and forward+backward (d x and d weights), it times:
+* ours: `moe.experts_grouped`: sort by expert, gather, gate/up/down grouped matmuls, inverse
+  gather, weighted combine (the whole routed path; a few kernel configurations, best kept);
+* einsum: the capacity-padded batched einsum [E, C, D] x [E, D, F] with C = N X / E (capacity
+  factor 1.0, a perfectly balanced routing; expert matmuls only, no dispatch or combine: the
+  best case of the XLA token-dropping path);
+* dense: plain [N X, D] x [D, F] matmuls of the same FLOPs (the roofline XLA reaches);
+* mgpu: jax's own Mosaic GPU `ragged_dot` (jax.experimental.pallas.ops.gpu) for the three
+  matmuls, forward only (a peer, when it compiles).
+The weight floor is the time to read the distinct active experts' weights once at 3.35 TB/s.
+Prints one markdown table; raw rows go to $OUT/moe_bench.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import guarded, time_jax
+from ling_jax.model import moe
+from pallas_kernels.grouped_matmul import Config
+
+HBM_BYTES_PER_S = 3.35e12
+SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024, F=576, X=4)}
+TOKENS = [256, 1024, 4096, 16384]
+CONFIGS = [Config(), Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+           Config(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)]
+
+
+def case(E, D, F, X, N, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
+  idx = jnp.asarray(np.argsort(rng.random((N, E)), axis=1)[:, :X], jnp.int32)  # distinct experts
+  w = jnp.asarray(rng.random((N, X)), jnp.float32)
+  ws = tuple(jnp.asarray(rng.standard_normal(s) * D ** -0.5, jnp.bfloat16)
+             for s in ((E, D, F), (E, D, F), (E, F, D)))
+  return x, idx, w, ws
+
+
+def fwd_and_fwdbwd(fn):
+  """jit(fn) and a jit of fn's value with the gradients wrt x and the weights."""
+  fwd = jax.jit(fn)
+
+  def loss(x, ws, *rest):  # cotangent = the output itself: nothing for XLA to simplify away
+    return 0.5 * jnp.sum(jnp.square(fn(x, *rest, *ws).astype(jnp.float32)))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  return fwd, grad
+
+
+def ours(cfg):
+  return lambda x, idx, w, wg, wu, wd: moe.experts_grouped(x, idx, w, wg, wu, wd, config=cfg)
+
+
+def padded_einsum(x, idx, w, wg, wu, wd):
+  """Capacity-padded experts: tokens in expert-major buffers [E, C, D], C = N X / E."""
+  N, D = x.shape
+  E, X = wg.shape[0], idx.shape[1]
+  C = (N * X) // E
+  xs = jnp.tile(x, (X, 1))[: E * C].reshape(E, C, D)  # stands in for the dispatch (one copy)
+  h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", xs, wg)) * jnp.einsum("ecd,edf->ecf", xs, wu)
+  return jnp.einsum("ecf,efd->ecd", h, wd).reshape(-1, D)
+
+
+def dense(x, idx, w, wg, wu, wd):
+  """The same FLOPs as plain matmuls against one expert's weights."""
+  xs = jnp.tile(x, (idx.shape[1], 1))
+  h = jax.nn.silu(xs @ wg[0]) * (xs @ wu[0])
+  return h @ wd[0]
+
+
+def mgpu_layer():
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as rd
+
+  mm = functools.partial(rd.ragged_dot, block_m=128, block_n=128, block_k=64,
+                         max_concurrent_steps=4, grid_block_n=1)
+
+  def f(x, idx, w, wg, wu, wd):
+    N, D = x.shape
+    E, X = wg.shape[0], idx.shape[1]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    xs = x[order // X]
+    h = jax.nn.silu(mm(xs, wg, group_sizes=sizes)) * mm(xs, wu, group_sizes=sizes)
+    ys = mm(h.astype(x.dtype), wd, group_sizes=sizes)
+    y = ys[jnp.argsort(order)].reshape(N, X, D).astype(jnp.float32)
+    return jnp.einsum("nx,nxd->nd", w, y)
+  return f
+
+
+def bench(name, E, D, F, X, N, use_mgpu, configs):
+  x, idx, w, ws = case(E, D, F, X, N)
+  flops = 3 * 2 * N * X * D * F
+  active = len(np.unique(np.asarray(idx)))
+  floor_s = active * 3 * D * F * 2 / HBM_BYTES_PER_S
+  row = dict(shape=name, E=E, D=D, F=F, X=X, tokens=N, flops=flops, active_experts=active,
+             weight_floor_s=floor_s)
+
+  def timed(fn, grad_too=True):
+    fwd, grad = fwd_and_fwdbwd(fn)
+    f = guarded(time_jax, fwd, x, idx, w, *ws)
+    b = guarded(time_jax, grad, x, ws, idx, w) if grad_too else None
+    return f, b
+
+  cfg_times = {}
+  for cfg in configs:
+    cfg_times[repr(tuple(cfg))] = (cfg, guarded(time_jax, jax.jit(ours(cfg)), x, idx, w, *ws))
+  ok = {k: v for k, v in cfg_times.items() if isinstance(v[1], float)}
+  row["ours_fwd_configs"] = {k: v[1] for k, v in cfg_times.items()}
+  if ok:
+    best = min(ok, key=lambda k: ok[k][1])
+    row["ours_config"], row["ours_fwd"] = best, ok[best][1]
+    row["ours_fwdbwd"] = timed(ours(ok[best][0]))[1]
+  row["einsum_fwd"], row["einsum_fwdbwd"] = timed(padded_einsum)
+  row["dense_fwd"], row["dense_fwdbwd"] = timed(dense)
+  if use_mgpu:
+    row["mgpu_fwd"] = guarded(lambda: timed(mgpu_layer(), grad_too=False)[0])
+  return row
+
+
+def tflops(flops, t, mult=1):
+  return f"{mult * flops / t / 1e12:.0f}" if isinstance(t, float) else "err" if isinstance(t, str) else "-"
+
+
+def ms(t):
+  return f"{t * 1e3:.3f}" if isinstance(t, float) else "err" if isinstance(t, str) else "-"
+
+
+def table(rows):
+  out = ["| shape | tokens | ours fwd ms (TFLOP/s) | einsum fwd ms (TFLOP/s) | dense fwd ms (TFLOP/s) "
+         "| mgpu fwd ms | ours/dense rate | weight floor ms | ours/floor | ours f+b ms (TFLOP/s) "
+         "| einsum f+b ms | dense f+b ms (TFLOP/s) |", "|" + "---|" * 12]
+  for r in rows:
+    f, fb = r.get("ours_fwd"), r.get("ours_fwdbwd")
+    rate = f"{r['dense_fwd'] / f:.2f}" if isinstance(f, float) and isinstance(r["dense_fwd"], float) else "-"
+    flo = f"{f / r['weight_floor_s']:.2f}" if isinstance(f, float) else "-"
+    out.append(
+        f"| {r['shape']} | {r['tokens']} | {ms(f)} ({tflops(r['flops'], f)}) | "
+        f"{ms(r['einsum_fwd'])} ({tflops(r['flops'], r['einsum_fwd'])}) | "
+        f"{ms(r['dense_fwd'])} ({tflops(r['flops'], r['dense_fwd'])}) | {ms(r.get('mgpu_fwd'))} | "
+        f"{rate} | {r['weight_floor_s'] * 1e3:.3f} | {flo} | {ms(fb)} ({tflops(r['flops'], fb, 3)}) | "
+        f"{ms(r['einsum_fwdbwd'])} | {ms(r['dense_fwdbwd'])} ({tflops(r['flops'], r['dense_fwdbwd'], 3)}) |")
+  return "\n".join(out)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true", help="small shape, 256 and 1024 tokens")
+  ap.add_argument("--tokens", default=None, help="comma-separated token counts")
+  ap.add_argument("--shapes", default="flash,small")
+  ap.add_argument("--no-mgpu", action="store_true", help="skip jax's Mosaic GPU ragged_dot")
+  ap.add_argument("--default-only", action="store_true", help="one kernel configuration")
+  args = ap.parse_args()
+  on_gpu = jax.devices()[0].platform == "gpu"
+  print(f"# device: {jax.devices()[0].device_kind}")
+  shapes = args.shapes.split(",")
+  tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
+  configs = CONFIGS[:1] if args.default_only else CONFIGS
+  if args.quick:
+    shapes, tokens = ["small"], [256, 1024]
+  if not on_gpu:  # interpret-mode smoke run of the same code at toy sizes
+    SHAPES["toy"] = dict(E=4, D=64, F=32, X=2)
+    shapes, tokens = ["toy"], [16]
+    configs = [c._replace(interpret=True) for c in CONFIGS[:1]]
+  rows = []
+  for name in shapes:
+    for n in tokens:
+      rows.append(bench(name, **SHAPES[name], N=n, use_mgpu=on_gpu and not args.no_mgpu,
+                        configs=configs))
+      print("# " + json.dumps(rows[-1]), flush=True)
+      if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "moe_bench.json"), "w") as f:
+          json.dump(dict(device=jax.devices()[0].device_kind, rows=rows), f, indent=1)
+  print(table(rows))
+
+
+if __name__ == "__main__":
+  main()

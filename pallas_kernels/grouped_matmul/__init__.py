@@ -1,0 +1,45 @@
+"""Grouped (ragged) matmul for dropless MoE: rows sorted by group, one weight matrix per group.
+
+`grouped_matmul(lhs, rhs, group_sizes, impl=...)` is differentiable in lhs and rhs:
+* "pallas": the Triton-lowered Pallas kernels of kernel.py (GPU);
+* "pallas_interpret": the same kernels in interpret mode (CPU tests);
+* "reference": reference.py's masked einsum (O(G M K N); tests only);
+* "auto": "pallas" on GPU, else "reference".
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.grouped_matmul.kernel import Config, gmm, gmm_pallas, tgmm_pallas, visit_table
+from pallas_kernels.grouped_matmul.reference import gmm_reference, row_groups, tgmm_reference
+
+IMPLS = ("auto", "pallas", "pallas_interpret", "reference")
+
+__all__ = ["Config", "IMPLS", "gmm_pallas", "gmm_reference", "grouped_matmul", "row_groups",
+           "tgmm_pallas", "tgmm_reference", "visit_table"]
+
+
+def resolve_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"unknown grouped_matmul impl {impl!r}; choose one of {IMPLS}")
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "reference"
+  return impl
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", config: Config | None = None):
+  """out [M, N] = lhs [M, K] @ rhs[g] ([G, K, N]) for the rows of each group g.
+
+  group_sizes [G] (int) counts the rows of each group in order; rows past their sum give 0.
+  """
+  if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],):
+    raise ValueError(f"want lhs [M, K], rhs [G, K, N], group_sizes [G]; got {lhs.shape}, "
+                     f"{rhs.shape}, {group_sizes.shape}")
+  if lhs.shape[1] != rhs.shape[1]:
+    raise ValueError(f"lhs {lhs.shape} and rhs {rhs.shape} disagree on K")
+  impl = resolve_impl(impl)
+  if impl == "reference":
+    return gmm_reference(lhs, rhs, group_sizes)
+  cfg = (config or Config())._replace(interpret=impl == "pallas_interpret")
+  return gmm(lhs, rhs, group_sizes, cfg)

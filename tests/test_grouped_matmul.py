@@ -1,0 +1,211 @@
+"""Pallas grouped matmul (gmm, tgmm, the custom_vjp op) and the MoE "gmm" dispatch.
+
+The independent reference is a float64 NumPy loop over groups. On CPU the kernels run in Pallas
+interpret mode; the `gpu` tests run the compiled Triton kernels (skipped without a GPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ling_jax.model import moe
+from pallas_kernels.grouped_matmul import (Config, gmm_pallas, gmm_reference, grouped_matmul,
+                                           tgmm_pallas, visit_table)
+
+ON_GPU = jax.devices()[0].platform == "gpu"
+gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
+SMALL = Config(block_m=32, block_n=16, block_k=32, block_m_t=16, block_k_t=32, block_n_t=16,
+               interpret=True)
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def np_gmm(x, w, sizes, transpose_rhs=False):
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  out, start = np.zeros((x.shape[0], w.shape[1] if transpose_rhs else w.shape[2])), 0
+  for g, n in enumerate(np.asarray(sizes)):
+    out[start:start + n] = x[start:start + n] @ (w[g].T if transpose_rhs else w[g])
+    start += n
+  return out  # rows past sum(sizes) stay zero
+
+
+def np_tgmm(x, dy, sizes):
+  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+  out, start = np.zeros((len(sizes), x.shape[1], dy.shape[1])), 0
+  for g, n in enumerate(np.asarray(sizes)):
+    out[g] = x[start:start + n].T @ dy[start:start + n]
+    start += n
+  return out
+
+
+def random_sizes(rng, G, total, kind):
+  if kind == "uniform":
+    return np.bincount(rng.integers(0, G, total), minlength=G)
+  if kind == "one_group":  # everything in one group, every other group empty
+    s = np.zeros(G, int)
+    s[rng.integers(G)] = total
+    return s
+  if kind == "skewed":  # zipf-like, several empty groups
+    p = 1.0 / np.arange(1, G + 1) ** 2
+    s = np.bincount(rng.choice(G, total, p=p / p.sum()), minlength=G)
+    return rng.permutation(s)
+  raise ValueError(kind)
+
+
+CASES = [  # (M, K, N, G, kind, rows past the groups)
+    (150, 64, 32, 5, "uniform", 7),
+    (96, 32, 48, 8, "skewed", 0),
+    (64, 32, 16, 6, "one_group", 0),
+    (20, 64, 32, 9, "uniform", 3),   # fewer rows than a tile, groups of 0-5 rows
+]
+
+
+@pytest.mark.parametrize("M,K,N,G,kind,extra", CASES)
+def test_visit_table_covers_every_row_once(M, K, N, G, kind, extra):
+  rng = np.random.default_rng(M + G)
+  sizes = random_sizes(rng, G, M - extra, kind)
+  tile, grp, lo, hi = np.asarray(visit_table(jnp.asarray(sizes), M, 32))
+  cover = np.zeros(M, int)
+  owner = np.repeat(np.arange(G + 1), list(sizes) + [extra])
+  for t, g, a, b in zip(tile, grp, lo, hi):
+    if b > a:
+      assert t * 32 <= a < b <= t * 32 + 32
+      assert (owner[a:b] == g).all()
+      cover[a:b] += 1
+  assert (cover == 1).all()
+
+
+@pytest.mark.parametrize("M,K,N,G,kind,extra", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gmm_and_tgmm_match_float64(M, K, N, G, kind, extra, dtype):
+  rng = np.random.default_rng(M * G)
+  sizes = random_sizes(rng, G, M - extra, kind)
+  x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+  w = jnp.asarray(rng.standard_normal((G, K, N)), dtype)
+  dy = jnp.asarray(rng.standard_normal((M, N)), dtype)
+  wt = jnp.asarray(rng.standard_normal((G, K, N)), dtype)  # dy [M, N] @ wt[g].T -> [M, K]
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  gs = jnp.asarray(sizes, jnp.int32)
+  out = gmm_pallas(x, w, gs, SMALL)
+  assert out.dtype == dtype and not np.isnan(np.asarray(out, np.float32)).any()
+  assert rel(out, np_gmm(x, w, sizes)) < tol
+  assert (np.asarray(out[M - extra:], np.float32) == 0).all()  # rows of no group: zeros
+  assert rel(gmm_pallas(dy, wt, gs, SMALL, transpose_rhs=True), np_gmm(dy, wt, sizes, True)) < tol
+  dw = tgmm_pallas(x, dy, gs, SMALL)
+  want = np_tgmm(x, dy, sizes)
+  assert rel(dw, want) < tol
+  assert (np.asarray(dw, np.float32)[sizes == 0] == 0).all()  # empty groups: zero gradient
+
+
+@pytest.mark.parametrize("kind", ["uniform", "one_group", "skewed"])
+def test_grouped_matmul_gradients(kind):
+  rng = np.random.default_rng(7)
+  M, K, N, G = 120, 32, 48, 6
+  sizes = jnp.asarray(random_sizes(rng, G, M - 5, kind), jnp.int32)
+  x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((G, K, N)), jnp.float32)
+  proj = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+
+  def loss(impl, x, w):
+    return jnp.sum(jnp.tanh(grouped_matmul(x, w, sizes, impl=impl, config=SMALL)) * proj)
+
+  got = jax.value_and_grad(lambda *a: loss("pallas_interpret", *a), argnums=(0, 1))(x, w)
+  want = jax.value_and_grad(lambda *a: loss("reference", *a), argnums=(0, 1))(x, w)
+  assert rel(got[0], want[0]) < 1e-5
+  for a, b in zip(got[1], want[1]):
+    assert rel(a, b) < 1e-5
+
+
+def test_gmm_reference_matches_float64():
+  rng = np.random.default_rng(3)
+  sizes = np.array([5, 0, 11, 2])
+  x, w = rng.standard_normal((20, 16)), rng.standard_normal((4, 16, 8))
+  got = gmm_reference(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(sizes))
+  assert rel(got, np_gmm(x, w, sizes)) < 1e-6
+
+
+def test_bad_shapes_are_refused():
+  x, w = jnp.ones((8, 16)), jnp.ones((2, 16, 16))
+  with pytest.raises(ValueError, match="group_sizes"):
+    grouped_matmul(x, w, jnp.ones((3,), jnp.int32))
+  with pytest.raises(ValueError, match="disagree on K"):
+    grouped_matmul(jnp.ones((8, 32)), w, jnp.ones((2,), jnp.int32))
+  with pytest.raises(ValueError, match="multiple of 16"):
+    gmm_pallas(jnp.ones((8, 24)), jnp.ones((2, 24, 16)), jnp.ones((2,), jnp.int32), SMALL)
+  with pytest.raises(ValueError, match="impl"):
+    grouped_matmul(x, w, jnp.ones((2,), jnp.int32), impl="cuda")
+
+
+# ----------------------------------------------------------------------------- MoE wiring
+
+
+@pytest.mark.parametrize("skew", [0.0, 10.0])
+def test_moe_gmm_dispatch_matches_dense_with_grads(skew):
+  rng = np.random.default_rng(11)
+  N, D, F, E, X = 40, 32, 16, 8, 2
+  x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+  wr = jnp.asarray(rng.standard_normal((D, E)) * 0.3, jnp.float32)
+  bias = jnp.asarray(np.r_[skew, skew, np.zeros(E - 2)], jnp.float32)
+  wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.2, jnp.float32)
+              for s in ((E, D, F), (E, D, F), (E, F, D)))
+  idx, w = moe.route(x, wr, bias, top_k=X, n_group=1, topk_group=1, scale=2.5)
+  if skew:  # every token on experts 0 and 1, six empty experts
+    assert (np.bincount(np.asarray(idx).ravel(), minlength=E) == 0).sum() == E - 2
+
+  def loss(fn, x, w, wts):
+    y = fn(x, idx, w, *wts)
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+
+  grouped = lambda *a: moe.experts_grouped(*a, config=SMALL)
+  np.testing.assert_allclose(grouped(x, idx, w, *wts), moe.experts_dense(x, idx, w, *wts),
+                             rtol=1e-5, atol=1e-5)
+  gd = jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1, 2))(x, w, wts)
+  gg = jax.grad(lambda *a: loss(grouped, *a), argnums=(0, 1, 2))(x, w, wts)
+  for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gd)):
+    assert rel(a, b) < 1e-5
+
+
+def test_moe_impl_switch():
+  assert moe.resolve_impl("auto") == ("gmm" if ON_GPU else "sorted")
+  with pytest.raises(ValueError, match="unknown MoE impl"):
+    moe.resolve_impl("megablocks")
+
+
+# ----------------------------------------------------------------------------- on the GPU
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "one_group"])
+def test_gpu_kernels_match_reference_bf16(kind):
+  rng = np.random.default_rng(5)
+  M, K, N, G = 4096, 512, 256, 32
+  sizes = random_sizes(rng, G, M - 100, kind)
+  gs = jnp.asarray(sizes, jnp.int32)
+  x, dy = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((M, K), (M, N)))
+  w = jnp.asarray(rng.standard_normal((G, K, N)), jnp.bfloat16)
+  cfg = Config()
+  assert rel(jax.jit(lambda *a: gmm_pallas(*a, cfg))(x, w, gs), np_gmm(x, w, sizes)) < 1e-2
+  dx = jax.jit(lambda *a: gmm_pallas(*a, cfg, transpose_rhs=True))(dy, w, gs)
+  assert rel(dx, np_gmm(dy, np.swapaxes(np.asarray(w, np.float32), 1, 2), sizes)) < 1e-2
+  assert rel(jax.jit(lambda *a: tgmm_pallas(*a, cfg))(x, dy, gs), np_tgmm(x, dy, sizes)) < 1e-2
+
+
+@gpu
+def test_gpu_moe_gmm_matches_dense_with_grads():
+  rng = np.random.default_rng(6)
+  N, D, F, E, X = 512, 256, 128, 16, 4
+  x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+  idx = jnp.asarray(np.stack([rng.choice(E, X, replace=False) for _ in range(N)]), jnp.int32)
+  w = jnp.asarray(rng.random((N, X)), jnp.float32)
+  wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32)
+              for s in ((E, D, F), (E, D, F), (E, F, D)))
+  loss = lambda fn, x, wts: jnp.sum(jnp.sin(fn(x, idx, w, *wts)))
+  with jax.default_matmul_precision("highest"):  # XLA's fp32 GPU default is TF32-like (~1e-3)
+    gg = jax.jit(jax.grad(lambda *a: loss(moe.experts_grouped, *a), argnums=(0, 1)))(x, wts)
+    gd = jax.jit(jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1)))(x, wts)
+  for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gd)):
+    assert rel(a, b) < 1e-4
