@@ -1,8 +1,17 @@
 """Pretrain `ling_small()` (1.03B total / 0.29B active) on one GPU; prints tokens/s and MFU.
 
-    python -m experiments.small_pretrain [train.steps=50] [data.batch_size=4] [train.remat=dots]
+    python -m experiments.small_pretrain [train.steps=50] [data.batch_size=4] [train.remat=full]
 
-bf16 matmuls over fp32 master weights (router in fp32). The default data is the synthetic packed
+8 x 4096 tokens a step. Memory: each decoder layer runs under jax.checkpoint keeping only its
+deep matmuls (`remat=dots_no_scores`, per layer), and the head + cross-entropy go 4096 tokens at
+a time (`ce_chunk`): XLA's temp estimate (benchmarks/train_memory.py, CPU compile) is 39 GiB at
+batch 8 (20 GiB at batch 4), against 109-115 GiB without remat, which ran out of memory on an
+80 GB H100 at batch 4. `train.remat=dots` keeps the attention scores too (34 GiB at batch 4,
+67 at batch 8); `train.remat=none` needs batch 1 or shorter rows.
+
+bf16 matmuls over fp32 master weights (router in fp32); on the GPU the MoE runs the grouped-
+matmul kernels and Lightning attention the Pallas kernels (`moe_impl` / `gla_impl` "auto"; the
+memory estimates above used the CPU paths, sorted experts and the chunked reference). The default data is the synthetic packed
 stream, which needs neither grain nor files (the GPU image has no grain); where grain is
 installed, `data.source=stdlib` (bytes) or a JSONL/ArrayRecord corpus with
 `data.tokenizer=tokenizer.json` trains on text instead.
@@ -19,9 +28,10 @@ from ling_jax.train import Experiment, TrainConfig
 def config() -> Experiment:
   return Experiment(
       model=ling_small(),
-      data=DataConfig(source="synthetic", seq_len=2048, batch_size=8, eval_batches=4),
+      data=DataConfig(source="synthetic", seq_len=4096, batch_size=8, eval_batches=4),
       train=TrainConfig(steps=300, learning_rate=1e-3, warmup_steps=50, compute_dtype="bfloat16",
-                        moe_impl="sorted", gla_impl="chunked", remat="none",
+                        moe_impl="auto", gla_impl="auto", remat="dots_no_scores",
+                        remat_scope="layer", ce_chunk=4096,
                         out_dir="runs/small_pretrain", checkpoint_every=100, keep_checkpoints=2,
                         log_every=10, sample_tokens=32, unigram_batches=8),
   )

@@ -188,3 +188,63 @@ def test_model_with_pallas_lightning_kernels_matches_reference():
   want = _logits(random_model(cfg, gla_impl="chunked"), tokens)
   got = _logits(random_model(cfg, gla_impl="pallas_interpret"), tokens)
   assert rel(got, want) < 1e-4
+
+
+# ---------------------------------------------------------------------- per-layer remat
+_O0 = {"xla_backend_optimization_level": 0}  # compile time dominates
+# (policy, scope) pairs checked against no remat, per layout: every policy in both layouts, both
+# scopes in both (each compile costs ~10 s). dots_no_scores saves nothing at ling_tiny's widths
+# (all < 256): it is "full" there; its choice of matmuls is tested on its own below.
+_REMATS = {
+    True: [("full", "layer"), ("dots", "layer"), ("dots_no_batch", "layer"), ("full", "group"),
+           ("dots", "group")],
+    False: [("full", "layer"), ("dots", "layer"), ("dots_no_batch", "group")],
+}
+
+
+def test_dots_no_scores_saves_deep_matmuls_not_attention_scores():
+  from ling_jax.model.common import dots_no_scores_saveable as save
+  dot = lambda a, b, eq: jax.make_jaxpr(lambda x, y: jnp.einsum(eq, x, y))(
+      jnp.zeros(a), jnp.zeros(b)).eqns[0]  # the dot_general (a transpose may follow)
+  decide = lambda e: save(e.primitive, *[v.aval for v in e.invars], **e.params)
+  assert decide(dot((2, 8, 1024), (1024, 3072), "btd,de->bte"))            # projection
+  assert decide(dot((2, 8, 256), (256, 4, 128), "btl,lhk->bthk"))           # MLA kv_b expansion
+  assert not decide(dot((2, 512, 4, 64), (2, 512, 4, 64), "bthk,bshk->bhts"))  # QK^T scores
+  assert decide(dot((2, 4, 512, 512), (2, 512, 4, 64), "bhts,bshv->bthv"))  # P V contracts T
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_remat_hook_keeps_loss_and_gradients(scan):
+  # 7 layers of 2: a prefix group (dense layer 0, MoE layer 1), two scanned groups, an MLA tail
+  # layer and MTP: every kind of block the hook wraps. Sorted MoE: its lax.map runs under remat.
+  cfg = ling_tiny(num_hidden_layers=7)
+  graphdef, state = nnx.split(random_model(cfg))
+  tokens = random_tokens(cfg, (2, 12))
+
+  def loss(state, remat, scope):
+    out = nnx.merge(graphdef, state).forward(tokens, mtp=True, scan=scan, remat=remat,
+                                             remat_scope=scope)
+    lp = jax.nn.log_softmax(out.logits[:, :-1])
+    mp = jax.nn.log_softmax(out.mtp_logits[:, :-2])
+    return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
+             + 0.3 * jnp.take_along_axis(mp, tokens[:, 2:, None], -1).mean())
+
+  def value_and_grad(remat, scope):
+    f = functools.partial(loss, remat=remat, scope=scope)
+    return jax.jit(jax.value_and_grad(f), compiler_options=_O0)(state)
+
+  # One checkpoint (printed with its prevent_cse flag) around each block, the scan body's once:
+  # prefix group (2 layers), scanned groups (2 x 2 layers), tail layer, MTP layer.
+  counts = {"layer": 2 + (2 if scan else 4) + 1 + 1, "group": 1 + (1 if scan else 2) + 1 + 1}
+  for scope, n in counts.items():
+    jaxpr = str(jax.make_jaxpr(functools.partial(loss, remat="full", scope=scope))(state))
+    assert jaxpr.count("prevent_cse=") == n, scope
+  want_loss, want = value_and_grad(None, "layer")
+  want = dict(nnx.to_flat_state(want))
+  for remat, scope in _REMATS[scan]:
+    got_loss, got = value_and_grad(remat, scope)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6, err_msg=f"{remat} {scope}")
+    for path, g in nnx.to_flat_state(got):
+      g, w = np.asarray(g.get_value()), np.asarray(want[path].get_value())
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
+                                 err_msg=f"{remat} {scope} {path}")

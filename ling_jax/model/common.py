@@ -90,3 +90,59 @@ class SwiGLU(nnx.Module):
     g = x @ self.gate_proj[...].astype(self.dtype)
     u = x @ self.up_proj[...].astype(self.dtype)
     return (jax.nn.silu(g) * u) @ self.down_proj[...].astype(self.dtype)
+
+
+# ---------------------------------------------------------------------- rematerialisation
+def dots_no_scores_saveable(prim, *avals, **params) -> bool:
+  """Save the matmuls that contract over >= 256 elements: the projections, expert and output
+  matmuls (>= 512 FLOPs to recompute each saved element), not the attention scores QK^T, which
+  contract over one head's 32-128 dims but are [T, T] per head: the most memory per FLOP. Also
+  save Pallas kernels' outputs (the GPU's Lightning and grouped-matmul kernels): no dot_general
+  is visible inside them, and recomputing one costs its whole forward."""
+  if prim.name == "pallas_call":
+    return True
+  if prim is not jax.lax.dot_general_p:
+    return False
+  (contract, _), _ = params["dimension_numbers"]
+  return math.prod(avals[0].shape[d] for d in contract) >= 256
+
+
+# Named jax.checkpoint policies for per-layer (or per-group) remat: what the backward pass keeps
+# from each checkpointed block; everything else is recomputed from the block's input.
+#   none            no checkpoint: every residual is kept (fastest, most memory)
+#   full            keep nothing but the block's input (recompute the whole block)
+#   dots            keep matmul outputs; recompute norms, SwiGLU, softmax, gathers and the like
+#   dots_no_batch   keep only matmuls without batch dims (neither attention scores nor the
+#                   sorted MoE's expert matmuls, which run batched over blocks)
+#   dots_no_scores  keep the deep matmuls (`dots_no_scores_saveable`): dots without the [T, T]
+#                   attention scores
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_no_scores": dots_no_scores_saveable,
+}
+REMAT_SCOPES = ("layer", "group")
+
+
+def remat_policy(remat):
+  """A name of `REMAT`, a jax.checkpoint policy, or None -> (checkpoint?, policy)."""
+  if remat is None or isinstance(remat, str):
+    if remat is not None and remat not in REMAT:
+      raise ValueError(f"unknown remat policy {remat!r}; choose one of {tuple(REMAT)}")
+    remat = None if remat is None else REMAT[remat]
+    return (remat is not None), remat
+  return True, remat
+
+
+def checkpointed(module: nnx.Module, fn, *args, policy, prevent_cse: bool = True):
+  """`fn(module, *args)` under `jax.checkpoint(policy=policy)`; `args` are pytrees of arrays
+  (or None). The module's state goes in as an explicit argument so its gradient flows through
+  the checkpoint; Python values `fn` closes over stay static."""
+  graphdef, state = nnx.split(module)
+
+  def pure(state, *args):
+    return fn(nnx.merge(graphdef, state), *args)
+
+  return jax.checkpoint(pure, policy=policy, prevent_cse=prevent_cse)(state, *args)

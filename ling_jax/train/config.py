@@ -12,7 +12,8 @@ from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import DataConfig
 
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_scores")  # ling_jax.model.common.REMAT
+REMAT_SCOPES = ("layer", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +33,14 @@ class TrainConfig:
   grad_clip: float = 1.0           # global-norm clipping
   # Numerics: parameters are fp32 masters, matmuls run in compute_dtype, the router in fp32.
   compute_dtype: str = "bfloat16"
-  moe_impl: str = "sorted"
+  moe_impl: str = "auto"
   gla_impl: str = "chunked"
-  remat: str = "none"              # one of REMAT_POLICIES
+  # Activation memory: jax.checkpoint each decoder layer ("layer") or hybrid group / scan body
+  # ("group") with policy `remat` (one of REMAT_POLICIES), and the head + cross-entropy in chunks
+  # of ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
+  remat: str = "none"
+  remat_scope: str = "layer"
+  ce_chunk: int = 4096
   mtp: bool = True                 # add the MTP loss, weighted by model.mtp_loss_scaling_factor
   # Aux-loss-free balancing (DeepSeek-V3): b_e += rate * sign(mean load - load_e) after each step.
   bias_update_rate: float = 1e-3
@@ -58,6 +64,10 @@ class TrainConfig:
       errors.append(f"compute_dtype={self.compute_dtype!r} not in {DTYPES}")
     if self.remat not in REMAT_POLICIES:
       errors.append(f"remat={self.remat!r} not in {REMAT_POLICIES}")
+    if self.remat_scope not in REMAT_SCOPES:
+      errors.append(f"remat_scope={self.remat_scope!r} not in {REMAT_SCOPES}")
+    if self.ce_chunk < 0:
+      errors.append(f"ce_chunk={self.ce_chunk} must be >= 0")
     if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
       errors.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
     if self.warmup_steps < 0:

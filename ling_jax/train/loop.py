@@ -44,9 +44,9 @@ def build_model(exp: Experiment) -> LingForCausalLM:
   return nnx.merge(graphdef, state)
 
 
-def evaluate(graphdef, params, expert_bias, batches) -> float:
+def evaluate(graphdef, params, expert_bias, batches, ce_chunk: int = 4096) -> float:
   """Mean next-token cross-entropy (nats) over the valid targets of `batches`."""
-  eval_step = make_eval_step(graphdef)
+  eval_step = make_eval_step(graphdef, ce_chunk)
   total, n = 0.0, 0.0
   for b in batches:
     sums = jax.device_get(eval_step(params, expert_bias, b))
@@ -95,14 +95,15 @@ def run(exp: Experiment) -> dict:
       print(f"resumed from {ckpt_dir} step {start}")
     log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), start)
     step_fn = make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight,
-                              bias_rate=t.bias_update_rate, remat=t.remat)
+                              bias_rate=t.bias_update_rate, remat=t.remat,
+                              remat_scope=t.remat_scope, ce_chunk=t.ce_chunk)
     state, tps = _train(step_fn, state, it, ckpt, log, exp, start, meta,
                         lambda tps: flops_per_token * tps / peak if peak else None)
   finally:
     ckpt.close()  # waits for the last asynchronous save
 
   eval_batches = data.eval_batches()
-  eval_loss = evaluate(graphdef, state.params, state.expert_bias, eval_batches)
+  eval_loss = evaluate(graphdef, state.params, state.expert_bias, eval_batches, t.ce_chunk)
   fresh = data.train_iterator()
   unigram = unigram_baseline((next(fresh) for _ in range(t.unigram_batches)), eval_batches,
                              cfg.vocab_size)

@@ -9,6 +9,12 @@ the new `TrainState` and a dict of device scalars; the host fetches those when i
 Loss: next-token cross-entropy, plus `mtp_loss_scaling_factor` x the MTP cross-entropy for token
 t+2 (spec 3.9). Targets that cross a document boundary (or are padding, segment 0) are masked:
 the model cannot and must not predict the next document's first token.
+
+Memory (ling_small, 4 x 4096 tokens; benchmarks/train_memory.py): the step keeps every layer's
+residuals for the backward pass unless `remat` checkpoints the stack layer by layer
+(`LingForCausalLM.forward(remat=...)`), and [tokens, vocab] fp32 logits (main and MTP, and their
+gradients) unless `ce_chunk` > 0 computes the cross-entropy through the head in token chunks
+(train/loss.py).
 """
 
 from __future__ import annotations
@@ -21,18 +27,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ling_jax.model.common import ExpertBias
+from ling_jax.model.common import REMAT, ExpertBias  # noqa: F401  (REMAT: the policy names)
 from ling_jax.train.balance import update_expert_bias
-
-# Named jax.checkpoint policies. Applied around the whole loss: with "dots" the backward pass
-# keeps matmul outputs and recomputes the cheap elementwise work (norms, SwiGLU, softmax).
-# Per-group placement (inside the scan) needs a hook in LingForCausalLM._run_groups.
-REMAT = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from ling_jax.train.loss import head_ce
 
 
 @flax.struct.dataclass
@@ -64,34 +61,67 @@ def _masked_ce(logits, targets, valid):
   return (ce * valid).sum(), valid.sum()
 
 
-def lm_losses(out, batch) -> dict[str, jax.Array]:
-  """Sums and counts of the next-token and (if present) MTP cross-entropies."""
+def _chunked_ce(hidden, lm_head, targets, valid, shift: int, chunk: int, dtype):
+  """`_masked_ce` of head(hidden[:, :-shift]) against `targets` [B, T - shift], via `head_ce`:
+  hidden keeps all T positions (the last `shift` masked), so no [B, T-shift, D] copy is made."""
+  B, T, D = hidden.shape
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, shift)))
+  ce = head_ce(hidden.reshape(B * T, D), lm_head, pad(targets).reshape(-1),
+               pad(valid).reshape(-1), min(chunk, B * T) if chunk > 0 else B * T, dtype)
+  return ce, valid.astype(jnp.float32).sum()
+
+
+def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32):
+  """Sums and counts of the next-token and (if present) MTP cross-entropies.
+
+  From out.logits / out.mtp_logits when the forward made them; else (logits=False) from
+  out.hidden / out.mtp_hidden through `lm_head` [D, V] in chunks of `ce_chunk` tokens, with the
+  head matmul in `dtype` (the model's compute dtype) as `LingForCausalLM._head` does it.
+  """
   tokens, seg = batch["tokens"], batch["segment_ids"]
   # valid[t]: token t+1 belongs to token t's (non-padding) document.
   valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-  ce_sum, n = _masked_ce(out.logits[:, :-1], tokens[:, 1:], valid)
-  res = {"ce_sum": ce_sum, "n": n}
+  valid2 = valid[:, :-1] & valid[:, 1:]  # tokens t+1 and t+2 both in t's document
+  res = {}
+  if out.logits is not None:
+    res["ce_sum"], res["n"] = _masked_ce(out.logits[:, :-1], tokens[:, 1:], valid)
+  else:
+    res["ce_sum"], res["n"] = _chunked_ce(out.hidden, lm_head, tokens[:, 1:], valid, 1, ce_chunk,
+                                          dtype)
   if out.mtp_logits is not None:
-    valid2 = valid[:, :-1] & valid[:, 1:]  # tokens t+1 and t+2 both in t's document
     res["mtp_sum"], res["n_mtp"] = _masked_ce(out.mtp_logits[:, :-2], tokens[:, 2:], valid2)
+  elif out.mtp_hidden is not None:
+    res["mtp_sum"], res["n_mtp"] = _chunked_ce(out.mtp_hidden, lm_head, tokens[:, 2:], valid2, 2,
+                                               ce_chunk, dtype)
   return res
 
 
-def _forward(graphdef, params, expert_bias, batch, mtp: bool):
+def _losses(graphdef, params, expert_bias, batch, *, mtp: bool, remat=None,
+            remat_scope: str = "layer", ce_chunk: int = 0):
+  """(model output, `lm_losses` sums): the full logits only when ce_chunk is 0."""
   model = nnx.merge(graphdef, params, expert_bias)
-  return model.forward(batch["tokens"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], mtp=mtp)
+  out = model.forward(batch["tokens"], positions=batch["positions"],
+                      segment_ids=batch["segment_ids"], mtp=mtp, logits=not ce_chunk,
+                      remat=remat, remat_scope=remat_scope)
+  return out, lm_losses(out, batch, model.lm_head[...], ce_chunk=ce_chunk, dtype=model.dtype)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, mtp_weight: float,
-                    bias_rate: float, remat: str = "none"):
-  """A jitted `(state, batch) -> (state, metrics)`; `state` is donated. mtp_weight 0 skips MTP."""
+                    bias_rate: float, remat: str = "none", remat_scope: str = "layer",
+                    ce_chunk: int = 4096):
+  """A jitted `(state, batch) -> (state, metrics)`; `state` is donated. mtp_weight 0 skips MTP.
+
+  remat: a policy name of `REMAT`, applied per decoder layer (remat_scope "layer") or per hybrid
+  group / scan body ("group") inside the model. ce_chunk: tokens per chunk of the fused head +
+  cross-entropy (0: materialise the full fp32 logits).
+  """
   mtp = mtp_weight > 0
-  policy = REMAT[remat]
+  if remat not in REMAT:
+    raise ValueError(f"unknown remat policy {remat!r}; choose one of {tuple(REMAT)}")
 
   def loss_fn(params, expert_bias, batch):
-    out = _forward(graphdef, params, expert_bias, batch, mtp)
-    sums = lm_losses(out, batch)
+    out, sums = _losses(graphdef, params, expert_bias, batch, mtp=mtp, remat=remat,
+                        remat_scope=remat_scope, ce_chunk=ce_chunk)
     ce = sums["ce_sum"] / jnp.maximum(sums["n"], 1.0)
     total = ce
     aux = {"ce": ce, "loads": (out.expert_load, out.mtp_expert_load)}
@@ -99,9 +129,6 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
       aux["mtp"] = sums["mtp_sum"] / jnp.maximum(sums["n_mtp"], 1.0)
       total = ce + mtp_weight * aux["mtp"]
     return total, aux
-
-  if policy is not None:
-    loss_fn = jax.checkpoint(loss_fn, policy=policy)
 
   def step(state: TrainState, batch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -123,10 +150,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
   return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, ce_chunk: int = 4096):
   """A jitted `(params, expert_bias, batch) -> sums` (use `lm_losses` keys) without MTP."""
 
   def step(params, expert_bias, batch):
-    return lm_losses(_forward(graphdef, params, expert_bias, batch, mtp=False), batch)
+    return _losses(graphdef, params, expert_bias, batch, mtp=False, ce_chunk=ce_chunk)[1]
 
   return jax.jit(step)

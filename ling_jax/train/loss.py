@@ -1,0 +1,81 @@
+"""Cross-entropy through the LM head without materialising [tokens, vocab] logits.
+
+`head_ce(h, w, targets, mask, chunk=c)` = sum_n mask_n * CE(h_n @ w, targets_n), with the logits
+computed `c` tokens at a time in fp32 (as `LingForCausalLM._head` computes them: compute-dtype
+operands, fp32 accumulation). Under differentiation the forward pass also forms the gradient
+(the "fused linear cross-entropy" of Liger/Apple CCE): per chunk, g = softmax - onehot, then
+dh = g W^T and dW += h^T g; the backward pass only scales them by the incoming cotangent. So the
+largest temporaries are one chunk's [c, V] logits (nothing [tokens, V] is ever built; dW is
+[D, V] fp32), with no recomputation of the head matmul.
+
+g is cast to the compute dtype for the two gradient matmuls, as Liger does (with fp32 compute it
+is exact; in bf16 the head's gradients move by ~0.3% relative, where autodiff of the full logits
+would run those two matmuls in fp32), and dW accumulates over chunks in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _chunked(h, targets, mask, chunk):
+  N, D = h.shape
+  n = -(-N // chunk)
+  pad = n * chunk - N
+  h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n, chunk, D)
+  targets = jnp.pad(targets, (0, pad)).reshape(n, chunk)
+  mask = jnp.pad(mask.astype(jnp.float32), (0, pad)).reshape(n, chunk)
+  return h, targets, mask
+
+
+def _logits_lse_ce(h, w, t, m):
+  logits = jnp.einsum("nd,dv->nv", h, w, preferred_element_type=jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  tgt = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+  return logits, lse, (lse - tgt) * m
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def head_ce(h, w, targets, mask, chunk: int, dtype):
+  """h [N, D], w [D, V] (cast to `dtype` for the matmul), targets [N] int, mask [N] -> the
+  mask-weighted sum of the fp32 cross-entropies (a scalar)."""
+  hc, tc, mc = _chunked(h.astype(dtype), targets, mask, chunk)
+  wd = w.astype(dtype)
+
+  def body(total, x):
+    return total + _logits_lse_ce(x[0], wd, x[1], x[2])[2].sum(), None
+
+  return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hc, tc, mc))[0]
+
+
+def _fwd(h, w, targets, mask, chunk, dtype):
+  N, D = h.shape
+  hc, tc, mc = _chunked(h.astype(dtype), targets, mask, chunk)
+  wd = w.astype(dtype)
+
+  def body(carry, x):
+    total, dw = carry
+    hb, t, m = x
+    logits, lse, ce = _logits_lse_ce(hb, wd, t, m)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    g = ((jnp.exp(logits - lse[:, None]) - (vocab == t[:, None])) * m[:, None]).astype(dtype)
+    dh = jnp.einsum("nv,dv->nd", g, wd, preferred_element_type=jnp.float32)
+    dw = dw + jnp.einsum("nd,nv->dv", hb, g, preferred_element_type=jnp.float32)
+    return (total + ce.sum(), dw), dh
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
+  (total, dw), dh = jax.lax.scan(body, init, (hc, tc, mc))
+  dh = dh.reshape(-1, D)[:N]
+  # Empty arrays carry the primal dtypes (residuals must be arrays).
+  return total, (dh, dw, jnp.zeros((0,), h.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _bwd(chunk, dtype, res, ct):
+  dh, dw, h0, w0 = res
+  return (ct * dh).astype(h0.dtype), (ct * dw).astype(w0.dtype), None, None
+
+
+head_ce.defvjp(_fwd, _bwd)
