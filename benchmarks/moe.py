@@ -134,6 +134,49 @@ def bench(name, E, D, F, X, N, use_mgpu, configs):
   return row
 
 
+SWEEP_GMM = [Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+             for bm, bn, bk, w, st in [(64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 3),
+                                       (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                       (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4)]]
+SWEEP_TGMM = [Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, num_warps_t=w, num_stages=st)
+              for bm, bk, bn, w, st in [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 128, 128, 8, 3),
+                                        (64, 128, 128, 4, 3), (64, 128, 256, 8, 3), (128, 128, 128, 8, 2)]]
+
+
+def sweep(name, E, D, F, X, N):
+  """Raw kernels at one shape: gmm (x @ w_gate), transposed gmm (dh @ w_gate^T), tgmm (dW)."""
+  from pallas_kernels.grouped_matmul import gmm_pallas, tgmm_pallas
+  rng = np.random.default_rng(0)
+  M = N * X
+  sizes = jnp.asarray(np.bincount(rng.integers(0, E, M), minlength=E), jnp.int32)
+  x = jnp.asarray(rng.standard_normal((M, D)), jnp.bfloat16)
+  dh = jnp.asarray(rng.standard_normal((M, F)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((E, D, F)) * D ** -0.5, jnp.bfloat16)
+  flops = 2 * M * D * F
+  rows = []
+  for kind, cfgs in (("gmm", SWEEP_GMM), ("gmm_t", SWEEP_GMM), ("tgmm", SWEEP_TGMM)):
+    for cfg in cfgs:
+      if kind == "gmm":
+        f, args = jax.jit(lambda x, w, s, c=cfg: gmm_pallas(x, w, s, c)), (x, w, sizes)
+      elif kind == "gmm_t":
+        f, args = jax.jit(lambda d, w, s, c=cfg: gmm_pallas(d, w, s, c, transpose_rhs=True)), (dh, w, sizes)
+      else:
+        f, args = jax.jit(lambda x, d, s, c=cfg: tgmm_pallas(x, d, s, c)), (x, dh, sizes)
+      t = guarded(time_jax, f, *args)
+      rows.append(dict(shape=name, tokens=N, kernel=kind, config=repr(tuple(cfg)), seconds=t,
+                       tflops=flops / t / 1e12 if isinstance(t, float) else None))
+      print("# " + json.dumps(rows[-1]), flush=True)
+  dense = guarded(time_jax, jax.jit(lambda a, b: a @ b), x, w[0])
+  print(f"# dense [{M}, {D}] x [{D}, {F}]: {dense}")
+  for kind in ("gmm", "gmm_t", "tgmm"):
+    ok = [r for r in rows if r["kernel"] == kind and r["tflops"]]
+    best = max(ok, key=lambda r: r["tflops"], default=None)
+    if best:
+      print(f"| {name} {N} | {kind} | best {best['config']} | {best['seconds'] * 1e3:.3f} ms | "
+            f"{best['tflops']:.0f} TFLOP/s | dense {flops / dense / 1e12 if isinstance(dense, float) else 0:.0f} |")
+  return rows
+
+
 def tflops(flops, t, mult=1):
   return f"{mult * flops / t / 1e12:.0f}" if isinstance(t, float) else "err" if isinstance(t, str) else "-"
 
@@ -166,6 +209,8 @@ def main():
   ap.add_argument("--shapes", default="flash,small")
   ap.add_argument("--no-mgpu", action="store_true", help="skip jax's Mosaic GPU ragged_dot")
   ap.add_argument("--default-only", action="store_true", help="one kernel configuration")
+  ap.add_argument("--sweep", action="store_true",
+                  help="time the raw kernels (gmm, transposed gmm, tgmm) over tile configurations")
   args = ap.parse_args()
   on_gpu = jax.devices()[0].platform == "gpu"
   print(f"# device: {jax.devices()[0].device_kind}")
@@ -179,6 +224,14 @@ def main():
     shapes, tokens = ["toy"], [16]
     configs = [c._replace(interpret=True) for c in CONFIGS[:1]]
   rows = []
+  if args.sweep and on_gpu:
+    for name in shapes:
+      for n in tokens:
+        rows += sweep(name, **SHAPES[name], N=n)
+    if os.environ.get("OUT"):
+      with open(os.path.join(os.environ["OUT"], "moe_sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return
   for name in shapes:
     for n in tokens:
       rows.append(bench(name, **SHAPES[name], N=n, use_mgpu=on_gpu and not args.no_mgpu,
