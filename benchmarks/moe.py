@@ -85,23 +85,12 @@ def dense(x, idx, w, wg, wu, wd):
 
 
 def mgpu_layer():
+  """`experts_grouped` with jax's Mosaic GPU ragged_dot as the grouped matmul."""
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as rd
 
-  mm = functools.partial(rd.ragged_dot, block_m=128, block_n=128, block_k=64,
-                         max_concurrent_steps=4, grid_block_n=1)
-
-  def f(x, idx, w, wg, wu, wd):
-    N, D = x.shape
-    E, X = wg.shape[0], idx.shape[1]
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-    xs = x[order // X]
-    h = jax.nn.silu(mm(xs, wg, group_sizes=sizes)) * mm(xs, wu, group_sizes=sizes)
-    ys = mm(h.astype(x.dtype), wd, group_sizes=sizes)
-    y = ys[jnp.argsort(order)].reshape(N, X, D).astype(jnp.float32)
-    return jnp.einsum("nx,nxd->nd", w, y)
-  return f
+  mm = lambda a, b, s: rd.ragged_dot(a, b, group_sizes=s, block_m=128, block_n=128, block_k=64,
+                                     max_concurrent_steps=4, grid_block_n=1)
+  return functools.partial(moe.experts_grouped, matmul=mm)
 
 
 def bench(name, E, D, F, X, N, use_mgpu, configs):

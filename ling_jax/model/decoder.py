@@ -84,6 +84,18 @@ def make_layer(cfg: LingConfig, mixer: str, mlp: str, *, rngs: nnx.Rngs, dtype, 
   return DecoderLayer(attention, ffn, D, eps=eps, **common)
 
 
+def run_layer(layer: DecoderLayer, h, layer_idx, cache, *, positions, segment_ids, cache_index,
+              remat: bool = False, policy=None, prevent_cse: bool = True):
+  """One decoder layer, under `jax.checkpoint(policy=policy)` when `remat`. The layer index (a
+  Python int or the scan's tracer) and the cache index are closed over."""
+  call = lambda l, h, pos, seg, c: l(h, layer_idx=layer_idx, positions=pos, segment_ids=seg,
+                                     cache=c, cache_index=cache_index)
+  if remat:
+    return checkpointed(layer, call, h, positions, segment_ids, cache, policy=policy,
+                        prevent_cse=prevent_cse)
+  return call(layer, h, positions, segment_ids, cache)
+
+
 class HybridGroup(nnx.Module):
   """`layer_group_size - 1` Lightning layers then one MLA layer (spec 2)."""
 
@@ -99,17 +111,10 @@ class HybridGroup(nnx.Module):
     """
     new_cache, loads = [], []
     for j, layer in enumerate(self.layers):
-      c = None if cache is None else cache[j]
-      if remat:
-        # The layer index (a Python int, or the scan's tracer) and cache index are closed over.
-        idx = first_layer + j
-        h, c, load = checkpointed(
-            layer, lambda l, h, pos, seg, c: l(h, layer_idx=idx, positions=pos, segment_ids=seg,
-                                               cache=c, cache_index=cache_index),
-            h, positions, segment_ids, c, policy=policy, prevent_cse=prevent_cse)
-      else:
-        h, c, load = layer(h, layer_idx=first_layer + j, positions=positions,
-                           segment_ids=segment_ids, cache=c, cache_index=cache_index)
+      h, c, load = run_layer(layer, h, first_layer + j, None if cache is None else cache[j],
+                             positions=positions, segment_ids=segment_ids,
+                             cache_index=cache_index, remat=remat, policy=policy,
+                             prevent_cse=prevent_cse)
       new_cache.append(c)
       if load is not None:
         loads.append(load)

@@ -26,7 +26,7 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.config import LingConfig
 from ling_jax.model.common import REMAT_SCOPES, RMSNorm, checkpointed, param, remat_policy
-from ling_jax.model.decoder import HybridGroup, make_layer
+from ling_jax.model.decoder import HybridGroup, make_layer, run_layer
 from ling_jax.model.mtp import MTPLayer
 
 
@@ -139,9 +139,9 @@ class LingForCausalLM(nnx.Module):
 
     tail_cache = []
     for i, layer in enumerate(self.tail):
-      h, c, load = _call_layer(layer, h, cfg.num_groups * G + i,
-                               None if cache is None else cache["tail"][i], run, do_remat, policy,
-                               prevent_cse=True)
+      h, c, load = run_layer(layer, h, cfg.num_groups * G + i,
+                             None if cache is None else cache["tail"][i], **run, remat=do_remat,
+                             policy=policy)
       tail_cache.append(c)
       loads.append(None if load is None else load[None])
 
@@ -206,16 +206,6 @@ class LingForCausalLM(nnx.Module):
       h, _, load = call(self.mtp, out.hidden, e, positions, segment_ids)
     return out.replace(mtp_logits=self._head(h) if logits else None, mtp_hidden=h,
                        mtp_expert_load=load)
-
-
-def _call_layer(layer, h, layer_idx, cache, run, remat: bool, policy, prevent_cse: bool):
-  """One decoder layer, under jax.checkpoint when `remat`."""
-  call = lambda l, h, pos, seg, c: l(h, layer_idx=layer_idx, positions=pos, segment_ids=seg,
-                                     cache=c, cache_index=run["cache_index"])
-  args = (h, run["positions"], run["segment_ids"], cache)
-  if remat:
-    return checkpointed(layer, call, *args, policy=policy, prevent_cse=prevent_cse)
-  return call(layer, *args)
 
 
 def _call_group(group, h, first_layer, cache, run, *, remat: bool, policy, scope: str,

@@ -104,25 +104,28 @@ def experts_sorted(x, idx, w, wg, wu, wd, *, block_size: int = 64, blocks_per_st
   return jnp.einsum("nx,nxd->nd", w, y)
 
 
-def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None):
+def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, matmul=None):
   """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
 
   Assignments are sorted by expert (a stable argsort of N X ids), token rows gathered into that
   order ([N X, D], never [N, E, D]), three grouped matmuls run over the ragged expert groups, and
   the rows are gathered back through the inverse permutation and combined with the routing
-  weights.
+  weights. `matmul(lhs, rhs, group_sizes)` replaces the Pallas grouped matmul (benchmarks).
   """
   N, D = x.shape
   E, X = wg.shape[0], idx.shape[1]
-  flat_e = idx.reshape(N * X)
+  A = N * X
+  flat_e = idx.reshape(A)
   order = jnp.argsort(flat_e, stable=True)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(A, dtype=order.dtype))  # no 2nd sort
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
-  impl = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
-  mm = lambda a, b: grouped_matmul(a, b, sizes, impl=impl, config=config)
+  if matmul is None:
+    impl = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
+    matmul = lambda a, b, s: grouped_matmul(a, b, s, impl=impl, config=config)
   xs = x[order // X]  # [N X, D], row r serves token order[r] // X
-  h = jax.nn.silu(mm(xs, wg)) * mm(xs, wu)
-  ys = mm(h.astype(x.dtype), wd)  # [N X, D]
-  y = ys[jnp.argsort(order)].reshape(N, X, D).astype(jnp.float32)
+  h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
+  ys = matmul(h.astype(x.dtype), wd, sizes)  # [N X, D]
+  y = ys[inverse].reshape(N, X, D).astype(jnp.float32)
   return jnp.einsum("nx,nxd->nd", w, y)
 
 

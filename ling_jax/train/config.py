@@ -10,10 +10,10 @@ import dataclasses
 
 from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import DataConfig
+from ling_jax.model.common import REMAT, REMAT_SCOPES
 
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_scores")  # ling_jax.model.common.REMAT
-REMAT_SCOPES = ("layer", "group")
+REMAT_POLICIES = tuple(REMAT)
 
 
 @dataclasses.dataclass(frozen=True)

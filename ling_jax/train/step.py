@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ling_jax.model.common import REMAT, ExpertBias  # noqa: F401  (REMAT: the policy names)
+from ling_jax.model.common import REMAT, ExpertBias
 from ling_jax.train.balance import update_expert_bias
 from ling_jax.train.loss import head_ce
 

@@ -66,15 +66,19 @@ def _dot(a, b, *, ta=False, tb=False):
 # ----------------------------------------------------------------------------- visit table
 
 
+def group_bounds(group_sizes: jax.Array, m: int):
+  """(starts, ends) [G] int32 of each group's rows, clipped to the m rows there are."""
+  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+  return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]]), ends
+
+
 def visit_table(group_sizes: jax.Array, m: int, bm: int) -> jax.Array:
   """[4, cdiv(m, bm) + G] int32 rows: tile, group (G = past the last group), row lo, row hi.
 
   Visits are ordered by group then tile, so consecutive programs share a group's weights.
   """
   G = group_sizes.shape[0]
-  sizes = group_sizes.astype(jnp.int32)
-  ends = jnp.minimum(jnp.cumsum(sizes), m)
-  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  starts, ends = group_bounds(group_sizes, m)
   starts = jnp.concatenate([starts, ends[-1:]])             # + pseudo-group [total, m)
   ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
   n_tiles = jnp.where(ends > starts, (ends - 1) // bm - starts // bm + 1, 0)
@@ -162,8 +166,7 @@ def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=Non
   N = dout.shape[1]
   G = group_sizes.shape[0]
   bk, bn = _fit(K, cfg.block_k_t, "K"), _fit(N, cfg.block_n_t, "N")
-  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), M)
-  bounds = jnp.stack([jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]]), ends])
+  bounds = jnp.stack(group_bounds(group_sizes, M))
   return pl.pallas_call(
       functools.partial(_tgmm_kernel, bm=cfg.block_m_t), grid=(G, K // bk, N // bn),
       in_specs=[pl.no_block_spec] * 3,
