@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | gla | train [extra overrides...]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | gla | train | profile [extra args...]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
-# Results land in $OUT (json) and on stdout (markdown tables).
+# Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
+# (default 540-560) so that two slices can share one call.
 set -uo pipefail
 export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
 if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
@@ -14,17 +15,21 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 part=${1:-tests}; shift || true
 case "$part" in
   tests)      # every GPU-only test (compiled kernels against the references)
-    timeout 540 python3 -m pytest -q -p no:cacheprovider -k gpu \
-      tests/test_grouped_matmul.py tests/test_simple_gla_pallas.py ;;
+    timeout ${LIMIT:-540} python3 -m pytest -q -p no:cacheprovider -k gpu \
+      tests/test_grouped_matmul.py tests/test_simple_gla_pallas.py tests/test_mla_flash.py ;;
   moe-sweep)  # raw grouped-matmul kernels over tile configurations, flash shape
-    timeout 560 python3 -m benchmarks.moe --sweep --shapes flash --tokens 4096,16384 ;;
+    timeout ${LIMIT:-560} python3 -m benchmarks.moe --sweep --shapes flash --tokens 4096,16384 ;;
   moe)        # the routed-expert layer, both shapes, every token count
-    timeout 560 python3 -m benchmarks.moe --no-mgpu "$@" ;;
+    timeout ${LIMIT:-560} python3 -m benchmarks.moe --no-mgpu "$@" ;;
   gla)        # Lightning attention prefill, default configuration, all four shapes
-    timeout 560 python3 -m benchmarks.simple_gla --default-only --no-decode --no-check --no-fused ;;
+    timeout ${LIMIT:-560} python3 -m benchmarks.simple_gla --default-only --no-decode --no-check --no-fused ;;
   train)      # ling_small at sequence 4096 (experiments/small_pretrain.py defaults)
-    timeout 560 python3 -m experiments.small_pretrain train.steps=30 train.log_every=5 \
+    timeout ${LIMIT:-560} python3 -m experiments.small_pretrain train.steps=30 train.log_every=5 \
       train.checkpoint_every=1000 train.sample_tokens=0 train.unigram_batches=1 \
       train.progress=false train.out_dir=/tmp/small_pretrain "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | gla | train)"; exit 2 ;;
+  profile)    # where a small_pretrain step's device time goes, per source file and op
+    # (command buffers off: a CUDA graph shows in the trace as one op, hiding its kernels)
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+      timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | gla | train | profile)"; exit 2 ;;
 esac

@@ -38,18 +38,24 @@ from pallas_kernels.grouped_matmul import Config
 HBM_BYTES_PER_S = 3.35e12
 SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024, F=576, X=4)}
 TOKENS = [256, 1024, 4096, 16384]
-CONFIGS = [Config(), Config(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-           Config(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4)]
+CONFIGS = [Config(), Config(block_m=64, block_n=256, block_k=64, num_warps=4, num_stages=3),
+           Config(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)]
+
+
+@functools.lru_cache(maxsize=1)
+def weights(E, D, F, seed=0):
+  """Expert weights drawn on the device (numpy float64 draws of 0.8 G values took minutes)."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(k, s, jnp.bfloat16) * D ** -0.5
+               for k, s in zip(keys, ((E, D, F), (E, D, F), (E, F, D))))
 
 
 def case(E, D, F, X, N, seed=0):
   rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(seed + 1), (N, D), jnp.bfloat16)
   idx = jnp.asarray(np.argsort(rng.random((N, E)), axis=1)[:, :X], jnp.int32)  # distinct experts
   w = jnp.asarray(rng.random((N, X)), jnp.float32)
-  ws = tuple(jnp.asarray(rng.standard_normal(s) * D ** -0.5, jnp.bfloat16)
-             for s in ((E, D, F), (E, D, F), (E, F, D)))
-  return x, idx, w, ws
+  return x, idx, w, weights(E, D, F)
 
 
 def fwd_and_fwdbwd(fn):
@@ -123,13 +129,19 @@ def bench(name, E, D, F, X, N, use_mgpu, configs):
   return row
 
 
-SWEEP_GMM = [Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-             for bm, bn, bk, w, st in [(64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 3),
-                                       (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-                                       (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4)]]
-SWEEP_TGMM = [Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, num_warps_t=w, num_stages=st)
-              for bm, bk, bn, w, st in [(64, 64, 128, 4, 3), (64, 128, 128, 8, 3), (32, 128, 128, 8, 3),
-                                        (64, 128, 128, 4, 3), (64, 128, 256, 8, 3), (128, 128, 128, 8, 2)]]
+# Tile sweeps, mostly in the default launch order (a row tile's N-blocks back to back), plus the
+# old visit-major order for the two most likely tiles as a baseline.
+SWEEP_GMM = [Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, n_inner=o)
+             for bm, bn, bk, w, st, o in [
+                 (64, 128, 64, 4, 3, False), (128, 128, 64, 8, 3, False),
+                 (64, 128, 64, 4, 3, True), (64, 128, 64, 4, 4, True), (128, 128, 64, 4, 3, True),
+                 (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True), (128, 256, 64, 8, 3, True),
+                 (64, 256, 64, 4, 3, True), (128, 128, 32, 4, 4, True), (128, 64, 64, 4, 4, True)]]
+SWEEP_TGMM = [Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, num_warps_t=w, num_stages=st, n_inner=o)
+              for bm, bk, bn, w, st, o in [
+                  (64, 64, 128, 4, 3, False), (64, 128, 128, 8, 3, False),
+                  (64, 64, 128, 4, 3, True), (64, 128, 128, 8, 3, True), (32, 128, 128, 8, 3, True),
+                  (64, 128, 128, 4, 3, True), (64, 128, 256, 8, 3, True), (128, 128, 128, 8, 2, True)]]
 
 
 def sweep(name, E, D, F, X, N):
@@ -138,9 +150,10 @@ def sweep(name, E, D, F, X, N):
   rng = np.random.default_rng(0)
   M = N * X
   sizes = jnp.asarray(np.bincount(rng.integers(0, E, M), minlength=E), jnp.int32)
-  x = jnp.asarray(rng.standard_normal((M, D)), jnp.bfloat16)
-  dh = jnp.asarray(rng.standard_normal((M, F)), jnp.bfloat16)
-  w = jnp.asarray(rng.standard_normal((E, D, F)) * D ** -0.5, jnp.bfloat16)
+  kx, kd = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (M, D), jnp.bfloat16)
+  dh = jax.random.normal(kd, (M, F), jnp.bfloat16)
+  w = weights(E, D, F)[0]
   flops = 2 * M * D * F
   rows = []
   for kind, cfgs in (("gmm", SWEEP_GMM), ("gmm_t", SWEEP_GMM), ("tgmm", SWEEP_TGMM)):
@@ -155,6 +168,9 @@ def sweep(name, E, D, F, X, N):
       rows.append(dict(shape=name, tokens=N, kernel=kind, config=repr(tuple(cfg)), seconds=t,
                        tflops=flops / t / 1e12 if isinstance(t, float) else None))
       print("# " + json.dumps(rows[-1]), flush=True)
+      if os.environ.get("OUT"):  # as we go: a call cut short by its time limit keeps its rows
+        with open(os.path.join(os.environ["OUT"], f"moe_sweep_{name}_{N}.json"), "w") as f:
+          json.dump(rows, f, indent=1)
   dense = guarded(time_jax, jax.jit(lambda a, b: a @ b), x, w[0])
   print(f"# dense [{M}, {D}] x [{D}, {F}]: {dense}")
   for kind in ("gmm", "gmm_t", "tgmm"):

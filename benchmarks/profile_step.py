@@ -1,0 +1,176 @@
+"""Where a train step's device time goes: a profiler trace of a few steps, summed per source line.
+
+  python -m benchmarks.profile_step [--experiment small_pretrain] [--steps 3] [key.sub=value ...]
+
+Builds the experiment's model, optimizer and jitted step exactly as `ling_jax.train.run` does,
+warms it up, then traces `--steps` steps with `jax.profiler` (a Perfetto JSON trace: no
+TensorBoard needed). Each device op of the trace is mapped through the compiled HLO's metadata to
+the Python line that produced it, and the table prints device milliseconds per step by file
+(model component) and the heaviest ops with their lines. Also prints wall time per step, tokens/s
+and MFU, so the breakdown and the headline figure come from one run. Raw rows go to
+$OUT/profile_step.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import importlib
+import json
+import os
+import re
+import tempfile
+import time
+
+import jax
+
+from experiments.overrides import apply_overrides
+from ling_jax.data.pipeline import Data
+from ling_jax.train.loop import build_model
+from ling_jax.train.optim import optimizer, schedule
+from ling_jax.train.report import peak_flops
+from ling_jax.train.step import init_state, make_train_step, split_model
+
+_META = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
+_OURS = ("ling_jax", "pallas_kernels", "benchmarks", "experiments")
+
+
+def _tables(hlo_text: str):
+  """The module's FileNames / FileLocations / StackFrames tables (newer XLA keeps source
+  positions there, referenced by each instruction's stack_frame_id)."""
+  tables, cur = collections.defaultdict(dict), None
+  for line in hlo_text.splitlines():
+    if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      cur = line
+    elif not line.strip() or line.startswith(("%", "HloModule", "ENTRY")):
+      cur = None
+    elif cur:
+      key, _, rest = line.partition(" ")
+      tables[cur][int(key)] = rest
+  return tables
+
+
+def hlo_sources(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """instruction name -> ("file:line", op_name): the innermost frame in this project's code."""
+  tab = _tables(hlo_text)
+  files = {k: v.strip('"') for k, v in tab["FileNames"].items()}
+  num = lambda text, key: int(re.search(rf"\b{key}=(\d+)", text).group(1))
+
+  def where(frame: int) -> str:
+    first = None
+    while frame and frame in tab["StackFrames"]:
+      loc = tab["FileLocations"][num(tab["StackFrames"][frame], "file_location_id")]
+      path = os.path.relpath(files[num(loc, "file_name_id")])
+      here = f"{path}:{num(loc, 'line')}"
+      if path.startswith(_OURS):
+        return here
+      first = first or here
+      parent = num(tab["StackFrames"][frame], "parent_frame_id")
+      frame = parent if parent != frame else 0
+    return first or "?:?"
+
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _META.match(line)
+    if not m:
+      continue
+    meta = m.group(2)
+    op = re.search(r'op_name="([^"]*)"', meta)
+    f = re.search(r'source_file="([^"]*)"', meta)
+    if f:  # older XLA: the position inline
+      loc = f"{os.path.relpath(f.group(1))}:{re.search(r'source_line=(\d+)', meta).group(1)}"
+    else:
+      sf = re.search(r"stack_frame_id=(\d+)", meta)
+      loc = where(int(sf.group(1))) if sf else "?:?"
+    out[m.group(1)] = (loc, op.group(1) if op else "")
+  return out
+
+
+def device_ops(trace_dir: str) -> list[tuple[str, str, float]]:
+  """(hlo_op, kernel name, microseconds) of every device op in the newest Perfetto trace."""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu = {p for p, n in procs.items() if "GPU" in n or "gpu" in n}
+  keep = (lambda e: e.get("pid") in gpu) if gpu else (lambda e: True)  # CPU: host threads
+  return [(e["args"]["hlo_op"], e["name"], float(e.get("dur", 0.0))) for e in events
+          if e.get("ph") == "X" and keep(e) and "hlo_op" in e.get("args", {})]
+
+
+def summarise(ops, sources, steps: int, top: int = 30):
+  """Per-step microseconds by (file, pass) and by op; pass is "bwd" for ops of a transpose."""
+  by_file, by_op, names = collections.Counter(), collections.Counter(), {}
+  for hlo_op, kernel, us in ops:
+    where, op_name = sources.get(hlo_op, ("?:?", ""))
+    by_file[where.rsplit(":", 1)[0], "bwd" if "transpose(" in op_name else "fwd"] += us / steps
+    by_op[hlo_op] += us / steps
+    names[hlo_op] = (kernel, where, op_name.rsplit("/", 2)[-2:] if op_name else "")
+  return by_file, by_op, names
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--experiment", default="small_pretrain")
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--top", type=int, default=30)
+  p.add_argument("overrides", nargs="*")
+  a = p.parse_args()
+  exp = apply_overrides(importlib.import_module(f"experiments.{a.experiment}").config(), a.overrides)
+  cfg, t, d = exp.model, exp.train, exp.data
+  mtp_weight = cfg.mtp_loss_scaling_factor if t.mtp and cfg.num_nextn_predict_layers else 0.0
+  graphdef, params, bias = split_model(build_model(exp))
+  tx = optimizer(t)
+  state = init_state(params, bias, tx)
+  step = make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight,
+                         bias_rate=t.bias_update_rate, remat=t.remat, remat_scope=t.remat_scope,
+                         ce_chunk=t.ce_chunk)
+  it = Data(d, cfg.vocab_size).train_iterator()
+  batches = [next(it) for _ in range(a.warmup + a.steps)]
+  t0 = time.perf_counter()
+  sources = hlo_sources(step.lower(state, batches[0]).compile().as_text())
+  print(f"# compile {time.perf_counter() - t0:.1f} s; {len(sources)} HLO ops with metadata")
+  for b in batches[:a.warmup]:
+    state, m = step(state, b)
+  jax.block_until_ready(m)
+  trace_dir = tempfile.mkdtemp(prefix="profile_step_")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    t0 = time.perf_counter()
+    for b in batches[a.warmup:]:
+      state, m = step(state, b)
+    jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / a.steps
+  tokens = d.batch_size * d.seq_len
+  flops = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight > 0) * tokens
+  peak = t.peak_flops or peak_flops()
+  by_file, by_op, names = summarise(device_ops(trace_dir), sources, a.steps, a.top)
+  busy = sum(by_file.values())
+  print(f"# {jax.devices()[0].device_kind}: {d.batch_size} x {d.seq_len} tokens, "
+        f"step {wall * 1e3:.1f} ms (traced), {tokens / wall:,.0f} tok/s, "
+        + (f"MFU {100 * flops / wall / peak:.1f}%, " if peak else "")
+        + f"device busy {busy / 1e3:.1f} ms/step")
+  files = collections.Counter()
+  for (f, _), us in by_file.items():
+    files[f] += us
+  print("\n| file | fwd ms / step | bwd ms / step | share |\n|---|---|---|---|")
+  for f, us in files.most_common():
+    print(f"| {f} | {by_file[f, 'fwd'] / 1e3:.2f} | {by_file[f, 'bwd'] / 1e3:.2f} | "
+          f"{100 * us / busy:.1f}% |")
+  print("\n| op | kernel | line | ms / step | share |\n|---|---|---|---|---|")
+  for op, us in by_op.most_common(a.top):
+    kernel, where, _ = names[op]
+    print(f"| {op} | {kernel[:40]} | {where} | {us / 1e3:.3f} | {100 * us / busy:.1f}% |")
+  if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], "profile_step.json"), "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, step_s=wall, tokens=tokens, flops=flops,
+                     by_file={f"{f} {p}": us for (f, p), us in by_file.items()}, ops={o: [us, *names[o][:2]] for o, us in by_op.items()}),
+                f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
