@@ -16,6 +16,8 @@ Expert dispatch is behind `impl`:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -104,28 +106,69 @@ def experts_sorted(x, idx, w, wg, wu, wd, *, block_size: int = 64, blocks_per_st
   return jnp.einsum("nx,nxd->nd", w, y)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch(x, order, inverse, top_k: int):
+  """x [N, D] -> [N X, D]: row r is token order[r] // X. The backward sums each token's X
+  copies by gathering them back through `inverse` (a scatter-add in XLA's own transpose)."""
+  return x[order // top_k]
+
+
+def _dispatch_fwd(x, order, inverse, top_k):
+  return _dispatch(x, order, inverse, top_k), (order, inverse)
+
+
+def _dispatch_bwd(top_k, res, dxs):
+  order, inverse = res
+  N = inverse.shape[0] // top_k
+  dx = dxs[inverse].reshape(N, top_k, -1).astype(jnp.float32).sum(1).astype(dxs.dtype)
+  return dx, None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def _permute(ys, perm, inverse_perm):
+  """ys[perm] for a permutation, whose backward is the gather ys_bar[inverse_perm] (XLA's own
+  transpose of a gather is a scatter-add, which cannot know the indices are distinct)."""
+  return ys[perm]
+
+
+def _permute_fwd(ys, perm, inverse_perm):
+  return ys[perm], (perm, inverse_perm)
+
+
+def _permute_bwd(res, dy):
+  perm, inverse_perm = res
+  return dy[inverse_perm], None, None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
 def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, matmul=None):
   """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
 
   Assignments are sorted by expert (a stable argsort of N X ids), token rows gathered into that
   order ([N X, D], never [N, E, D]), three grouped matmuls run over the ragged expert groups, and
   the rows are gathered back through the inverse permutation and combined with the routing
-  weights. `matmul(lhs, rhs, group_sizes)` replaces the Pallas grouped matmul (benchmarks).
+  weights. Both row movements are gathers in the backward pass too (`_dispatch`, `_permute`).
+  `matmul(lhs, rhs, group_sizes)` replaces the Pallas grouped matmul (benchmarks).
   """
   N, D = x.shape
   E, X = wg.shape[0], idx.shape[1]
   A = N * X
   flat_e = idx.reshape(A)
-  order = jnp.argsort(flat_e, stable=True)
+  order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(A, dtype=order.dtype))  # no 2nd sort
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   if matmul is None:
     impl = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
     matmul = lambda a, b, s: grouped_matmul(a, b, s, impl=impl, config=config)
-  xs = x[order // X]  # [N X, D], row r serves token order[r] // X
+  xs = _dispatch(x, order, inverse, X)  # [N X, D], row r serves token order[r] // X
   h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
   ys = matmul(h.astype(x.dtype), wd, sizes)  # [N X, D]
-  y = ys[inverse].reshape(N, X, D).astype(jnp.float32)
+  y = _permute(ys, inverse, order).reshape(N, X, D).astype(jnp.float32)
   return jnp.einsum("nx,nxd->nd", w, y)
 
 
