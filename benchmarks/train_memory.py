@@ -44,7 +44,8 @@ def abstract_step(cfg, t: TrainConfig, batch: int, seq: int, *, mtp: bool = True
   """(jitted train step, abstract state, abstract batch) for `cfg` under `t`."""
   def make():
     return LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(t.compute_dtype),
-                           param_dtype=jnp.float32, moe_impl=t.moe_impl, gla_impl=t.gla_impl)
+                           param_dtype=jnp.float32, moe_impl=t.moe_impl, gla_impl=t.gla_impl,
+                           attn_impl=t.attn_impl)
 
   graphdef, params, bias = split_model(nnx.eval_shape(make))
   tx = optimizer(t)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from ling_jax.model.mla import _flash
 from pallas_kernels.grouped_matmul import Config, gmm_pallas, tgmm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
@@ -67,6 +68,13 @@ CASES = {
         lambda q, k, v, g, seg: jax.vjp(
             lambda q, k, v: simple_gla_pallas(q, k, v, g, segment_ids=seg)[0], q, k, v)[1](q),
         (S((1, 1000, 4, 64), jnp.bfloat16),) * 3 + (S((4,), jnp.float32), S((1, 1000), jnp.int32)),
+        3),
+    "mla_flash_fwd_bwd_packed": (  # jax's Pallas flash attention at MLA's head dims (96 / 64)
+        lambda qn, qp, kn, kp, v, seg: jax.vjp(
+            lambda *a: _flash(*a, seg, 0.1), qn, qp, kn, kp, v)[1](v),
+        (S((1, 256, 2, 64), jnp.bfloat16), S((1, 256, 2, 32), jnp.bfloat16),
+         S((1, 256, 2, 64), jnp.bfloat16), S((1, 256, 32), jnp.bfloat16),
+         S((1, 256, 2, 64), jnp.bfloat16), S((1, 256), jnp.int32)),
         3),
     "simple_gla_decode": (
         lambda q, k, v, g, s: simple_gla_step_pallas(q, k, v, g, s),

@@ -57,7 +57,8 @@ class DecoderLayer(nnx.Module):
 
 
 def make_layer(cfg: LingConfig, mixer: str, mlp: str, *, rngs: nnx.Rngs, dtype, param_dtype,
-               moe_impl: str = "auto", gla_impl: str = "auto") -> DecoderLayer:
+               moe_impl: str = "auto", gla_impl: str = "auto",
+               attn_impl: str = "auto") -> DecoderLayer:
   """Build one decoder layer of the given kinds from the config (the only place that reads it)."""
   common = dict(dtype=dtype, param_dtype=param_dtype)
   D, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -72,7 +73,8 @@ def make_layer(cfg: LingConfig, mixer: str, mlp: str, *, rngs: nnx.Rngs, dtype, 
         hidden=D, heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank,
         kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, eps=eps, rngs=rngs, **common)
+        rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, eps=eps, rngs=rngs,
+        impl=attn_impl, **common)
   if mlp == "dense":
     ffn = SwiGLU(D, cfg.intermediate_size, rngs=rngs, **common)
   else:

@@ -45,13 +45,14 @@ class LingForCausalLM(nnx.Module):
   """Ling-2.6 (BailingMoeV2_5ForCausalLM). `model(tokens [B, T] int32) -> logits [B, T, vocab]`."""
 
   def __init__(self, config: LingConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, moe_impl: str = "auto", gla_impl: str = "auto"):
+               param_dtype=jnp.float32, moe_impl: str = "auto", gla_impl: str = "auto",
+               attn_impl: str = "auto"):
     cfg = self.config = config
     self.dtype = dtype
     D, V, G = cfg.hidden_size, cfg.vocab_size, cfg.layer_group_size
     types, mlps = cfg.layer_types(), cfg.mlp_types()
     build = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl,
-                 gla_impl=gla_impl)
+                 gla_impl=gla_impl, attn_impl=attn_impl)
 
     def layers(start: int, stop: int):
       return [make_layer(cfg, types[i], mlps[i], **build) for i in range(start, stop)]

@@ -2,7 +2,14 @@
 
 Two mathematically identical forms:
 * plain (training / prefill without a cache): expand the latent c_kv through kv_b_proj into
-  per-head k_nope and v, then causal softmax attention over [k_nope | k_pe];
+  per-head k_nope and v, then causal softmax attention over [k_nope | k_pe]. `impl` picks how:
+  "xla" materialises the fp32 [B, H, T, S] scores (the reference); "flash" runs jax's Pallas
+  flash-attention kernel (jax.experimental.pallas.ops.gpu.attention: online softmax, segment
+  ids, a fused Triton backward) with v zero-padded to the q/k head dim, which it needs;
+  "flash_interpret" is the same in interpret mode (CPU tests); "auto" is "flash" on GPU when the
+  sequence length is a multiple of the kernel's 128-row blocks, else "xla". The kernel masks by
+  index (i >= j) within a segment, which equals the position mask because positions increase
+  along each packed document;
 * absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs on the
   576-value latent cache [c_kv (normed) 512 | k_pe (roped) 64] per token (spec 3.5, 5).
 """
@@ -18,6 +25,8 @@ from ling_jax.model import rope
 from ling_jax.model.common import RMSNorm, param
 
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays finite instead of NaN
+IMPLS = ("auto", "xla", "flash", "flash_interpret")
+_FLASH_BLOCK = 128  # the kernel's default forward block (rows of q and of k)
 
 
 class MultiLatentAttention(nnx.Module):
@@ -26,7 +35,10 @@ class MultiLatentAttention(nnx.Module):
   def __init__(self, *, hidden: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int,
                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope_theta: float,
                rope_scaling, eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, impl: str = "auto"):
+    if impl not in IMPLS:
+      raise ValueError(f"unknown MLA impl {impl!r}; choose one of {IMPLS}")
+    self.impl = impl
     self.heads, self.kv_lora_rank = heads, kv_lora_rank
     self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
     self.rope_theta, self.rope_scaling, self.dtype = rope_theta, rope_scaling, dtype
@@ -87,9 +99,18 @@ class MultiLatentAttention(nnx.Module):
     y = jnp.einsum("bthv,hvd->btd", o, self._w(self.dense))
     return y, cache
 
+  def _plain_impl(self, T: int) -> str:
+    if self.impl != "auto":
+      return self.impl
+    return "flash" if jax.default_backend() == "gpu" and T % _FLASH_BLOCK == 0 else "xla"
+
   def _attend_plain(self, q_nope, q_pe, c_kv, k_pe, positions, segment_ids):
     kv = jnp.einsum("btl,lhk->bthk", c_kv, self._w(self.kv_b_proj))  # [B, T, H, K + V]
     k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
+    impl = self._plain_impl(q_nope.shape[1])
+    if impl != "xla":
+      return _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, self.scale,
+                    interpret=impl == "flash_interpret")
     scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
     mask = positions[:, :, None] >= positions[:, None, :]  # [B, T, S]
@@ -112,6 +133,32 @@ class MultiLatentAttention(nnx.Module):
     p = _masked_softmax(scores * self.scale, mask[:, None])
     o_lat = jnp.einsum("bhts,bsl->bthl", p.astype(c_kv.dtype), c_kv)
     return jnp.einsum("bthl,lhv->bthv", o_lat, w_uv)
+
+
+def _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, interpret: bool = False):
+  """Causal (per segment) flash attention over [nope | rope] keys; [B, T, H, V] out."""
+  import warnings
+
+  with warnings.catch_warnings():  # the module is deprecated in favour of tokamax (not on PyPI here)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas.ops.gpu import attention
+
+  H, V = q_nope.shape[2], v.shape[-1]
+  q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [B, T, H, K + R]
+  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], H, k_pe.shape[-1]))
+                       .astype(k_nope.dtype)], axis=-1)
+  v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - V)))  # the kernel wants one head dim
+  T = q.shape[1]
+  b = min(_FLASH_BLOCK, T)
+  if T % b or b & (b - 1):
+    raise ValueError(f"flash MLA needs a sequence length that is a multiple of {_FLASH_BLOCK} or "
+                     f"a power of two below it, got {T}; use impl='xla' (or 'auto')")
+  blocks = attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=min(32, T), block_kv_dkv=min(32, T),
+                                block_q_dq=min(32, T), block_kv_dq=min(32, T))
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  o = attention.mha(q, k, v.astype(q.dtype), seg, sm_scale=scale, causal=True, block_sizes=blocks,
+                    interpret=interpret)
+  return o[..., :V]
 
 
 def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -11,6 +11,8 @@ import dataclasses
 from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import DataConfig
 from ling_jax.model.common import REMAT, REMAT_SCOPES
+from ling_jax.model.mla import IMPLS as MLA_IMPLS
+from ling_jax.model.moe import IMPLS as MOE_IMPLS
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = tuple(REMAT)
@@ -35,6 +37,7 @@ class TrainConfig:
   compute_dtype: str = "bfloat16"
   moe_impl: str = "auto"
   gla_impl: str = "chunked"
+  attn_impl: str = "auto"          # MLA: "auto" (flash kernel on GPU), "xla", "flash"
   # Activation memory: jax.checkpoint each decoder layer ("layer") or hybrid group / scan body
   # ("group") with policy `remat` (one of REMAT_POLICIES), and the head + cross-entropy in chunks
   # of ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
@@ -66,6 +69,9 @@ class TrainConfig:
       errors.append(f"remat={self.remat!r} not in {REMAT_POLICIES}")
     if self.remat_scope not in REMAT_SCOPES:
       errors.append(f"remat_scope={self.remat_scope!r} not in {REMAT_SCOPES}")
+    for name, allowed in (("moe_impl", MOE_IMPLS), ("attn_impl", MLA_IMPLS)):
+      if getattr(self, name) not in allowed:
+        errors.append(f"{name}={getattr(self, name)!r} not in {allowed}")
     if self.ce_chunk < 0:
       errors.append(f"ce_chunk={self.ce_chunk} must be >= 0")
     if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:

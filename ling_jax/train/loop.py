@@ -35,7 +35,8 @@ def build_model(exp: Experiment) -> LingForCausalLM:
 
   def make():
     return LingForCausalLM(exp.model, rngs=nnx.Rngs(t.seed), dtype=jnp.dtype(t.compute_dtype),
-                           param_dtype=jnp.float32, moe_impl=t.moe_impl, gla_impl=t.gla_impl)
+                           param_dtype=jnp.float32, moe_impl=t.moe_impl, gla_impl=t.gla_impl,
+                           attn_impl=t.attn_impl)
 
   graphdef = nnx.graphdef(nnx.eval_shape(make))
   # The init program runs once: on CPU, LLVM's optimisation costs more than it saves.
