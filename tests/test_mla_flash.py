@@ -36,9 +36,10 @@ def packed(rng, B, T):
   return jnp.asarray(seg), jnp.asarray(pos)
 
 
-def inputs(rng, B, T, H, dtype):
+def inputs(rng, B, T, H, dtype, dims=(K, R, V)):
+  k, r, v = dims
   f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
-  return f(B, T, H, K), f(B, T, H, R), f(B, T, H, K), f(B, T, R), f(B, T, H, V)
+  return f(B, T, H, k), f(B, T, H, r), f(B, T, H, k), f(B, T, r), f(B, T, H, v)
 
 
 def np_attention(qn, qp, kn, kp, v, seg, pos, scale):
@@ -96,17 +97,24 @@ def test_auto_and_bad_input():
   attn = next(m for _, m in nnx.iter_graph(model) if isinstance(m, mla.MultiLatentAttention))
   assert attn._plain_impl(4096) == ("flash" if ON_GPU else "xla")
   assert attn._plain_impl(100) == "xla"
+  wide = random_model(ling_tiny(qk_nope_head_dim=128, qk_rope_head_dim=64), attn_impl="auto")
+  attn = next(m for _, m in nnx.iter_graph(wide) if isinstance(m, mla.MultiLatentAttention))
+  assert attn._plain_impl(4096) == ("flash" if ON_GPU else "xla")  # 192: smaller blocks
   with pytest.raises(ValueError, match="unknown MLA impl"):
     random_model(ling_tiny(), attn_impl="cudnn")
+  with pytest.raises(ValueError, match="head dims up to 256"):
+    mla._flash(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32, (200, 64, 64)), None, 0.2,
+               interpret=True)
   with pytest.raises(ValueError, match="multiple of 128"):
     mla._flash(*inputs(np.random.default_rng(3), 1, 48, 2, jnp.float32), None, 0.2, interpret=True)
 
 
 @gpu
-def test_gpu_flash_matches_xla_bf16_with_grads():
+@pytest.mark.parametrize("dims", [(64, 32, 64), (128, 64, 128)])  # ling_small, Ling-2.6-flash
+def test_gpu_flash_matches_xla_bf16_with_grads(dims):
   rng = np.random.default_rng(4)
   seg, pos = packed(rng, 2, 1024)
-  args = inputs(rng, 2, 1024, 4, jnp.bfloat16)
+  args = inputs(rng, 2, 1024, 4, jnp.bfloat16, dims)
   loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
   f_xla = lambda *a: xla_attention(*a, seg, pos, 0.2)
   f_flash = lambda *a: mla._flash(*a, seg, 0.2)

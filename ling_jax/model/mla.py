@@ -7,7 +7,7 @@ Two mathematically identical forms:
   flash-attention kernel (jax.experimental.pallas.ops.gpu.attention: online softmax, segment
   ids, a fused Triton backward) with v zero-padded to the q/k head dim, which it needs;
   "flash_interpret" is the same in interpret mode (CPU tests); "auto" is "flash" on GPU when the
-  sequence length is a multiple of the kernel's 128-row blocks, else "xla". The kernel masks by
+  sequence length is a multiple of 128 and the q/k head dim at most 256, else "xla". The kernel masks by
   index (i >= j) within a segment, which equals the position mask because positions increase
   along each packed document;
 * absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs on the
@@ -102,7 +102,8 @@ class MultiLatentAttention(nnx.Module):
   def _plain_impl(self, T: int) -> str:
     if self.impl != "auto":
       return self.impl
-    return "flash" if jax.default_backend() == "gpu" and T % _FLASH_BLOCK == 0 else "xla"
+    fits = self.nope + self.rope_dim <= FLASH_MAX_HEAD_DIM and self.v_dim <= FLASH_MAX_HEAD_DIM
+    return "flash" if jax.default_backend() == "gpu" and T % _FLASH_BLOCK == 0 and fits else "xla"
 
   def _attend_plain(self, q_nope, q_pe, c_kv, k_pe, positions, segment_ids):
     kv = jnp.einsum("btl,lhk->bthk", c_kv, self._w(self.kv_b_proj))  # [B, T, H, K + V]
@@ -135,8 +136,21 @@ class MultiLatentAttention(nnx.Module):
     return jnp.einsum("bthl,lhv->bthv", o_lat, w_uv)
 
 
-def _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, interpret: bool = False):
-  """Causal (per segment) flash attention over [nope | rope] keys; [B, T, H, V] out."""
+# Block sizes by the kernel's padded head dim (benchmarks/mla_attention.py, H100). Up to 128
+# (ling_small: 64 + 32): forward 128 x 128 (jax's default), backward 64 x 64, fwd+bwd 3.9 ms
+# against 7.2 ms for jax's 32 x 32. At 256 (Ling-2.6-flash: 128 + 64) 128-row blocks need
+# 320 KiB of shared memory, more than an H100 has: forward 64 x 64, backward 32 x 32.
+FLASH_BLOCKS = {128: dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
+                          block_q_dq=64, block_kv_dq=64),
+                256: dict(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
+                          block_q_dq=32, block_kv_dq=32)}
+FLASH_MAX_HEAD_DIM = 256
+
+
+def _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, interpret: bool = False,
+           blocks: dict | None = None):
+  """Causal (per segment) flash attention over [nope | rope] keys; [B, T, H, V] out.
+  `blocks` overrides the FLASH_BLOCKS entries for this head dim (benchmarks)."""
   import warnings
 
   with warnings.catch_warnings():  # the module is deprecated in favour of tokamax (not on PyPI here)
@@ -150,13 +164,19 @@ def _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, interpre
   v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - V)))  # the kernel wants one head dim
   T = q.shape[1]
   b = min(_FLASH_BLOCK, T)
-  if T % b or b & (b - 1):
+  if T % b or b & (b - 1):  # (smaller rows get one power-of-two block)
     raise ValueError(f"flash MLA needs a sequence length that is a multiple of {_FLASH_BLOCK} or "
                      f"a power of two below it, got {T}; use impl='xla' (or 'auto')")
-  blocks = attention.BlockSizes(block_q=b, block_k=b, block_q_dkv=min(32, T), block_kv_dkv=min(32, T),
-                                block_q_dq=min(32, T), block_kv_dq=min(32, T))
+  padded = max(64, 1 << (q.shape[-1] - 1).bit_length())
+  if padded > FLASH_MAX_HEAD_DIM:
+    raise ValueError(f"flash MLA supports q/k head dims up to {FLASH_MAX_HEAD_DIM}, got {q.shape[-1]}")
+  base = FLASH_BLOCKS[max(128, padded)]
+  sizes = {name: min(n, T) for name, n in {**base, **(blocks or {})}.items()}
+  if T % sizes["block_q"] or T % sizes["block_k"]:
+    raise ValueError(f"flash MLA blocks {sizes} must divide the sequence length {T}")
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-  o = attention.mha(q, k, v.astype(q.dtype), seg, sm_scale=scale, causal=True, block_sizes=blocks,
+  o = attention.mha(q, k, v.astype(q.dtype), seg, sm_scale=scale, causal=True,
+                    block_sizes=attention.BlockSizes(**sizes),
                     interpret=interpret)
   return o[..., :V]
 

@@ -1,0 +1,83 @@
+"""MLA's causal attention at training shapes: the materialised XLA path against the flash kernel.
+
+  python -m benchmarks.mla_attention [--shapes small,flash]
+
+bf16, packed rows (4 documents per row, segment ids), forward and forward+backward (grads of
+q, k, v). "xla" is `_attend_plain`'s fp32 [B, H, T, S] scores path; "flash" is jax's Pallas
+flash-attention kernel as `mla._flash` calls it, under a few block sizes (the first is
+`mla.FLASH_BLOCKS`; jax's own default backward blocks are 32 x 32). Prints a markdown table; rows go to $OUT/mla_attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import guarded, time_jax
+from ling_jax.model import mla
+
+SHAPES = {"small": dict(B=8, T=4096, H=8, K=64, R=32, V=64),    # ling_small
+          "flash": dict(B=1, T=8192, H=32, K=128, R=64, V=128)}  # Ling-2.6-flash's MLA
+BWD_BLOCKS = [dict(), dict(block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32),
+              dict(block_q_dkv=32, block_kv_dkv=64, block_q_dq=64, block_kv_dq=32),
+              dict(block_q_dkv=64, block_kv_dkv=128, block_q_dq=128, block_kv_dq=64)]
+
+
+def xla_attention(qn, qp, kn, kp, v, seg, pos, scale):
+  s = (jnp.einsum("bthk,bshk->bhts", qn, kn, preferred_element_type=jnp.float32)
+       + jnp.einsum("bthr,bsr->bhts", qp, kp, preferred_element_type=jnp.float32))
+  mask = (pos[:, :, None] >= pos[:, None, :]) & (seg[:, :, None] == seg[:, None, :])
+  p = mla._masked_softmax(s * scale, mask[:, None])
+  return jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), v)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--shapes", default="small,flash")
+  ap.add_argument("--blocks", default=None,
+                  help="JSON list of block-size overrides to time instead of BWD_BLOCKS")
+  a = ap.parse_args()
+  if a.blocks:
+    BWD_BLOCKS[:] = json.loads(a.blocks)
+  rows = []
+  for name in a.shapes.split(","):
+    B, T, H, K, R, V = (SHAPES[name][k] for k in "BTHKRV")
+    keys = jax.random.split(jax.random.key(0), 5)
+    shapes = ((B, T, H, K), (B, T, H, R), (B, T, H, K), (B, T, R), (B, T, H, V))
+    args = tuple(jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(keys, shapes))
+    seg = jnp.asarray(np.repeat(np.arange(4), T // 4)[None].repeat(B, 0) + 1, jnp.int32)
+    pos = jnp.asarray(np.tile(np.arange(T // 4), 4)[None].repeat(B, 0), jnp.int32)
+    scale = (K + R) ** -0.5
+    fns = {"xla": lambda *x: xla_attention(*x, seg, pos, scale)}
+    for i, blk in enumerate(BWD_BLOCKS):
+      fns[f"flash{i}"] = lambda *x, blk=blk: mla._flash(*x, seg, scale, blocks=blk)
+    causal_flops = 2 * B * H * T * T * (K + R + V)  # QK^T and PV over the causal half
+    for impl, f in fns.items():
+      fwd = guarded(time_jax, jax.jit(f), *args)
+      loss = lambda *x, f=f: jnp.sum(f(*x).astype(jnp.float32) ** 2)
+      fb = guarded(time_jax, jax.jit(jax.grad(loss, argnums=range(5))), *args)
+      base = mla.FLASH_BLOCKS[max(128, 1 << (K + R - 1).bit_length())]
+      rows.append(dict(shape=name, impl=impl, blocks={**base, **BWD_BLOCKS[int(impl[5:])]}
+                       if impl != "xla" else None, fwd_s=fwd, fwdbwd_s=fb, causal_flops=causal_flops))
+      print("# " + json.dumps(rows[-1]), flush=True)
+      if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "mla_attention.json"), "w") as fh:
+          json.dump(rows, fh, indent=1)
+  ms = lambda t: f"{t * 1e3:.3f}" if isinstance(t, float) else ("err" if t else "-")
+  print("| shape | impl | blocks (q, k; q_dkv, kv_dkv, q_dq, kv_dq) | fwd ms | fwd+bwd ms | f+b TFLOP/s |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    b = r["blocks"]
+    bb = "-" if b is None else (f"{b['block_q']}, {b['block_k']}; {b['block_q_dkv']}, {b['block_kv_dkv']}, "
+                                f"{b['block_q_dq']}, {b['block_kv_dq']}")
+    tf = f"{3.5 * r['causal_flops'] / r['fwdbwd_s'] / 1e12:.0f}" if isinstance(r["fwdbwd_s"], float) else "-"
+    print(f"| {r['shape']} | {r['impl'][:5]} | {bb} | {ms(r['fwd_s'])} | {ms(r['fwdbwd_s'])} | {tf} |")
+
+
+if __name__ == "__main__":
+  main()
