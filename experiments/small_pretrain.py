@@ -10,8 +10,10 @@ batch 8 (20 GiB at batch 4), against 109-115 GiB without remat, which ran out of
 67 at batch 8); `train.remat=none` needs batch 1 or shorter rows.
 
 bf16 matmuls over fp32 master weights (router in fp32); on the GPU the MoE runs the grouped-
-matmul kernels and Lightning attention the Pallas kernels (`moe_impl` / `gla_impl` "auto"; the
-memory estimates above used the CPU paths, sorted experts and the chunked reference). The default data is the synthetic packed
+matmul kernels, Lightning attention the Pallas kernels and MLA flash attention (`moe_impl` /
+`gla_impl` / `attn_impl` "auto"; the memory estimates above used the CPU paths, sorted experts,
+the chunked reference and materialised scores). On an H100: 137k tokens/s, 23% MFU
+(BENCHMARKS.md). The default data is the synthetic packed
 stream, which needs neither grain nor files (the GPU image has no grain); where grain is
 installed, `data.source=stdlib` (bytes) or a JSONL/ArrayRecord corpus with
 `data.tokenizer=tokenizer.json` trains on text instead.
@@ -30,7 +32,7 @@ def config() -> Experiment:
       model=ling_small(),
       data=DataConfig(source="synthetic", seq_len=4096, batch_size=8, eval_batches=4),
       train=TrainConfig(steps=300, learning_rate=1e-3, warmup_steps=50, compute_dtype="bfloat16",
-                        moe_impl="auto", gla_impl="auto", remat="dots_no_scores",
+                        moe_impl="auto", gla_impl="auto", attn_impl="auto", remat="dots_no_scores",
                         remat_scope="layer", ce_chunk=4096,
                         out_dir="runs/small_pretrain", checkpoint_every=100, keep_checkpoints=2,
                         log_every=10, sample_tokens=32, unigram_batches=8),
