@@ -12,10 +12,13 @@ memory (the converter's own VmHWM, read in the child). Peak memory should not de
 count: the converter holds only the blocks in flight.
 
 Where the time goes on a small machine: the checkpoint is as big as the source, so end to end the
-conversion cannot beat the disk's write bandwidth; `--dest /dev/shm/x --no-fsync` puts the
-checkpoint in RAM to time the pipeline itself (read, transpose, tensorstore write). `--export`
-also times the way back and checks a sample of tensors bit for bit. `--drop-caches` (root) makes
-the converter read the source from disk rather than from the page cache the generator filled.
+conversion cannot beat the disk's write bandwidth (`dd ... oflag=direct` measures it; a buffered
+`dd` on this VM mostly measures the first touch of fresh page-cache pages). `--dest /dev/shm/x
+--no-fsync` puts the checkpoint in RAM; on this VM that is no faster than the disk, because tmpfs
+pages cannot be recycled the way the converter recycles the page cache of a real disk
+(`ling_jax.convert.pagecache`). `--export` also times the way back and checks a sample of tensors
+bit for bit. `--drop-caches` (root) makes the converter read the source from disk rather than from
+the page cache the generator filled.
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ class _Synthetic:
 def write_synthetic(folder: str, layers: int) -> int:
   """The release layout (shards of <= 4 GiB in checkpoint order, index, config.json); bytes."""
   from ling_jax.convert.importer import state_layout
-  from ling_jax.convert.source import hf_shape
 
   cfg = flash_config(layers)
   maps, variables = state_layout(cfg, ml_dtypes.bfloat16)
@@ -74,7 +76,7 @@ def write_synthetic(folder: str, layers: int) -> int:
   os.makedirs(folder, exist_ok=True)
   shards, cur, size = [], {}, 0
   for k, m in enumerate(maps):
-    shape = hf_shape(m, variables[m.path][0][len(m.index):])
+    shape = m.hf_shape(variables[m.path][0][len(m.index):])
     nbytes = int(np.prod(shape)) * 2
     if cur and size + nbytes > SHARD_BYTES:
       shards.append(cur)

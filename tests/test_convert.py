@@ -6,6 +6,7 @@ run with tiny block, chunk and in-flight budgets so that every tensor crosses se
 """
 
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from ling_jax.convert import store
 from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.hf_io import CheckpointError
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
+from ling_jax.io.safetensors_writer import SafetensorsWriter
 
 SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
 # Layers 0-1 a prefix group, 2-5 two scanned groups (stacked axis of 2), 6 the MLA tail; MTP.
@@ -317,6 +319,41 @@ def test_interrupted_import_leaves_nothing_that_looks_complete(hf, tmp_path, mon
   with pytest.raises(FileExistsError):
     import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL)
   import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL, overwrite=True)
+
+
+def test_interrupted_export_leaves_nothing_that_looks_complete(hf, tmp_path, monkeypatch):
+  import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL)
+  export = functools.partial(export_hf, tmp_path / "ckpt", tmp_path / "out", progress=False,
+                             block_bytes=2048, max_shard_bytes=200_000)
+  count, write = itertools.count(), SafetensorsWriter.write  # next(count) is atomic
+
+  def failing(self, name, offset, data):
+    if next(count) == 30:
+      raise OSError("No space left on device")
+    return write(self, name, offset, data)
+
+  monkeypatch.setattr(SafetensorsWriter, "write", failing)
+  with pytest.raises(ConversionError, match="No space left") as e:
+    export()
+  assert ".safetensors: tensor '" in str(e.value)
+  assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+  # A piece that silently never reaches the file is caught before the folder is published.
+  count, lost = itertools.count(), []
+  def lossy(self, name, offset, data):
+    if next(count) == 30:
+      lost.append(name)
+      return None
+    return write(self, name, offset, data)
+
+  monkeypatch.setattr(SafetensorsWriter, "write", lossy)
+  with pytest.raises(SafetensorsError, match="were never written") as e:
+    export()
+  assert repr(lost[0]) in str(e.value)
+  assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+  monkeypatch.undo()
+  export()
+  assert_bit_exact(read_folder(tmp_path / "out"), read_folder(hf))
 
 
 class _done:

@@ -14,7 +14,8 @@ model size; the checkpoint format is in `store.py`.
 """
 
 from ling_jax.convert.exporter import export_hf
-from ling_jax.convert.importer import ConversionError, import_hf
+from ling_jax.convert.importer import import_hf
+from ling_jax.convert.pipeline import ConversionError
 from ling_jax.convert.progress import Summary
 from ling_jax.convert.restore import load, save
 from ling_jax.convert.store import CheckpointFormatError

@@ -3,15 +3,16 @@
 Host memory is bounded by the bytes in flight, not by the model: each checkpoint tensor is read
 from its memory-mapped shard in row blocks of at most `block_bytes`, dequantised / cast /
 transposed into the model layout, and written straight into its slice of the stacked variable
-(`experts[e]`, `groups.layers[j][g]`) through tensorstore, with at most `inflight_bytes` queued.
+(`experts[e]`, `groups.layers[j][g]`) through tensorstore, with at most `inflight_bytes` queued
+(`pipeline.Pipeline`, whose recycled buffers the blocks are read and transposed into). The written
+checkpoint is dropped from the page cache as it reaches the disk (`pagecache`): nothing reads it
+back, and on a VM fresh page-cache pages cost more than the copy into them.
 Nothing is written before the whole folder has been validated (`HFSource.open`); the checkpoint is
 built in `CKPT_DIR.partial`, checked chunk by chunk, and only then renamed into place.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import os
 import shutil
 import time
@@ -26,14 +27,12 @@ from ling_jax.hf_io import CheckpointError, abstract_model, check_coverage, para
 from ling_jax.io.safetensors import dtype_code
 from ling_jax.weights import TensorMap, all_maps
 from ling_jax.convert import store
+from ling_jax.convert.pagecache import PageCacheRecycler
+from ling_jax.convert.pipeline import ConversionError, Pipeline  # noqa: F401 (re-exported)
 from ling_jax.convert.progress import Progress, Summary
 from ling_jax.convert.source import HFSource, SourceTensor, read_config
 
 MiB = 2**20
-
-
-class ConversionError(RuntimeError):
-  """A failure while converting one tensor; the message names the file and the tensor."""
 
 
 def state_layout(cfg: LingConfig, dtype) -> tuple[list[TensorMap], dict]:
@@ -60,8 +59,8 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=jnp.
   """Convert the HF folder `hf_dir` into the checkpoint `ckpt_dir` with parameters in `dtype`.
 
   The router weight and expert bias stay fp32 (spec 4.3); FP8 weights are dequantised (spec 4.4).
-  Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: all
-  cores but one, which tensorstore's writer threads use), at most `inflight_bytes` of them queued;
+  Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: one per
+  core, at most 8), at most `inflight_bytes` of them queued;
   checkpoint chunks are at most `chunk_bytes`. `verify_data` reads every written block back and
   compares it before committing; `durable` fsyncs the checkpoint before the rename that publishes
   it.
@@ -76,17 +75,20 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=jnp.
   partial = store.start_partial(ckpt_dir, overwrite)
   bar = Progress(f"import {os.path.basename(hf_dir)}", src.nbytes, len(src.tensors), progress)
   pipe = None
+  recycler = PageCacheRecycler(partial)  # the checkpoint is not read back: keep it uncached
   try:
     writer = store.StateWriter(os.path.join(partial, store.STATE), variables,
                                chunk_bytes=chunk_bytes)
     if workers is None:
-      workers = min(8, max(1, (os.cpu_count() or 2) - 1))
-    pipe = _Pipeline(writer, workers, inflight_bytes, bar)
+      workers = min(8, os.cpu_count() or 2)
+    pipe = Pipeline(workers, inflight_bytes, bar)
     for t in src.tensors:
       where = f"{os.path.join(src.folder, t.file)}: tensor {t.map.name!r}"
-      for region, view, compute in _model_blocks(src, t, variables, writer.chunks, block_bytes):
-        pipe.submit(t.map.path, region, compute, view, where)
-      pipe.submit_done(where)
+      for region, block in _model_blocks(src, t, variables, writer.chunks, block_bytes):
+        def job(*buffers, path=t.map.path, region=region, block=block):
+          return writer.write(path, region, block.compute(*buffers))  # done when committed
+        pipe.submit(job, block.view.nbytes, block.buffer_bytes, where)
+      pipe.tensor_done(where)
     pipe.close()
     writer.finish()
     if verify_data:
@@ -107,84 +109,30 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=jnp.
     shutil.rmtree(partial, ignore_errors=True)
     raise
   finally:
+    recycler.close()
     src.close()
   return bar.summary("import", sync)
 
 
 def _model_blocks(src: HFSource, t: SourceTensor, variables, chunks, block_bytes):
-  """(region of the variable, file view, compute) for each block of one tensor."""
+  """(region of the variable, `Block`) for each block of one tensor."""
   m = t.map
   shape, vdtype, lead = variables[m.path]
   slice_shape = shape[lead:]
   axis = src.block_axis(t)
   itemsize = max(vdtype.itemsize, 4 if t.scale else t.dtype.itemsize)
   rows = block_rows(slice_shape, axis, chunks[m.path][lead + axis], itemsize, block_bytes)
-  for o0, view, compute in src.blocks(t, slice_shape, vdtype, rows):
+  for block in src.blocks(t, slice_shape, vdtype, rows):
+    o0 = block.start
     region = m.index + (slice(None),) * axis + (slice(o0, min(o0 + rows, slice_shape[axis])),)
-    yield region, view, compute
-
-
-class _Pipeline:
-  """Blocks computed on `workers` threads (pread and numpy's copies release the GIL) and written
-  by tensorstore's threads, with at most `budget` bytes of source in flight; finished writes
-  advance the progress bar in submission order."""
-
-  def __init__(self, writer: store.StateWriter, workers: int, budget: int, bar: Progress):
-    self.writer, self.budget, self.bar = writer, budget, bar
-    self.pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), "ling-convert")
-    self.queue: collections.deque = collections.deque()
-    self.inflight = 0
-
-  def submit(self, path, region, compute, view, where: str) -> None:
-    def task():
-      try:
-        return self.writer.write(path, region, compute())
-      except Exception as e:
-        raise ConversionError(f"{where}: {type(e).__name__}: {e}") from e
-    self.queue.append((self.pool.submit(task), view, where))
-    self.inflight += view.nbytes
-    while self.inflight > self.budget:
-      self._wait_oldest()
-
-  def submit_done(self, where: str) -> None:
-    self.queue.append((None, None, where))  # marks the end of one tensor, for the bar
-
-  def _wait_oldest(self) -> None:
-    task, view, where = self.queue.popleft()
-    if task is None:
-      self.bar.update(0, tensors=1)
-      return
-    try:
-      task.result().result()
-    except ConversionError:
-      raise
-    except Exception as e:
-      raise ConversionError(f"{where}: {type(e).__name__}: {e}") from e
-    self.inflight -= view.nbytes
-    self.bar.update(view.nbytes)
-
-  def close(self) -> None:
-    while self.queue:
-      self._wait_oldest()
-    self.pool.shutdown()
-
-  def abort(self) -> None:
-    """Let the tasks and writes already started finish (ignoring errors) before cleaning up."""
-    self.pool.shutdown(cancel_futures=True)
-    for task, _, _ in self.queue:
-      if task is not None and not task.cancelled():
-        try:
-          task.result().result()
-        except BaseException:  # noqa: BLE001 - the first error is already propagating
-          pass
-    self.queue.clear()
+    yield region, block
 
 
 def _verify_data(src, variables, chunks, state_dir, block_bytes) -> None:
   reader = store.StateReader(state_dir)
   for t in src.tensors:
-    for region, view, compute in _model_blocks(src, t, variables, chunks, block_bytes):
-      if reader.read(t.map.path, region).tobytes() != compute().tobytes():
+    for region, block in _model_blocks(src, t, variables, chunks, block_bytes):
+      if reader.read(t.map.path, region).tobytes() != block.compute().tobytes():
         raise CheckpointError(f"{os.path.join(src.folder, t.file)}: tensor {t.map.name!r}: "
                               f"the checkpoint reads back different bytes at {region}")
 

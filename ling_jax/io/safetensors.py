@@ -15,6 +15,8 @@ C-order, little-endian.
         dtype, shape = st.info(name)
         array = st.get(name)          # read-only np.memmap view, no copy
     write_safetensors(path, {"w": array}, metadata={"format": "pt"})
+
+`safetensors_writer.SafetensorsWriter` writes one file in pieces, from several threads.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ _CODES: dict[np.dtype, str] = {dt: code for code, dt in DTYPES.items()}
 
 # The reference implementation refuses headers above 100 MB; a larger N means a corrupt length.
 MAX_HEADER_BYTES = 100 * 2**20
+# O_DIRECT alignment of file offsets, lengths and memory, whatever the disk's logical block size
+# (the converter reads and writes these files bypassing the page cache where it can).
+ALIGN = 4096
 # Non-contiguous arrays are written in row blocks of about this size, to bound the extra memory.
 _WRITE_BLOCK_BYTES = 64 * 2**20
 
@@ -233,42 +238,25 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
   value is converted and streamed to disk one at a time, so at most one tensor (not the whole file)
   is materialised on the host. The file is written to `path + ".tmp-<pid>"`, fsynced and renamed
   over `path`, so `path` never holds a partial file; on any error the temporary file is removed.
+  (`safetensors_writer.SafetensorsWriter` writes a file in pieces, from several threads.)
   """
   path = os.fspath(path)
-  metadata = dict(metadata or {})
-  for k, v in metadata.items():
-    if not (isinstance(k, str) and isinstance(v, str)):
-      raise TypeError(f"{path}: metadata must map str to str, got {k!r}: {v!r}")
-
-  header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-  plan = []
-  offset = 0
-  for name in sorted(tensors):
-    if not isinstance(name, str) or name == "__metadata__":
-      raise ValueError(f"{path}: invalid tensor name {name!r}")
+  values = {}
+  for name in tensors:
     value = tensors[name]
     if not (hasattr(value, "shape") and hasattr(value, "dtype")):
       value = np.asarray(value)  # Python scalars and lists: small, convert now.
-    shape = tuple(int(d) for d in value.shape)
-    try:
-      code = dtype_code(value.dtype)
-    except (SafetensorsError, TypeError) as e:
-      raise SafetensorsError(f"{path}: tensor {name!r}: {e}") from None
-    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
-    header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-    plan.append((name, value, code, shape, nbytes))
-    offset += nbytes
-
-  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  blob += b" " * (-len(blob) % 8)
+    values[name] = value
+  specs = {n: (v.shape, v.dtype) for n, v in values.items()}
+  blob, entries = header_layout(path, specs, metadata)
 
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
       f.write(struct.pack("<Q", len(blob)))
       f.write(blob)
-      for name, value, code, shape, nbytes in plan:
-        _write_array(f, _as_array(value, name, code, shape, path), nbytes)
+      for name, (code, shape, begin, end) in entries.items():
+        _write_array(f, _as_array(values[name], name, code, shape, path), end - begin)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -279,7 +267,35 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
       pass
     raise
   fsync_dir(os.path.dirname(os.path.abspath(path)))
-  return offset
+  return sum(end - begin for _, _, begin, end in entries.values())
+
+
+def header_layout(path: str, specs: Mapping[str, tuple], metadata: Mapping[str, str] | None
+                  ) -> tuple[bytes, dict[str, tuple[str, tuple, int, int]]]:
+  """(padded header JSON, {name: (dtype code, shape, begin, end)} in file order) for
+  `specs`: name -> (shape, dtype); tensors are laid out in sorted name order."""
+  metadata = dict(metadata or {})
+  for k, v in metadata.items():
+    if not (isinstance(k, str) and isinstance(v, str)):
+      raise TypeError(f"{path}: metadata must map str to str, got {k!r}: {v!r}")
+  header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+  entries = {}
+  offset = 0
+  for name in sorted(specs):
+    if not isinstance(name, str) or name == "__metadata__":
+      raise ValueError(f"{path}: invalid tensor name {name!r}")
+    shape, dtype = specs[name]
+    shape = tuple(int(d) for d in shape)
+    try:
+      code = dtype_code(dtype)
+    except (SafetensorsError, TypeError) as e:
+      raise SafetensorsError(f"{path}: tensor {name!r}: {e}") from None
+    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+    header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+    entries[name] = (code, shape, offset, offset + nbytes)
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  return blob + b" " * (-len(blob) % 8), entries
 
 
 def _as_array(value: Any, name: str, code: str, shape: tuple, path: str) -> np.ndarray:
