@@ -3,7 +3,7 @@
   python -m benchmarks.mla_attention [--shapes small,flash]
 
 bf16, packed rows (4 documents per row, segment ids), forward and forward+backward (grads of
-q, k, v). "xla" is `_attend_plain`'s fp32 [B, H, T, S] scores path; "flash" is jax's Pallas
+q, k, v). "xla" is `mla.attend_xla`, the fp32 [B, H, T, S] scores path; "flash" is jax's Pallas
 flash-attention kernel as `mla._flash` calls it, under a few block sizes (the first is
 `mla.FLASH_BLOCKS`; jax's own default backward blocks are 32 x 32). Prints a markdown table; rows go to $OUT/mla_attention.json.
 """
@@ -28,14 +28,6 @@ BWD_BLOCKS = [dict(), dict(block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block
               dict(block_q_dkv=64, block_kv_dkv=128, block_q_dq=128, block_kv_dq=64)]
 
 
-def xla_attention(qn, qp, kn, kp, v, seg, pos, scale):
-  s = (jnp.einsum("bthk,bshk->bhts", qn, kn, preferred_element_type=jnp.float32)
-       + jnp.einsum("bthr,bsr->bhts", qp, kp, preferred_element_type=jnp.float32))
-  mask = (pos[:, :, None] >= pos[:, None, :]) & (seg[:, :, None] == seg[:, None, :])
-  p = mla._masked_softmax(s * scale, mask[:, None])
-  return jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), v)
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--shapes", default="small,flash")
@@ -53,7 +45,7 @@ def main():
     seg = jnp.asarray(np.repeat(np.arange(4), T // 4)[None].repeat(B, 0) + 1, jnp.int32)
     pos = jnp.asarray(np.tile(np.arange(T // 4), 4)[None].repeat(B, 0), jnp.int32)
     scale = (K + R) ** -0.5
-    fns = {"xla": lambda *x: xla_attention(*x, seg, pos, scale)}
+    fns = {"xla": lambda *x: mla.attend_xla(*x, pos, seg, scale)}
     for i, blk in enumerate(BWD_BLOCKS):
       fns[f"flash{i}"] = lambda *x, blk=blk: mla._flash(*x, seg, scale, blocks=blk)
     causal_flops = 2 * B * H * T * T * (K + R + V)  # QK^T and PV over the causal half

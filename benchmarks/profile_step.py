@@ -102,7 +102,7 @@ def device_ops(trace_dir: str) -> list[tuple[str, str, float]]:
           if e.get("ph") == "X" and keep(e) and "hlo_op" in e.get("args", {})]
 
 
-def summarise(ops, sources, steps: int, top: int = 30):
+def summarise(ops, sources, steps: int):
   """Per-step microseconds by (file, pass) and by op; pass is "bwd" for ops of a transpose."""
   by_file, by_op, names = collections.Counter(), collections.Counter(), {}
   for hlo_op, kernel, us in ops:
@@ -148,7 +148,7 @@ def main():
   tokens = d.batch_size * d.seq_len
   flops = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight > 0) * tokens
   peak = t.peak_flops or peak_flops()
-  by_file, by_op, names = summarise(device_ops(trace_dir), sources, a.steps, a.top)
+  by_file, by_op, names = summarise(device_ops(trace_dir), sources, a.steps)
   busy = sum(by_file.values())
   print(f"# {jax.devices()[0].device_kind}: {d.batch_size} x {d.seq_len} tokens, "
         f"step {wall * 1e3:.1f} ms (traced), {tokens / wall:,.0f} tok/s, "

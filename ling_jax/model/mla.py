@@ -112,13 +112,7 @@ class MultiLatentAttention(nnx.Module):
     if impl != "xla":
       return _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, self.scale,
                     interpret=impl == "flash_interpret")
-    scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
-    mask = positions[:, :, None] >= positions[:, None, :]  # [B, T, S]
-    if segment_ids is not None:
-      mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    p = _masked_softmax(scores * self.scale, mask[:, None])
-    return jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), v)
+    return attend_xla(q_nope, q_pe, k_nope, k_pe, v, positions, segment_ids, self.scale)
 
   def _attend_absorbed(self, q_nope, q_pe, cache, positions):
     w = self._w(self.kv_b_proj)
@@ -140,6 +134,17 @@ class MultiLatentAttention(nnx.Module):
 # (ling_small: 64 + 32): forward 128 x 128 (jax's default), backward 64 x 64, fwd+bwd 3.9 ms
 # against 7.2 ms for jax's 32 x 32. At 256 (Ling-2.6-flash: 128 + 64) 128-row blocks need
 # 320 KiB of shared memory, more than an H100 has: forward 64 x 64, backward 32 x 32.
+def attend_xla(q_nope, q_pe, k_nope, k_pe, v, positions, segment_ids, scale: float):
+  """Causal (by position, per segment) attention through materialised fp32 [B, H, T, S] scores."""
+  scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+            + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
+  mask = positions[:, :, None] >= positions[:, None, :]  # [B, T, S]
+  if segment_ids is not None:
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  p = _masked_softmax(scores * scale, mask[:, None])
+  return jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), v)
+
+
 FLASH_BLOCKS = {128: dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
                           block_q_dq=64, block_kv_dq=64),
                 256: dict(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
@@ -163,17 +168,15 @@ def _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, interpre
                        .astype(k_nope.dtype)], axis=-1)
   v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - V)))  # the kernel wants one head dim
   T = q.shape[1]
-  b = min(_FLASH_BLOCK, T)
-  if T % b or b & (b - 1):  # (smaller rows get one power-of-two block)
-    raise ValueError(f"flash MLA needs a sequence length that is a multiple of {_FLASH_BLOCK} or "
-                     f"a power of two below it, got {T}; use impl='xla' (or 'auto')")
   padded = max(64, 1 << (q.shape[-1] - 1).bit_length())
   if padded > FLASH_MAX_HEAD_DIM:
     raise ValueError(f"flash MLA supports q/k head dims up to {FLASH_MAX_HEAD_DIM}, got {q.shape[-1]}")
   base = FLASH_BLOCKS[max(128, padded)]
-  sizes = {name: min(n, T) for name, n in {**base, **(blocks or {})}.items()}
-  if T % sizes["block_q"] or T % sizes["block_k"]:
-    raise ValueError(f"flash MLA blocks {sizes} must divide the sequence length {T}")
+  sizes = {name: min(n, T) for name, n in {**base, **(blocks or {})}.items()}  # short rows: one block
+  if any(T % n or n & (n - 1) for n in sizes.values()):
+    raise ValueError(f"flash MLA needs power-of-two blocks that divide the sequence length {T} "
+                     f"(a multiple of {_FLASH_BLOCK}, or a power of two below it); got {sizes}; "
+                     "use impl='xla' (or 'auto')")
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   o = attention.mha(q, k, v.astype(q.dtype), seg, sm_scale=scale, causal=True,
                     block_sizes=attention.BlockSizes(**sizes),

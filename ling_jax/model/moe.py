@@ -114,11 +114,10 @@ def _dispatch(x, order, inverse, top_k: int):
 
 
 def _dispatch_fwd(x, order, inverse, top_k):
-  return _dispatch(x, order, inverse, top_k), (order, inverse)
+  return _dispatch(x, order, inverse, top_k), inverse
 
 
-def _dispatch_bwd(top_k, res, dxs):
-  order, inverse = res
+def _dispatch_bwd(top_k, inverse, dxs):
   N = inverse.shape[0] // top_k
   dx = dxs[inverse].reshape(N, top_k, -1).astype(jnp.float32).sum(1).astype(dxs.dtype)
   return dx, None, None

@@ -13,6 +13,7 @@ from ling_jax.data.pipeline import DataConfig
 from ling_jax.model.common import REMAT, REMAT_SCOPES
 from ling_jax.model.mla import IMPLS as MLA_IMPLS
 from ling_jax.model.moe import IMPLS as MOE_IMPLS
+from pallas_kernels.simple_gla import IMPLS as GLA_IMPLS
 
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = tuple(REMAT)
@@ -69,7 +70,7 @@ class TrainConfig:
       errors.append(f"remat={self.remat!r} not in {REMAT_POLICIES}")
     if self.remat_scope not in REMAT_SCOPES:
       errors.append(f"remat_scope={self.remat_scope!r} not in {REMAT_SCOPES}")
-    for name, allowed in (("moe_impl", MOE_IMPLS), ("attn_impl", MLA_IMPLS)):
+    for name, allowed in (("moe_impl", MOE_IMPLS), ("gla_impl", GLA_IMPLS), ("attn_impl", MLA_IMPLS)):
       if getattr(self, name) not in allowed:
         errors.append(f"{name}={getattr(self, name)!r} not in {allowed}")
     if self.ce_chunk < 0:
