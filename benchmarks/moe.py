@@ -5,7 +5,8 @@
 At Ling-2.6-flash's expert shape (256 experts, hidden 4096, width 1024, top-8) and ling_small's
 (32 experts, hidden 1024, width 576, top-4), bf16, random top-k routings, for 256 .. 16384
 tokens, forward and forward+backward (d x and d weights), it times:
-* ours: `moe.experts_grouped`: sort by expert, gather, gate/up/down grouped matmuls, inverse
+* ours: `moe.experts_grouped`: sort by expert, the fused gather + gate/up + SwiGLU kernel, the down
+  grouped matmul, inverse
   gather, weighted combine (the whole routed path; a few kernel configurations, best kept);
 * einsum: the capacity-padded batched einsum [E, C, D] x [E, D, F] with C = N X / E (capacity
   factor 1.0, a perfectly balanced routing; expert matmuls only, no dispatch or combine: the
@@ -129,56 +130,74 @@ def bench(name, E, D, F, X, N, use_mgpu, configs):
   return row
 
 
-# Tile sweeps, mostly in the default launch order (a row tile's N-blocks back to back), plus the
-# old visit-major order for the two most likely tiles as a baseline.
-SWEEP_GMM = [Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, n_inner=o)
-             for bm, bn, bk, w, st, o in [
-                 (64, 128, 64, 4, 3, False), (128, 128, 64, 8, 3, False),
-                 (64, 128, 64, 4, 3, True), (64, 128, 64, 4, 4, True), (128, 128, 64, 4, 3, True),
-                 (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True), (128, 256, 64, 8, 3, True),
-                 (64, 256, 64, 4, 3, True), (128, 128, 32, 4, 4, True), (128, 64, 64, 4, 4, True)]]
-SWEEP_TGMM = [Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, num_warps_t=w, num_stages=st, n_inner=o)
-              for bm, bk, bn, w, st, o in [
-                  (64, 64, 128, 4, 3, False), (64, 128, 128, 8, 3, False),
-                  (64, 64, 128, 4, 3, True), (64, 128, 128, 8, 3, True), (32, 128, 128, 8, 3, True),
-                  (64, 128, 128, 4, 3, True), (64, 128, 256, 8, 3, True), (128, 128, 128, 8, 2, True)]]
+# Tile sweeps of the raw kernels, in the default launch order (a row tile's N-blocks back to
+# back). Each kind lists (block_m, block_n | block_n_glu, block_k, warps, stages) or, for the
+# weight-gradient kernels, (block_m_t, block_k_t, block_n_t, warps, stages).
+_MM = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+       (64, 256, 64, 4, 3), (128, 128, 32, 4, 4)]
+_GLU = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 4), (128, 128, 32, 8, 4)]
+_TG = [(64, 128, 128, 8, 3), (64, 128, 64, 8, 3), (64, 64, 128, 4, 3), (32, 128, 128, 8, 3),
+       (128, 128, 128, 8, 2)]
+mm_cfg = lambda bm, bn, bk, w, st: Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+glu_cfg = lambda bm, bn, bk, w, st: Config(block_m=bm, block_n_glu=bn, block_k=bk, num_warps=w,
+                                           num_stages=st)
+tg_cfg = lambda bm, bk, bn, w, st: Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, num_warps_t=w,
+                                          num_stages=st)
+SWEEP_KINDS = ("glu", "gmm", "down", "gmm_sum", "tgmm2", "tgmm_down")
 
 
-def sweep(name, E, D, F, X, N):
-  """Raw kernels at one shape: gmm (x @ w_gate), transposed gmm (dh @ w_gate^T), tgmm (dW)."""
-  from pallas_kernels.grouped_matmul import gmm_pallas, tgmm_pallas
+def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
+  """Raw kernels at one expert shape, M = N X routed rows in uniform random groups:
+    glu       fused gate/up + SwiGLU, rows gathered from the [N, D] tokens (the forward's first half)
+    gmm       one x @ w_gate [M, D] x [D, F] (the unfused kernel, for comparison)
+    down      h @ w_down [M, F] x [F, D]
+    gmm_sum   dg @ w_gate^T + du @ w_up^T (the gate/up backward's d input)
+    tgmm2     d w_gate and d w_up together, rows of x gathered
+    tgmm_down d w_down = h^T dy"""
+  from pallas_kernels.grouped_matmul import gmm_glu_pallas, gmm_pallas, gmm_sum_pallas, tgmm_pallas
   rng = np.random.default_rng(0)
   M = N * X
   sizes = jnp.asarray(np.bincount(rng.integers(0, E, M), minlength=E), jnp.int32)
-  kx, kd = jax.random.split(jax.random.key(1))
-  x = jax.random.normal(kx, (M, D), jnp.bfloat16)
-  dh = jax.random.normal(kd, (M, F), jnp.bfloat16)
-  w = weights(E, D, F)[0]
-  flops = 2 * M * D * F
+  rows_ = jnp.asarray(rng.integers(0, N, M), jnp.int32)
+  k = jax.random.split(jax.random.key(1), 4)
+  x = jax.random.normal(k[0], (N, D), jnp.bfloat16)
+  xs = x[rows_]
+  dh, dh2 = (jax.random.normal(kk, (M, F), jnp.bfloat16) for kk in k[1:3])
+  dy = jax.random.normal(k[3], (M, D), jnp.bfloat16)
+  wg, wu, wd = weights(E, D, F)
+  f1 = 2 * M * D * F
+  plan = {
+      "glu": (_GLU, glu_cfg, 2 * f1, lambda c: (lambda x, r, a, b, s: gmm_glu_pallas(x, a, b, s, c, lhs_rows=r)),
+              (x, rows_, wg, wu, sizes)),
+      "gmm": (_MM, mm_cfg, f1, lambda c: (lambda x, w, s: gmm_pallas(x, w, s, c)), (xs, wg, sizes)),
+      "down": (_MM, mm_cfg, f1, lambda c: (lambda h, w, s: gmm_pallas(h, w, s, c)), (dh, wd, sizes)),
+      "gmm_sum": (_MM, mm_cfg, 2 * f1, lambda c: (lambda a, b, u, v, s: gmm_sum_pallas(
+          a, b, u, v, s, c, transpose_rhs=True)), (dh, dh2, wg, wu, sizes)),
+      "tgmm2": (_TG, tg_cfg, 2 * f1, lambda c: (lambda x, r, a, b, s: tgmm_pallas(
+          x, (a, b), s, c, lhs_rows=r)), (x, rows_, dh, dh2, sizes)),
+      "tgmm_down": (_TG, tg_cfg, f1, lambda c: (lambda h, d, s: tgmm_pallas(h, d, s, c)), (dh, dy, sizes)),
+  }
   rows = []
-  for kind, cfgs in (("gmm", SWEEP_GMM), ("gmm_t", SWEEP_GMM), ("tgmm", SWEEP_TGMM)):
-    for cfg in cfgs:
-      if kind == "gmm":
-        f, args = jax.jit(lambda x, w, s, c=cfg: gmm_pallas(x, w, s, c)), (x, w, sizes)
-      elif kind == "gmm_t":
-        f, args = jax.jit(lambda d, w, s, c=cfg: gmm_pallas(d, w, s, c, transpose_rhs=True)), (dh, w, sizes)
-      else:
-        f, args = jax.jit(lambda x, d, s, c=cfg: tgmm_pallas(x, d, s, c)), (x, dh, sizes)
-      t = guarded(time_jax, f, *args)
-      rows.append(dict(shape=name, tokens=N, kernel=kind, config=repr(tuple(cfg)), seconds=t,
+  for kind in kinds:
+    tiles, make_cfg, flops, make_fn, args = plan[kind]
+    for tile in tiles:
+      cfg = make_cfg(*tile)
+      t = guarded(time_jax, jax.jit(make_fn(cfg)), *args)
+      rows.append(dict(shape=name, tokens=N, kernel=kind, tiles=tile, seconds=t,
                        tflops=flops / t / 1e12 if isinstance(t, float) else None))
       print("# " + json.dumps(rows[-1]), flush=True)
       if os.environ.get("OUT"):  # as we go: a call cut short by its time limit keeps its rows
         with open(os.path.join(os.environ["OUT"], f"moe_sweep_{name}_{N}.json"), "w") as f:
           json.dump(rows, f, indent=1)
-  dense = guarded(time_jax, jax.jit(lambda a, b: a @ b), x, w[0])
+  dense = guarded(time_jax, jax.jit(lambda a, b: a @ b), xs, wg[0])
   print(f"# dense [{M}, {D}] x [{D}, {F}]: {dense}")
-  for kind in ("gmm", "gmm_t", "tgmm"):
+  for kind in kinds:
     ok = [r for r in rows if r["kernel"] == kind and r["tflops"]]
     best = max(ok, key=lambda r: r["tflops"], default=None)
     if best:
-      print(f"| {name} {N} | {kind} | best {best['config']} | {best['seconds'] * 1e3:.3f} ms | "
-            f"{best['tflops']:.0f} TFLOP/s | dense {flops / dense / 1e12 if isinstance(dense, float) else 0:.0f} |")
+      print(f"| {name} {N} | {kind} | best {best['tiles']} | {best['seconds'] * 1e3:.3f} ms | "
+            f"{best['tflops']:.0f} TFLOP/s | dense {f1 / dense / 1e12 if isinstance(dense, float) else 0:.0f} |")
   return rows
 
 
@@ -215,7 +234,8 @@ def main():
   ap.add_argument("--no-mgpu", action="store_true", help="skip jax's Mosaic GPU ragged_dot")
   ap.add_argument("--default-only", action="store_true", help="one kernel configuration")
   ap.add_argument("--sweep", action="store_true",
-                  help="time the raw kernels (gmm, transposed gmm, tgmm) over tile configurations")
+                  help="time the raw kernels (see `sweep`) over tile configurations")
+  ap.add_argument("--kernels", default=",".join(SWEEP_KINDS), help="kernels for --sweep")
   args = ap.parse_args()
   on_gpu = jax.devices()[0].platform == "gpu"
   print(f"# device: {jax.devices()[0].device_kind}")
@@ -232,7 +252,7 @@ def main():
   if args.sweep and on_gpu:
     for name in shapes:
       for n in tokens:
-        rows += sweep(name, **SHAPES[name], N=n)
+        rows += sweep(name, **SHAPES[name], N=n, kinds=args.kernels.split(","))
     if os.environ.get("OUT"):
       with open(os.path.join(os.environ["OUT"], "moe_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from ling_jax.model import moe
-from pallas_kernels.grouped_matmul import (Config, gmm_pallas, gmm_reference, grouped_matmul,
-                                           tgmm_pallas, visit_table)
+from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_glu_reference,
+                                           gmm_pallas, gmm_reference, gmm_sum_pallas,
+                                           grouped_matmul, tgmm_pallas, visit_table)
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
-SMALL = Config(block_m=32, block_n=16, block_k=32, block_m_t=16, block_k_t=32, block_n_t=16,
-               interpret=True)
+SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_m_t=16, block_k_t=32,
+               block_n_t=16, interpret=True)
 
 
 def rel(a, b):
@@ -61,6 +62,8 @@ CASES = [  # (M, K, N, G, kind, rows past the groups)
     (96, 32, 48, 8, "skewed", 0),
     (64, 32, 16, 6, "one_group", 0),
     (20, 64, 32, 9, "uniform", 3),   # fewer rows than a tile, groups of 0-5 rows
+    (130, 48, 40, 6, "skewed", 4),   # K and N tails: 48 = 1.5 K-tiles, 40 = 2.5 N-tiles
+    (70, 24, 9, 4, "uniform", 2),    # dims below one 16-wide tile, neither a multiple of 16
 ]
 
 
@@ -134,10 +137,98 @@ def test_bad_shapes_are_refused():
     grouped_matmul(x, w, jnp.ones((3,), jnp.int32))
   with pytest.raises(ValueError, match="disagree on K"):
     grouped_matmul(jnp.ones((8, 32)), w, jnp.ones((2,), jnp.int32))
-  with pytest.raises(ValueError, match="multiple of 16"):
-    gmm_pallas(jnp.ones((8, 24)), jnp.ones((2, 24, 16)), jnp.ones((2,), jnp.int32), SMALL)
+  with pytest.raises(ValueError, match="disagree on the contraction"):
+    gmm_pallas(jnp.ones((8, 24)), w, jnp.ones((2,), jnp.int32), SMALL)
+  with pytest.raises(ValueError, match="lhs_rows must be a 1-D integer"):
+    gmm_pallas(x, w, jnp.ones((2,), jnp.int32), SMALL, lhs_rows=jnp.zeros((4, 2), jnp.int32))
+  with pytest.raises(ValueError, match="dout shapes"):
+    tgmm_pallas(x, (jnp.ones((8, 16)), jnp.ones((8, 8))), jnp.ones((2,), jnp.int32), SMALL)
   with pytest.raises(ValueError, match="impl"):
     grouped_matmul(x, w, jnp.ones((2,), jnp.int32), impl="cuda")
+
+
+# ----------------------------------------------------------------------------- gathers, fusions
+
+
+def routed_rows(rng, n_tokens, top_k, G, kind):
+  """A routing in the MoE's layout: (rows [A] token of each sorted row, token_rows [N, X] the
+  sorted rows of each token, group sizes [G]) for A = N X assignments sorted by group."""
+  A = n_tokens * top_k
+  sizes = random_sizes(rng, G, A, kind)
+  group_of = rng.permutation(np.repeat(np.arange(G), sizes))  # assignment a -> group
+  order = np.argsort(group_of, kind="stable")
+  inverse = np.empty(A, np.int64)
+  inverse[order] = np.arange(A)
+  return order // top_k, inverse.reshape(n_tokens, top_k), sizes
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "one_group"])
+def test_gathered_rows_match_float64(kind):
+  """lhs_rows: gmm and tgmm read row r as x[rows[r]] (x has fewer rows than the groups)."""
+  rng = np.random.default_rng(21)
+  N, X, K, F, G = 37, 3, 48, 40, 5
+  rows, _, sizes = routed_rows(rng, N, X, G, kind)
+  x = jnp.asarray(rng.standard_normal((N, K)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((G, K, F)), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((N * X, F)), jnp.float32)
+  dy2 = jnp.asarray(rng.standard_normal((N * X, F)), jnp.float32)
+  gs, r = jnp.asarray(sizes, jnp.int32), jnp.asarray(rows, jnp.int32)
+  xs = np.asarray(x)[rows]
+  assert rel(gmm_pallas(x, w, gs, SMALL, lhs_rows=r), np_gmm(xs, w, sizes)) < 1e-5
+  dw, dw2 = tgmm_pallas(x, (dy, dy2), gs, SMALL, lhs_rows=r)
+  assert rel(dw, np_tgmm(xs, dy, sizes)) < 1e-5
+  assert rel(dw2, np_tgmm(xs, dy2, sizes)) < 1e-5
+
+
+def test_gmm_sum_matches_float64():
+  rng = np.random.default_rng(22)
+  M, K, N, G = 90, 40, 48, 4
+  sizes = random_sizes(rng, G, M - 6, "skewed")
+  gs = jnp.asarray(sizes, jnp.int32)
+  a, b = (jnp.asarray(rng.standard_normal((M, N)), jnp.float32) for _ in range(2))
+  wa, wb = (jnp.asarray(rng.standard_normal((G, K, N)), jnp.float32) for _ in range(2))
+  got = gmm_sum_pallas(a, b, wa, wb, gs, SMALL, transpose_rhs=True)
+  want = np_gmm(a, wa, sizes, True) + np_gmm(b, wb, sizes, True)
+  assert rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gmm_glu_forward_matches_float64(dtype):
+  rng = np.random.default_rng(23)
+  N, X, K, F, G = 30, 4, 32, 40, 6
+  rows, _, sizes = routed_rows(rng, N, X, G, "skewed")
+  x = jnp.asarray(rng.standard_normal((N, K)), dtype)
+  wg, wu = (jnp.asarray(rng.standard_normal((G, K, F)) * 0.3, dtype) for _ in range(2))
+  gs, r = jnp.asarray(sizes, jnp.int32), jnp.asarray(rows, jnp.int32)
+  xs = np.asarray(x, np.float64)[rows]
+  g, u = np_gmm(xs, wg, sizes), np_gmm(xs, wu, sizes)
+  want = g / (1 + np.exp(-g)) * u
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  h, gate, up = gmm_glu_pallas(x, wg, wu, gs, SMALL, lhs_rows=r, save_gate_up=True)
+  assert h.dtype == dtype
+  assert rel(h, want) < tol and rel(gate, g) < tol and rel(up, u) < tol
+  assert rel(gmm_glu_pallas(x, wg, wu, gs, SMALL, lhs_rows=r), want) < tol
+  assert rel(gmm_glu_reference(x, r, wg, wu, gs), want) < tol
+
+
+@pytest.mark.parametrize("with_token_rows", [True, False])
+@pytest.mark.parametrize("kind", ["uniform", "one_group"])
+def test_gmm_glu_gradients(kind, with_token_rows):
+  rng = np.random.default_rng(24)
+  N, X, K, F, G = 26, 3, 32, 24, 5
+  rows, token_rows, sizes = routed_rows(rng, N, X, G, kind)
+  gs, r = jnp.asarray(sizes, jnp.int32), jnp.asarray(rows, jnp.int32)
+  tr = jnp.asarray(token_rows, jnp.int32) if with_token_rows else None
+  x = jnp.asarray(rng.standard_normal((N, K)), jnp.float32)
+  wg, wu = (jnp.asarray(rng.standard_normal((G, K, F)) * 0.3, jnp.float32) for _ in range(2))
+  proj = jnp.asarray(rng.standard_normal((N * X, F)), jnp.float32)
+  fused = lambda x, wg, wu: jnp.sum(gmm_glu(x, r, tr, wg, wu, gs, SMALL) * proj)
+  ref = lambda x, wg, wu: jnp.sum(gmm_glu_reference(x, r, wg, wu, gs) * proj)
+  got = jax.value_and_grad(fused, argnums=(0, 1, 2))(x, wg, wu)
+  want = jax.value_and_grad(ref, argnums=(0, 1, 2))(x, wg, wu)
+  assert rel(got[0], want[0]) < 1e-5
+  for a, b in zip(got[1], want[1]):
+    assert rel(a, b) < 1e-5
 
 
 # ----------------------------------------------------------------------------- MoE wiring
@@ -208,4 +299,30 @@ def test_gpu_moe_gmm_matches_dense_with_grads():
     gg = jax.jit(jax.grad(lambda *a: loss(moe.experts_grouped, *a), argnums=(0, 1)))(x, wts)
     gd = jax.jit(jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1)))(x, wts)
   for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gd)):
+    assert rel(a, b) < 1e-4
+
+
+@gpu
+def test_gpu_fused_glu_matches_reference():
+  """The fused gate/up kernel compiled, at a width with a masked N tail (96 in 128-wide tiles):
+  bf16 forward against float64, fp32 gradients against the reference at full precision."""
+  rng = np.random.default_rng(8)
+  N, X, K, F, G = 1024, 4, 256, 96, 16
+  rows, token_rows, sizes = routed_rows(rng, N, X, G, "skewed")
+  gs, r, tr = (jnp.asarray(a, jnp.int32) for a in (sizes, rows, token_rows))
+  x = rng.standard_normal((N, K))
+  wg, wu = (rng.standard_normal((G, K, F)) * 0.1 for _ in range(2))
+  xs = x[rows]
+  g, u = np_gmm(xs, wg, sizes), np_gmm(xs, wu, sizes)
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  h = jax.jit(lambda *a: gmm_glu_pallas(*a, Config(), lhs_rows=r))(bf(x), bf(wg), bf(wu), gs)
+  assert rel(h, g / (1 + np.exp(-g)) * u) < 2e-2
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  proj = f32(rng.standard_normal((N * X, F)))
+  fused = lambda x, a, b: jnp.sum(gmm_glu(x, r, tr, a, b, gs, Config()) * proj)
+  ref = lambda x, a, b: jnp.sum(gmm_glu_reference(x, r, a, b, gs) * proj)
+  with jax.default_matmul_precision("highest"):
+    got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(f32(x), f32(wg), f32(wu))
+    want = jax.jit(jax.grad(ref, argnums=(0, 1, 2)))(f32(x), f32(wg), f32(wu))
+  for a, b in zip(got, want):
     assert rel(a, b) < 1e-4

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from ling_jax.model.mla import _flash
-from pallas_kernels.grouped_matmul import Config, gmm_pallas, tgmm_pallas
+from pallas_kernels.grouped_matmul import Config, gmm_glu, gmm_pallas, tgmm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
 
@@ -64,6 +64,17 @@ CASES = {
                       (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32)), 1),
     "tgmm": (lambda x, d, s: tgmm_pallas(x, d, s, Config()),
              (S((M, K), jnp.bfloat16), S((M, N), jnp.bfloat16), S((G,), jnp.int32)), 1),
+    "gmm_tails": (lambda x, w, s: gmm_pallas(x, w, s, Config()),  # N 72: a masked 128-wide block
+                  (S((M, 80), jnp.bfloat16), S((G, 80, 72), jnp.bfloat16), S((G,), jnp.int32)), 1),
+    "tgmm_gathered_tails": (
+        lambda x, r, d, s: tgmm_pallas(x, (d, d), s, Config(), lhs_rows=r),
+        (S((M // 4, 80), jnp.bfloat16), S((M,), jnp.int32), S((M, 72), jnp.bfloat16),
+         S((G,), jnp.int32)), 1),
+    "gmm_glu_fwd_bwd": (  # fused gate/up: gathered rows, saved products, gmm_sum and dual tgmm
+        lambda x, r, tr, wg, wu, s: jax.vjp(lambda x, wg, wu: gmm_glu(x, r, tr, wg, wu, s, Config()),
+                                            x, wg, wu)[1](jnp.ones((M, 72), jnp.bfloat16)),
+        (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((M // 4, 4), jnp.int32),
+         S((G, K, 72), jnp.bfloat16), S((G, K, 72), jnp.bfloat16), S((G,), jnp.int32)), 3),
     "simple_gla_fwd_bwd_packed": (
         lambda q, k, v, g, seg: jax.vjp(
             lambda q, k, v: simple_gla_pallas(q, k, v, g, segment_ids=seg)[0], q, k, v)[1](q),

@@ -24,7 +24,7 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.model.common import ExpertBias, SwiGLU, param
-from pallas_kernels.grouped_matmul import Config as GmmConfig, grouped_matmul
+from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm, gmm_glu
 
 IMPLS = ("auto", "dense", "sorted", "gmm")
 
@@ -148,11 +148,14 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, matmul=None):
   """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
 
-  Assignments are sorted by expert (a stable argsort of N X ids), token rows gathered into that
-  order ([N X, D], never [N, E, D]), three grouped matmuls run over the ragged expert groups, and
-  the rows are gathered back through the inverse permutation and combined with the routing
-  weights. Both row movements are gathers in the backward pass too (`_dispatch`, `_permute`).
-  `matmul(lhs, rhs, group_sizes)` replaces the Pallas grouped matmul (benchmarks).
+  Assignments are sorted by expert (a stable argsort of N X ids) and three grouped matmuls run
+  over the ragged expert groups: gate and up in one fused kernel (`gmm_glu`) that gathers each
+  token row itself and applies the SwiGLU to its fp32 accumulators (neither the [N X, D]
+  dispatched rows nor the gate / up products of a forward-only call are written), then down.
+  The rows are gathered back through the inverse permutation and combined with the routing
+  weights; both row movements are gathers in the backward pass too. Never [N, E, D].
+  `matmul(lhs, rhs, group_sizes)` replaces the Pallas kernels with three unfused grouped
+  matmuls over explicitly dispatched rows (benchmarks).
   """
   N, D = x.shape
   E, X = wg.shape[0], idx.shape[1]
@@ -162,11 +165,13 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(A, dtype=order.dtype))  # no 2nd sort
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   if matmul is None:
-    impl = "pallas" if jax.default_backend() == "gpu" else "pallas_interpret"
-    matmul = lambda a, b, s: grouped_matmul(a, b, s, impl=impl, config=config)
-  xs = _dispatch(x, order, inverse, X)  # [N X, D], row r serves token order[r] // X
-  h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
-  ys = matmul(h.astype(x.dtype), wd, sizes)  # [N X, D]
+    cfg = (config or GmmConfig())._replace(interpret=jax.default_backend() != "gpu")
+    h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
+    ys = gmm(h, wd, sizes, cfg)  # [N X, D]
+  else:
+    xs = _dispatch(x, order, inverse, X)  # [N X, D], row r serves token order[r] // X
+    h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
+    ys = matmul(h.astype(x.dtype), wd, sizes)
   y = _permute(ys, inverse, order).reshape(N, X, D).astype(jnp.float32)
   return jnp.einsum("nx,nxd->nd", w, y)
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.grouped_matmul.kernel import Config, gmm, gmm_pallas, tgmm_pallas, visit_table
-from pallas_kernels.grouped_matmul.reference import gmm_reference, row_groups, tgmm_reference
+from pallas_kernels.grouped_matmul.kernel import (Config, gmm, gmm_glu, gmm_glu_pallas, gmm_pallas,
+                                                  gmm_sum_pallas, tgmm_pallas, visit_table)
+from pallas_kernels.grouped_matmul.reference import (gmm_glu_reference, gmm_reference, row_groups,
+                                                     tgmm_reference)
 
 IMPLS = ("auto", "pallas", "pallas_interpret", "reference")
 
-__all__ = ["Config", "IMPLS", "gmm_pallas", "gmm_reference", "grouped_matmul", "row_groups",
-           "tgmm_pallas", "tgmm_reference", "visit_table"]
+__all__ = ["Config", "IMPLS", "gmm", "gmm_glu", "gmm_glu_pallas", "gmm_glu_reference", "gmm_pallas",
+           "gmm_reference", "gmm_sum_pallas", "grouped_matmul", "row_groups", "tgmm_pallas",
+           "tgmm_reference", "visit_table"]
 
 
 def resolve_impl(impl: str) -> str:

@@ -44,6 +44,8 @@ class Config(NamedTuple):
   block_k: int = 64
   num_warps: int = 8
   num_stages: int = 3
+  # The fused gate/up kernel (`gmm_glu_pallas`): two [block_m, block_n_glu] accumulators.
+  block_n_glu: int = 128
   # The weight-gradient kernel: [block_k_t, block_n_t] output tile, rows in block_m_t steps.
   block_m_t: int = 64
   block_k_t: int = 128
@@ -55,18 +57,35 @@ class Config(NamedTuple):
   interpret: bool = False
 
 
-def _fit(n: int, want: int, what: str) -> int:
-  """Largest power-of-two tile <= want that divides n (>= 16: the Triton dot minimum)."""
-  b = 1 << (max(want, 1).bit_length() - 1)
-  while b > 16 and n % b:
-    b //= 2
-  if b < 16 or n % b:
-    raise ValueError(f"{what}={n} must be a multiple of 16 (a power-of-two tile >= 16 must divide it)")
-  return b
+def _tile(n: int, want: int) -> int:
+  """The power-of-two tile for a dimension of n: `want` rounded down to a power of two, no
+  larger than n needs, and >= 16 (the Triton dot minimum). It need not divide n: the last
+  block is masked."""
+  b = 1 << (max(want, 16).bit_length() - 1)
+  return max(16, min(b, 1 << max(n - 1, 1).bit_length()))
 
 
 def _dot(a, b, *, ta=False, tb=False):
   return plt.dot(a, b, trans_a=ta, trans_b=tb, precision=lax.Precision.HIGHEST)
+
+
+def _span(start, size: int, limit: int):
+  """(indices [size], in-bounds mask or None when the dimension has no tail)."""
+  idx = start + jnp.arange(size, dtype=jnp.int32)
+  return idx, (idx < limit if limit % size else None)
+
+
+def _load(ref, mask):
+  """A block load, masked (zeros outside) when there is a mask."""
+  return plt.load(ref, mask=mask, other=None if mask is None else 0)
+
+
+def _and(*masks):
+  masks = [m for m in masks if m is not None]
+  out = masks[0] if masks else None
+  for m in masks[1:]:
+    out = out & m
+  return out
 
 
 # ----------------------------------------------------------------------------- visit table
@@ -105,44 +124,87 @@ def visit_table(group_sizes: jax.Array, m: int, bm: int) -> jax.Array:
 # ----------------------------------------------------------------------------- kernels
 
 
-def _gmm_kernel(meta_ref, x_ref, w_ref, o_ref, *, bm, bn, bk, K, G, transpose_rhs, n_inner):
+def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, cols, cmask):
+  """The [bm, len(cols)] block (columns cols = c0 + arange) of rows r0.. (masked to `mine`)
+  of x, or of x[rows] when the row-index ref `rows_ref` is given (a gather: x is [tokens, K],
+  rows_ref [M] token ids)."""
+  mask = _and(mine[:, None], None if cmask is None else cmask[None, :])
+  if rows_ref is None:
+    return plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(c0, cols.shape[0])], mask=mask, other=0)
+  src = plt.load(rows_ref.at[pl.ds(r0, bm)], mask=mine, other=0)
+  return plt.load(x_ref.at[src[:, None], cols[None, :]], mask=mask, other=0)
+
+
+def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_rhs, n_inner):
+  """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
+    "mm"  [rows], x, w, out:              out = x @ w[g]
+    "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
+    "glu" [rows], x, wg, wu, h[, g, u]:   h = silu(x @ wg[g]) * (x @ wu[g]), from fp32 accs
+  `rows` (with `gathered`) makes row r of x be x[rows[r]]."""
+  rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
+  n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
+  x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
   tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
   rows = tile * bm + jnp.arange(bm, dtype=jnp.int32)
   mine = (rows >= lo) & (rows < hi)
+  cols, cmask = _span(j * bn, bn, N)
 
   @pl.when(hi > lo)
   def _():
     g = jnp.minimum(grp, G - 1)  # the pseudo-group G runs zero steps; keep its address valid
 
-    def step(kk, acc):
-      x = plt.load(x_ref.at[pl.ds(tile * bm, bm), pl.ds(kk * bk, bk)], mask=mine[:, None], other=0)
+    def load_w(w_ref, k0, kmask):
       if transpose_rhs:  # w[g] is [N, K]: a [bn, bk] block, contracted on its second axis
-        w = w_ref[g, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)]
-        return acc + _dot(x, w, tb=True)
-      w = w_ref[g, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)]
-      return acc + _dot(x, w)
+        mask = _and(None if cmask is None else cmask[:, None], None if kmask is None else kmask[None, :])
+        return _load(w_ref.at[g, pl.ds(j * bn, bn), pl.ds(k0, bk)], mask)
+      mask = _and(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :])
+      return _load(w_ref.at[g, pl.ds(k0, bk), pl.ds(j * bn, bn)], mask)
 
-    steps = (grp < G).astype(jnp.int32) * (K // bk)  # (a jnp.where here lowers to mistyped scf.for bounds)
-    acc = lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
-    plt.store(o_ref.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype),
-              mask=mine[:, None])
+    def step(kk, accs):
+      ks, kmask = _span(kk * bk, bk, K)
+      xs = [_load_rows(x_ref, rows_ref, tile * bm, bm, mine, kk * bk, ks, kmask) for x_ref in x_refs]
+      ws = [load_w(w_ref, kk * bk, kmask) for w_ref in w_refs]
+      if mode == "sum":
+        return (accs[0] + _dot(xs[0], ws[0], tb=transpose_rhs) + _dot(xs[1], ws[1], tb=transpose_rhs),)
+      return tuple(acc + _dot(xs[0], w, tb=transpose_rhs) for acc, w in zip(accs, ws))
+
+    steps = (grp < G).astype(jnp.int32) * pl.cdiv(K, bk)  # (a jnp.where here lowers to mistyped scf.for bounds)
+    n_acc = 2 if mode == "glu" else 1
+    accs = lax.fori_loop(0, steps, step, (jnp.zeros((bm, bn), jnp.float32),) * n_acc)
+    if mode == "glu":
+      gate, up = accs
+      outs = (gate * jax.nn.sigmoid(gate) * up, gate, up)[:len(out_refs)]
+    else:
+      outs = accs
+    mask = _and(mine[:, None], None if cmask is None else cmask[None, :])
+    for o_ref, o in zip(out_refs, outs):
+      plt.store(o_ref.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
 
 
-def _tgmm_kernel(bounds_ref, x_ref, dy_ref, o_ref, *, bm, n_inner):
+def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, n_dy, n_inner):
+  """out_d[g] = x[g rows].T @ dy_d[g rows] for each of n_dy (dy, out) pairs: one x block load
+  serves all of them. refs: [rows], x, dy_1..n, out_1..n."""
+  rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
+  x_ref, dy_refs, o_refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
   g, i, j = _tgmm_ids(n_inner)
   lo, hi = bounds_ref[0, g], bounds_ref[1, g]
-  bk, bn = o_ref.shape
+  ks, kmask = _span(i * bk, bk, K)
+  ns, nmask = _span(j * bn, bn, N)
 
-  def step(t, acc):
+  def step(t, accs):
     r0 = lo + t * bm
     mine = (r0 + jnp.arange(bm, dtype=jnp.int32)) < hi
-    x = plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(i * bk, bk)], mask=mine[:, None], other=0)
-    dy = plt.load(dy_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)], mask=mine[:, None], other=0)
-    return acc + _dot(x, dy, ta=True)
+    x = _load_rows(x_ref, rows_ref, r0, bm, mine, i * bk, ks, kmask)
+    mask = _and(mine[:, None], None if nmask is None else nmask[None, :])
+    return tuple(acc + _dot(x, plt.load(dy_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)], mask=mask,
+                                        other=0), ta=True)
+                 for acc, dy_ref in zip(accs, dy_refs))
 
-  acc = lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, jnp.zeros((bk, bn), jnp.float32))
-  o_ref[...] = acc.astype(o_ref.dtype)
+  accs = lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, (jnp.zeros((bk, bn), jnp.float32),) * n_dy)
+  mask = _and(None if kmask is None else kmask[:, None], None if nmask is None else nmask[None, :])
+  for o_ref, acc in zip(o_refs, accs):
+    plt.store(o_ref.at[g, pl.ds(i * bk, bk), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype), mask=mask)
 
 
 def _tgmm_ids(n_inner):
@@ -152,45 +214,95 @@ def _tgmm_ids(n_inner):
   return pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
 
-def gmm_pallas(lhs, rhs, group_sizes, cfg: Config = Config(), *, transpose_rhs: bool = False):
-  """out [M, N] = lhs [M, K] @ rhs[g] ([G, K, N]; [G, N, K] if transpose_rhs) per row group."""
-  M, K = lhs.shape
+def _check_rows(lhs, lhs_rows):
+  """The logical row count: lhs's, or lhs_rows' when lhs rows are gathered."""
+  if lhs_rows is None:
+    return lhs.shape[0]
+  if lhs_rows.ndim != 1 or not jnp.issubdtype(lhs_rows.dtype, jnp.integer):
+    raise ValueError(f"lhs_rows must be a 1-D integer array, got {lhs_rows.dtype}{list(lhs_rows.shape)}")
+  return lhs_rows.shape[0]
+
+
+def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose_rhs, n_out,
+              bn_want, name):
+  lhs = lhs_list[0]
+  M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
+  rhs = rhs_list[0]
   G = rhs.shape[0]
   N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  if (rhs.shape[2] if transpose_rhs else rhs.shape[1]) != K:
-    raise ValueError(f"lhs {lhs.shape} and rhs {rhs.shape} disagree on the contraction "
-                     f"(transpose_rhs={transpose_rhs})")
+  for r in rhs_list:
+    if (r.shape[2] if transpose_rhs else r.shape[1]) != K or r.shape != rhs.shape:
+      raise ValueError(f"lhs {lhs.shape} and rhs {r.shape} disagree on the contraction "
+                       f"(transpose_rhs={transpose_rhs})")
   bm = cfg.block_m  # rows need not divide: loads and stores are masked per visit
-  bn, bk = _fit(N, cfg.block_n, "N"), _fit(K, cfg.block_k, "K")
+  bn, bk = _tile(N, bn_want), _tile(K, cfg.block_k)
   meta = visit_table(group_sizes, M, bm)
-  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, K=K, G=G,
-                             transpose_rhs=transpose_rhs, n_inner=cfg.n_inner)
-  grid = (N // bn, meta.shape[1]) if cfg.n_inner else (meta.shape[1], N // bn)
-  return pl.pallas_call(
+  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, K=K, N=N, G=G, mode=mode,
+                             gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
+                             n_inner=cfg.n_inner)
+  nb = pl.cdiv(N, bn)
+  grid = (nb, meta.shape[1]) if cfg.n_inner else (meta.shape[1], nb)
+  rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
+  out = pl.pallas_call(
       kernel, grid=grid,
-      out_shape=jax.ShapeDtypeStruct((M, N), lhs.dtype),
+      out_shape=[jax.ShapeDtypeStruct((M, N), lhs.dtype)] * n_out,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-      interpret=cfg.interpret, name="gmm")(meta, lhs, rhs)
+      interpret=cfg.interpret, name=name)(meta, *rows, *lhs_list, *rhs_list)
+  return out
 
 
-def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=None):
-  """out [G, K, N] = lhs[g rows].T @ dout[g rows]; rows past sum(sizes) are ignored."""
-  M, K = lhs.shape
-  N = dout.shape[1]
+def gmm_pallas(lhs, rhs, group_sizes, cfg: Config = Config(), *, transpose_rhs: bool = False,
+               lhs_rows=None):
+  """out [M, N] = lhs [M, K] @ rhs[g] ([G, K, N]; [G, N, K] if transpose_rhs) per row group.
+  With lhs_rows [M] (int), row r of lhs is lhs[lhs_rows[r]] (gathered in the kernel)."""
+  return _gmm_call("mm", [lhs], [rhs], group_sizes, cfg, lhs_rows=lhs_rows,
+                   transpose_rhs=transpose_rhs, n_out=1, bn_want=cfg.block_n, name="gmm")[0]
+
+
+def gmm_sum_pallas(lhs0, lhs1, rhs0, rhs1, group_sizes, cfg: Config = Config(), *,
+                   transpose_rhs: bool = False):
+  """lhs0 @ rhs0[g] + lhs1 @ rhs1[g] in one kernel (one fp32 accumulator): the gate/up
+  backward's d input."""
+  if lhs0.shape != lhs1.shape:
+    raise ValueError(f"lhs shapes differ: {lhs0.shape} vs {lhs1.shape}")
+  return _gmm_call("sum", [lhs0, lhs1], [rhs0, rhs1], group_sizes, cfg, lhs_rows=None,
+                   transpose_rhs=transpose_rhs, n_out=1, bn_want=cfg.block_n, name="gmm_sum")[0]
+
+
+def gmm_glu_pallas(lhs, w_gate, w_up, group_sizes, cfg: Config = Config(), *, lhs_rows=None,
+                   save_gate_up: bool = False):
+  """h = silu(lhs @ w_gate[g]) * (lhs @ w_up[g]) per row group, the SwiGLU computed from the
+  fp32 accumulators (w_* [G, K, N]); with save_gate_up also returns the two products
+  (h, gate, up) for the backward pass. lhs_rows as in gmm_pallas."""
+  out = _gmm_call("glu", [lhs], [w_gate, w_up], group_sizes, cfg, lhs_rows=lhs_rows,
+                  transpose_rhs=False, n_out=3 if save_gate_up else 1, bn_want=cfg.block_n_glu,
+                  name="gmm_glu")
+  return tuple(out) if save_gate_up else out[0]
+
+
+def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=None, lhs_rows=None):
+  """out [G, K, N] = lhs[g rows].T @ dout[g rows]; rows past sum(sizes) are ignored. `dout` may
+  be a tuple of same-shape arrays: one output per entry, sharing each lhs block load. With
+  lhs_rows [M], row r of lhs is lhs[lhs_rows[r]]."""
+  douts = tuple(dout) if isinstance(dout, (tuple, list)) else (dout,)
+  M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
+  N = douts[0].shape[1]
+  if any(d.shape != (M, N) for d in douts):
+    raise ValueError(f"dout shapes {[d.shape for d in douts]} do not match {M} rows of lhs")
   G = group_sizes.shape[0]
-  bk, bn = _fit(K, cfg.block_k_t, "K"), _fit(N, cfg.block_n_t, "N")
+  bk, bn = _tile(K, cfg.block_k_t), _tile(N, cfg.block_n_t)
   bounds = jnp.stack(group_bounds(group_sizes, M))
-  if cfg.n_inner:
-    grid, index = (N // bn, K // bk, G), lambda j, i, g: (g, i, j)
-  else:
-    grid, index = (G, K // bk, N // bn), lambda g, i, j: (g, i, j)
-  return pl.pallas_call(
-      functools.partial(_tgmm_kernel, bm=cfg.block_m_t, n_inner=cfg.n_inner), grid=grid,
-      in_specs=[pl.no_block_spec] * 3,
-      out_specs=pl.BlockSpec((None, bk, bn), index),
-      out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype or lhs.dtype),
+  nk, nn = pl.cdiv(K, bk), pl.cdiv(N, bn)
+  grid = (nn, nk, G) if cfg.n_inner else (G, nk, nn)
+  rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
+  out = pl.pallas_call(
+      functools.partial(_tgmm_kernel, bm=cfg.block_m_t, bk=bk, bn=bn, K=K, N=N,
+                        gathered=lhs_rows is not None, n_dy=len(douts), n_inner=cfg.n_inner),
+      grid=grid,
+      out_shape=[jax.ShapeDtypeStruct((G, K, N), out_dtype or lhs.dtype)] * len(douts),
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_t, num_stages=cfg.num_stages),
-      interpret=cfg.interpret, name="tgmm")(bounds, lhs, dout)
+      interpret=cfg.interpret, name="tgmm")(bounds, *rows, lhs, *douts)
+  return tuple(out) if isinstance(dout, (tuple, list)) else out[0]
 
 
 # ----------------------------------------------------------------------------- custom_vjp op
@@ -215,3 +327,41 @@ def _gmm_bwd(cfg, res, dout):
 
 
 gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def gmm_glu(x, rows, token_rows, w_gate, w_up, group_sizes, cfg: Config):
+  """The routed experts' SwiGLU half, fused: h [M, F] = silu(x[rows] @ w_gate[g]) *
+  (x[rows] @ w_up[g]) per row group. x [tokens, K] is gathered row by row inside the kernel
+  (the [M, K] dispatched copy is never written); w_* [G, K, F].
+
+  Differentiable in x, w_gate and w_up. `token_rows` [tokens, X] lists each token's rows (the
+  inverse of `rows`, every row listed once), so d x is a gather-sum over them; None falls back
+  to a scatter-add over `rows`. The backward: d gate and d up elementwise from the saved
+  products, d x = one gmm over both (`gmm_sum_pallas`), d w_gate and d w_up from one tgmm that
+  gathers x's rows and shares each block between the two.
+  """
+  return gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows)
+
+
+def _gmm_glu_fwd(x, rows, token_rows, w_gate, w_up, group_sizes, cfg):
+  h, gate, up = gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows, save_gate_up=True)
+  return h, (x, rows, token_rows, w_gate, w_up, group_sizes, gate, up)
+
+
+def _gmm_glu_bwd(cfg, res, dh):
+  x, rows, token_rows, w_gate, w_up, group_sizes, gate, up = res
+  g, u, dh = gate.astype(jnp.float32), up.astype(jnp.float32), dh.astype(jnp.float32)
+  s = jax.nn.sigmoid(g)
+  dg = (dh * u * s * (1 + g * (1 - s))).astype(x.dtype)  # d silu(g) = s (1 + g (1 - s))
+  du = (dh * g * s).astype(x.dtype)
+  dxs = gmm_sum_pallas(dg, du, w_gate, w_up, group_sizes, cfg, transpose_rhs=True)  # [M, K]
+  if token_rows is not None:
+    dx = dxs[token_rows].astype(jnp.float32).sum(1)
+  else:
+    dx = jnp.zeros(x.shape, jnp.float32).at[rows].add(dxs.astype(jnp.float32))
+  dwg, dwu = tgmm_pallas(x, (dg, du), group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
+  return dx.astype(x.dtype), None, None, dwg, dwu, None
+
+
+gmm_glu.defvjp(_gmm_glu_fwd, _gmm_glu_bwd)

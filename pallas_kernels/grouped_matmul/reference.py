@@ -38,3 +38,11 @@ def tgmm_reference(lhs, dout, group_sizes, *, out_dtype=None):
   out = jnp.einsum("mg,mk,mn->gkn", onehot, lhs.astype(jnp.float32), dout.astype(jnp.float32),
                    precision=lax.Precision.HIGHEST)
   return out.astype(out_dtype or lhs.dtype)
+
+
+def gmm_glu_reference(x, rows, w_gate, w_up, group_sizes):
+  """silu(x[rows] @ w_gate[g]) * (x[rows] @ w_up[g]) per row group, products in fp32."""
+  xs = x[rows]
+  g = gmm_reference(xs.astype(jnp.float32), w_gate.astype(jnp.float32), group_sizes)
+  u = gmm_reference(xs.astype(jnp.float32), w_up.astype(jnp.float32), group_sizes)
+  return (jax.nn.silu(g) * u).astype(x.dtype)
