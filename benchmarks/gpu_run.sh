@@ -26,7 +26,7 @@ case "$part" in
   train)      # ling_small at sequence 4096 (experiments/small_pretrain.py defaults)
     timeout ${LIMIT:-560} python3 -m experiments.small_pretrain train.steps=30 train.log_every=5 \
       train.checkpoint_every=1000 train.sample_tokens=0 train.unigram_batches=1 \
-      train.progress=false train.out_dir=/tmp/small_pretrain "$@" ;;
+      train.progress=false train.out_dir=$(mktemp -d) "$@" ;;
   mla)        # MLA causal attention: materialised XLA scores vs the flash kernel's block sizes
     timeout ${LIMIT:-560} python3 -m benchmarks.mla_attention "$@" ;;
   profile)    # where a small_pretrain step's device time goes, per source file and op

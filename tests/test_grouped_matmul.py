@@ -16,8 +16,8 @@ from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
-SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_m_t=16, block_k_t=32,
-               block_n_t=16, interpret=True)
+SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_n_sum=16, block_m_t=16,
+               block_k_t=32, block_n_t=16, block_n_t2=16, interpret=True)
 
 
 def rel(a, b):
@@ -211,9 +211,9 @@ def test_gmm_glu_forward_matches_float64(dtype):
   assert rel(gmm_glu_reference(x, r, wg, wu, gs), want) < tol
 
 
-@pytest.mark.parametrize("with_token_rows", [True, False])
+@pytest.mark.parametrize("with_token_rows,fused_backward", [(True, True), (False, True), (True, False)])
 @pytest.mark.parametrize("kind", ["uniform", "one_group"])
-def test_gmm_glu_gradients(kind, with_token_rows):
+def test_gmm_glu_gradients(kind, with_token_rows, fused_backward):
   rng = np.random.default_rng(24)
   N, X, K, F, G = 26, 3, 32, 24, 5
   rows, token_rows, sizes = routed_rows(rng, N, X, G, kind)
@@ -222,7 +222,8 @@ def test_gmm_glu_gradients(kind, with_token_rows):
   x = jnp.asarray(rng.standard_normal((N, K)), jnp.float32)
   wg, wu = (jnp.asarray(rng.standard_normal((G, K, F)) * 0.3, jnp.float32) for _ in range(2))
   proj = jnp.asarray(rng.standard_normal((N * X, F)), jnp.float32)
-  fused = lambda x, wg, wu: jnp.sum(gmm_glu(x, r, tr, wg, wu, gs, SMALL) * proj)
+  cfg = SMALL._replace(fused_backward=fused_backward)
+  fused = lambda x, wg, wu: jnp.sum(gmm_glu(x, r, tr, wg, wu, gs, cfg) * proj)
   ref = lambda x, wg, wu: jnp.sum(gmm_glu_reference(x, r, wg, wu, gs) * proj)
   got = jax.value_and_grad(fused, argnums=(0, 1, 2))(x, wg, wu)
   want = jax.value_and_grad(ref, argnums=(0, 1, 2))(x, wg, wu)

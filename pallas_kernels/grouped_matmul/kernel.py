@@ -44,13 +44,20 @@ class Config(NamedTuple):
   block_k: int = 64
   num_warps: int = 8
   num_stages: int = 3
-  # The fused gate/up kernel (`gmm_glu_pallas`): two [block_m, block_n_glu] accumulators.
-  block_n_glu: int = 128
-  # The weight-gradient kernel: [block_k_t, block_n_t] output tile, rows in block_m_t steps.
+  # Kernels with two products (two operand tiles per step): the fused gate/up kernel
+  # (`gmm_glu_pallas`, two [block_m, block_n_glu] accumulators) and `gmm_sum_pallas`.
+  block_n_glu: int = 64
+  block_n_sum: int = 128
+  # The weight-gradient kernel: [block_k_t, block_n_t] output tile, rows in block_m_t steps;
+  # block_n_t2 when it computes two gradients at once.
   block_m_t: int = 64
   block_k_t: int = 128
   block_n_t: int = 128
+  block_n_t2: int = 64
   num_warps_t: int = 8
+  # gmm_glu's backward: d x as one gmm over both products and both weight gradients from one
+  # tgmm (True), or two of each (False).
+  fused_backward: bool = True
   # Launch order: True runs a row tile's N-blocks (tgmm: a group's output tiles) back to back,
   # so the tile's rows are re-read from L2 rather than HBM; False puts visits (groups) innermost.
   n_inner: bool = True
@@ -63,6 +70,12 @@ def _tile(n: int, want: int) -> int:
   block is masked."""
   b = 1 << (max(want, 16).bit_length() - 1)
   return max(16, min(b, 1 << max(n - 1, 1).bit_length()))
+
+
+def _per_bytes(block: int, dtype) -> int:
+  """A contraction step sized for 2-byte operands, halved for 4-byte ones (fp32 tests) so that
+  each pipeline stage needs the same shared memory."""
+  return max(16, block * 2 // jnp.dtype(dtype).itemsize)
 
 
 def _dot(a, b, *, ta=False, tb=False):
@@ -235,7 +248,7 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
       raise ValueError(f"lhs {lhs.shape} and rhs {r.shape} disagree on the contraction "
                        f"(transpose_rhs={transpose_rhs})")
   bm = cfg.block_m  # rows need not divide: loads and stores are masked per visit
-  bn, bk = _tile(N, bn_want), _tile(K, cfg.block_k)
+  bn, bk = _tile(N, bn_want), _tile(K, _per_bytes(cfg.block_k, lhs.dtype))
   meta = visit_table(group_sizes, M, bm)
   kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, K=K, N=N, G=G, mode=mode,
                              gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
@@ -266,7 +279,7 @@ def gmm_sum_pallas(lhs0, lhs1, rhs0, rhs1, group_sizes, cfg: Config = Config(), 
   if lhs0.shape != lhs1.shape:
     raise ValueError(f"lhs shapes differ: {lhs0.shape} vs {lhs1.shape}")
   return _gmm_call("sum", [lhs0, lhs1], [rhs0, rhs1], group_sizes, cfg, lhs_rows=None,
-                   transpose_rhs=transpose_rhs, n_out=1, bn_want=cfg.block_n, name="gmm_sum")[0]
+                   transpose_rhs=transpose_rhs, n_out=1, bn_want=cfg.block_n_sum, name="gmm_sum")[0]
 
 
 def gmm_glu_pallas(lhs, w_gate, w_up, group_sizes, cfg: Config = Config(), *, lhs_rows=None,
@@ -290,13 +303,13 @@ def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=Non
   if any(d.shape != (M, N) for d in douts):
     raise ValueError(f"dout shapes {[d.shape for d in douts]} do not match {M} rows of lhs")
   G = group_sizes.shape[0]
-  bk, bn = _tile(K, cfg.block_k_t), _tile(N, cfg.block_n_t)
+  bk, bn = _tile(K, cfg.block_k_t), _tile(N, cfg.block_n_t if len(douts) == 1 else cfg.block_n_t2)
   bounds = jnp.stack(group_bounds(group_sizes, M))
   nk, nn = pl.cdiv(K, bk), pl.cdiv(N, bn)
   grid = (nn, nk, G) if cfg.n_inner else (G, nk, nn)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
   out = pl.pallas_call(
-      functools.partial(_tgmm_kernel, bm=cfg.block_m_t, bk=bk, bn=bn, K=K, N=N,
+      functools.partial(_tgmm_kernel, bm=_per_bytes(cfg.block_m_t, lhs.dtype), bk=bk, bn=bn, K=K, N=N,
                         gathered=lhs_rows is not None, n_dy=len(douts), n_inner=cfg.n_inner),
       grid=grid,
       out_shape=[jax.ShapeDtypeStruct((G, K, N), out_dtype or lhs.dtype)] * len(douts),
@@ -355,12 +368,18 @@ def _gmm_glu_bwd(cfg, res, dh):
   s = jax.nn.sigmoid(g)
   dg = (dh * u * s * (1 + g * (1 - s))).astype(x.dtype)  # d silu(g) = s (1 + g (1 - s))
   du = (dh * g * s).astype(x.dtype)
-  dxs = gmm_sum_pallas(dg, du, w_gate, w_up, group_sizes, cfg, transpose_rhs=True)  # [M, K]
+  if cfg.fused_backward:
+    dxs = gmm_sum_pallas(dg, du, w_gate, w_up, group_sizes, cfg, transpose_rhs=True)  # [M, K]
+    dwg, dwu = tgmm_pallas(x, (dg, du), group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
+  else:
+    dxs = (gmm_pallas(dg, w_gate, group_sizes, cfg, transpose_rhs=True).astype(jnp.float32)
+           + gmm_pallas(du, w_up, group_sizes, cfg, transpose_rhs=True))
+    dwg, dwu = (tgmm_pallas(x, d, group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
+                for d in (dg, du))
   if token_rows is not None:
     dx = dxs[token_rows].astype(jnp.float32).sum(1)
   else:
     dx = jnp.zeros(x.shape, jnp.float32).at[rows].add(dxs.astype(jnp.float32))
-  dwg, dwu = tgmm_pallas(x, (dg, du), group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
   return dx.astype(x.dtype), None, None, dwg, dwu, None
 
 
