@@ -34,13 +34,17 @@ import numpy as np
 
 from benchmarks.timing import guarded, time_jax
 from ling_jax.model import moe
-from pallas_kernels.grouped_matmul import Config
+from pallas_kernels.grouped_matmul import Config, tuned_config
 
 HBM_BYTES_PER_S = 3.35e12
 SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024, F=576, X=4)}
 TOKENS = [256, 1024, 4096, 16384]
-CONFIGS = [Config(), Config(fused_backward=False),  # (the model picks by shape: moe.experts_grouped)
-           Config(block_m=64, block_n=128, block_n_glu=64, block_k=64, num_warps=4, num_stages=3)]
+def configs_for(D, F):
+  """The model's choice for the shape (`tuned_config`), the same with the other backward, and
+  64-row tiles."""
+  tuned = tuned_config(D, F)
+  return [tuned, tuned._replace(fused_backward=not tuned.fused_backward),
+          tuned._replace(block_m=64, block_n=128, num_warps=4)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -249,13 +253,14 @@ def main():
   print(f"# device: {jax.devices()[0].device_kind}")
   shapes = args.shapes.split(",")
   tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
-  configs = CONFIGS[:1] if args.default_only else CONFIGS
+  n_configs = 1 if args.default_only else 3
+  interpret = False
   if args.quick:
     shapes, tokens = ["small"], [256, 1024]
   if not on_gpu:  # interpret-mode smoke run of the same code at toy sizes
     SHAPES["toy"] = dict(E=4, D=64, F=32, X=2)
     shapes, tokens = ["toy"], [16]
-    configs = [c._replace(interpret=True) for c in CONFIGS[:1]]
+    n_configs, interpret = 1, True
   rows = []
   if args.sweep and on_gpu:
     for name in shapes:
@@ -268,7 +273,8 @@ def main():
   for name in shapes:
     for n in tokens:
       rows.append(bench(name, **SHAPES[name], N=n, use_mgpu=on_gpu and not args.no_mgpu,
-                        configs=configs))
+                        configs=[c._replace(interpret=interpret) for c in
+                                 configs_for(SHAPES[name]["D"], SHAPES[name]["F"])[:n_configs]]))
       print("# " + json.dumps(rows[-1]), flush=True)
       if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "moe_bench.json"), "w") as f:

@@ -24,7 +24,7 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.model.common import ExpertBias, SwiGLU, param
-from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm, gmm_glu
+from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm, gmm_glu, tuned_config
 
 IMPLS = ("auto", "dense", "sorted", "gmm")
 
@@ -165,9 +165,7 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(A, dtype=order.dtype))  # no 2nd sort
   sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
   if matmul is None:
-    # The fused two-product backward kernels won at ling_small's expert shape (1024 x 576) and
-    # lost by ~3% at Ling-2.6-flash's (4096 x 1024) on an H100 (BENCHMARKS.md, session 4).
-    cfg = config or GmmConfig(fused_backward=D * wg.shape[2] <= 1024 * 1024)
+    cfg = config or tuned_config(D, wg.shape[2])
     cfg = cfg._replace(interpret=jax.default_backend() != "gpu")
     h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
     ys = gmm(h, wd, sizes, cfg)  # [N X, D]

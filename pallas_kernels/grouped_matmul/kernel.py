@@ -64,6 +64,15 @@ class Config(NamedTuple):
   interpret: bool = False
 
 
+def tuned_config(hidden: int, width: int) -> Config:
+  """Defaults by expert shape (hidden x width), from the H100 sweeps (BENCHMARKS.md, session 4):
+  at ling_small's 1024 x 576 the fused gate/up kernel ran fastest with 64-wide accumulators and
+  the fused two-product backward won; at Ling-2.6-flash's 4096 x 1024, 128-wide accumulators
+  (447 against 409 TFLOP/s) and separate backward kernels (~3% faster)."""
+  small = hidden * width <= 1024 * 1024
+  return Config(block_n_glu=64 if small else 128, fused_backward=small)
+
+
 def _tile(n: int, want: int) -> int:
   """The power-of-two tile for a dimension of n: `want` rounded down to a power of two, no
   larger than n needs, and >= 16 (the Triton dot minimum). It need not divide n: the last
