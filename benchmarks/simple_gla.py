@@ -309,6 +309,11 @@ def main():
   ap.add_argument("--no-check", action="store_true", help="skip the correctness pass")
   ap.add_argument("--fwd-configs", default=None,
                   help='JSON list of forward kernel configurations, e.g. \'[{"splits": 8}]\'')
+  ap.add_argument("--bwd-configs", default=None,
+                  help="JSON list of forward+backward configurations (each overrides the best "
+                       "forward's), e.g. '[{\"splits\": 1}, {\"splits\": 4}]'")
+  ap.add_argument("--shape", default=None,
+                  help="one extra B,T,H,D shape instead of SHAPES, e.g. 8,4096,8,128 (ling_small)")
   ap.add_argument("--fwd-only", action="store_true", help="time only our forward kernel")
   ap.add_argument("--no-fused", action="store_true", help="skip fla's fused_chunk variant")
   args = ap.parse_args()
@@ -326,10 +331,14 @@ def main():
     fwd_cfg, bwd_cfg = fwd_cfg[:1], bwd_cfg[:1]
   if args.fwd_configs:
     fwd_cfg = json.loads(args.fwd_configs)
+  if args.bwd_configs:
+    bwd_cfg = json.loads(args.bwd_configs)
   if args.fwd_only:
     bwd_cfg, fla, xla = [], None, None
   if args.shapes:
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+  if args.shape:
+    shapes = [tuple(int(n) for n in args.shape.split(","))]
   if args.no_decode:
     batches = []
   if interpret:
