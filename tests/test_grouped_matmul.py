@@ -11,7 +11,7 @@ import pytest
 
 from ling_jax.model import moe
 from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_glu_reference,
-                                           gmm_pallas, gmm_reference, gmm_scatter, gmm_sum_pallas,
+                                           gmm_pallas, gmm_reference, gmm_sum_pallas,
                                            grouped_matmul, tgmm_pallas, visit_table)
 
 ON_GPU = jax.devices()[0].platform == "gpu"
@@ -178,32 +178,6 @@ def test_gathered_rows_match_float64(kind):
   dw, dw2 = tgmm_pallas(x, (dy, dy2), gs, SMALL, lhs_rows=r)
   assert rel(dw, np_tgmm(xs, dy, sizes)) < 1e-5
   assert rel(dw2, np_tgmm(xs, dy2, sizes)) < 1e-5
-
-
-@pytest.mark.parametrize("M,extra", [(111, 5), (96, 0)])  # 111: a last tile past the rows
-def test_scattered_rows_and_gathered_dout(M, extra):
-  """out_rows: row r of the product lands at out[perm[r]]; dout_rows: tgmm reads dout[perm[r]];
-  and the differentiable gmm_scatter against the reference."""
-  rng = np.random.default_rng(25)
-  K, N, G = 48, 40, 5
-  sizes = random_sizes(rng, G, M - extra, "skewed")
-  gs = jnp.asarray(sizes, jnp.int32)
-  perm = rng.permutation(M)
-  x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((G, K, N)), jnp.float32)
-  want = np.zeros((M, N))
-  want[perm] = np_gmm(x, w, sizes)  # rows past the groups: zeros, also scattered
-  p = jnp.asarray(perm, jnp.int32)
-  assert rel(gmm_pallas(x, w, gs, SMALL, out_rows=p), want) < 1e-5
-  dy = rng.standard_normal((M, N))
-  assert rel(tgmm_pallas(x, jnp.asarray(dy, jnp.float32), gs, SMALL, dout_rows=p),
-             np_tgmm(x, dy[perm], sizes)) < 1e-5
-  proj = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
-  f = lambda x, w: jnp.sum(jnp.tanh(gmm_scatter(x, w, gs, p, SMALL)) * proj)
-  ref = lambda x, w: jnp.sum(jnp.tanh(jnp.zeros((M, N)).at[p].set(gmm_reference(x, w, gs))) * proj)
-  got, want_g = jax.grad(f, argnums=(0, 1))(x, w), jax.grad(ref, argnums=(0, 1))(x, w)
-  for a, b in zip(got, want_g):
-    assert rel(a, b) < 1e-5
 
 
 def test_gmm_sum_matches_float64():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from ling_jax.model.mla import _flash
-from pallas_kernels.grouped_matmul import Config, gmm_glu, gmm_pallas, gmm_scatter, tgmm_pallas
+from pallas_kernels.grouped_matmul import Config, gmm_glu, gmm_pallas, tgmm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
 
@@ -75,11 +75,6 @@ CASES = {
                                             x, wg, wu)[1](jnp.ones((M, 72), jnp.bfloat16)),
         (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((M // 4, 4), jnp.int32),
          S((G, K, 72), jnp.bfloat16), S((G, K, 72), jnp.bfloat16), S((G,), jnp.int32)), 3),
-    "gmm_scatter_fwd_bwd": (  # token-major stores; backward gathers d out through them
-        lambda x, w, s, p: jax.vjp(lambda x, w: gmm_scatter(x, w, s, p, Config()), x, w)[1](
-            jnp.ones((M, 72), jnp.bfloat16)),
-        (S((M, K), jnp.bfloat16), S((G, K, 72), jnp.bfloat16), S((G,), jnp.int32), S((M,), jnp.int32)),
-        3),
     "simple_gla_fwd_bwd_packed": (
         lambda q, k, v, g, seg: jax.vjp(
             lambda q, k, v: simple_gla_pallas(q, k, v, g, segment_ids=seg)[0], q, k, v)[1](q),

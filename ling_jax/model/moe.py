@@ -24,7 +24,7 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.model.common import ExpertBias, SwiGLU, param
-from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm_glu, gmm_scatter, tuned_config
+from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm, gmm_glu, tuned_config
 
 IMPLS = ("auto", "dense", "sorted", "gmm")
 
@@ -151,10 +151,9 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   Assignments are sorted by expert (a stable argsort of N X ids) and three grouped matmuls run
   over the ragged expert groups: gate and up in one fused kernel (`gmm_glu`) that gathers each
   token row itself and applies the SwiGLU to its fp32 accumulators (neither the [N X, D]
-  dispatched rows nor the gate / up products of a forward-only call are written), then down,
-  which stores each row at its token-major place (`gmm_scatter`), so the weighted combine is a
-  contiguous reduction. The backward passes read through the same permutations with in-kernel
-  gathers. Never [N, E, D].
+  dispatched rows nor the gate / up products of a forward-only call are written), then down.
+  The rows are gathered back through the inverse permutation and combined with the routing
+  weights; both row movements are gathers in the backward pass too. Never [N, E, D].
   `matmul(lhs, rhs, group_sizes)` replaces the Pallas kernels with three unfused grouped
   matmuls over explicitly dispatched rows (benchmarks).
   """
@@ -168,13 +167,14 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   if matmul is None:
     cfg = config or tuned_config(D, wg.shape[2])
     cfg = cfg._replace(interpret=jax.default_backend() != "gpu")
-    h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F] sorted
-    y = gmm_scatter(h, wd, sizes, order, cfg)  # [N X, D] token-major: row r lands at order[r]
+    h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
+    ys = gmm(h, wd, sizes, cfg)  # [N X, D]
   else:
     xs = _dispatch(x, order, inverse, X)  # [N X, D], row r serves token order[r] // X
     h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
-    y = _permute(matmul(h.astype(x.dtype), wd, sizes), inverse, order)
-  return jnp.einsum("nx,nxd->nd", w, y.reshape(N, X, D).astype(jnp.float32))
+    ys = matmul(h.astype(x.dtype), wd, sizes)
+  y = _permute(ys, inverse, order).reshape(N, X, D).astype(jnp.float32)
+  return jnp.einsum("nx,nxd->nd", w, y)
 
 
 class Router(nnx.Module):

@@ -1,5 +1,4 @@
-"""Grouped (ragged) matmul in Pallas (Triton lowering): gmm, tgmm, the fused gate/up kernel and
-the custom_vjp ops.
+"""Grouped (ragged) matmul in Pallas (Triton lowering): gmm, tgmm and the custom_vjp op.
 
 Semantics are reference.py's: rows of lhs sorted by group, group g owning rows
 [start_g, end_g). Nothing is padded to a tile per group; instead:
@@ -14,24 +13,15 @@ Semantics are reference.py's: rows of lhs sorted by group, group g owning rows
   entries are empty (no rows) and exit at once.
 * tgmm (the weight gradient, out[g] = lhs[g rows].T @ dout[g rows]) runs on the grid
   (N-block, K-block, group); each program walks its group's rows in bm-row steps, so an empty
-  group writes zeros and a heavy one simply loops longer. Given several douts it computes one
-  gradient per dout from each lhs block it loads.
-* Row gathers: with `lhs_rows`, row r of lhs is lhs[lhs_rows[r]], loaded straight from the
-  [tokens, K] array, so the MoE never writes its [tokens x top-k, K] dispatched copy.
-* Tails: tiles are powers of two that need not divide N or K; the last block is masked.
-* Fused kernels ("modes" of one kernel body): `gmm_glu_pallas` computes x @ w_gate and x @ w_up
-  into two fp32 accumulators and writes silu(gate) * up (and the products, for a backward
-  pass); `gmm_sum_pallas` accumulates two products, the gate/up backward's d input.
-* The ops' backward: gmm: d lhs = gmm(dout, rhs, transposed), d rhs = tgmm(lhs, dout);
-  gmm_glu: see its docstring.
+  group writes zeros and a heavy one simply loops longer.
+* The op's backward: d lhs = gmm(dout, rhs, transposed), d rhs = tgmm(lhs, dout).
 
-bf16 (or fp32) operands, fp32 accumulation; fp32 operands use full-precision dots (no TF32)
-and half the contraction step (the same shared memory per stage). Each program loops over the
-contraction in bk steps, which Triton software-pipelines (num_stages). The launch order puts
-N-blocks innermost (`Config.n_inner`): the programs that share a row tile run back to back and
-re-read it from L2, and a group's consecutive visits share its weight blocks the same way; on
-an H100 this order alone made gmm 1.3-1.6x and tgmm up to 3.5x faster than visit-major order at
-the flash expert shape. `tuned_config` picks tiles by expert shape from the H100 sweeps.
+bf16 (or fp32) operands, fp32 accumulation; fp32 operands use full-precision dots (no TF32).
+Each program loops over the contraction in bk steps, which Triton software-pipelines
+(num_stages). The launch order puts N-blocks innermost (`Config.n_inner`): the programs that
+share a row tile run back to back and re-read it from L2, and a group's consecutive visits share
+its weight blocks the same way; on an H100 this order alone made gmm 1.3-1.6x and tgmm up to 3.5x
+faster than visit-major order at the flash expert shape.
 """
 
 from __future__ import annotations
@@ -167,16 +157,13 @@ def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, cols, cmask):
   return plt.load(x_ref.at[src[:, None], cols[None, :]], mask=mask, other=0)
 
 
-def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, scattered, transpose_rhs,
-                n_inner):
+def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_rhs, n_inner):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
     "mm"  [rows], x, w, out:              out = x @ w[g]
     "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
     "glu" [rows], x, wg, wu, h[, g, u]:   h = silu(x @ wg[g]) * (x @ wu[g]), from fp32 accs
-  `rows` (with `gathered`) makes row r of x be x[rows[r]]; `dest` (with `scattered`, after
-  `rows`) stores output row r at out[dest[r]]."""
+  `rows` (with `gathered`) makes row r of x be x[rows[r]]."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
-  dest_ref, refs = (refs[0], refs[1:]) if scattered else (None, refs)
   n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
   x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
@@ -213,20 +200,14 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, scatter
     else:
       outs = accs
     mask = _and(mine[:, None], None if cmask is None else cmask[None, :])
-    if scattered:  # rows past M get an out-of-bounds destination: masked here, dropped in interpret
-      dest = plt.load(dest_ref.at[pl.ds(tile * bm, bm)], mask=rows < M, other=M)
     for o_ref, o in zip(out_refs, outs):
-      if scattered:
-        plt.store(o_ref.at[dest[:, None], cols[None, :]], o.astype(o_ref.dtype), mask=mask)
-      else:
-        plt.store(o_ref.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
+      plt.store(o_ref.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
 
 
-def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, dy_gathered, n_dy, n_inner):
+def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, n_dy, n_inner):
   """out_d[g] = x[g rows].T @ dy_d[g rows] for each of n_dy (dy, out) pairs: one x block load
-  serves all of them. refs: [rows], [dy rows], x, dy_1..n, out_1..n."""
+  serves all of them. refs: [rows], x, dy_1..n, out_1..n."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
-  dy_rows_ref, refs = (refs[0], refs[1:]) if dy_gathered else (None, refs)
   x_ref, dy_refs, o_refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
   g, i, j = _tgmm_ids(n_inner)
   lo, hi = bounds_ref[0, g], bounds_ref[1, g]
@@ -237,7 +218,9 @@ def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, dy_gathered, n_d
     r0 = lo + t * bm
     mine = (r0 + jnp.arange(bm, dtype=jnp.int32)) < hi
     x = _load_rows(x_ref, rows_ref, r0, bm, mine, i * bk, ks, kmask)
-    return tuple(acc + _dot(x, _load_rows(dy_ref, dy_rows_ref, r0, bm, mine, j * bn, ns, nmask), ta=True)
+    mask = _and(mine[:, None], None if nmask is None else nmask[None, :])
+    return tuple(acc + _dot(x, plt.load(dy_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)], mask=mask,
+                                        other=0), ta=True)
                  for acc, dy_ref in zip(accs, dy_refs))
 
   accs = lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, (jnp.zeros((bk, bn), jnp.float32),) * n_dy)
@@ -263,7 +246,7 @@ def _check_rows(lhs, lhs_rows):
 
 
 def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose_rhs, n_out,
-              bn_want, name, out_rows=None):
+              bn_want, name):
   lhs = lhs_list[0]
   M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
   rhs = rhs_list[0]
@@ -276,14 +259,12 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
   bm = cfg.block_m  # rows need not divide: loads and stores are masked per visit
   bn, bk = _tile(N, bn_want), _tile(K, _per_bytes(cfg.block_k, lhs.dtype))
   meta = visit_table(group_sizes, M, bm)
-  if out_rows is not None and out_rows.shape != (M,):
-    raise ValueError(f"out_rows must be [{M}] (a permutation of the rows), got {out_rows.shape}")
-  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, M=M, K=K, N=N, G=G, mode=mode,
-                             gathered=lhs_rows is not None, scattered=out_rows is not None,
-                             transpose_rhs=transpose_rhs, n_inner=cfg.n_inner)
+  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, K=K, N=N, G=G, mode=mode,
+                             gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
+                             n_inner=cfg.n_inner)
   nb = pl.cdiv(N, bn)
   grid = (nb, meta.shape[1]) if cfg.n_inner else (meta.shape[1], nb)
-  rows = tuple(r.astype(jnp.int32) for r in (lhs_rows, out_rows) if r is not None)
+  rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
   out = pl.pallas_call(
       kernel, grid=grid,
       out_shape=[jax.ShapeDtypeStruct((M, N), lhs.dtype)] * n_out,
@@ -293,14 +274,11 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
 
 
 def gmm_pallas(lhs, rhs, group_sizes, cfg: Config = Config(), *, transpose_rhs: bool = False,
-               lhs_rows=None, out_rows=None):
+               lhs_rows=None):
   """out [M, N] = lhs [M, K] @ rhs[g] ([G, K, N]; [G, N, K] if transpose_rhs) per row group.
-  With lhs_rows [M] (int), row r of lhs is lhs[lhs_rows[r]] (gathered in the kernel); with
-  out_rows [M], a permutation of range(M), row r of the product is stored at out[out_rows[r]]
-  (scattered in the kernel)."""
+  With lhs_rows [M] (int), row r of lhs is lhs[lhs_rows[r]] (gathered in the kernel)."""
   return _gmm_call("mm", [lhs], [rhs], group_sizes, cfg, lhs_rows=lhs_rows,
-                   transpose_rhs=transpose_rhs, n_out=1, bn_want=cfg.block_n, name="gmm",
-                   out_rows=out_rows)[0]
+                   transpose_rhs=transpose_rhs, n_out=1, bn_want=cfg.block_n, name="gmm")[0]
 
 
 def gmm_sum_pallas(lhs0, lhs1, rhs0, rhs1, group_sizes, cfg: Config = Config(), *,
@@ -324,29 +302,24 @@ def gmm_glu_pallas(lhs, w_gate, w_up, group_sizes, cfg: Config = Config(), *, lh
   return tuple(out) if save_gate_up else out[0]
 
 
-def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=None, lhs_rows=None,
-                dout_rows=None):
+def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=None, lhs_rows=None):
   """out [G, K, N] = lhs[g rows].T @ dout[g rows]; rows past sum(sizes) are ignored. `dout` may
   be a tuple of same-shape arrays: one output per entry, sharing each lhs block load. With
-  lhs_rows [M], row r of lhs is lhs[lhs_rows[r]]; with dout_rows [M], row r of each dout is
-  dout[dout_rows[r]]."""
+  lhs_rows [M], row r of lhs is lhs[lhs_rows[r]]."""
   douts = tuple(dout) if isinstance(dout, (tuple, list)) else (dout,)
   M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
-  if dout_rows is not None and _check_rows(douts[0], dout_rows) != M:
-    raise ValueError(f"dout_rows has {dout_rows.shape[0]} rows, lhs {M}")
   N = douts[0].shape[1]
-  if any(d.shape != (M if dout_rows is None else d.shape[0], N) for d in douts):
+  if any(d.shape != (M, N) for d in douts):
     raise ValueError(f"dout shapes {[d.shape for d in douts]} do not match {M} rows of lhs")
   G = group_sizes.shape[0]
   bk, bn = _tile(K, cfg.block_k_t), _tile(N, cfg.block_n_t if len(douts) == 1 else cfg.block_n_t2)
   bounds = jnp.stack(group_bounds(group_sizes, M))
   nk, nn = pl.cdiv(K, bk), pl.cdiv(N, bn)
   grid = (nn, nk, G) if cfg.n_inner else (G, nk, nn)
-  rows = tuple(r.astype(jnp.int32) for r in (lhs_rows, dout_rows) if r is not None)
+  rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
   out = pl.pallas_call(
       functools.partial(_tgmm_kernel, bm=_per_bytes(cfg.block_m_t, lhs.dtype), bk=bk, bn=bn, K=K, N=N,
-                        gathered=lhs_rows is not None, dy_gathered=dout_rows is not None,
-                        n_dy=len(douts), n_inner=cfg.n_inner),
+                        gathered=lhs_rows is not None, n_dy=len(douts), n_inner=cfg.n_inner),
       grid=grid,
       out_shape=[jax.ShapeDtypeStruct((G, K, N), out_dtype or lhs.dtype)] * len(douts),
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_t, num_stages=cfg.num_stages),
@@ -420,27 +393,3 @@ def _gmm_glu_bwd(cfg, res, dh):
 
 
 gmm_glu.defvjp(_gmm_glu_fwd, _gmm_glu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def gmm_scatter(lhs, rhs, group_sizes, out_rows, cfg: Config):
-  """Differentiable gmm whose product row r lands at out[out_rows[r]] (out_rows a permutation of
-  the M rows): the MoE's down projection writes token-major rows, so combining a token's top-k
-  outputs is a contiguous reduction. The backward reads d out through the same permutation
-  (in-kernel gathers) for d lhs and d rhs."""
-  return gmm_pallas(lhs, rhs, group_sizes, cfg, out_rows=out_rows)
-
-
-def _gmm_scatter_fwd(lhs, rhs, group_sizes, out_rows, cfg):
-  return gmm_pallas(lhs, rhs, group_sizes, cfg, out_rows=out_rows), (lhs, rhs, group_sizes, out_rows)
-
-
-def _gmm_scatter_bwd(cfg, res, dout):
-  lhs, rhs, group_sizes, out_rows = res
-  dout = dout.astype(lhs.dtype)
-  dlhs = gmm_pallas(dout, rhs, group_sizes, cfg, transpose_rhs=True, lhs_rows=out_rows)
-  drhs = tgmm_pallas(lhs, dout, group_sizes, cfg, out_dtype=rhs.dtype, dout_rows=out_rows)
-  return dlhs, drhs, None, None
-
-
-gmm_scatter.defvjp(_gmm_scatter_fwd, _gmm_scatter_bwd)
