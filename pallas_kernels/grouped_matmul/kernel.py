@@ -102,12 +102,12 @@ def _load(ref, mask):
   return plt.load(ref, mask=mask, other=None if mask is None else 0)
 
 
-def _and(*masks):
-  masks = [m for m in masks if m is not None]
-  out = masks[0] if masks else None
-  for m in masks[1:]:
-    out = out & m
-  return out
+def _mask2(rows, cols):
+  """Row mask [a] and column mask [b], either None (all in bounds) -> [a, b] mask or None."""
+  if rows is None or cols is None:
+    return None if rows is None and cols is None else (
+        rows[:, None] if cols is None else cols[None, :])
+  return rows[:, None] & cols[None, :]
 
 
 # ----------------------------------------------------------------------------- visit table
@@ -150,7 +150,7 @@ def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, cols, cmask):
   """The [bm, len(cols)] block (columns cols = c0 + arange) of rows r0.. (masked to `mine`)
   of x, or of x[rows] when the row-index ref `rows_ref` is given (a gather: x is [tokens, K],
   rows_ref [M] token ids)."""
-  mask = _and(mine[:, None], None if cmask is None else cmask[None, :])
+  mask = _mask2(mine, cmask)
   if rows_ref is None:
     return plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(c0, cols.shape[0])], mask=mask, other=0)
   src = plt.load(rows_ref.at[pl.ds(r0, bm)], mask=mine, other=0)
@@ -178,10 +178,8 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
 
     def load_w(w_ref, k0, kmask):
       if transpose_rhs:  # w[g] is [N, K]: a [bn, bk] block, contracted on its second axis
-        mask = _and(None if cmask is None else cmask[:, None], None if kmask is None else kmask[None, :])
-        return _load(w_ref.at[g, pl.ds(j * bn, bn), pl.ds(k0, bk)], mask)
-      mask = _and(None if kmask is None else kmask[:, None], None if cmask is None else cmask[None, :])
-      return _load(w_ref.at[g, pl.ds(k0, bk), pl.ds(j * bn, bn)], mask)
+        return _load(w_ref.at[g, pl.ds(j * bn, bn), pl.ds(k0, bk)], _mask2(cmask, kmask))
+      return _load(w_ref.at[g, pl.ds(k0, bk), pl.ds(j * bn, bn)], _mask2(kmask, cmask))
 
     def step(kk, accs):
       ks, kmask = _span(kk * bk, bk, K)
@@ -199,7 +197,7 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
       outs = (gate * jax.nn.sigmoid(gate) * up, gate, up)[:len(out_refs)]
     else:
       outs = accs
-    mask = _and(mine[:, None], None if cmask is None else cmask[None, :])
+    mask = _mask2(mine, cmask)
     for o_ref, o in zip(out_refs, outs):
       plt.store(o_ref.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
 
@@ -218,13 +216,13 @@ def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, n_dy, n_inner):
     r0 = lo + t * bm
     mine = (r0 + jnp.arange(bm, dtype=jnp.int32)) < hi
     x = _load_rows(x_ref, rows_ref, r0, bm, mine, i * bk, ks, kmask)
-    mask = _and(mine[:, None], None if nmask is None else nmask[None, :])
+    mask = _mask2(mine, nmask)
     return tuple(acc + _dot(x, plt.load(dy_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)], mask=mask,
                                         other=0), ta=True)
                  for acc, dy_ref in zip(accs, dy_refs))
 
   accs = lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, (jnp.zeros((bk, bn), jnp.float32),) * n_dy)
-  mask = _and(None if kmask is None else kmask[:, None], None if nmask is None else nmask[None, :])
+  mask = _mask2(kmask, nmask)
   for o_ref, acc in zip(o_refs, accs):
     plt.store(o_ref.at[g, pl.ds(i * bk, bk), pl.ds(j * bn, bn)], acc.astype(o_ref.dtype), mask=mask)
 
