@@ -197,18 +197,21 @@ def test_gmm_glu_forward_matches_float64(dtype):
   rng = np.random.default_rng(23)
   N, X, K, F, G = 30, 4, 32, 40, 6
   rows, _, sizes = routed_rows(rng, N, X, G, "skewed")
+  rows = np.concatenate([rows, rng.integers(0, N, 7)])  # 7 rows past the groups: h = 0 there
   x = jnp.asarray(rng.standard_normal((N, K)), dtype)
   wg, wu = (jnp.asarray(rng.standard_normal((G, K, F)) * 0.3, dtype) for _ in range(2))
   gs, r = jnp.asarray(sizes, jnp.int32), jnp.asarray(rows, jnp.int32)
   xs = np.asarray(x, np.float64)[rows]
   g, u = np_gmm(xs, wg, sizes), np_gmm(xs, wu, sizes)
   want = g / (1 + np.exp(-g)) * u
+  assert (want[-7:] == 0).all()  # the float64 reference leaves rows of no group at zero
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   h, gate, up = gmm_glu_pallas(x, wg, wu, gs, SMALL, lhs_rows=r, save_gate_up=True)
   assert h.dtype == dtype
   assert rel(h, want) < tol and rel(gate, g) < tol and rel(up, u) < tol
   assert rel(gmm_glu_pallas(x, wg, wu, gs, SMALL, lhs_rows=r), want) < tol
   assert rel(gmm_glu_reference(x, r, wg, wu, gs), want) < tol
+  assert (np.asarray(h, np.float32)[-7:] == 0).all()
 
 
 @pytest.mark.parametrize("with_token_rows,fused_backward", [(True, True), (False, True), (True, False)])
