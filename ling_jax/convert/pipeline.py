@@ -68,9 +68,7 @@ class Pipeline:
       self.bar.update(0, tensors=1)
       return
     try:
-      done = task.result()
-      if done is not None:
-        done.result()
+      _finish(task)
     except ConversionError:
       raise
     except Exception as e:
@@ -93,12 +91,17 @@ class Pipeline:
     for task, _, _ in self.queue:
       if task is not None and not task.cancelled():
         try:
-          done = task.result()
-          if done is not None:
-            done.result()
+          _finish(task)
         except BaseException:  # noqa: BLE001 - the first error is already propagating
           pass
     self.queue.clear()
+
+
+def _finish(task) -> None:
+  """Wait for a job and for the future it handed back, if any (tensorstore's write)."""
+  done = task.result()
+  if done is not None:
+    done.result()
 
 
 class Buffers:

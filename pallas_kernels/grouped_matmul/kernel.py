@@ -91,10 +91,10 @@ def _dot(a, b, *, ta=False, tb=False):
   return plt.dot(a, b, trans_a=ta, trans_b=tb, precision=lax.Precision.HIGHEST)
 
 
-def _span(start, size: int, limit: int):
-  """(indices [size], in-bounds mask or None when the dimension has no tail)."""
-  idx = start + jnp.arange(size, dtype=jnp.int32)
-  return idx, (idx < limit if limit % size else None)
+def _tail_mask(start, size: int, limit: int):
+  """In-bounds mask [size] of the block of indices start.., or None when the dimension has no
+  tail (size divides limit)."""
+  return start + jnp.arange(size, dtype=jnp.int32) < limit if limit % size else None
 
 
 def _load(ref, mask):
@@ -146,14 +146,15 @@ def visit_table(group_sizes: jax.Array, m: int, bm: int) -> jax.Array:
 # ----------------------------------------------------------------------------- kernels
 
 
-def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, cols, cmask):
-  """The [bm, len(cols)] block (columns cols = c0 + arange) of rows r0.. (masked to `mine`)
-  of x, or of x[rows] when the row-index ref `rows_ref` is given (a gather: x is [tokens, K],
-  rows_ref [M] token ids)."""
+def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, width: int, cmask):
+  """The [bm, width] block at columns c0.. of rows r0.. (masked to `mine` and `cmask`) of x, or
+  of x[rows] when the row-index ref `rows_ref` is given (a gather: x is [tokens, K], rows_ref
+  [M] token ids)."""
   mask = _mask2(mine, cmask)
   if rows_ref is None:
-    return plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(c0, cols.shape[0])], mask=mask, other=0)
+    return plt.load(x_ref.at[pl.ds(r0, bm), pl.ds(c0, width)], mask=mask, other=0)
   src = plt.load(rows_ref.at[pl.ds(r0, bm)], mask=mine, other=0)
+  cols = c0 + jnp.arange(width, dtype=jnp.int32)
   return plt.load(x_ref.at[src[:, None], cols[None, :]], mask=mask, other=0)
 
 
@@ -170,7 +171,7 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
   tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
   rows = tile * bm + jnp.arange(bm, dtype=jnp.int32)
   mine = (rows >= lo) & (rows < hi)
-  cols, cmask = _span(j * bn, bn, N)
+  cmask = _tail_mask(j * bn, bn, N)
 
   @pl.when(hi > lo)
   def _():
@@ -182,8 +183,8 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
       return _load(w_ref.at[g, pl.ds(k0, bk), pl.ds(j * bn, bn)], _mask2(kmask, cmask))
 
     def step(kk, accs):
-      ks, kmask = _span(kk * bk, bk, K)
-      xs = [_load_rows(x_ref, rows_ref, tile * bm, bm, mine, kk * bk, ks, kmask) for x_ref in x_refs]
+      kmask = _tail_mask(kk * bk, bk, K)
+      xs = [_load_rows(x_ref, rows_ref, tile * bm, bm, mine, kk * bk, bk, kmask) for x_ref in x_refs]
       ws = [load_w(w_ref, kk * bk, kmask) for w_ref in w_refs]
       if mode == "sum":
         return (accs[0] + _dot(xs[0], ws[0], tb=transpose_rhs) + _dot(xs[1], ws[1], tb=transpose_rhs),)
@@ -209,16 +210,13 @@ def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, n_dy, n_inner):
   x_ref, dy_refs, o_refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
   g, i, j = _tgmm_ids(n_inner)
   lo, hi = bounds_ref[0, g], bounds_ref[1, g]
-  ks, kmask = _span(i * bk, bk, K)
-  ns, nmask = _span(j * bn, bn, N)
+  kmask, nmask = _tail_mask(i * bk, bk, K), _tail_mask(j * bn, bn, N)
 
   def step(t, accs):
     r0 = lo + t * bm
     mine = (r0 + jnp.arange(bm, dtype=jnp.int32)) < hi
-    x = _load_rows(x_ref, rows_ref, r0, bm, mine, i * bk, ks, kmask)
-    mask = _mask2(mine, nmask)
-    return tuple(acc + _dot(x, plt.load(dy_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)], mask=mask,
-                                        other=0), ta=True)
+    x = _load_rows(x_ref, rows_ref, r0, bm, mine, i * bk, bk, kmask)
+    return tuple(acc + _dot(x, _load_rows(dy_ref, None, r0, bm, mine, j * bn, bn, nmask), ta=True)
                  for acc, dy_ref in zip(accs, dy_refs))
 
   accs = lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, (jnp.zeros((bk, bn), jnp.float32),) * n_dy)
