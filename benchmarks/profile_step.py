@@ -28,10 +28,10 @@ import jax
 
 from experiments.overrides import apply_overrides
 from ling_jax.data.pipeline import Data
-from ling_jax.train.loop import build_model
-from ling_jax.train.optim import optimizer, schedule
+from ling_jax.train.loop import build_model, mtp_weight, train_step
+from ling_jax.train.optim import optimizer
 from ling_jax.train.report import peak_flops
-from ling_jax.train.step import init_state, make_train_step, split_model
+from ling_jax.train.step import init_state, split_model
 
 _META = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
 _OURS = ("ling_jax", "pallas_kernels", "benchmarks", "experiments")
@@ -123,13 +123,10 @@ def main():
   a = p.parse_args()
   exp = apply_overrides(importlib.import_module(f"experiments.{a.experiment}").config(), a.overrides)
   cfg, t, d = exp.model, exp.train, exp.data
-  mtp_weight = cfg.mtp_loss_scaling_factor if t.mtp and cfg.num_nextn_predict_layers else 0.0
   graphdef, params, bias = split_model(build_model(exp))
   tx = optimizer(t)
   state = init_state(params, bias, tx)
-  step = make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight,
-                         bias_rate=t.bias_update_rate, remat=t.remat, remat_scope=t.remat_scope,
-                         ce_chunk=t.ce_chunk)
+  step = train_step(cfg, t, graphdef, tx)
   it = Data(d, cfg.vocab_size).train_iterator()
   batches = [next(it) for _ in range(a.warmup + a.steps)]
   t0 = time.perf_counter()
@@ -146,7 +143,7 @@ def main():
     jax.block_until_ready(m)
     wall = (time.perf_counter() - t0) / a.steps
   tokens = d.batch_size * d.seq_len
-  flops = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight > 0) * tokens
+  flops = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight(cfg, t) > 0) * tokens
   peak = t.peak_flops or peak_flops()
   by_file, by_op, names = summarise(device_ops(trace_dir), sources, a.steps)
   busy = sum(by_file.values())

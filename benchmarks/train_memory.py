@@ -27,8 +27,9 @@ from flax import nnx
 from ling_jax.config import ling_small, ling_tiny
 from ling_jax.model.ling import LingForCausalLM
 from ling_jax.train.config import TrainConfig
-from ling_jax.train.optim import optimizer, schedule
-from ling_jax.train.step import init_state, make_train_step, split_model
+from ling_jax.train.loop import train_step
+from ling_jax.train.optim import optimizer
+from ling_jax.train.step import init_state, split_model
 
 GiB = 2.0 ** 30
 # XLA:CPU's default (concurrency-optimised) scheduler hoists some big buffers far ahead of their
@@ -50,10 +51,7 @@ def abstract_step(cfg, t: TrainConfig, batch: int, seq: int, *, mtp: bool = True
   graphdef, params, bias = split_model(nnx.eval_shape(make))
   tx = optimizer(t)
   state = jax.eval_shape(lambda p, b: init_state(p, b, tx), params, bias)
-  mtp_weight = cfg.mtp_loss_scaling_factor if mtp and cfg.num_nextn_predict_layers else 0.0
-  step = make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight,
-                         bias_rate=t.bias_update_rate, remat=t.remat, remat_scope=t.remat_scope,
-                         ce_chunk=t.ce_chunk)
+  step = train_step(cfg, dataclasses.replace(t, mtp=mtp), graphdef, tx)
   i32 = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   return step, state, {"tokens": i32, "positions": i32, "segment_ids": i32}
 

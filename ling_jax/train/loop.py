@@ -17,11 +17,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import Data
 from ling_jax.generate import generate
 from ling_jax.model.ling import LingForCausalLM
 from ling_jax.train.checkpoint import Checkpointer, check_compatible, config_meta
-from ling_jax.train.config import Experiment
+from ling_jax.train.config import Experiment, TrainConfig
 from ling_jax.train.optim import optimizer, schedule
 from ling_jax.train.report import (MetricsLog, peak_flops, read_metrics, unigram_baseline,
                                    write_loss_curve)
@@ -66,6 +67,18 @@ def _log_line(r: dict) -> str:
   return s
 
 
+def mtp_weight(cfg: LingConfig, t: TrainConfig) -> float:
+  """The MTP loss weight: the config's scaling factor when MTP is on and the model has the layer."""
+  return cfg.mtp_loss_scaling_factor if t.mtp and cfg.num_nextn_predict_layers else 0.0
+
+
+def train_step(cfg: LingConfig, t: TrainConfig, graphdef, tx):
+  """The jitted train step `t` asks for (loss weights, remat, CE chunking, bias updates)."""
+  return make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight(cfg, t),
+                         bias_rate=t.bias_update_rate, remat=t.remat, remat_scope=t.remat_scope,
+                         ce_chunk=t.ce_chunk)
+
+
 def run(exp: Experiment) -> dict:
   """Train `exp` (resuming from its out_dir's last checkpoint), then evaluate and report."""
   cfg, t, d = exp.model, exp.train, exp.data
@@ -74,12 +87,11 @@ def run(exp: Experiment) -> dict:
   ckpt_dir = os.path.abspath(os.path.join(t.out_dir, "checkpoints"))
   start = check_compatible(ckpt_dir, meta) or 0
 
-  mtp_weight = cfg.mtp_loss_scaling_factor if t.mtp and cfg.num_nextn_predict_layers else 0.0
   graphdef, params, expert_bias = split_model(build_model(exp))
   tx = optimizer(t)
   state = init_state(params, expert_bias, tx)
   it = data.train_iterator()
-  flops_per_token = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight > 0)
+  flops_per_token = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight(cfg, t) > 0)
   peak = t.peak_flops or peak_flops()
   print(f"model: {cfg.param_count(include_mtp=True):,} parameters "
         f"({cfg.active_param_count(include_mtp=True):,} active), layers {cfg.layer_types()}")
@@ -95,9 +107,7 @@ def run(exp: Experiment) -> dict:
       it.set_state(data_state)
       print(f"resumed from {ckpt_dir} step {start}")
     log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), start)
-    step_fn = make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight,
-                              bias_rate=t.bias_update_rate, remat=t.remat,
-                              remat_scope=t.remat_scope, ce_chunk=t.ce_chunk)
+    step_fn = train_step(cfg, t, graphdef, tx)
     state, tps = _train(step_fn, state, it, ckpt, log, exp, start, meta,
                         lambda tps: flops_per_token * tps / peak if peak else None)
   finally:
