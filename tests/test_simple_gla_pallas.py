@@ -15,6 +15,7 @@ import pytest
 
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
+from pallas_kernels.simple_gla import mosaic
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
@@ -182,6 +183,37 @@ def test_decode_step_bf16():
   assert o.dtype == jnp.bfloat16 and rel(o, o_np[:, 0]) < 1e-2 and rel(ht, ht_np) < 1e-5
 
 
+# ------------------------------------------------------------------ the Mosaic GPU forward
+
+
+@pytest.mark.parametrize("T,K,h0,splits", [(192, 128, True, 1), (256, 64, False, 2)])
+def test_mosaic_forward_interpreted(T, K, h0, splits):
+  """The Mosaic GPU o pass under jax's GPU interpreter (race detector on), grads via Triton."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  inputs = make_inputs(T + K, 1, T, 2, K, jnp.bfloat16, h0=h0)
+  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", splits=splits, interpret=True)
+  assert not ipc.get_races().races_found
+
+
+@pytest.mark.parametrize("K,V,stages", [(128, 128, 2), (128, 128, 3), (64, 64, 4)])
+def test_mosaic_forward_lowers_for_the_gpu(K, V, stages):
+  """Lowering to Mosaic GPU on the CPU checks layouts, wgmma operands and the SMEM budget."""
+  S = jax.ShapeDtypeStruct
+  B, T, H = 1, 512, 2
+  f = functools.partial(mosaic.forward, scale=0.1, stages=stages)
+  exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
+      S((B, T, H, K), jnp.bfloat16), S((B, T, H, K), jnp.bfloat16), S((B, T, H, V), jnp.bfloat16),
+      S((H,), jnp.float32), S((B, H, K, V), jnp.float32))
+  assert "mosaic_gpu" in exported.mlir_module()
+
+
+def test_mosaic_forward_falls_back_where_it_does_not_apply():
+  """Tails, segments and fp32 go to the Triton scan; the results still match the reference."""
+  inputs = make_inputs(5, 1, 100, 2, 64, jnp.bfloat16, segments=True)
+  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", interpret=True)
+  assert not mosaic.supported(inputs[0], inputs[2], None, 64)  # T = 100: a tail chunk
+
+
 # ------------------------------------------------------------------ compiled kernels (GPU only)
 
 
@@ -197,6 +229,17 @@ def test_decode_step_bf16():
 def test_gpu_compiled(T, K, h0, segments, opts):
   inputs = make_inputs(T, 2, T, 4, K, jnp.bfloat16, h0=h0, segments=segments)
   check_against_reference(inputs, 1e-2, **opts)
+
+
+@gpu
+@pytest.mark.parametrize("T,K,h0,opts", [
+    (1024, 128, True, dict(splits=1)),
+    (4096, 64, False, dict(splits=4, mosaic_stages=3)),
+    (2048, 128, True, dict(splits=2, mosaic_stages=3)),
+])
+def test_gpu_mosaic_forward(T, K, h0, opts):
+  inputs = make_inputs(T, 2, T, 4, K, jnp.bfloat16, h0=h0)
+  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", **opts)
 
 
 @gpu

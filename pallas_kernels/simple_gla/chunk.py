@@ -1,5 +1,9 @@
 """Chunked simple GLA in Pallas (Triton lowering): forward, backward and the custom_vjp op.
 
+On a GPU the forward's o pass runs the Mosaic GPU kernel of mosaic.py where it applies (bf16,
+T a multiple of 64, no segment ids; 1.5x faster, BENCHMARKS.md); everything else, the backward
+included, is the Triton code below.
+
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
   S_t = exp(g_h) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t   (state S [K, V] in fp32).
 
@@ -49,6 +53,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.simple_gla import mosaic
+
 TARGET_PROGRAMS = 256  # ~2 waves on an H100's 132 SMs; fewer (b, h, v-block) programs -> split T
 
 
@@ -63,6 +69,9 @@ class Config(NamedTuple):
   num_warps_bwd: int = 4
   num_stages: int = 2
   splits: int = 1              # sequence pieces (see the module docstring)
+  fwd_kernel: str = "auto"     # the o pass: "triton" (this file), "mosaic" (mosaic.py), or
+                               # "auto": mosaic where it applies, except in interpret mode
+  mosaic_stages: int = 2       # TMA ring depth of the Mosaic forward
   interpret: bool = False
 
 
@@ -348,11 +357,20 @@ def _piece_decay(g, r_split, B, P, Tp):
   return d[..., None, None]
 
 
+def _o_pass(q, k, v, g, h0, r, cfg: Config):
+  """(o, final state) of each row: the Mosaic GPU kernel where it applies, else the Triton scan."""
+  want = cfg.fwd_kernel == "mosaic" or (cfg.fwd_kernel == "auto" and not cfg.interpret)
+  if want and r is None and mosaic.supported(q, v, None, cfg.chunk):
+    return mosaic.forward(q, k, v, g, h0, scale=cfg.scale, stages=cfg.mosaic_stages,
+                          interpret=cfg.interpret)
+  return _scan_call("o", q, k, v, None, g, h0, r, cfg)
+
+
 def _forward(q, k, v, g, h0, r, cfg: Config):
   """(o, final state, piece-start states [B P, H, K, V] or None)."""
   P = cfg.splits
   if P == 1:
-    return (*_scan_call("o", q, k, v, None, g, h0, r, cfg), None)
+    return (*_o_pass(q, k, v, g, h0, r, cfg), None)
   B, T, H, K = q.shape
   ks, vs = _split(k, P), _split(v, P)
   rs = None if r is None else _split_r(r, P)
@@ -364,7 +382,7 @@ def _forward(q, k, v, g, h0, r, cfg: Config):
     starts.append(S)
     S = decay[:, p] * S + local[:, p]
   starts = jnp.stack(starts, 1).reshape(B * P, H, K, -1)
-  o, _ = _scan_call("o", _split(q, P), ks, vs, None, g, starts, rs, cfg)
+  o, _ = _o_pass(_split(q, P), ks, vs, g, starts, rs, cfg)
   return _merge(o, P), S, starts
 
 
@@ -422,7 +440,8 @@ def auto_splits(B, T, H, V, chunk=64, block_v=64, min_piece=1024):
 
 def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
                       chunk_size=64, block_v=64, block_k_bwd=64, block_v_bwd=64, num_warps=4,
-                      num_warps_bwd=4, num_stages=2, splits=None, interpret=False):
+                      num_warps_bwd=4, num_stages=2, splits=None, fwd_kernel="auto",
+                      mosaic_stages=2, interpret=False):
   """Chunked simple GLA: q, k [B, T, H, K], v [B, T, H, V], g [H] (log-decay < 0).
 
   Returns (o [B, T, H, V] in q.dtype, final_state [B, H, K, V] fp32). initial_state
@@ -430,7 +449,12 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   changes. Differentiable in q, k, v and initial_state (g gets a zero gradient).
   K, V and chunk_size must be powers of two >= 16 (Triton tile sizes); T is arbitrary.
   splits: sequence pieces run in parallel (None: auto_splits; needs T % (splits C) == 0).
+  fwd_kernel: the forward's o pass: "auto" (the Mosaic GPU kernel of mosaic.py where it applies:
+  bf16, K and V in (64, 128), C = 64, T a multiple of 64, no segment ids; not in interpret
+  mode), "mosaic" (the same, also interpreted) or "triton".
   """
+  if fwd_kernel not in ("auto", "mosaic", "triton"):
+    raise ValueError(f"fwd_kernel must be 'auto', 'mosaic' or 'triton', got {fwd_kernel!r}")
   B, T, H, K = q.shape
   V = v.shape[-1]
   for name, n in (("K", K), ("V", V), ("chunk_size", chunk_size)):
@@ -445,7 +469,8 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   cfg = Config(scale=float(K ** -0.5 if scale is None else scale), chunk=chunk_size,
                block_v=block_v, block_k_bwd=block_k_bwd, block_v_bwd=block_v_bwd,
                num_warps=num_warps, num_warps_bwd=num_warps_bwd, num_stages=num_stages,
-               splits=splits, interpret=interpret)
+               splits=splits, fwd_kernel=fwd_kernel, mosaic_stages=mosaic_stages,
+               interpret=interpret)
   r = None
   if segment_ids is not None:
     seg = segment_ids.astype(jnp.int32)

@@ -1,0 +1,214 @@
+"""Chunked simple GLA forward in Pallas Mosaic GPU (Hopper: TMA, wgmma, warp specialisation).
+
+Same op and numerics as chunk.py's forward scan ("o"): per (b, h), state S [K, V] in fp32,
+  o   = scale ((q k^T * D) v + (q * a) S),   S <- exp(g C) S + (k * b)^T v
+per chunk of C tokens (D_ij = exp(g (i - j)) for i >= j, a_i = exp(g (i + 1)),
+b_j = exp(g (C - 1 - j))). Decays are exps of non-positive numbers only; D is selected with a
+where, never split into exp(g i) exp(-g j).
+
+Layout of one CTA, one (b, h) pair:
+  * V / 64 compute warpgroups, each owning a 64-wide column block of the state (S [K, 64], fp32,
+    a wgmma accumulator held in registers for the whole sequence), and one memory warpgroup
+    that streams q, k [C, K] and v [C, V] chunks through a ring of SMEM slots with TMA.
+  * q and k are loaded once per CTA and shared by the compute warpgroups (each computes
+    q k^T itself: C x C x K, the cheapest product).
+  * Per chunk a compute warpgroup writes S (bf16) and v * b (bf16) to its SMEM scratch, then
+    issues q k^T and q S together, builds P = q k^T * D (registers), then P v and the state
+    update k^T (v * b) together (k read transposed from SMEM), and stores its o block with TMA.
+  * Matmul operands are bf16 with fp32 accumulation, as in the Triton kernel.
+
+Limits (the wrapper falls back to chunk.py otherwise): bf16 inputs, K in (64, 128), V a
+multiple of 64 up to 128, T a multiple of C = 64, per-head constant decay, no segment ids.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+CHUNK = 64
+COLS = 64  # state columns per compute warpgroup
+
+
+def supported(q, v, segment_ids, chunk_size) -> bool:
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  return (q.dtype == jnp.bfloat16 and v.dtype == jnp.bfloat16 and K in (64, 128)
+          and V in (64, 128) and chunk_size == CHUNK and T % CHUNK == 0 and T > 0
+          and segment_ids is None)
+
+
+def _decay_rows(g, scale, K):
+  """[H, 4, W] fp32 per-head rows (W = max(C, K)): g, scale a, b, and exp(g C)."""
+  W = max(CHUNK, K)
+  i = jnp.arange(W, dtype=jnp.float32)
+  g = g.astype(jnp.float32)[:, None]
+  rows = [jnp.broadcast_to(g, (g.shape[0], W)),
+          scale * jnp.exp(g * (i + 1)),
+          jnp.exp(g * jnp.maximum(CHUNK - 1 - i, 0)),
+          jnp.broadcast_to(jnp.exp(g * CHUNK), (g.shape[0], W))]
+  return jnp.stack(rows, 1)
+
+
+def _mma(inits, issue, interpret):
+  """Runs `issue(acc_refs)` (wgmma calls) on accumulators starting at `inits`; their values.
+
+  On the GPU this is pl.run_state over ACC.init (one wait for all the products). jax 0.11.2's
+  GPU interpreter has no run_state, so there the accumulators start at zero (run_scoped) and
+  the initial values are added after: the same sums.
+  """
+  if not interpret:
+    return pl.run_state(issue)(tuple(plgpu.ACC.init(x) for x in inits))
+
+  def scoped(*refs):
+    issue(refs)
+    return tuple(r[...] for r in refs)
+  outs = pl.run_scoped(scoped, *[plgpu.ACC(x.shape, jnp.float32) for x in inits])
+  return tuple(o + x for o, x in zip(outs, inits))
+
+
+def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
+  """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32); h0 [B, H, K, V] fp32 or None."""
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  n_wg, n_chunks = V // COLS, T // CHUNK
+  stages = max(1, min(stages, n_chunks))
+  dtype = q.dtype
+  dec = _decay_rows(g, scale, K)
+  has_h0 = h0 is not None
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  WGMMA, ROW = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+
+  def body(*refs):
+    q_ref, k_ref, v_ref, dec_ref = refs[:4]
+    h0_ref = refs[4] if has_h0 else None
+    o_ref, ht_ref = refs[4 + has_h0:6 + has_h0]
+    (q_s, k_s, v_s, s16, vb, o_s, dec_s, *p_smem), bars = refs[6 + has_h0:]
+    p_smem = p_smem[0] if p_smem else None
+    q_bar, k_bar, v_bar, consumed, misc_bar = bars
+    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+
+    @pl.when(wg < n_wg)
+    def _compute():
+      plgpu.set_max_registers(232 if n_wg == 2 else 240, action="increase")
+      cols = pl.ds(wg * COLS, COLS)
+      plgpu.copy_gmem_to_smem(dec_ref.at[h], dec_s.at[wg], misc_bar.at[wg])
+      plgpu.barrier_wait(misc_bar.at[wg])
+      if has_h0:  # straight from GMEM into the accumulator layout (no SMEM staging)
+        S = plgpu.load(h0_ref.at[b, h, :, cols], layout=WGMMA, optimized=False)
+      else:
+        S = plgpu.layout_cast(jnp.zeros((K, COLS), jnp.float32), WGMMA)
+      row = lambda r, n: plgpu.load(dec_s.at[wg, r, pl.ds(0, n)], layout=ROW)
+      bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
+      gv = bcast(row(0, CHUNK), (CHUNK, CHUNK))
+      i = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
+      j = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+      diff = i - j
+      D = jnp.where(diff >= 0, scale * jnp.exp(gv * jnp.maximum(diff, 0).astype(jnp.float32)),
+                    0.0)
+      a = bcast(row(1, CHUNK), (CHUNK, COLS))
+      bv = bcast(row(2, CHUNK), (CHUNK, COLS))
+      carry = bcast(row(3, K), (K, COLS))
+      zeros = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), WGMMA)
+      zeros_o = plgpu.layout_cast(jnp.zeros((CHUNK, COLS), jnp.float32), WGMMA)
+
+      def step(n, S):
+        slot = lax.rem(n, stages)
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[slot * n_wg + wg])
+        qs, ks, vs = q_s.at[slot], k_s.at[slot], v_s.at[slot * n_wg + wg]
+        s16.at[wg][...] = S.astype(dtype)
+        vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * bv).astype(dtype)
+        plgpu.commit_smem()
+
+        def products(refs):
+          qk_acc, qS_acc = refs
+          plgpu.wgmma(qk_acc, qs, ks.transpose((1, 0)))
+          plgpu.wgmma(qS_acc, qs, s16.at[wg])
+        qk, qS = _mma((zeros, zeros_o), products, interpret)
+        P = (qk * D).astype(dtype)
+        if p_smem is not None:  # the interpreter's wgmma takes its A operand from SMEM only
+          p_smem.at[wg][...] = P
+          plgpu.commit_smem()
+          P = p_smem.at[wg]
+
+        def update(refs):
+          o_acc, S_acc = refs
+          plgpu.wgmma(o_acc, P, vs)
+          plgpu.wgmma(S_acc, ks.transpose((1, 0)), vb.at[wg])
+        o, S = _mma((qS * a, S * carry), update, interpret)
+        plgpu.barrier_arrive(consumed.at[slot])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o block has left o_s
+        o_s.at[wg][...] = o.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s.at[wg], o_ref.at[b, pl.ds(n * CHUNK, CHUNK), h, cols])
+        return S
+
+      S = lax.fori_loop(0, n_chunks, step, S)
+      ht_ref.at[b, h, :, cols][...] = S
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == n_wg)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(n, slot):
+        rows = pl.ds(n * CHUNK, CHUNK)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s.at[slot], k_bar.at[slot])
+        for w in range(n_wg):
+          plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, pl.ds(w * COLS, COLS)],
+                                  v_s.at[slot * n_wg + w], v_bar.at[slot * n_wg + w])
+
+      for n in range(stages):
+        load(n, n)
+
+      @pl.loop(stages, n_chunks)
+      def _(n):
+        slot = lax.rem(n, stages)
+        plgpu.barrier_wait(consumed.at[slot])
+        load(n, slot)
+
+      @pl.loop(max(n_chunks - stages, 0), n_chunks)
+      def _(n):  # observe the last consumptions too (every barrier phase is waited on)
+        plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+
+  scratch = [
+      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled),          # q
+      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled),          # k
+      plgpu.SMEM((stages * n_wg, CHUNK, COLS), dtype, **tiled),  # v column blocks
+      plgpu.SMEM((n_wg, K, COLS), dtype, **tiled),             # S in bf16 (q S operand)
+      plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # v * b (state update operand)
+      plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # o block on its way out
+      plgpu.SMEM((n_wg, 4, max(CHUNK, K)), jnp.float32),       # decay rows
+  ]
+  if interpret:
+    scratch.append(plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled))  # P (see _mma)
+  barriers = (
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages * n_wg),
+      plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
+      plgpu.Barrier(num_barriers=n_wg),
+  )
+  kwargs = {}
+  if interpret:  # True, or the interpreter's InterpretGPUParams (e.g. detect_races=True)
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
+  call = plgpu.kernel(
+      body,
+      out_type=(jax.ShapeDtypeStruct((B, T, H, V), dtype),
+                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)),
+      scratch_types=(scratch, barriers),
+      grid=(B, H), grid_names=("b", "h"),
+      num_threads=n_wg + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=False),
+      **kwargs)
+  args = (q, k, v, dec) + ((h0.astype(jnp.float32),) if has_h0 else ())
+  return call(*args)
