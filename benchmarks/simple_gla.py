@@ -113,8 +113,10 @@ def rel(a, b):
 
 def check(fla, xla, interpret):
   """Ours and fla against the XLA reference (fed fp32 copies of the same bf16 inputs)."""
-  cases = [dict(B=2, T=1000, H=8, D=128, segments=False),   # one piece
-           dict(B=1, T=4096, H=4, D=128, segments=True)]    # auto splits: 4 pieces, packed
+  cases = [dict(B=2, T=1000, H=8, D=128, segments=False),   # one piece, Triton forward (tail)
+           dict(B=2, T=1024, H=8, D=128, segments=False),   # one piece, Mosaic forward
+           dict(B=1, T=4096, H=4, D=128, segments=False),   # auto splits: 4 pieces, Mosaic
+           dict(B=1, T=4096, H=4, D=128, segments=True)]    # 4 pieces, packed: Triton
   if interpret:
     cases = [dict(B=1, T=130, H=2, D=64, segments=False)]
   out = {}

@@ -1,7 +1,7 @@
 """Chunked simple GLA in Pallas (Triton lowering): forward, backward and the custom_vjp op.
 
 On a GPU the forward's o pass runs the Mosaic GPU kernel of mosaic.py where it applies (bf16,
-T a multiple of 64, no segment ids; 1.5x faster, BENCHMARKS.md); everything else, the backward
+T a multiple of 64, no segment ids; 1.3-1.5x faster, BENCHMARKS.md); everything else, the backward
 included, is the Triton code below.
 
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
