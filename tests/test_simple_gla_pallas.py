@@ -186,32 +186,36 @@ def test_decode_step_bf16():
 # ------------------------------------------------------------------ the Mosaic GPU forward
 
 
-@pytest.mark.parametrize("T,K,h0,splits", [(192, 128, True, 1), (256, 64, False, 2)])
-def test_mosaic_forward_interpreted(T, K, h0, splits):
+@pytest.mark.parametrize("T,K,h0,splits,segments", [
+    (192, 128, True, 1, False), (256, 64, False, 2, False), (256, 128, True, 2, True)])
+def test_mosaic_forward_interpreted(T, K, h0, splits, segments):
   """The Mosaic GPU o pass under jax's GPU interpreter (race detector on), grads via Triton."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-  inputs = make_inputs(T + K, 1, T, 2, K, jnp.bfloat16, h0=h0)
+  inputs = make_inputs(T + K, 1, T, 2, K, jnp.bfloat16, h0=h0, segments=segments)
   check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", splits=splits, interpret=True)
   assert not ipc.get_races().races_found
 
 
-@pytest.mark.parametrize("K,V,stages", [(128, 128, 2), (128, 128, 3), (64, 64, 4)])
-def test_mosaic_forward_lowers_for_the_gpu(K, V, stages):
+@pytest.mark.parametrize("K,V,stages,packed", [
+    (128, 128, 2, False), (128, 128, 3, True), (64, 64, 4, True)])
+def test_mosaic_forward_lowers_for_the_gpu(K, V, stages, packed):
   """Lowering to Mosaic GPU on the CPU checks layouts, wgmma operands and the SMEM budget."""
   S = jax.ShapeDtypeStruct
   B, T, H = 1, 512, 2
   f = functools.partial(mosaic.forward, scale=0.1, stages=stages)
+  r = (S((B, T), jnp.int32),) if packed else ()
   exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
       S((B, T, H, K), jnp.bfloat16), S((B, T, H, K), jnp.bfloat16), S((B, T, H, V), jnp.bfloat16),
-      S((H,), jnp.float32), S((B, H, K, V), jnp.float32))
+      S((H,), jnp.float32), S((B, H, K, V), jnp.float32), *r)
   assert "mosaic_gpu" in exported.mlir_module()
 
 
 def test_mosaic_forward_falls_back_where_it_does_not_apply():
-  """Tails, segments and fp32 go to the Triton scan; the results still match the reference."""
+  """Tails and fp32 go to the Triton scan; the results still match the reference."""
   inputs = make_inputs(5, 1, 100, 2, 64, jnp.bfloat16, segments=True)
   check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", interpret=True)
-  assert not mosaic.supported(inputs[0], inputs[2], None, 64)  # T = 100: a tail chunk
+  assert not mosaic.supported(inputs[0], inputs[2], 64)  # T = 100: a tail chunk
+  assert not mosaic.supported(inputs[0].astype(jnp.float32), inputs[2], 64)
 
 
 # ------------------------------------------------------------------ compiled kernels (GPU only)
@@ -236,9 +240,12 @@ def test_gpu_compiled(T, K, h0, segments, opts):
     (1024, 128, True, dict(splits=1)),
     (4096, 64, False, dict(splits=4, mosaic_stages=3)),
     (2048, 128, True, dict(splits=2, mosaic_stages=3)),
+    (2048, 128, True, dict(splits=2, segments=True)),
+    (1024, 64, False, dict(splits=1, segments=True)),
 ])
 def test_gpu_mosaic_forward(T, K, h0, opts):
-  inputs = make_inputs(T, 2, T, 4, K, jnp.bfloat16, h0=h0)
+  opts = dict(opts)
+  inputs = make_inputs(T, 2, T, 4, K, jnp.bfloat16, h0=h0, segments=opts.pop("segments", False))
   check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", **opts)
 
 

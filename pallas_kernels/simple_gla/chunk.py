@@ -1,7 +1,7 @@
 """Chunked simple GLA in Pallas (Triton lowering): forward, backward and the custom_vjp op.
 
 On a GPU the forward's o pass runs the Mosaic GPU kernel of mosaic.py where it applies (bf16,
-T a multiple of 64, no segment ids; 1.3-1.5x faster, BENCHMARKS.md); everything else, the backward
+T a multiple of 64; 1.3-1.5x faster, BENCHMARKS.md); everything else, the backward
 included, is the Triton code below.
 
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
@@ -360,8 +360,8 @@ def _piece_decay(g, r_split, B, P, Tp):
 def _o_pass(q, k, v, g, h0, r, cfg: Config):
   """(o, final state) of each row: the Mosaic GPU kernel where it applies, else the Triton scan."""
   want = cfg.fwd_kernel == "mosaic" or (cfg.fwd_kernel == "auto" and not cfg.interpret)
-  if want and r is None and mosaic.supported(q, v, None, cfg.chunk):
-    return mosaic.forward(q, k, v, g, h0, scale=cfg.scale, stages=cfg.mosaic_stages,
+  if want and mosaic.supported(q, v, cfg.chunk):
+    return mosaic.forward(q, k, v, g, h0, r, scale=cfg.scale, stages=cfg.mosaic_stages,
                           interpret=cfg.interpret)
   return _scan_call("o", q, k, v, None, g, h0, r, cfg)
 
@@ -450,8 +450,8 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   K, V and chunk_size must be powers of two >= 16 (Triton tile sizes); T is arbitrary.
   splits: sequence pieces run in parallel (None: auto_splits; needs T % (splits C) == 0).
   fwd_kernel: the forward's o pass: "auto" (the Mosaic GPU kernel of mosaic.py where it applies:
-  bf16, K and V in (64, 128), C = 64, T a multiple of 64, no segment ids; not in interpret
-  mode), "mosaic" (the same, also interpreted) or "triton".
+  bf16, K and V in (64, 128), C = 64, T a multiple of 64; not in interpret mode), "mosaic" (the
+  same, also interpreted) or "triton".
   """
   if fwd_kernel not in ("auto", "mosaic", "triton"):
     raise ValueError(f"fwd_kernel must be 'auto', 'mosaic' or 'triton', got {fwd_kernel!r}")

@@ -17,8 +17,11 @@ Layout of one CTA, one (b, h) pair:
     update k^T (v * b) together (k read transposed from SMEM), and stores its o block with TMA.
   * Matmul operands are bf16 with fp32 accumulation, as in the Triton kernel.
 
-Limits (the wrapper falls back to chunk.py otherwise): bf16 inputs, K in (64, 128), V a
-multiple of 64 up to 128, T a multiple of C = 64, per-head constant decay, no segment ids.
+Packed sequences: per chunk the memory warpgroup also loads five rows derived from the reset
+counter (_segment_rows) that mask D, a, b and the carried decay as in chunk.py.
+
+Limits (the wrapper falls back to chunk.py otherwise): bf16 inputs, K and V in (64, 128),
+T a multiple of C = 64, per-head constant decay.
 """
 
 from __future__ import annotations
@@ -35,12 +38,11 @@ CHUNK = 64
 COLS = 64  # state columns per compute warpgroup
 
 
-def supported(q, v, segment_ids, chunk_size) -> bool:
+def supported(q, v, chunk_size) -> bool:
   B, T, H, K = q.shape
   V = v.shape[-1]
   return (q.dtype == jnp.bfloat16 and v.dtype == jnp.bfloat16 and K in (64, 128)
-          and V in (64, 128) and chunk_size == CHUNK and T % CHUNK == 0 and T > 0
-          and segment_ids is None)
+          and V in (64, 128) and chunk_size == CHUNK and T % CHUNK == 0 and T > 0)
 
 
 def _decay_rows(g, scale, K):
@@ -53,6 +55,28 @@ def _decay_rows(g, scale, K):
           jnp.exp(g * jnp.maximum(CHUNK - 1 - i, 0)),
           jnp.broadcast_to(jnp.exp(g * CHUNK), (g.shape[0], W))]
   return jnp.stack(rows, 1)
+
+
+def _segment_rows(r, K):
+  """[B, T/C, 5, W] fp32 per-chunk rows from the reset counter r [B, T] (W = max(C, K)).
+
+  0: r itself (D keeps the pairs with equal r); 1: r == r_prev (a: the incoming state reaches
+  the chunk's first segment only); 2: r == r_last (b: only the last segment enters the state);
+  3: r_last == r_prev, broadcast (the carried state survives the chunk); 4: r again, for the
+  load in the column layout (Mosaic's layout inference fails when one SMEM row is loaded in
+  both layouts). r_prev is the counter of the token before the chunk (0 before the first: the
+  initial state's segment).
+  """
+  B, T = r.shape
+  W = max(CHUNK, K)
+  rc = r.reshape(B, T // CHUNK, CHUNK)
+  r_last = rc[:, :, -1]
+  r_prev = jnp.concatenate([jnp.zeros((B, 1), r.dtype), r_last[:, :-1]], axis=1)
+  f = lambda x: x.astype(jnp.float32)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, W - CHUNK)))
+  rows = [pad(f(rc)), pad(f(rc == r_prev[..., None])), pad(f(rc == r_last[..., None])),
+          jnp.broadcast_to(f(r_last == r_prev)[..., None], (B, T // CHUNK, W)), pad(f(rc))]
+  return jnp.stack(rows, 2)
 
 
 def _mma(inits, issue, interpret):
@@ -72,25 +96,32 @@ def _mma(inits, issue, interpret):
   return tuple(o + x for o, x in zip(outs, inits))
 
 
-def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
-  """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32); h0 [B, H, K, V] fp32 or None."""
+def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=False):
+  """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32).
+
+  h0 [B, H, K, V] fp32 or None; r [B, T] int32 or None: the non-decreasing reset counter of
+  packed sequences (chunk.py's r), so that "same segment" is r_i == r_j and the initial state
+  feeds the tokens with r == 0.
+  """
   B, T, H, K = q.shape
   V = v.shape[-1]
   n_wg, n_chunks = V // COLS, T // CHUNK
   stages = max(1, min(stages, n_chunks))
   dtype = q.dtype
   dec = _decay_rows(g, scale, K)
-  has_h0 = h0 is not None
+  has_h0, has_r = h0 is not None, r is not None
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
   WGMMA, ROW = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
 
   def body(*refs):
+    refs = list(refs)
     q_ref, k_ref, v_ref, dec_ref = refs[:4]
     h0_ref = refs[4] if has_h0 else None
-    o_ref, ht_ref = refs[4 + has_h0:6 + has_h0]
-    (q_s, k_s, v_s, s16, vb, o_s, dec_s, *p_smem), bars = refs[6 + has_h0:]
-    p_smem = p_smem[0] if p_smem else None
-    q_bar, k_bar, v_bar, consumed, misc_bar = bars
+    seg_ref = refs[4 + has_h0] if has_r else None
+    n_in = 4 + has_h0 + has_r
+    o_ref, ht_ref = refs[n_in:n_in + 2]
+    (q_s, k_s, v_s, s16, vb, o_s, dec_s, seg_s, p_smem), bars = refs[n_in + 2:]
+    q_bar, k_bar, v_bar, seg_bar, consumed, misc_bar = bars
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
 
     @pl.when(wg < n_wg)
@@ -123,8 +154,18 @@ def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot * n_wg + wg])
         qs, ks, vs = q_s.at[slot], k_s.at[slot], v_s.at[slot * n_wg + wg]
+        a_n, b_n, carry_n, D_n = a, bv, carry, D
+        if has_r:
+          plgpu.barrier_wait(seg_bar.at[slot])
+          seg = lambda r, n, layout=ROW: plgpu.load(seg_s.at[slot, r, pl.ds(0, n)], layout=layout)
+          r_row = bcast(seg(0, CHUNK), (CHUNK, CHUNK))
+          r_col = lax.broadcast_in_dim(seg(4, CHUNK, WGMMA.reduce(0)), (CHUNK, CHUNK), [1])
+          D_n = jnp.where(r_row == r_col, D, 0.0)
+          a_n = a * bcast(seg(1, CHUNK), (CHUNK, COLS))
+          b_n = bv * bcast(seg(2, CHUNK), (CHUNK, COLS))
+          carry_n = carry * bcast(seg(3, K), (K, COLS))
         s16.at[wg][...] = S.astype(dtype)
-        vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * bv).astype(dtype)
+        vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * b_n).astype(dtype)
         plgpu.commit_smem()
 
         def products(refs):
@@ -132,8 +173,8 @@ def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
           plgpu.wgmma(qk_acc, qs, ks.transpose((1, 0)))
           plgpu.wgmma(qS_acc, qs, s16.at[wg])
         qk, qS = _mma((zeros, zeros_o), products, interpret)
-        P = (qk * D).astype(dtype)
-        if p_smem is not None:  # the interpreter's wgmma takes its A operand from SMEM only
+        P = (qk * D_n).astype(dtype)
+        if p_smem is not None:
           p_smem.at[wg][...] = P
           plgpu.commit_smem()
           P = p_smem.at[wg]
@@ -142,7 +183,7 @@ def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
           o_acc, S_acc = refs
           plgpu.wgmma(o_acc, P, vs)
           plgpu.wgmma(S_acc, ks.transpose((1, 0)), vb.at[wg])
-        o, S = _mma((qS * a, S * carry), update, interpret)
+        o, S = _mma((qS * a_n, S * carry_n), update, interpret)
         plgpu.barrier_arrive(consumed.at[slot])
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o block has left o_s
         o_s.at[wg][...] = o.astype(dtype)
@@ -165,6 +206,8 @@ def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
         for w in range(n_wg):
           plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, pl.ds(w * COLS, COLS)],
                                   v_s.at[slot * n_wg + w], v_bar.at[slot * n_wg + w])
+        if has_r:
+          plgpu.copy_gmem_to_smem(seg_ref.at[b, n], seg_s.at[slot], seg_bar.at[slot])
 
       for n in range(stages):
         load(n, n)
@@ -187,13 +230,16 @@ def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
       plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # v * b (state update operand)
       plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # o block on its way out
       plgpu.SMEM((n_wg, 4, max(CHUNK, K)), jnp.float32),       # decay rows
+      # segment rows (_segment_rows), one per ring slot
+      plgpu.SMEM((stages, 5, max(CHUNK, K)), jnp.float32) if has_r else None,
+      # P: the interpreter's wgmma takes its A operand from SMEM only
+      plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled) if interpret else None,
   ]
-  if interpret:
-    scratch.append(plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled))  # P (see _mma)
   barriers = (
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages * n_wg),
+      plgpu.Barrier(num_barriers=stages) if has_r else None,
       plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
       plgpu.Barrier(num_barriers=n_wg),
   )
@@ -210,5 +256,6 @@ def forward(q, k, v, g, h0, *, scale: float, stages: int = 2, interpret=False):
       num_threads=n_wg + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=False),
       **kwargs)
-  args = (q, k, v, dec) + ((h0.astype(jnp.float32),) if has_h0 else ())
+  args = ((q, k, v, dec) + ((h0.astype(jnp.float32),) if has_h0 else ())
+          + ((_segment_rows(r, K),) if has_r else ()))
   return call(*args)
