@@ -1,8 +1,8 @@
 """Chunked simple GLA in Pallas (Triton lowering): forward, backward and the custom_vjp op.
 
-On a GPU the forward's o pass runs the Mosaic GPU kernel of mosaic.py where it applies (bf16,
-T a multiple of 64; 1.3-1.5x faster, BENCHMARKS.md); everything else, the backward
-included, is the Triton code below.
+On a GPU the forward (its o pass and the sequence splits' states-only pre-pass) runs the Mosaic
+GPU kernel of mosaic.py where it applies (bf16, T a multiple of 64; 1.3-1.5x faster,
+BENCHMARKS.md); everything else, the backward included, is the Triton code below.
 
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
   S_t = exp(g_h) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t   (state S [K, V] in fp32).
@@ -359,11 +359,23 @@ def _piece_decay(g, r_split, B, P, Tp):
 
 def _o_pass(q, k, v, g, h0, r, cfg: Config):
   """(o, final state) of each row: the Mosaic GPU kernel where it applies, else the Triton scan."""
-  want = cfg.fwd_kernel == "mosaic" or (cfg.fwd_kernel == "auto" and not cfg.interpret)
-  if want and mosaic.supported(q, v, cfg.chunk):
+  if _use_mosaic(k, v, cfg):
     return mosaic.forward(q, k, v, g, h0, r, scale=cfg.scale, stages=cfg.mosaic_stages,
                           interpret=cfg.interpret)
   return _scan_call("o", q, k, v, None, g, h0, r, cfg)
+
+
+def _state_pass(k, v, g, r, cfg: Config):
+  """Final state of each row from a zero state (the pieces' pre-pass): Mosaic or Triton."""
+  if _use_mosaic(k, v, cfg):
+    return mosaic.forward(None, k, v, g, None, r, scale=cfg.scale, stages=cfg.mosaic_stages,
+                          interpret=cfg.interpret)
+  return _scan_call("state", None, k, v, None, g, None, r, cfg)
+
+
+def _use_mosaic(k, v, cfg: Config):
+  want = cfg.fwd_kernel == "mosaic" or (cfg.fwd_kernel == "auto" and not cfg.interpret)
+  return want and mosaic.supported(k, v, cfg.chunk)
 
 
 def _forward(q, k, v, g, h0, r, cfg: Config):
@@ -374,7 +386,7 @@ def _forward(q, k, v, g, h0, r, cfg: Config):
   B, T, H, K = q.shape
   ks, vs = _split(k, P), _split(v, P)
   rs = None if r is None else _split_r(r, P)
-  local = _scan_call("state", None, ks, vs, None, g, None, rs, cfg).reshape(B, P, H, K, -1)
+  local = _state_pass(ks, vs, g, rs, cfg).reshape(B, P, H, K, -1)
   decay = _piece_decay(g, rs, B, P, T // P)
   S = jnp.zeros_like(local[:, 0]) if h0 is None else h0.astype(jnp.float32)
   starts = []

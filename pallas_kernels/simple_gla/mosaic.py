@@ -17,6 +17,9 @@ Layout of one CTA, one (b, h) pair:
     update k^T (v * b) together (k read transposed from SMEM), and stores its o block with TMA.
   * Matmul operands are bf16 with fp32 accumulation, as in the Triton kernel.
 
+States only (q None: the pre-pass of sequence splits): no q loads, no q k^T, q S or o; each
+chunk is just the state update.
+
 Packed sequences: per chunk the memory warpgroup also loads five rows derived from the reset
 counter (_segment_rows) that mask D, a, b and the carried decay as in chunk.py.
 
@@ -38,10 +41,10 @@ CHUNK = 64
 COLS = 64  # state columns per compute warpgroup
 
 
-def supported(q, v, chunk_size) -> bool:
-  B, T, H, K = q.shape
+def supported(k, v, chunk_size) -> bool:
+  B, T, H, K = k.shape
   V = v.shape[-1]
-  return (q.dtype == jnp.bfloat16 and v.dtype == jnp.bfloat16 and K in (64, 128)
+  return (k.dtype == jnp.bfloat16 and v.dtype == jnp.bfloat16 and K in (64, 128)
           and V in (64, 128) and chunk_size == CHUNK and T % CHUNK == 0 and T > 0)
 
 
@@ -97,17 +100,18 @@ def _mma(inits, issue, interpret):
 
 
 def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=False):
-  """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32).
+  """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32); with q None the final state only.
 
   h0 [B, H, K, V] fp32 or None; r [B, T] int32 or None: the non-decreasing reset counter of
   packed sequences (chunk.py's r), so that "same segment" is r_i == r_j and the initial state
   feeds the tokens with r == 0.
   """
-  B, T, H, K = q.shape
+  B, T, H, K = k.shape
   V = v.shape[-1]
   n_wg, n_chunks = V // COLS, T // CHUNK
+  emit_o = q is not None  # else the states-only pass of sequence splits (no q, no o)
   stages = max(1, min(stages, n_chunks))
-  dtype = q.dtype
+  dtype = k.dtype
   dec = _decay_rows(g, scale, K)
   has_h0, has_r = h0 is not None, r is not None
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
@@ -115,6 +119,9 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
 
   def body(*refs):
     refs = list(refs)
+    if not emit_o:
+      refs.insert(0, None)  # q
+      refs.insert(4 + has_h0 + has_r, None)  # o
     q_ref, k_ref, v_ref, dec_ref = refs[:4]
     h0_ref = refs[4] if has_h0 else None
     seg_ref = refs[4 + has_h0] if has_r else None
@@ -150,10 +157,12 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
 
       def step(n, S):
         slot = lax.rem(n, stages)
-        plgpu.barrier_wait(q_bar.at[slot])
+        if emit_o:
+          plgpu.barrier_wait(q_bar.at[slot])
         plgpu.barrier_wait(k_bar.at[slot])
         plgpu.barrier_wait(v_bar.at[slot * n_wg + wg])
-        qs, ks, vs = q_s.at[slot], k_s.at[slot], v_s.at[slot * n_wg + wg]
+        qs = q_s.at[slot] if emit_o else None
+        ks, vs = k_s.at[slot], v_s.at[slot * n_wg + wg]
         a_n, b_n, carry_n, D_n = a, bv, carry, D
         if has_r:
           plgpu.barrier_wait(seg_bar.at[slot])
@@ -164,9 +173,15 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
           a_n = a * bcast(seg(1, CHUNK), (CHUNK, COLS))
           b_n = bv * bcast(seg(2, CHUNK), (CHUNK, COLS))
           carry_n = carry * bcast(seg(3, K), (K, COLS))
-        s16.at[wg][...] = S.astype(dtype)
+        if emit_o:
+          s16.at[wg][...] = S.astype(dtype)
         vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * b_n).astype(dtype)
         plgpu.commit_smem()
+        if not emit_o:
+          S, = _mma((S * carry_n,), lambda refs: plgpu.wgmma(refs[0], ks.transpose((1, 0)),
+                                                            vb.at[wg]), interpret)
+          plgpu.barrier_arrive(consumed.at[slot])
+          return S
 
         def products(refs):
           qk_acc, qS_acc = refs
@@ -201,7 +216,8 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
 
       def load(n, slot):
         rows = pl.ds(n * CHUNK, CHUNK)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], q_bar.at[slot])
+        if emit_o:
+          plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], q_bar.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s.at[slot], k_bar.at[slot])
         for w in range(n_wg):
           plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, pl.ds(w * COLS, COLS)],
@@ -222,21 +238,22 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
       def _(n):  # observe the last consumptions too (every barrier phase is waited on)
         plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
 
+  if_o = lambda x: x if emit_o else None
   scratch = [
-      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled),          # q
+      if_o(plgpu.SMEM((stages, CHUNK, K), dtype, **tiled)),    # q
       plgpu.SMEM((stages, CHUNK, K), dtype, **tiled),          # k
       plgpu.SMEM((stages * n_wg, CHUNK, COLS), dtype, **tiled),  # v column blocks
-      plgpu.SMEM((n_wg, K, COLS), dtype, **tiled),             # S in bf16 (q S operand)
+      if_o(plgpu.SMEM((n_wg, K, COLS), dtype, **tiled)),       # S in bf16 (q S operand)
       plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # v * b (state update operand)
-      plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # o block on its way out
+      if_o(plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled)),   # o block on its way out
       plgpu.SMEM((n_wg, 4, max(CHUNK, K)), jnp.float32),       # decay rows
       # segment rows (_segment_rows), one per ring slot
       plgpu.SMEM((stages, 5, max(CHUNK, K)), jnp.float32) if has_r else None,
       # P: the interpreter's wgmma takes its A operand from SMEM only
-      plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled) if interpret else None,
+      plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled) if interpret and emit_o else None,
   ]
   barriers = (
-      plgpu.Barrier(num_barriers=stages),
+      if_o(plgpu.Barrier(num_barriers=stages)),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages * n_wg),
       plgpu.Barrier(num_barriers=stages) if has_r else None,
@@ -249,13 +266,15 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
     kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
   call = plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct((B, T, H, V), dtype),
-                jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)),
+      out_type=((jax.ShapeDtypeStruct((B, T, H, V), dtype),) if emit_o else ())
+      + (jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),),
       scratch_types=(scratch, barriers),
       grid=(B, H), grid_names=("b", "h"),
       num_threads=n_wg + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=False),
       **kwargs)
-  args = ((q, k, v, dec) + ((h0.astype(jnp.float32),) if has_h0 else ())
+  args = (((q,) if emit_o else ()) + (k, v, dec)
+          + ((h0.astype(jnp.float32),) if has_h0 else ())
           + ((_segment_rows(r, K),) if has_r else ()))
-  return call(*args)
+  out = call(*args)
+  return tuple(out) if emit_o else out[0]
