@@ -29,8 +29,6 @@ T a multiple of C = 64, per-head constant decay.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -75,10 +73,10 @@ def _segment_rows(r, K):
   rc = r.reshape(B, T // CHUNK, CHUNK)
   r_last = rc[:, :, -1]
   r_prev = jnp.concatenate([jnp.zeros((B, 1), r.dtype), r_last[:, :-1]], axis=1)
-  f = lambda x: x.astype(jnp.float32)
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, W - CHUNK)))
-  rows = [pad(f(rc)), pad(f(rc == r_prev[..., None])), pad(f(rc == r_last[..., None])),
-          jnp.broadcast_to(f(r_last == r_prev)[..., None], (B, T // CHUNK, W)), pad(f(rc))]
+  row = lambda x: jnp.pad(x.astype(jnp.float32), ((0, 0), (0, 0), (0, W - CHUNK)))
+  carried = jnp.broadcast_to((r_last == r_prev)[..., None], (B, T // CHUNK, W))
+  rows = [row(rc), row(rc == r_prev[..., None]), row(rc == r_last[..., None]),
+          carried.astype(jnp.float32), row(rc)]
   return jnp.stack(rows, 2)
 
 
@@ -141,7 +139,7 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
         S = plgpu.load(h0_ref.at[b, h, :, cols], layout=WGMMA, optimized=False)
       else:
         S = plgpu.layout_cast(jnp.zeros((K, COLS), jnp.float32), WGMMA)
-      row = lambda r, n: plgpu.load(dec_s.at[wg, r, pl.ds(0, n)], layout=ROW)
+      row = lambda i, width: plgpu.load(dec_s.at[wg, i, pl.ds(0, width)], layout=ROW)
       bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
       gv = bcast(row(0, CHUNK), (CHUNK, CHUNK))
       i = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
@@ -166,7 +164,8 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
         a_n, b_n, carry_n, D_n = a, bv, carry, D
         if has_r:
           plgpu.barrier_wait(seg_bar.at[slot])
-          seg = lambda r, n, layout=ROW: plgpu.load(seg_s.at[slot, r, pl.ds(0, n)], layout=layout)
+          seg = lambda i, width, layout=ROW: plgpu.load(seg_s.at[slot, i, pl.ds(0, width)],
+                                                        layout=layout)
           r_row = bcast(seg(0, CHUNK), (CHUNK, CHUNK))
           r_col = lax.broadcast_in_dim(seg(4, CHUNK, WGMMA.reduce(0)), (CHUNK, CHUNK), [1])
           D_n = jnp.where(r_row == r_col, D, 0.0)
