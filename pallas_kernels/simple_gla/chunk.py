@@ -1,8 +1,9 @@
 """Chunked simple GLA in Pallas (Triton lowering): forward, backward and the custom_vjp op.
 
-On a GPU the forward (its o pass and the sequence splits' states-only pre-pass) runs the Mosaic
-GPU kernel of mosaic.py where it applies (bf16, T a multiple of 64; 1.3-1.5x faster,
-BENCHMARKS.md); everything else, the backward included, is the Triton code below.
+On a GPU the forward-in-time scans (the o pass, the sequence splits' states-only pre-pass, and
+dq, which is the o pass of (do, v, k)) run the Mosaic GPU kernel of mosaic.py where it applies
+(bf16, T a multiple of 64; 1.3-1.5x faster, BENCHMARKS.md); the rest is the Triton code below
+(the reverse dk / dv scan, tails, fp32).
 
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
   S_t = exp(g_h) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t   (state S [K, V] in fp32).
@@ -69,8 +70,9 @@ class Config(NamedTuple):
   num_warps_bwd: int = 4
   num_stages: int = 2
   splits: int = 1              # sequence pieces (see the module docstring)
-  fwd_kernel: str = "auto"     # the o pass: "triton" (this file), "mosaic" (mosaic.py), or
-                               # "auto": mosaic where it applies, except in interpret mode
+  fwd_kernel: str = "auto"     # the forward-in-time scans (o, the splits' states, dq): "triton"
+                               # (this file), "mosaic" (mosaic.py), or "auto": mosaic where it
+                               # applies, except in interpret mode
   mosaic_stages: int = 2       # TMA ring depth of the Mosaic forward
   interpret: bool = False
 
@@ -321,7 +323,14 @@ def _rscan_call(q, k, v, do, g, dht, r, cfg: Config, emit_dk: bool, emit_dv: boo
 def _grads(q, k, v, do, g, h0, dht, r, cfg: Config):
   """(dq, dk, dv, d initial state) of one piece; dk and dv share a launch if both fit one block."""
   K, V = q.shape[-1], v.shape[-1]
-  dq = _scan_call("dq", None, k, v, do, g, h0, r, cfg)
+  if _use_mosaic(v, k, cfg):
+    # dq = scale ((do v^T * D) k + (do S^T) * a) is the forward's o with (q, k, v) = (do, v, k):
+    # the state built from keys v and values k is S^T, starting at h0^T.
+    h0t = None if h0 is None else jnp.swapaxes(h0, -1, -2)
+    dq, _ = mosaic.forward(do, v, k, g, h0t, r, scale=cfg.scale, stages=cfg.mosaic_stages,
+                           interpret=cfg.interpret)
+  else:
+    dq = _scan_call("dq", None, k, v, do, g, h0, r, cfg)
   if cfg.block_k_bwd >= K and cfg.block_v_bwd >= V:
     dk, dv, dh0 = _rscan_call(q, k, v, do, g, dht, r, cfg, emit_dk=True, emit_dv=True)
   else:
@@ -461,9 +470,9 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   changes. Differentiable in q, k, v and initial_state (g gets a zero gradient).
   K, V and chunk_size must be powers of two >= 16 (Triton tile sizes); T is arbitrary.
   splits: sequence pieces run in parallel (None: auto_splits; needs T % (splits C) == 0).
-  fwd_kernel: the forward's o pass: "auto" (the Mosaic GPU kernel of mosaic.py where it applies:
-  bf16, K and V in (64, 128), C = 64, T a multiple of 64; not in interpret mode), "mosaic" (the
-  same, also interpreted) or "triton".
+  fwd_kernel: the forward-in-time scans (o, the splits' states pre-pass, dq): "auto" (the Mosaic
+  GPU kernel of mosaic.py where it applies: bf16, K and V in (64, 128), C = 64, T a multiple of
+  64; not in interpret mode), "mosaic" (the same, also interpreted) or "triton".
   """
   if fwd_kernel not in ("auto", "mosaic", "triton"):
     raise ValueError(f"fwd_kernel must be 'auto', 'mosaic' or 'triton', got {fwd_kernel!r}")
