@@ -189,10 +189,12 @@ def test_decode_step_bf16():
 @pytest.mark.parametrize("T,K,h0,splits,segments", [
     (192, 128, True, 1, False), (256, 64, False, 2, False), (256, 128, True, 2, True)])
 def test_mosaic_forward_interpreted(T, K, h0, splits, segments):
-  """The Mosaic GPU o pass under jax's GPU interpreter (race detector on), grads via Triton."""
+  """The Mosaic GPU kernel (o pass, states pre-pass, dq) under jax's GPU interpreter, race
+  detector on; dk and dv from the Triton reverse scan."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
   inputs = make_inputs(T + K, 1, T, 2, K, jnp.bfloat16, h0=h0, segments=segments)
-  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", splits=splits, interpret=True)
+  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", dq_kernel="mosaic", splits=splits,
+                          interpret=True)
   assert not ipc.get_races().races_found
 
 
@@ -246,6 +248,7 @@ def test_gpu_compiled(T, K, h0, segments, opts):
     (2048, 128, True, dict(splits=2, mosaic_stages=3)),
     (2048, 128, True, dict(splits=2, segments=True)),
     (1024, 64, False, dict(splits=1, segments=True)),
+    (2048, 128, True, dict(splits=2, segments=True, dq_kernel="mosaic")),  # not yet run on a GPU
 ])
 def test_gpu_mosaic_forward(T, K, h0, opts):
   opts = dict(opts)

@@ -1,9 +1,9 @@
 """Chunked simple GLA in Pallas (Triton lowering): forward, backward and the custom_vjp op.
 
-On a GPU the forward-in-time scans (the o pass, the sequence splits' states-only pre-pass, and
-dq, which is the o pass of (do, v, k)) run the Mosaic GPU kernel of mosaic.py where it applies
-(bf16, T a multiple of 64; 1.3-1.5x faster, BENCHMARKS.md); the rest is the Triton code below
-(the reverse dk / dv scan, tails, fp32).
+On a GPU the forward (its o pass and the sequence splits' states-only pre-pass) runs the Mosaic
+GPU kernel of mosaic.py where it applies (bf16, T a multiple of 64; 1.3-1.5x faster,
+BENCHMARKS.md); the rest, the backward included, is the Triton code below. dq can also run on
+the Mosaic kernel, as the o pass of (do, v, k) (dq_kernel="mosaic"; not yet timed on a GPU).
 
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
   S_t = exp(g_h) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t   (state S [K, V] in fp32).
@@ -70,9 +70,11 @@ class Config(NamedTuple):
   num_warps_bwd: int = 4
   num_stages: int = 2
   splits: int = 1              # sequence pieces (see the module docstring)
-  fwd_kernel: str = "auto"     # the forward-in-time scans (o, the splits' states, dq): "triton"
-                               # (this file), "mosaic" (mosaic.py), or "auto": mosaic where it
-                               # applies, except in interpret mode
+  fwd_kernel: str = "auto"     # the forward's scans (o, the splits' states): "triton" (this
+                               # file), "mosaic" (mosaic.py), or "auto": mosaic where it applies,
+                               # except in interpret mode
+  dq_kernel: str = "triton"    # "mosaic": dq as the o pass of (do, v, k) too, where fwd_kernel
+                               # picks mosaic (interpret-tested; not yet timed on the GPU)
   mosaic_stages: int = 2       # TMA ring depth of the Mosaic forward
   interpret: bool = False
 
@@ -323,7 +325,7 @@ def _rscan_call(q, k, v, do, g, dht, r, cfg: Config, emit_dk: bool, emit_dv: boo
 def _grads(q, k, v, do, g, h0, dht, r, cfg: Config):
   """(dq, dk, dv, d initial state) of one piece; dk and dv share a launch if both fit one block."""
   K, V = q.shape[-1], v.shape[-1]
-  if _use_mosaic(v, k, cfg):
+  if cfg.dq_kernel == "mosaic" and _use_mosaic(v, k, cfg):
     # dq = scale ((do v^T * D) k + (do S^T) * a) is the forward's o with (q, k, v) = (do, v, k):
     # the state built from keys v and values k is S^T, starting at h0^T.
     h0t = None if h0 is None else jnp.swapaxes(h0, -1, -2)
@@ -462,7 +464,7 @@ def auto_splits(B, T, H, V, chunk=64, block_v=64, min_piece=1024):
 def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
                       chunk_size=64, block_v=64, block_k_bwd=64, block_v_bwd=64, num_warps=4,
                       num_warps_bwd=4, num_stages=2, splits=None, fwd_kernel="auto",
-                      mosaic_stages=2, interpret=False):
+                      dq_kernel="triton", mosaic_stages=2, interpret=False):
   """Chunked simple GLA: q, k [B, T, H, K], v [B, T, H, V], g [H] (log-decay < 0).
 
   Returns (o [B, T, H, V] in q.dtype, final_state [B, H, K, V] fp32). initial_state
@@ -470,12 +472,16 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   changes. Differentiable in q, k, v and initial_state (g gets a zero gradient).
   K, V and chunk_size must be powers of two >= 16 (Triton tile sizes); T is arbitrary.
   splits: sequence pieces run in parallel (None: auto_splits; needs T % (splits C) == 0).
-  fwd_kernel: the forward-in-time scans (o, the splits' states pre-pass, dq): "auto" (the Mosaic
-  GPU kernel of mosaic.py where it applies: bf16, K and V in (64, 128), C = 64, T a multiple of
-  64; not in interpret mode), "mosaic" (the same, also interpreted) or "triton".
+  fwd_kernel: the forward's scans (o, the splits' states pre-pass): "auto" (the Mosaic GPU kernel
+  of mosaic.py where it applies: bf16, K and V in (64, 128), C = 64, T a multiple of 64; not in
+  interpret mode), "mosaic" (the same, also interpreted) or "triton".
+  dq_kernel: "triton" (the default) or "mosaic" (dq as the Mosaic o pass of (do, v, k) wherever
+  fwd_kernel runs Mosaic).
   """
   if fwd_kernel not in ("auto", "mosaic", "triton"):
     raise ValueError(f"fwd_kernel must be 'auto', 'mosaic' or 'triton', got {fwd_kernel!r}")
+  if dq_kernel not in ("mosaic", "triton"):
+    raise ValueError(f"dq_kernel must be 'mosaic' or 'triton', got {dq_kernel!r}")
   B, T, H, K = q.shape
   V = v.shape[-1]
   for name, n in (("K", K), ("V", V), ("chunk_size", chunk_size)):
@@ -490,7 +496,8 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   cfg = Config(scale=float(K ** -0.5 if scale is None else scale), chunk=chunk_size,
                block_v=block_v, block_k_bwd=block_k_bwd, block_v_bwd=block_v_bwd,
                num_warps=num_warps, num_warps_bwd=num_warps_bwd, num_stages=num_stages,
-               splits=splits, fwd_kernel=fwd_kernel, mosaic_stages=mosaic_stages,
+               splits=splits, fwd_kernel=fwd_kernel, dq_kernel=dq_kernel,
+               mosaic_stages=mosaic_stages,
                interpret=interpret)
   r = None
   if segment_ids is not None:
