@@ -189,17 +189,17 @@ def test_decode_step_bf16():
 @pytest.mark.parametrize("T,K,h0,splits,segments", [
     (192, 128, True, 1, False), (256, 64, False, 2, False), (256, 128, True, 2, True)])
 def test_mosaic_forward_interpreted(T, K, h0, splits, segments):
-  """The Mosaic GPU kernel (o pass, states pre-pass, dq) under jax's GPU interpreter, race
-  detector on; dk and dv from the Triton reverse scan."""
+  """The Mosaic GPU kernels (forward, states pre-passes, dq, dk, dv) under jax's GPU
+  interpreter, race detector on."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
   inputs = make_inputs(T + K, 1, T, 2, K, jnp.bfloat16, h0=h0, segments=segments)
-  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", dq_kernel="mosaic", splits=splits,
+  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", bwd_kernel="mosaic", splits=splits,
                           interpret=True)
   assert not ipc.get_races().races_found
 
 
 @pytest.mark.parametrize("K,V,stages,packed", [
-    (128, 128, 2, False), (128, 128, 3, True), (64, 64, 4, True)])
+    (128, 128, 2, False), (128, 128, 3, True), (64, 64, 4, True), (64, 128, 2, True)])
 def test_mosaic_forward_lowers_for_the_gpu(K, V, stages, packed):
   """Lowering to Mosaic GPU on the CPU checks layouts, wgmma operands and the SMEM budget."""
   S = jax.ShapeDtypeStruct
@@ -213,6 +213,14 @@ def test_mosaic_forward_lowers_for_the_gpu(K, V, stages, packed):
   states_only = lambda k, v, g, *r: f(None, k, v, g, None, *r)  # the splits' pre-pass
   exported = jax.export.export(jax.jit(states_only), platforms=["cuda"])(
       *qkv[1:], S((H,), jnp.float32), *r)
+  assert "mosaic_gpu" in exported.mlir_module()
+  # the reverse scan (q, k, do, dht), and its d-state-only pre-pass
+  bwd = functools.partial(mosaic.backward_kv, scale=0.1, stages=stages)
+  exported = jax.export.export(jax.jit(bwd), platforms=["cuda"])(
+      *qkv, S((H,), jnp.float32), S((B, H, K, V), jnp.float32), *r)
+  assert "mosaic_gpu" in exported.mlir_module()
+  exported = jax.export.export(jax.jit(lambda q, do, g, *r: bwd(q, None, do, g, None, *r)),
+                               platforms=["cuda"])(qkv[0], qkv[2], S((H,), jnp.float32), *r)
   assert "mosaic_gpu" in exported.mlir_module()
 
 
@@ -248,7 +256,8 @@ def test_gpu_compiled(T, K, h0, segments, opts):
     (2048, 128, True, dict(splits=2, mosaic_stages=3)),
     (2048, 128, True, dict(splits=2, segments=True)),
     (1024, 64, False, dict(splits=1, segments=True)),
-    (2048, 128, True, dict(splits=2, segments=True, dq_kernel="mosaic")),  # not yet run on a GPU
+    (2048, 128, True, dict(splits=2, segments=True, bwd_kernel="mosaic")),  # not yet run on a GPU
+    (1024, 64, True, dict(splits=1, bwd_kernel="mosaic")),
 ])
 def test_gpu_mosaic_forward(T, K, h0, opts):
   opts = dict(opts)

@@ -2,8 +2,9 @@
 
 On a GPU the forward (its o pass and the sequence splits' states-only pre-pass) runs the Mosaic
 GPU kernel of mosaic.py where it applies (bf16, T a multiple of 64; 1.3-1.5x faster,
-BENCHMARKS.md); the rest, the backward included, is the Triton code below. dq can also run on
-the Mosaic kernel, as the o pass of (do, v, k) (dq_kernel="mosaic"; not yet timed on a GPU).
+BENCHMARKS.md); the rest, the backward included, is the Triton code below. The backward can
+also run on mosaic.py (bwd_kernel="mosaic": dq as the o pass of (do, v, k), dv and dk from its
+reverse scan; interpret-tested and lowered, not yet run on a GPU).
 
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
   S_t = exp(g_h) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t   (state S [K, V] in fp32).
@@ -73,8 +74,8 @@ class Config(NamedTuple):
   fwd_kernel: str = "auto"     # the forward's scans (o, the splits' states): "triton" (this
                                # file), "mosaic" (mosaic.py), or "auto": mosaic where it applies,
                                # except in interpret mode
-  dq_kernel: str = "triton"    # "mosaic": dq as the o pass of (do, v, k) too, where fwd_kernel
-                               # picks mosaic (interpret-tested; not yet timed on the GPU)
+  bwd_kernel: str = "triton"   # "mosaic": the backward's scans on mosaic.py too, where
+                               # fwd_kernel picks it (interpret-tested; not yet run on a GPU)
   mosaic_stages: int = 2       # TMA ring depth of the Mosaic forward
   interpret: bool = False
 
@@ -325,14 +326,17 @@ def _rscan_call(q, k, v, do, g, dht, r, cfg: Config, emit_dk: bool, emit_dv: boo
 def _grads(q, k, v, do, g, h0, dht, r, cfg: Config):
   """(dq, dk, dv, d initial state) of one piece; dk and dv share a launch if both fit one block."""
   K, V = q.shape[-1], v.shape[-1]
-  if cfg.dq_kernel == "mosaic" and _use_mosaic(v, k, cfg):
+  if _use_mosaic_bwd(k, v, cfg):
     # dq = scale ((do v^T * D) k + (do S^T) * a) is the forward's o with (q, k, v) = (do, v, k):
-    # the state built from keys v and values k is S^T, starting at h0^T.
-    h0t = None if h0 is None else jnp.swapaxes(h0, -1, -2)
-    dq, _ = mosaic.forward(do, v, k, g, h0t, r, scale=cfg.scale, stages=cfg.mosaic_stages,
-                           interpret=cfg.interpret)
-  else:
-    dq = _scan_call("dq", None, k, v, do, g, h0, r, cfg)
+    # the state built from keys v and values k is S^T, starting at h0^T. dk is dv's reverse scan
+    # with (q, k, do) = (do, v, q), whose state is dS^T.
+    T_ = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)
+    kw = dict(scale=cfg.scale, stages=cfg.mosaic_stages, interpret=cfg.interpret)
+    dq, _ = mosaic.forward(do, v, k, g, T_(h0), r, **kw)
+    dv, dh0 = mosaic.backward_kv(q, k, do, g, dht, r, **kw)
+    dk, _ = mosaic.backward_kv(do, v, q, g, T_(dht), r, **kw)
+    return dq, dk, dv, dh0
+  dq = _scan_call("dq", None, k, v, do, g, h0, r, cfg)
   if cfg.block_k_bwd >= K and cfg.block_v_bwd >= V:
     dk, dv, dh0 = _rscan_call(q, k, v, do, g, dht, r, cfg, emit_dk=True, emit_dv=True)
   else:
@@ -389,6 +393,10 @@ def _use_mosaic(k, v, cfg: Config):
   return want and mosaic.supported(k, v, cfg.chunk)
 
 
+def _use_mosaic_bwd(k, v, cfg: Config):
+  return cfg.bwd_kernel == "mosaic" and _use_mosaic(k, v, cfg)
+
+
 def _forward(q, k, v, g, h0, r, cfg: Config):
   """(o, final state, piece-start states [B P, H, K, V] or None)."""
   P = cfg.splits
@@ -416,7 +424,11 @@ def _backward(q, k, v, g, h0, r, starts, do, dht, cfg: Config):
   B, T, H, K = q.shape
   qs, ks, vs, dos = (_split(x, P) for x in (q, k, v, do))
   rs = None if r is None else _split_r(r, P)
-  local, = _rscan_call(qs, None, None, dos, g, None, rs, cfg, emit_dk=False, emit_dv=False)
+  if _use_mosaic_bwd(ks, vs, cfg):
+    local = mosaic.backward_kv(qs, None, dos, g, None, rs, scale=cfg.scale,
+                               stages=cfg.mosaic_stages, interpret=cfg.interpret)
+  else:
+    local, = _rscan_call(qs, None, None, dos, g, None, rs, cfg, emit_dk=False, emit_dv=False)
   local = local.reshape(B, P, H, K, -1)
   decay = _piece_decay(g, rs, B, P, T // P)
   dS, ends = dht, [None] * P
@@ -464,7 +476,7 @@ def auto_splits(B, T, H, V, chunk=64, block_v=64, min_piece=1024):
 def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
                       chunk_size=64, block_v=64, block_k_bwd=64, block_v_bwd=64, num_warps=4,
                       num_warps_bwd=4, num_stages=2, splits=None, fwd_kernel="auto",
-                      dq_kernel="triton", mosaic_stages=2, interpret=False):
+                      bwd_kernel="triton", mosaic_stages=2, interpret=False):
   """Chunked simple GLA: q, k [B, T, H, K], v [B, T, H, V], g [H] (log-decay < 0).
 
   Returns (o [B, T, H, V] in q.dtype, final_state [B, H, K, V] fp32). initial_state
@@ -475,13 +487,13 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   fwd_kernel: the forward's scans (o, the splits' states pre-pass): "auto" (the Mosaic GPU kernel
   of mosaic.py where it applies: bf16, K and V in (64, 128), C = 64, T a multiple of 64; not in
   interpret mode), "mosaic" (the same, also interpreted) or "triton".
-  dq_kernel: "triton" (the default) or "mosaic" (dq as the Mosaic o pass of (do, v, k) wherever
-  fwd_kernel runs Mosaic).
+  bwd_kernel: "triton" (the default) or "mosaic" (dq, dk, dv and the splits' pre-pass on
+  mosaic.py wherever fwd_kernel runs Mosaic; not yet run on a GPU).
   """
   if fwd_kernel not in ("auto", "mosaic", "triton"):
     raise ValueError(f"fwd_kernel must be 'auto', 'mosaic' or 'triton', got {fwd_kernel!r}")
-  if dq_kernel not in ("mosaic", "triton"):
-    raise ValueError(f"dq_kernel must be 'mosaic' or 'triton', got {dq_kernel!r}")
+  if bwd_kernel not in ("mosaic", "triton"):
+    raise ValueError(f"bwd_kernel must be 'mosaic' or 'triton', got {bwd_kernel!r}")
   B, T, H, K = q.shape
   V = v.shape[-1]
   for name, n in (("K", K), ("V", V), ("chunk_size", chunk_size)):
@@ -496,7 +508,7 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   cfg = Config(scale=float(K ** -0.5 if scale is None else scale), chunk=chunk_size,
                block_v=block_v, block_k_bwd=block_k_bwd, block_v_bwd=block_v_bwd,
                num_warps=num_warps, num_warps_bwd=num_warps_bwd, num_stages=num_stages,
-               splits=splits, fwd_kernel=fwd_kernel, dq_kernel=dq_kernel,
+               splits=splits, fwd_kernel=fwd_kernel, bwd_kernel=bwd_kernel,
                mosaic_stages=mosaic_stages,
                interpret=interpret)
   r = None

@@ -97,6 +97,31 @@ def _mma(inits, issue, interpret):
   return tuple(o + x for o, x in zip(outs, inits))
 
 
+def _stream(load, n_chunks, stages, consumed, reverse=False):
+  """The memory warpgroup: `load(chunk, slot)` for every chunk in order, `stages` ahead."""
+  chunk = (lambda n: n_chunks - 1 - n) if reverse else (lambda n: n)
+  for n in range(min(stages, n_chunks)):
+    load(chunk(n), n)
+
+  @pl.loop(stages, n_chunks)
+  def _(n):
+    slot = lax.rem(n, stages)
+    plgpu.barrier_wait(consumed.at[slot])
+    load(chunk(n), slot)
+
+  @pl.loop(max(n_chunks - stages, 0), n_chunks)
+  def _(n):  # observe the last consumptions too (every barrier phase is waited on)
+    plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+
+
+def _interpret_kwargs(interpret):
+  if not interpret:
+    return {}
+  # True, or the interpreter's InterpretGPUParams (e.g. detect_races=True)
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return {"interpret": InterpretGPUParams() if interpret is True else interpret}
+
+
 def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=False):
   """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32); with q None the final state only.
 
@@ -224,18 +249,7 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
         if has_r:
           plgpu.copy_gmem_to_smem(seg_ref.at[b, n], seg_s.at[slot], seg_bar.at[slot])
 
-      for n in range(stages):
-        load(n, n)
-
-      @pl.loop(stages, n_chunks)
-      def _(n):
-        slot = lax.rem(n, stages)
-        plgpu.barrier_wait(consumed.at[slot])
-        load(n, slot)
-
-      @pl.loop(max(n_chunks - stages, 0), n_chunks)
-      def _(n):  # observe the last consumptions too (every barrier phase is waited on)
-        plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
+      _stream(load, n_chunks, stages, consumed)
 
   if_o = lambda x: x if emit_o else None
   scratch = [
@@ -259,10 +273,6 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
       plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
       plgpu.Barrier(num_barriers=n_wg),
   )
-  kwargs = {}
-  if interpret:  # True, or the interpreter's InterpretGPUParams (e.g. detect_races=True)
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    kwargs["interpret"] = InterpretGPUParams() if interpret is True else interpret
   call = plgpu.kernel(
       body,
       out_type=((jax.ShapeDtypeStruct((B, T, H, V), dtype),) if emit_o else ())
@@ -271,9 +281,181 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
       grid=(B, H), grid_names=("b", "h"),
       num_threads=n_wg + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=False),
-      **kwargs)
+      **_interpret_kwargs(interpret))
   args = (((q,) if emit_o else ()) + (k, v, dec)
           + ((h0.astype(jnp.float32),) if has_h0 else ())
           + ((_segment_rows(r, K),) if has_r else ()))
   out = call(*args)
   return tuple(out) if emit_o else out[0]
+
+
+def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, interpret=False):
+  """The reverse scan: (dv [B, T, H, V] bf16, d initial state [B, H, K, V] fp32).
+
+  Per chunk, last to first, with dS' the state cotangent after the chunk (dht at the end):
+    dv = scale (q k^T * D)^T do + (k * b) dS',   dS = exp(g C) dS' + scale (q * a)^T do.
+  dk is the same scan with (q, k, do) = (do, v, q) from dht^T (its state is dS^T), so chunk.py
+  gets dq, dk and dv from three launches of this file's two kernels. With k None the d state
+  only (the sequence splits' pre-pass of the backward).
+
+  Same CTA layout as `forward`: the compute warpgroups own 64 columns of dS and of do / dv and
+  share q, k; k q^T is formed directly (the transposed scores, masked by D^T), so P^T is a
+  register operand; (k * b) dS' is b times the rows of k dS'; q^T enters from SMEM transposed.
+  """
+  B, T, H, K = q.shape
+  V = do.shape[-1]
+  n_wg, n_chunks = V // COLS, T // CHUNK
+  emit_dv = k is not None
+  stages = max(1, min(stages, n_chunks))
+  dtype = q.dtype
+  dec = _decay_rows(g, scale, K)
+  has_dht, has_r = dht is not None, r is not None
+  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+  WGMMA, ROW = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+
+  def body(*refs):
+    refs = list(refs)
+    if not emit_dv:
+      refs.insert(1, None)  # k
+      refs.insert(4 + has_dht + has_r, None)  # dv
+    q_ref, k_ref, do_ref, dec_ref = refs[:4]
+    dht_ref = refs[4] if has_dht else None
+    seg_ref = refs[4 + has_dht] if has_r else None
+    n_in = 4 + has_dht + has_r
+    dv_ref, dh0_ref = refs[n_in:n_in + 2]
+    (q_s, k_s, do_s, dS16, da, dv_s, dec_s, seg_s, p_smem), bars = refs[n_in + 2:]
+    q_bar, k_bar, do_bar, seg_bar, consumed, misc_bar = bars
+    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+
+    @pl.when(wg < n_wg)
+    def _compute():
+      plgpu.set_max_registers(232 if n_wg == 2 else 240, action="increase")
+      cols = pl.ds(wg * COLS, COLS)
+      plgpu.copy_gmem_to_smem(dec_ref.at[h], dec_s.at[wg], misc_bar.at[wg])
+      plgpu.barrier_wait(misc_bar.at[wg])
+      if has_dht:
+        dS = plgpu.load(dht_ref.at[b, h, :, cols], layout=WGMMA, optimized=False)
+      else:
+        dS = plgpu.layout_cast(jnp.zeros((K, COLS), jnp.float32), WGMMA)
+      row = lambda i, width: plgpu.load(dec_s.at[wg, i, pl.ds(0, width)], layout=ROW)
+      bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
+      gv = bcast(row(0, CHUNK), (CHUNK, CHUNK))
+      j = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)  # key (row)
+      i = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)  # query (column)
+      diff = i - j
+      DT = jnp.where(diff >= 0, scale * jnp.exp(gv * jnp.maximum(diff, 0).astype(jnp.float32)),
+                     0.0)  # D^T
+      a = bcast(row(1, CHUNK), (CHUNK, COLS))  # scale * a
+      bv = bcast(row(2, CHUNK), (CHUNK, COLS))
+      carry = bcast(row(3, K), (K, COLS))
+      zeros = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), WGMMA)
+      zeros_o = plgpu.layout_cast(jnp.zeros((CHUNK, COLS), jnp.float32), WGMMA)
+
+      def step(m, dS):
+        n = n_chunks - 1 - m  # chunks last to first
+        slot = lax.rem(m, stages)
+        plgpu.barrier_wait(q_bar.at[slot])
+        if emit_dv:
+          plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(do_bar.at[slot * n_wg + wg])
+        qs, dos = q_s.at[slot], do_s.at[slot * n_wg + wg]
+        ks = k_s.at[slot] if emit_dv else None
+        a_n, b_n, carry_n, DT_n = a, bv, carry, DT
+        if has_r:
+          plgpu.barrier_wait(seg_bar.at[slot])
+          seg = lambda i, width, layout=ROW: plgpu.load(seg_s.at[slot, i, pl.ds(0, width)],
+                                                        layout=layout)
+          r_row = bcast(seg(0, CHUNK), (CHUNK, CHUNK))
+          r_col = lax.broadcast_in_dim(seg(4, CHUNK, WGMMA.reduce(0)), (CHUNK, CHUNK), [1])
+          DT_n = jnp.where(r_row == r_col, DT, 0.0)
+          a_n = a * bcast(seg(1, CHUNK), (CHUNK, COLS))
+          b_n = bv * bcast(seg(2, CHUNK), (CHUNK, COLS))
+          carry_n = carry * bcast(seg(3, K), (K, COLS))
+        if emit_dv:
+          dS16.at[wg][...] = dS.astype(dtype)
+        da.at[wg][...] = (plgpu.load(dos, layout=WGMMA).astype(jnp.float32) * a_n).astype(dtype)
+        plgpu.commit_smem()
+        state = lambda acc: plgpu.wgmma(acc, qs.transpose((1, 0)), da.at[wg])
+        if not emit_dv:
+          dS, = _mma((dS * carry_n,), lambda refs: state(refs[0]), interpret)
+          plgpu.barrier_arrive(consumed.at[slot])
+          return dS
+
+        def products(refs):
+          kq_acc, kdS_acc = refs
+          plgpu.wgmma(kq_acc, ks, qs.transpose((1, 0)))
+          plgpu.wgmma(kdS_acc, ks, dS16.at[wg])
+        kq, kdS = _mma((zeros, zeros_o), products, interpret)
+        PT = (kq * DT_n).astype(dtype)
+        if p_smem is not None:
+          p_smem.at[wg][...] = PT
+          plgpu.commit_smem()
+          PT = p_smem.at[wg]
+
+        def update(refs):
+          dv_acc, dS_acc = refs
+          plgpu.wgmma(dv_acc, PT, dos)
+          state(dS_acc)
+        dv, dS = _mma((kdS * b_n, dS * carry_n), update, interpret)
+        plgpu.barrier_arrive(consumed.at[slot])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dv block has left dv_s
+        dv_s.at[wg][...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dv_s.at[wg], dv_ref.at[b, pl.ds(n * CHUNK, CHUNK), h, cols])
+        return dS
+
+      dS = lax.fori_loop(0, n_chunks, step, dS)
+      dh0_ref.at[b, h, :, cols][...] = dS
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == n_wg)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(n, slot):
+        rows = pl.ds(n * CHUNK, CHUNK)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], q_bar.at[slot])
+        if emit_dv:
+          plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s.at[slot], k_bar.at[slot])
+        for w in range(n_wg):
+          plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, pl.ds(w * COLS, COLS)],
+                                  do_s.at[slot * n_wg + w], do_bar.at[slot * n_wg + w])
+        if has_r:
+          plgpu.copy_gmem_to_smem(seg_ref.at[b, n], seg_s.at[slot], seg_bar.at[slot])
+
+      _stream(load, n_chunks, stages, consumed, reverse=True)
+
+  if_dv = lambda x: x if emit_dv else None
+  scratch = [
+      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled),          # q
+      if_dv(plgpu.SMEM((stages, CHUNK, K), dtype, **tiled)),   # k
+      plgpu.SMEM((stages * n_wg, CHUNK, COLS), dtype, **tiled),  # do column blocks
+      if_dv(plgpu.SMEM((n_wg, K, COLS), dtype, **tiled)),      # dS' in bf16 (k dS' operand)
+      plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # scale a * do (dS update operand)
+      if_dv(plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled)),  # dv block on its way out
+      plgpu.SMEM((n_wg, 4, max(CHUNK, K)), jnp.float32),       # decay rows
+      plgpu.SMEM((stages, 5, max(CHUNK, K)), jnp.float32) if has_r else None,  # segment rows
+      plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled) if interpret and emit_dv else None,  # P^T
+  ]
+  barriers = (
+      plgpu.Barrier(num_barriers=stages),
+      if_dv(plgpu.Barrier(num_barriers=stages)),
+      plgpu.Barrier(num_barriers=stages * n_wg),
+      plgpu.Barrier(num_barriers=stages) if has_r else None,
+      plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
+      plgpu.Barrier(num_barriers=n_wg),
+  )
+  call = plgpu.kernel(
+      body,
+      out_type=((jax.ShapeDtypeStruct((B, T, H, V), dtype),) if emit_dv else ())
+      + (jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),),
+      scratch_types=(scratch, barriers),
+      grid=(B, H), grid_names=("b", "h"),
+      num_threads=n_wg + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=False),
+      **_interpret_kwargs(interpret))
+  args = ((q,) + ((k,) if emit_dv else ()) + (do, dec)
+          + ((dht.astype(jnp.float32),) if has_dht else ())
+          + ((_segment_rows(r, K),) if has_r else ()))
+  out = call(*args)
+  return tuple(out) if emit_dv else out[0]
