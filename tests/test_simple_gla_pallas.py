@@ -232,6 +232,15 @@ def test_mosaic_forward_falls_back_where_it_does_not_apply():
   assert not mosaic.supported(inputs[0].astype(jnp.float32), inputs[2], 64)
 
 
+def test_mosaic_is_the_default_on_hopper_only():
+  """wgmma is sm_90 only: "auto" must not pick the Mosaic kernel on a CPU or another GPU."""
+  from pallas_kernels.simple_gla import chunk
+  k = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
+  assert mosaic.supported(k, k, 64)
+  assert chunk._use_mosaic(k, k, chunk.Config(scale=1.0)) == mosaic.on_hopper()
+  assert chunk._use_mosaic(k, k, chunk.Config(scale=1.0, fwd_kernel="mosaic"))
+
+
 # ------------------------------------------------------------------ compiled kernels (GPU only)
 
 

@@ -72,8 +72,8 @@ class Config(NamedTuple):
   num_stages: int = 2
   splits: int = 1              # sequence pieces (see the module docstring)
   fwd_kernel: str = "auto"     # the forward's scans (o, the splits' states): "triton" (this
-                               # file), "mosaic" (mosaic.py), or "auto": mosaic where it applies,
-                               # except in interpret mode
+                               # file), "mosaic" (mosaic.py), or "auto": mosaic where it applies
+                               # on a Hopper GPU (wgmma is sm_90 only), never in interpret mode
   bwd_kernel: str = "triton"   # "mosaic": the backward's scans on mosaic.py too, where
                                # fwd_kernel picks it (interpret-tested; not yet run on a GPU)
   mosaic_stages: int = 2       # TMA ring depth of the Mosaic forward
@@ -389,7 +389,8 @@ def _state_pass(k, v, g, r, cfg: Config):
 
 
 def _use_mosaic(k, v, cfg: Config):
-  want = cfg.fwd_kernel == "mosaic" or (cfg.fwd_kernel == "auto" and not cfg.interpret)
+  want = cfg.fwd_kernel == "mosaic" or (
+      cfg.fwd_kernel == "auto" and not cfg.interpret and mosaic.on_hopper())
   return want and mosaic.supported(k, v, cfg.chunk)
 
 
@@ -485,8 +486,8 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   K, V and chunk_size must be powers of two >= 16 (Triton tile sizes); T is arbitrary.
   splits: sequence pieces run in parallel (None: auto_splits; needs T % (splits C) == 0).
   fwd_kernel: the forward's scans (o, the splits' states pre-pass): "auto" (the Mosaic GPU kernel
-  of mosaic.py where it applies: bf16, K and V in (64, 128), C = 64, T a multiple of 64; not in
-  interpret mode), "mosaic" (the same, also interpreted) or "triton".
+  of mosaic.py where it applies: a Hopper GPU, bf16, K and V in (64, 128), C = 64, T a multiple
+  of 64; not in interpret mode), "mosaic" (the same, also interpreted) or "triton".
   bwd_kernel: "triton" (the default) or "mosaic" (dq, dk, dv and the splits' pre-pass on
   mosaic.py wherever fwd_kernel runs Mosaic; not yet run on a GPU).
   """

@@ -43,6 +43,12 @@ CHUNK = 64
 COLS = 64  # state columns per compute warpgroup
 
 
+def on_hopper() -> bool:
+  """Whether the default device is a compute-capability 9.0 GPU (wgmma and this TMA usage)."""
+  d = jax.devices()[0]
+  return d.platform == "gpu" and getattr(d, "compute_capability", None) == "9.0"
+
+
 def supported(k, v, chunk_size) -> bool:
   B, T, H, K = k.shape
   V = v.shape[-1]
