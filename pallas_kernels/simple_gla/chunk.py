@@ -330,11 +330,11 @@ def _grads(q, k, v, do, g, h0, dht, r, cfg: Config):
     # dq = scale ((do v^T * D) k + (do S^T) * a) is the forward's o with (q, k, v) = (do, v, k):
     # the state built from keys v and values k is S^T, starting at h0^T. dk is dv's reverse scan
     # with (q, k, do) = (do, v, q), whose state is dS^T.
-    T_ = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)
+    tr = lambda x: None if x is None else jnp.swapaxes(x, -1, -2)
     kw = dict(scale=cfg.scale, stages=cfg.mosaic_stages, interpret=cfg.interpret)
-    dq, _ = mosaic.forward(do, v, k, g, T_(h0), r, **kw)
+    dq, _ = mosaic.forward(do, v, k, g, tr(h0), r, **kw)
     dv, dh0 = mosaic.backward_kv(q, k, do, g, dht, r, **kw)
-    dk, _ = mosaic.backward_kv(do, v, q, g, T_(dht), r, **kw)
+    dk, _ = mosaic.backward_kv(do, v, q, g, tr(dht), r, **kw)
     return dq, dk, dv, dh0
   dq = _scan_call("dq", None, k, v, do, g, h0, r, cfg)
   if cfg.block_k_bwd >= K and cfg.block_v_bwd >= V:
