@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | gla | train | mla | profile [extra args...]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | gla | gla-bwd | train | mla | profile [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -23,6 +23,12 @@ case "$part" in
     timeout ${LIMIT:-560} python3 -m benchmarks.moe --no-mgpu "$@" ;;
   gla)        # Lightning attention prefill, default configuration, all four shapes
     timeout ${LIMIT:-560} python3 -m benchmarks.simple_gla --default-only --no-decode --no-check --no-fused ;;
+  gla-bwd)    # the opt-in Mosaic backward (bwd_kernel="mosaic"): its GPU tests, then forward+backward
+              # with the Triton and the Mosaic backward side by side (shapes 0 and 2; --shapes ...)
+    timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider \
+        tests/test_simple_gla_pallas.py -k gpu_mosaic 2>&1 | tail -3 &&
+      python3 -m benchmarks.simple_gla --no-fused --no-check --no-decode --shapes 0,2 "$@" \
+        --fwd-configs "[{}]" --bwd-configs "[{}, {\"bwd_kernel\": \"mosaic\"}]"' _ "$@" ;;
   train)      # ling_small at sequence 4096 (experiments/small_pretrain.py defaults)
     timeout ${LIMIT:-560} python3 -m experiments.small_pretrain train.steps=30 train.log_every=5 \
       train.checkpoint_every=1000 train.sample_tokens=0 train.unigram_batches=1 \
@@ -33,5 +39,5 @@ case "$part" in
     # (command buffers off: a CUDA graph shows in the trace as one op, hiding its kernels)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | gla | train | mla | profile)"; exit 2 ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | gla | gla-bwd | train | mla | profile)"; exit 2 ;;
 esac
