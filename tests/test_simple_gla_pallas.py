@@ -204,24 +204,20 @@ def test_mosaic_forward_lowers_for_the_gpu(K, V, stages, packed):
   """Lowering to Mosaic GPU on the CPU checks layouts, wgmma operands and the SMEM budget."""
   S = jax.ShapeDtypeStruct
   B, T, H = 1, 512, 2
-  f = functools.partial(mosaic.forward, scale=0.1, stages=stages)
+  q, k, v = S((B, T, H, K), jnp.bfloat16), S((B, T, H, K), jnp.bfloat16), S((B, T, H, V), jnp.bfloat16)
+  g, state = S((H,), jnp.float32), S((B, H, K, V), jnp.float32)
   r = (S((B, T), jnp.int32),) if packed else ()
-  qkv = (S((B, T, H, K), jnp.bfloat16), S((B, T, H, K), jnp.bfloat16), S((B, T, H, V), jnp.bfloat16))
-  exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
-      *qkv, S((H,), jnp.float32), S((B, H, K, V), jnp.float32), *r)
-  assert "mosaic_gpu" in exported.mlir_module()
-  states_only = lambda k, v, g, *r: f(None, k, v, g, None, *r)  # the splits' pre-pass
-  exported = jax.export.export(jax.jit(states_only), platforms=["cuda"])(
-      *qkv[1:], S((H,), jnp.float32), *r)
-  assert "mosaic_gpu" in exported.mlir_module()
-  # the reverse scan (q, k, do, dht), and its d-state-only pre-pass
+  fwd = functools.partial(mosaic.forward, scale=0.1, stages=stages)
   bwd = functools.partial(mosaic.backward_kv, scale=0.1, stages=stages)
-  exported = jax.export.export(jax.jit(bwd), platforms=["cuda"])(
-      *qkv, S((H,), jnp.float32), S((B, H, K, V), jnp.float32), *r)
-  assert "mosaic_gpu" in exported.mlir_module()
-  exported = jax.export.export(jax.jit(lambda q, do, g, *r: bwd(q, None, do, g, None, *r)),
-                               platforms=["cuda"])(qkv[0], qkv[2], S((H,), jnp.float32), *r)
-  assert "mosaic_gpu" in exported.mlir_module()
+  kernels = [
+      (fwd, (q, k, v, g, state)),
+      (lambda k, v, g, *r: fwd(None, k, v, g, None, *r), (k, v, g)),  # the splits' pre-pass
+      (bwd, (q, k, v, g, state)),  # the reverse scan (q, k, do, dht)
+      (lambda q, do, g, *r: bwd(q, None, do, g, None, *r), (q, v, g)),  # its d-state pre-pass
+  ]
+  for f, args in kernels:
+    exported = jax.export.export(jax.jit(f), platforms=["cuda"])(*args, *r)
+    assert "mosaic_gpu" in exported.mlir_module()
 
 
 def test_mosaic_forward_falls_back_where_it_does_not_apply():

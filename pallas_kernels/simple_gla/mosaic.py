@@ -41,6 +41,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHUNK = 64
 COLS = 64  # state columns per compute warpgroup
+WGMMA = plgpu.Layout.WGMMA          # wgmma accumulator layout
+ROW = plgpu.Layout.WGMMA.reduce(1)  # a vector indexed by the accumulator's rows
 
 
 def on_hopper() -> bool:
@@ -132,6 +134,47 @@ def _interpret_kwargs(interpret):
   return {"interpret": InterpretGPUParams() if interpret is True else interpret}
 
 
+def _chunk_constants(dec_ref, dec_s, bar, state_ref, b, h, wg, cols, K, scale, transposed):
+  """A compute warpgroup's start: (initial state [K, 64], decays, zero accumulators).
+
+  Copies the head's decay rows to SMEM, loads its 64 columns of `state_ref` (or zeros) into the
+  accumulator layout, and forms the loop-invariant D (D^T if `transposed`: rows are keys),
+  scale a, b and the carried decay in registers. Decays: exp of non-positive numbers only.
+  """
+  plgpu.copy_gmem_to_smem(dec_ref.at[h], dec_s.at[wg], bar.at[wg])
+  plgpu.barrier_wait(bar.at[wg])
+  if state_ref is not None:  # straight from GMEM into the accumulator layout (no SMEM staging)
+    S = plgpu.load(state_ref.at[b, h, :, cols], layout=WGMMA, optimized=False)
+  else:
+    S = plgpu.layout_cast(jnp.zeros((K, COLS), jnp.float32), WGMMA)
+  row = lambda i, width: plgpu.load(dec_s.at[wg, i, pl.ds(0, width)], layout=ROW)
+  gv = _rows(row(0, CHUNK), CHUNK)
+  i = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
+  j = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
+  diff = j - i if transposed else i - j  # query minus key
+  D = jnp.where(diff >= 0, scale * jnp.exp(gv * jnp.maximum(diff, 0).astype(jnp.float32)), 0.0)
+  decays = (D, _rows(row(1, CHUNK)), _rows(row(2, CHUNK)), _rows(row(3, K)))
+  zeros = tuple(plgpu.layout_cast(jnp.zeros((CHUNK, n), jnp.float32), WGMMA)
+                for n in (CHUNK, COLS))
+  return S, decays, zeros
+
+
+def _rows(x, width=COLS):
+  """A row-indexed vector broadcast along a `width`-wide second axis."""
+  return lax.broadcast_in_dim(x, (x.shape[0], width), [0])
+
+
+def _segment_masked(seg_s, slot, K, decays):
+  """The chunk's (D, a, b, carry) masked by its segment rows (see _segment_rows)."""
+  D, a, bv, carry = decays
+  seg = lambda i, width, layout=ROW: plgpu.load(seg_s.at[slot, i, pl.ds(0, width)],
+                                                layout=layout)
+  r_row = _rows(seg(0, CHUNK), CHUNK)
+  r_col = lax.broadcast_in_dim(seg(4, CHUNK, WGMMA.reduce(0)), (CHUNK, CHUNK), [1])
+  return (jnp.where(r_row == r_col, D, 0.0), a * _rows(seg(1, CHUNK)),
+          bv * _rows(seg(2, CHUNK)), carry * _rows(seg(3, K)))
+
+
 def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=False):
   """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32); with q None the final state only.
 
@@ -148,7 +191,6 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
   dec = _decay_rows(g, scale, K)
   has_h0, has_r = h0 is not None, r is not None
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-  WGMMA, ROW = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
 
   def body(*refs):
     refs = list(refs)
@@ -168,25 +210,8 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
     def _compute():
       plgpu.set_max_registers(232 if n_wg == 2 else 240, action="increase")
       cols = pl.ds(wg * COLS, COLS)
-      plgpu.copy_gmem_to_smem(dec_ref.at[h], dec_s.at[wg], misc_bar.at[wg])
-      plgpu.barrier_wait(misc_bar.at[wg])
-      if has_h0:  # straight from GMEM into the accumulator layout (no SMEM staging)
-        S = plgpu.load(h0_ref.at[b, h, :, cols], layout=WGMMA, optimized=False)
-      else:
-        S = plgpu.layout_cast(jnp.zeros((K, COLS), jnp.float32), WGMMA)
-      row = lambda i, width: plgpu.load(dec_s.at[wg, i, pl.ds(0, width)], layout=ROW)
-      bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
-      gv = bcast(row(0, CHUNK), (CHUNK, CHUNK))
-      i = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)
-      j = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)
-      diff = i - j
-      D = jnp.where(diff >= 0, scale * jnp.exp(gv * jnp.maximum(diff, 0).astype(jnp.float32)),
-                    0.0)
-      a = bcast(row(1, CHUNK), (CHUNK, COLS))
-      bv = bcast(row(2, CHUNK), (CHUNK, COLS))
-      carry = bcast(row(3, K), (K, COLS))
-      zeros = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), WGMMA)
-      zeros_o = plgpu.layout_cast(jnp.zeros((CHUNK, COLS), jnp.float32), WGMMA)
+      S, decays, zeros = _chunk_constants(dec_ref, dec_s, misc_bar, h0_ref, b, h, wg, cols, K,
+                                          scale, transposed=False)
 
       def step(n, S):
         slot = lax.rem(n, stages)
@@ -196,17 +221,9 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
         plgpu.barrier_wait(v_bar.at[slot * n_wg + wg])
         qs = q_s.at[slot] if emit_o else None
         ks, vs = k_s.at[slot], v_s.at[slot * n_wg + wg]
-        a_n, b_n, carry_n, D_n = a, bv, carry, D
         if has_r:
           plgpu.barrier_wait(seg_bar.at[slot])
-          seg = lambda i, width, layout=ROW: plgpu.load(seg_s.at[slot, i, pl.ds(0, width)],
-                                                        layout=layout)
-          r_row = bcast(seg(0, CHUNK), (CHUNK, CHUNK))
-          r_col = lax.broadcast_in_dim(seg(4, CHUNK, WGMMA.reduce(0)), (CHUNK, CHUNK), [1])
-          D_n = jnp.where(r_row == r_col, D, 0.0)
-          a_n = a * bcast(seg(1, CHUNK), (CHUNK, COLS))
-          b_n = bv * bcast(seg(2, CHUNK), (CHUNK, COLS))
-          carry_n = carry * bcast(seg(3, K), (K, COLS))
+        D_n, a_n, b_n, carry_n = _segment_masked(seg_s, slot, K, decays) if has_r else decays
         if emit_o:
           s16.at[wg][...] = S.astype(dtype)
         vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * b_n).astype(dtype)
@@ -221,7 +238,7 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
           qk_acc, qS_acc = refs
           plgpu.wgmma(qk_acc, qs, ks.transpose((1, 0)))
           plgpu.wgmma(qS_acc, qs, s16.at[wg])
-        qk, qS = _mma((zeros, zeros_o), products, interpret)
+        qk, qS = _mma(zeros, products, interpret)
         P = (qk * D_n).astype(dtype)
         if p_smem is not None:
           p_smem.at[wg][...] = P
@@ -321,7 +338,6 @@ def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, inte
   dec = _decay_rows(g, scale, K)
   has_dht, has_r = dht is not None, r is not None
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-  WGMMA, ROW = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
 
   def body(*refs):
     refs = list(refs)
@@ -341,25 +357,8 @@ def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, inte
     def _compute():
       plgpu.set_max_registers(232 if n_wg == 2 else 240, action="increase")
       cols = pl.ds(wg * COLS, COLS)
-      plgpu.copy_gmem_to_smem(dec_ref.at[h], dec_s.at[wg], misc_bar.at[wg])
-      plgpu.barrier_wait(misc_bar.at[wg])
-      if has_dht:
-        dS = plgpu.load(dht_ref.at[b, h, :, cols], layout=WGMMA, optimized=False)
-      else:
-        dS = plgpu.layout_cast(jnp.zeros((K, COLS), jnp.float32), WGMMA)
-      row = lambda i, width: plgpu.load(dec_s.at[wg, i, pl.ds(0, width)], layout=ROW)
-      bcast = lambda x, shape: lax.broadcast_in_dim(x, shape, [0])
-      gv = bcast(row(0, CHUNK), (CHUNK, CHUNK))
-      j = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 0, layout=WGMMA)  # key (row)
-      i = plgpu.broadcasted_iota(jnp.int32, (CHUNK, CHUNK), 1, layout=WGMMA)  # query (column)
-      diff = i - j
-      DT = jnp.where(diff >= 0, scale * jnp.exp(gv * jnp.maximum(diff, 0).astype(jnp.float32)),
-                     0.0)  # D^T
-      a = bcast(row(1, CHUNK), (CHUNK, COLS))  # scale * a
-      bv = bcast(row(2, CHUNK), (CHUNK, COLS))
-      carry = bcast(row(3, K), (K, COLS))
-      zeros = plgpu.layout_cast(jnp.zeros((CHUNK, CHUNK), jnp.float32), WGMMA)
-      zeros_o = plgpu.layout_cast(jnp.zeros((CHUNK, COLS), jnp.float32), WGMMA)
+      dS, decays, zeros = _chunk_constants(dec_ref, dec_s, misc_bar, dht_ref, b, h, wg, cols, K,
+                                           scale, transposed=True)  # D^T: rows are keys
 
       def step(m, dS):
         n = n_chunks - 1 - m  # chunks last to first
@@ -370,17 +369,9 @@ def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, inte
         plgpu.barrier_wait(do_bar.at[slot * n_wg + wg])
         qs, dos = q_s.at[slot], do_s.at[slot * n_wg + wg]
         ks = k_s.at[slot] if emit_dv else None
-        a_n, b_n, carry_n, DT_n = a, bv, carry, DT
         if has_r:
           plgpu.barrier_wait(seg_bar.at[slot])
-          seg = lambda i, width, layout=ROW: plgpu.load(seg_s.at[slot, i, pl.ds(0, width)],
-                                                        layout=layout)
-          r_row = bcast(seg(0, CHUNK), (CHUNK, CHUNK))
-          r_col = lax.broadcast_in_dim(seg(4, CHUNK, WGMMA.reduce(0)), (CHUNK, CHUNK), [1])
-          DT_n = jnp.where(r_row == r_col, DT, 0.0)
-          a_n = a * bcast(seg(1, CHUNK), (CHUNK, COLS))
-          b_n = bv * bcast(seg(2, CHUNK), (CHUNK, COLS))
-          carry_n = carry * bcast(seg(3, K), (K, COLS))
+        DT_n, a_n, b_n, carry_n = _segment_masked(seg_s, slot, K, decays) if has_r else decays
         if emit_dv:
           dS16.at[wg][...] = dS.astype(dtype)
         da.at[wg][...] = (plgpu.load(dos, layout=WGMMA).astype(jnp.float32) * a_n).astype(dtype)
@@ -395,7 +386,7 @@ def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, inte
           kq_acc, kdS_acc = refs
           plgpu.wgmma(kq_acc, ks, qs.transpose((1, 0)))
           plgpu.wgmma(kdS_acc, ks, dS16.at[wg])
-        kq, kdS = _mma((zeros, zeros_o), products, interpret)
+        kq, kdS = _mma(zeros, products, interpret)
         PT = (kq * DT_n).astype(dtype)
         if p_smem is not None:
           p_smem.at[wg][...] = PT
