@@ -23,12 +23,12 @@ case "$part" in
     timeout ${LIMIT:-560} python3 -m benchmarks.moe --no-mgpu "$@" ;;
   gla)        # Lightning attention prefill, default configuration, all four shapes
     timeout ${LIMIT:-560} python3 -m benchmarks.simple_gla --default-only --no-decode --no-check --no-fused ;;
-  gla-bwd)    # the opt-in Mosaic backward (bwd_kernel="mosaic"): its GPU tests, then forward+backward
-              # with the Triton and the Mosaic backward side by side (shapes 0 and 2; --shapes ...)
+  gla-bwd)    # the Mosaic kernels' GPU tests, then forward+backward with the Mosaic (default) and
+              # the Triton backward side by side (shapes 0 and 2; --shapes ... overrides)
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider \
         tests/test_simple_gla_pallas.py -k gpu_mosaic 2>&1 | tail -3 &&
       python3 -m benchmarks.simple_gla --no-fused --no-check --no-decode --shapes 0,2 "$@" \
-        --fwd-configs "[{}]" --bwd-configs "[{}, {\"bwd_kernel\": \"mosaic\"}]"' _ "$@" ;;
+        --fwd-configs "[{}]" --bwd-configs "[{}, {\"bwd_kernel\": \"triton\"}]"' _ "$@" ;;
   train)      # ling_small at sequence 4096 (experiments/small_pretrain.py defaults)
     timeout ${LIMIT:-560} python3 -m experiments.small_pretrain train.steps=30 train.log_every=5 \
       train.checkpoint_every=1000 train.sample_tokens=0 train.unigram_batches=1 \

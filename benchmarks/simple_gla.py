@@ -34,8 +34,8 @@ BF16_FLOPS_PER_S = 990e12   # H100 SXM dense bf16
 SHAPES = [(4, 4096, 32, 128), (1, 16384, 32, 128), (8, 2048, 16, 128), (1, 65536, 32, 128)]
 DECODE_BATCHES = [1, 16, 64]
 FWD_CONFIGS = [dict(), dict(fwd_kernel="triton"), dict(splits=1), dict(fwd_kernel="triton", block_v=128, num_warps=8)]
-BWD_CONFIGS = [dict(), dict(bwd_kernel="mosaic"), dict(num_warps_bwd=8),
-               dict(block_k_bwd=128, block_v_bwd=128, num_warps_bwd=8)]
+BWD_CONFIGS = [dict(), dict(bwd_kernel="triton"), dict(bwd_kernel="triton", num_warps_bwd=8),
+               dict(bwd_kernel="triton", block_k_bwd=128, block_v_bwd=128, num_warps_bwd=8)]
 SWEEP_FWD = [dict(chunk_size=c, block_v=bv, num_warps=w, num_stages=s)
              for c in (64, 128) for bv in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
 SWEEP_BWD = [dict(block_k_bwd=b, block_v_bwd=b, num_warps_bwd=w) for b in (32, 64, 128)

@@ -233,8 +233,11 @@ def test_mosaic_is_the_default_on_hopper_only():
   from pallas_kernels.simple_gla import chunk
   k = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
   assert mosaic.supported(k, k, 64)
-  assert chunk._use_mosaic(k, k, chunk.Config(scale=1.0)) == mosaic.on_hopper()
-  assert chunk._use_mosaic(k, k, chunk.Config(scale=1.0, fwd_kernel="mosaic"))
+  default = chunk.Config(scale=1.0)
+  assert chunk._use_mosaic(k, k, default) == chunk._use_mosaic_bwd(k, k, default) == mosaic.on_hopper()
+  assert chunk._use_mosaic(k, k, default._replace(fwd_kernel="mosaic"))
+  assert chunk._use_mosaic_bwd(k, k, default._replace(bwd_kernel="mosaic"))
+  assert not chunk._use_mosaic_bwd(k, k, default._replace(bwd_kernel="triton", fwd_kernel="mosaic"))
 
 
 # ------------------------------------------------------------------ compiled kernels (GPU only)
@@ -246,8 +249,10 @@ def test_mosaic_is_the_default_on_hopper_only():
     (777, 64, False, True, dict()),
     (1000, 128, True, False, dict(chunk_size=128)),
     (1000, 128, True, False, dict(block_k_bwd=128, block_v_bwd=128, num_warps_bwd=8)),  # fused dk/dv
-    (4096, 128, False, False, dict(block_v=32, num_warps=8)),  # auto splits: 4 pieces
-    (2048, 128, True, True, dict(splits=2)),
+    # T a multiple of 64: the Triton scans only where asked for
+    (4096, 128, False, False, dict(block_v=32, num_warps=8, fwd_kernel="triton",
+                                   bwd_kernel="triton")),  # auto splits: 4 pieces
+    (2048, 128, True, True, dict(splits=2, fwd_kernel="triton", bwd_kernel="triton")),
 ])
 def test_gpu_compiled(T, K, h0, segments, opts):
   inputs = make_inputs(T, 2, T, 4, K, jnp.bfloat16, h0=h0, segments=segments)
@@ -261,13 +266,14 @@ def test_gpu_compiled(T, K, h0, segments, opts):
     (2048, 128, True, dict(splits=2, mosaic_stages=3)),
     (2048, 128, True, dict(splits=2, segments=True)),
     (1024, 64, False, dict(splits=1, segments=True)),
-    (2048, 128, True, dict(splits=2, segments=True, bwd_kernel="mosaic")),  # not yet run on a GPU
-    (1024, 64, True, dict(splits=1, bwd_kernel="mosaic")),
+    (2048, 128, True, dict(splits=2, segments=True, bwd_kernel="triton")),  # Mosaic fwd, Triton bwd
+    (1024, 64, True, dict(splits=1, bwd_kernel="triton")),
 ])
-def test_gpu_mosaic_forward(T, K, h0, opts):
+def test_gpu_mosaic(T, K, h0, opts):
+  """The defaults on a Hopper GPU: the Mosaic forward and backward."""
   opts = dict(opts)
   inputs = make_inputs(T, 2, T, 4, K, jnp.bfloat16, h0=h0, segments=opts.pop("segments", False))
-  check_against_reference(inputs, 1e-2, fwd_kernel="mosaic", **opts)
+  check_against_reference(inputs, 1e-2, **opts)
 
 
 @gpu

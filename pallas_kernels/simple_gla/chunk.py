@@ -1,10 +1,10 @@
 """Chunked simple GLA in Pallas (Triton lowering): forward, backward and the custom_vjp op.
 
-On a GPU the forward (its o pass and the sequence splits' states-only pre-pass) runs the Mosaic
-GPU kernel of mosaic.py where it applies (bf16, T a multiple of 64; 1.3-1.5x faster,
-BENCHMARKS.md); the rest, the backward included, is the Triton code below. The backward can
-also run on mosaic.py (bwd_kernel="mosaic": dq as the o pass of (do, v, k), dv and dk from its
-reverse scan; interpret-tested and lowered, not yet run on a GPU).
+On a Hopper GPU the forward (its o pass and the sequence splits' states-only pre-pass) and the
+backward (dq as the o pass of (do, v, k); dv, dk and the splits' d-state pre-pass from its
+reverse scan) run the Mosaic GPU kernels of mosaic.py where they apply (bf16, T a multiple of 64;
+forward 1.4-1.5x, forward+backward 1.25x faster than the Triton code, BENCHMARKS.md). Elsewhere
+(tails, fp32, other GPUs, interpret mode) it is the Triton code below.
 
 The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
   S_t = exp(g_h) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t   (state S [K, V] in fp32).
@@ -74,8 +74,8 @@ class Config(NamedTuple):
   fwd_kernel: str = "auto"     # the forward's scans (o, the splits' states): "triton" (this
                                # file), "mosaic" (mosaic.py), or "auto": mosaic where it applies
                                # on a Hopper GPU (wgmma is sm_90 only), never in interpret mode
-  bwd_kernel: str = "triton"   # "mosaic": the backward's scans on mosaic.py too, where
-                               # fwd_kernel picks it (interpret-tested; not yet run on a GPU)
+  bwd_kernel: str = "auto"     # the backward's scans (dq, dk/dv, the splits' d states): the
+                               # same three choices as fwd_kernel
   mosaic_stages: int = 2       # TMA ring depth of the Mosaic forward
   interpret: bool = False
 
@@ -388,14 +388,17 @@ def _state_pass(k, v, g, r, cfg: Config):
   return _scan_call("state", None, k, v, None, g, None, r, cfg)
 
 
-def _use_mosaic(k, v, cfg: Config):
-  want = cfg.fwd_kernel == "mosaic" or (
-      cfg.fwd_kernel == "auto" and not cfg.interpret and mosaic.on_hopper())
+def _mosaic_applies(kernel, k, v, cfg: Config):
+  want = kernel == "mosaic" or (kernel == "auto" and not cfg.interpret and mosaic.on_hopper())
   return want and mosaic.supported(k, v, cfg.chunk)
 
 
+def _use_mosaic(k, v, cfg: Config):
+  return _mosaic_applies(cfg.fwd_kernel, k, v, cfg)
+
+
 def _use_mosaic_bwd(k, v, cfg: Config):
-  return cfg.bwd_kernel == "mosaic" and _use_mosaic(k, v, cfg)
+  return _mosaic_applies(cfg.bwd_kernel, k, v, cfg)
 
 
 def _forward(q, k, v, g, h0, r, cfg: Config):
@@ -477,7 +480,7 @@ def auto_splits(B, T, H, V, chunk=64, block_v=64, min_piece=1024):
 def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None,
                       chunk_size=64, block_v=64, block_k_bwd=64, block_v_bwd=64, num_warps=4,
                       num_warps_bwd=4, num_stages=2, splits=None, fwd_kernel="auto",
-                      bwd_kernel="triton", mosaic_stages=2, interpret=False):
+                      bwd_kernel="auto", mosaic_stages=2, interpret=False):
   """Chunked simple GLA: q, k [B, T, H, K], v [B, T, H, V], g [H] (log-decay < 0).
 
   Returns (o [B, T, H, V] in q.dtype, final_state [B, H, K, V] fp32). initial_state
@@ -488,13 +491,13 @@ def simple_gla_pallas(q, k, v, g, *, scale=None, initial_state=None, segment_ids
   fwd_kernel: the forward's scans (o, the splits' states pre-pass): "auto" (the Mosaic GPU kernel
   of mosaic.py where it applies: a Hopper GPU, bf16, K and V in (64, 128), C = 64, T a multiple
   of 64; not in interpret mode), "mosaic" (the same, also interpreted) or "triton".
-  bwd_kernel: "triton" (the default) or "mosaic" (dq, dk, dv and the splits' pre-pass on
-  mosaic.py wherever fwd_kernel runs Mosaic; not yet run on a GPU).
+  bwd_kernel: the same choices for the backward's scans (dq, dk and dv, the splits' d-state
+  pre-pass); chosen independently of fwd_kernel.
   """
   if fwd_kernel not in ("auto", "mosaic", "triton"):
     raise ValueError(f"fwd_kernel must be 'auto', 'mosaic' or 'triton', got {fwd_kernel!r}")
-  if bwd_kernel not in ("mosaic", "triton"):
-    raise ValueError(f"bwd_kernel must be 'mosaic' or 'triton', got {bwd_kernel!r}")
+  if bwd_kernel not in ("auto", "mosaic", "triton"):
+    raise ValueError(f"bwd_kernel must be 'auto', 'mosaic' or 'triton', got {bwd_kernel!r}")
   B, T, H, K = q.shape
   V = v.shape[-1]
   for name, n in (("K", K), ("V", V), ("chunk_size", chunk_size)):

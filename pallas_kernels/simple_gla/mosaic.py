@@ -2,7 +2,7 @@
 
 `forward` is the forward scan (the GPU default in chunk.py); `backward_kv` is the reverse scan
 of the backward (dv and the d state; chunk.py gets dk and dq from the same two kernels, see
-there). The backward is opt-in (bwd_kernel="mosaic") until it has been timed on a GPU.
+there). Both are the Hopper default in chunk.py (fwd_kernel / bwd_kernel "auto").
 
 Same op and numerics as chunk.py's forward scan ("o"): per (b, h), state S [K, V] in fp32,
   o   = scale ((q k^T * D) v + (q * a) S),   S <- exp(g C) S + (k * b)^T v
