@@ -150,8 +150,8 @@ def _train(step_fn, state, it, ckpt: Checkpointer, log: MetricsLog, exp: Experim
     state, metrics = step_fn(state, next(it))
     done = step + 1
     pending.append(metrics)
-    ckpt.save(done, state, it.get_state(), meta, force=done == t.steps)
     if done % t.log_every and done != t.steps:
+      ckpt.save(done, state, it.get_state(), meta)
       continue
     # Fetching the metrics is the only host sync: steps in between are dispatched back to back.
     host = jax.device_get(pending)
@@ -166,6 +166,9 @@ def _train(step_fn, state, it, ckpt: Checkpointer, log: MetricsLog, exp: Experim
     if not t.progress:
       print(_log_line(records[-1]), flush=True)
     pending, t_last = [], time.perf_counter()
+    # Saved after the interval is timed: the final (forced, blocking) save is not training time;
+    # a save at any other log step is counted in the next interval.
+    ckpt.save(done, state, it.get_state(), meta, force=done == t.steps)
   bar.close()
   return state, (float(np.median(steady)) if steady else None)
 
