@@ -15,6 +15,7 @@ import pytest
 
 from ling_jax.model.mla import _flash
 from pallas_kernels.grouped_matmul import Config, gmm_glu, gmm_pallas, tgmm_pallas
+from pallas_kernels.rms_norm import Config as NormConfig, rms_norm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
 
@@ -87,6 +88,10 @@ CASES = {
          S((1, 256, 2, 64), jnp.bfloat16), S((1, 256, 32), jnp.bfloat16),
          S((1, 256, 2, 64), jnp.bfloat16), S((1, 256), jnp.int32)),
         3),
+    "rms_norm_fwd_bwd_grouped": (  # fp32 in, bf16 compute, two 512-wide slices
+        lambda x, w: jax.vjp(lambda x, w: rms_norm_pallas(x, w, NormConfig(1e-6, jnp.bfloat16, 2)),
+                             x, w)[1](jnp.ones((256, 1024), jnp.bfloat16)),
+        (S((256, 1024), jnp.float32), S((2, 512), jnp.float32)), 2),
     "simple_gla_decode": (
         lambda q, k, v, g, s: simple_gla_step_pallas(q, k, v, g, s),
         (S((2, 4, 128), jnp.bfloat16),) * 3 + (S((4,), jnp.float32), S((2, 4, 128, 128), jnp.float32)),

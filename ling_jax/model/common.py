@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax import axes as ax
+from pallas_kernels.rms_norm import rms_norm
 
 
 class ExpertBias(nnx.Variable):
@@ -41,38 +42,36 @@ def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str], dtyp
   return kind(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
-  """x / rms(x) over the last axis with fp32 statistics, cast back to x's dtype (spec 3.2)."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return y.astype(x.dtype)
-
-
 class RMSNorm(nnx.Module):
-  """RMSNorm with the HF order of operations: normalise in fp32, cast, then scale (spec 3.2)."""
+  """RMSNorm with the HF order of operations: normalise in fp32, cast, then scale (spec 3.2).
 
-  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
-    self.eps = eps
-    self.dtype = dtype
+  impl: pallas_kernels.rms_norm's choice. "xla" by default: in a ling_small train step on an
+  H100 the Pallas kernels halve the norms' own time, but XLA can no longer fuse the residual adds,
+  gradient sums, RoPE and gates into them, and the step is no faster (BENCHMARKS.md)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
+               impl: str = "xla"):
+    self.eps, self.dtype, self.impl = eps, dtype, impl
     self.weight = param(None, (dim,), (ax.NORM,), param_dtype, init="ones")
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    return self.weight[...].astype(self.dtype) * rms_normalize(x, self.eps)
+    return rms_norm(x, self.weight[...], eps=self.eps, dtype=self.dtype, impl=self.impl)
 
 
 class GroupRMSNorm(nnx.Module):
-  """RMSNorm over `groups` equal slices of the flattened heads (spec 3.4.6); weight is [H, K]."""
+  """RMSNorm over `groups` equal slices of the flattened heads (spec 3.4.6); weight is [H, K].
+  impl: as RMSNorm's."""
 
   def __init__(self, heads: int, head_dim: int, groups: int, *, eps: float,
-               dtype=jnp.float32, param_dtype=jnp.float32):
-    self.groups, self.eps, self.dtype = groups, eps, dtype
+               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "xla"):
+    self.groups, self.eps, self.dtype, self.impl = groups, eps, dtype, impl
     self.weight = param(None, (heads, head_dim), (ax.HEADS, ax.HEAD_DIM), param_dtype, init="ones")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     B, T, H, K = x.shape
-    y = rms_normalize(x.reshape(B, T, self.groups, H * K // self.groups), self.eps)
-    return self.weight[...].astype(self.dtype) * y.reshape(B, T, H, K)
+    y = rms_norm(x.reshape(B, T, H * K), self.weight[...], eps=self.eps, dtype=self.dtype,
+                 groups=self.groups, impl=self.impl)
+    return y.reshape(B, T, H, K)
 
 
 class SwiGLU(nnx.Module):

@@ -1,0 +1,44 @@
+"""RMSNorm (spec 3.2), plain, grouped (GroupRMSNorm) and per head (QK norm).
+
+`rms_norm(x, w, eps=, dtype=, groups=, impl=)`:
+* "pallas": kernel.py's Triton-lowered forward and backward (GPU), where the shape fits (slice
+  width a power of two >= 16, rows a multiple of the row block); reference.py otherwise;
+* "pallas_interpret": the same kernels in interpret mode (CPU tests);
+* "xla": reference.py under autodiff;
+* "auto": "pallas" on a GPU, else "xla".
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from pallas_kernels.rms_norm.kernel import Config, rms_norm_pallas, supported
+from pallas_kernels.rms_norm.reference import rms_norm_reference, rms_normalize
+
+IMPLS = ("auto", "pallas", "pallas_interpret", "xla")
+
+__all__ = ["Config", "IMPLS", "rms_norm", "rms_norm_pallas", "rms_norm_reference", "rms_normalize"]
+
+
+def rms_norm(x, w, *, eps: float, dtype, groups: int = 1, impl: str = "auto"):
+  """x [..., D], w [groups, D / groups] (or [D] for one group) -> w * dtype(x / rms(x)) per
+  slice, [..., D] in `dtype` (reference.py's semantics)."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown rms_norm impl {impl!r}; choose one of {IMPLS}")
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+  *lead, D = x.shape
+  if D % groups:
+    raise ValueError(f"the last axis {D} does not split into {groups} groups")
+  W = D // groups
+  if w.size != D:
+    raise ValueError(f"weight {w.shape} does not match the last axis {D}")
+  cfg = Config(eps=float(eps), dtype=jax.numpy.dtype(dtype), groups=groups,
+               interpret=impl == "pallas_interpret")
+  N = math.prod(lead)
+  if impl == "xla" or not supported(N, W, cfg):
+    return rms_norm_reference(x, w, eps=eps, dtype=dtype, groups=groups)
+  y = rms_norm_pallas(x.reshape(N, D), w.reshape(groups, W), cfg)
+  return y.reshape(*lead, D)
