@@ -1,6 +1,7 @@
 """Training: overrides, the optimizer's decay mask, the expert-bias rule, the train step, and
 exact resume after `kill -9` of a real training process."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -12,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -163,6 +165,40 @@ def test_train_step_learns_and_moves_only_what_it_should():
   assert int(state.step) == tcfg.steps
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.expert_bias, bias0)
   assert all(0 < d <= tcfg.steps * 1e-3 + 1e-6 for d in jax.tree.leaves(moved))
+
+
+def test_gradient_accumulation_gives_the_whole_batch_update():
+  """grad_accum=2 runs the batch as two micro-batches: the same loss, metrics, new parameters
+  and expert biases as one pass (fp32; only the summation order differs). Packed rows with
+  different target counts per micro-batch check the loss is normalised by the whole batch."""
+  cfg = ling_tiny(num_hidden_layers=2)
+  tcfg = TrainConfig(steps=2, learning_rate=1e-2, warmup_steps=0, compute_dtype="float32",
+                     moe_impl="dense")
+  exp = tiny_pretrain.config()
+  graphdef, params, bias = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
+  # Plain SGD: the new parameters are linear in the gradients (AdamW's m / sqrt(v) would magnify
+  # summation-order noise wherever a gradient is near zero).
+  tx = optax.sgd(0.1)
+  batch = next(SyntheticIterator(batch_size=4, seq_len=32, vocab_size=cfg.vocab_size, seed=1))
+  batch = dict(batch, segment_ids=np.asarray(batch["segment_ids"]).copy())
+  batch["segment_ids"][0, 20:] = 0  # padding in the first micro-batch only
+  results = []
+  for accum in (1, 2):
+    step = make_train_step(graphdef, tx, schedule(tcfg), mtp_weight=cfg.mtp_loss_scaling_factor,
+                           bias_rate=1e-3, grad_accum=accum)
+    state = init_state(jax.tree.map(jnp.array, params), jax.tree.map(jnp.array, bias), tx)
+    for _ in range(2):
+      state, m = step(state, batch)
+    results.append((jax.tree.map(np.asarray, (state.params, state.expert_bias)),
+                    {k: np.asarray(v) for k, v in m.items()}))
+  (p1, m1), (p2, m2) = results
+  for k in m1:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="grad_accum"):
+    type(exp)(cfg, dataclasses.replace(exp.data, batch_size=3),
+              dataclasses.replace(tcfg, grad_accum=2))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

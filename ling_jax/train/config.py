@@ -45,6 +45,9 @@ class TrainConfig:
   remat: str = "none"
   remat_scope: str = "layer"
   ce_chunk: int = 4096
+  # Gradient accumulation: each batch runs as grad_accum equal micro-batches (one optimizer step;
+  # activation memory of one micro-batch). data.batch_size must be a multiple of it.
+  grad_accum: int = 1
   mtp: bool = True                 # add the MTP loss, weighted by model.mtp_loss_scaling_factor
   # Aux-loss-free balancing (DeepSeek-V3): b_e += rate * sign(mean load - load_e) after each step.
   bias_update_rate: float = 1e-3
@@ -75,6 +78,8 @@ class TrainConfig:
         errors.append(f"{name}={getattr(self, name)!r} not in {allowed}")
     if self.ce_chunk < 0:
       errors.append(f"ce_chunk={self.ce_chunk} must be >= 0")
+    if self.grad_accum < 1:
+      errors.append(f"grad_accum={self.grad_accum} must be >= 1")
     if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
       errors.append("checkpoint_every, keep_checkpoints and log_every must be >= 1")
     if self.warmup_steps < 0:
@@ -88,3 +93,8 @@ class Experiment:
   model: LingConfig
   data: DataConfig
   train: TrainConfig
+
+  def __post_init__(self):
+    if self.data.batch_size % self.train.grad_accum:
+      raise ValueError(f"invalid Experiment: data.batch_size={self.data.batch_size} is not a "
+                       f"multiple of train.grad_accum={self.train.grad_accum}")

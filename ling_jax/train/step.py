@@ -71,6 +71,13 @@ def _chunked_ce(hidden, lm_head, targets, valid, shift: int, chunk: int, dtype):
   return ce, valid.astype(jnp.float32).sum()
 
 
+def _valid_targets(seg):
+  """valid[t]: token t+1 belongs to token t's (non-padding) document; valid2[t]: tokens t+1 and
+  t+2 both do (the MTP target)."""
+  valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
+  return valid, valid[:, :-1] & valid[:, 1:]
+
+
 def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32):
   """Sums and counts of the next-token and (if present) MTP cross-entropies.
 
@@ -78,10 +85,8 @@ def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32)
   out.hidden / out.mtp_hidden through `lm_head` [D, V] in chunks of `ce_chunk` tokens, with the
   head matmul in `dtype` (the model's compute dtype) as `LingForCausalLM._head` does it.
   """
-  tokens, seg = batch["tokens"], batch["segment_ids"]
-  # valid[t]: token t+1 belongs to token t's (non-padding) document.
-  valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-  valid2 = valid[:, :-1] & valid[:, 1:]  # tokens t+1 and t+2 both in t's document
+  tokens = batch["tokens"]
+  valid, valid2 = _valid_targets(batch["segment_ids"])
   res = {}
   if out.logits is not None:
     res["ce_sum"], res["n"] = _masked_ce(out.logits[:, :-1], tokens[:, 1:], valid)
@@ -108,31 +113,57 @@ def _losses(graphdef, params, expert_bias, batch, *, mtp: bool, remat=None,
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, mtp_weight: float,
                     bias_rate: float, remat: str = "none", remat_scope: str = "layer",
-                    ce_chunk: int = 4096):
+                    ce_chunk: int = 4096, grad_accum: int = 1):
   """A jitted `(state, batch) -> (state, metrics)`; `state` is donated. mtp_weight 0 skips MTP.
 
   remat: a policy name of `REMAT`, applied per decoder layer (remat_scope "layer") or per hybrid
   group / scan body ("group") inside the model. ce_chunk: tokens per chunk of the fused head +
-  cross-entropy (0: materialise the full fp32 logits).
+  cross-entropy (0: materialise the full fp32 logits). grad_accum: the batch's rows run as that
+  many equal micro-batches in sequence (activation memory of one micro-batch); their gradients,
+  loss sums and expert loads add up to the whole batch's, so the update is the same as one pass
+  over the batch (up to summation order).
   """
   mtp = mtp_weight > 0
   if remat not in REMAT:
     raise ValueError(f"unknown remat policy {remat!r}; choose one of {tuple(REMAT)}")
+  if grad_accum < 1:
+    raise ValueError(f"grad_accum={grad_accum} must be >= 1")
 
-  def loss_fn(params, expert_bias, batch):
+  def loss_fn(params, expert_bias, batch, n, n_mtp):
+    """The batch's loss share: its CE sums over the whole batch's target counts n, n_mtp."""
     out, sums = _losses(graphdef, params, expert_bias, batch, mtp=mtp, remat=remat,
                         remat_scope=remat_scope, ce_chunk=ce_chunk)
-    ce = sums["ce_sum"] / jnp.maximum(sums["n"], 1.0)
-    total = ce
-    aux = {"ce": ce, "loads": (out.expert_load, out.mtp_expert_load)}
+    aux = {"ce": sums["ce_sum"] / n, "loads": (out.expert_load, out.mtp_expert_load)}
+    total = aux["ce"]
     if mtp:
-      aux["mtp"] = sums["mtp_sum"] / jnp.maximum(sums["n_mtp"], 1.0)
-      total = ce + mtp_weight * aux["mtp"]
+      aux["mtp"] = sums["mtp_sum"] / n_mtp
+      total = total + mtp_weight * aux["mtp"]
     return total, aux
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulate(params, expert_bias, batch, n, n_mtp):
+    rows = batch["tokens"].shape[0]
+    if rows % grad_accum:
+      raise ValueError(f"batch of {rows} rows does not split into grad_accum={grad_accum}")
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, rows // grad_accum, *x.shape[1:]), batch)
+
+    def body(acc, mb):
+      out = grad_fn(params, expert_bias, mb, n, n_mtp)
+      return jax.tree.map(jnp.add, acc, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    return jax.lax.scan(body, grad_fn(params, expert_bias, first, n, n_mtp), rest)[0]
+
   def step(state: TrainState, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.expert_bias, batch)
+    valid, valid2 = _valid_targets(batch["segment_ids"])
+    n = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+    n_mtp = jnp.maximum(valid2.sum().astype(jnp.float32), 1.0)
+    if grad_accum == 1:
+      (loss, aux), grads = grad_fn(state.params, state.expert_bias, batch, n, n_mtp)
+    else:
+      (loss, aux), grads = accumulate(state.params, state.expert_bias, batch, n, n_mtp)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     load, mtp_load = aux["loads"]
