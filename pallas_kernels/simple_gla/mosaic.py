@@ -175,90 +175,87 @@ def _segment_masked(seg_s, slot, K, decays):
           bv * _rows(seg(2, CHUNK)), carry * _rows(seg(3, K)))
 
 
-def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=False):
-  """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32); with q None the final state only.
+def _stage_p(P, p_smem, wg):
+  """P as a wgmma A operand: in registers, or via SMEM for the interpreter (p_smem not None)."""
+  if p_smem is None:
+    return P
+  p_smem.at[wg][...] = P
+  plgpu.commit_smem()
+  return p_smem.at[wg]
 
-  h0 [B, H, K, V] fp32 or None; r [B, T] int32 or None: the non-decreasing reset counter of
-  packed sequences (chunk.py's r), so that "same segment" is r_i == r_j and the initial state
-  feeds the tokens with r == 0.
+
+def _scan_call(chunk_step, a, b, c, g, state, r, *, scale, stages, reverse, interpret):
+  """The CTA of both scans, one per (b, h): the memory warpgroup streams a, b [B, T, H, K] and
+  the 64-column blocks of c [B, T, H, V] through the TMA ring; each compute warpgroup carries
+  its 64 columns of the fp32 state from `state` (or zeros) over the chunks (last to first if
+  `reverse`) and writes its block of the output [B, T, H, V] per chunk.
+
+  One of a, b may be None (a states-only pass: no output); the state is then all the kernel
+  returns. `chunk_step(S, decays, refs) -> (S, output block or None)` is the scan's per-chunk
+  arithmetic; `refs` holds the chunk's SMEM operands (a, b, c; the first two None when absent)
+  and the warpgroup's scratch (st16: the state in bf16, op: the scaled c operand, p: P staging).
+  Returns (output, final state), or the final state alone.
   """
-  B, T, H, K = k.shape
-  V = v.shape[-1]
+  x = a if a is not None else b
+  B, T, H, K = x.shape
+  V = c.shape[-1]
   n_wg, n_chunks = V // COLS, T // CHUNK
-  emit_o = q is not None  # else the states-only pass of sequence splits (no q, no o)
+  emit = a is not None and b is not None
   stages = max(1, min(stages, n_chunks))
-  dtype = k.dtype
+  dtype = x.dtype
   dec = _decay_rows(g, scale, K)
-  has_h0, has_r = h0 is not None, r is not None
+  has_a, has_b, has_state, has_r = a is not None, b is not None, state is not None, r is not None
   tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
   def body(*refs):
     refs = list(refs)
-    if not emit_o:
-      refs.insert(0, None)  # q
-      refs.insert(4 + has_h0 + has_r, None)  # o
-    q_ref, k_ref, v_ref, dec_ref = refs[:4]
-    h0_ref = refs[4] if has_h0 else None
-    seg_ref = refs[4 + has_h0] if has_r else None
-    n_in = 4 + has_h0 + has_r
-    o_ref, ht_ref = refs[n_in:n_in + 2]
-    (q_s, k_s, v_s, s16, vb, o_s, dec_s, seg_s, p_smem), bars = refs[n_in + 2:]
-    q_bar, k_bar, v_bar, seg_bar, consumed, misc_bar = bars
-    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+    if not has_a:
+      refs.insert(0, None)
+    if not has_b:
+      refs.insert(1, None)
+    if not emit:
+      refs.insert(4 + has_state + has_r, None)  # the output
+    a_ref, b_ref, c_ref, dec_ref = refs[:4]
+    state_ref = refs[4] if has_state else None
+    seg_ref = refs[4 + has_state] if has_r else None
+    n_in = 4 + has_state + has_r
+    out_ref, final_ref = refs[n_in:n_in + 2]
+    (a_s, b_s, c_s, st16, op_s, out_s, dec_s, seg_s, p_smem), bars = refs[n_in + 2:]
+    a_bar, b_bar, c_bar, seg_bar, consumed, misc_bar = bars
+    bi, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
 
     @pl.when(wg < n_wg)
     def _compute():
       plgpu.set_max_registers(232 if n_wg == 2 else 240, action="increase")
       cols = pl.ds(wg * COLS, COLS)
-      S, decays, zeros = _chunk_constants(dec_ref, dec_s, misc_bar, h0_ref, b, h, wg, cols, K,
-                                          scale, transposed=False)
+      S, decays, zeros = _chunk_constants(dec_ref, dec_s, misc_bar, state_ref, bi, h, wg, cols,
+                                          K, scale, transposed=reverse)  # D^T: rows are keys
 
-      def step(n, S):
-        slot = lax.rem(n, stages)
-        if emit_o:
-          plgpu.barrier_wait(q_bar.at[slot])
-        plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(v_bar.at[slot * n_wg + wg])
-        qs = q_s.at[slot] if emit_o else None
-        ks, vs = k_s.at[slot], v_s.at[slot * n_wg + wg]
+      def step(m, S):
+        n = n_chunks - 1 - m if reverse else m
+        slot = lax.rem(m, stages)
+        if has_a:
+          plgpu.barrier_wait(a_bar.at[slot])
+        if has_b:
+          plgpu.barrier_wait(b_bar.at[slot])
+        plgpu.barrier_wait(c_bar.at[slot * n_wg + wg])
+        chunk_refs = dict(a=a_s.at[slot] if has_a else None, b=b_s.at[slot] if has_b else None,
+                          c=c_s.at[slot * n_wg + wg], st16=st16, op=op_s, p=p_smem, wg=wg,
+                          zeros=zeros, dtype=dtype, interpret=interpret)
         if has_r:
           plgpu.barrier_wait(seg_bar.at[slot])
-        D_n, a_n, b_n, carry_n = _segment_masked(seg_s, slot, K, decays) if has_r else decays
-        if emit_o:
-          s16.at[wg][...] = S.astype(dtype)
-        vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * b_n).astype(dtype)
-        plgpu.commit_smem()
-        if not emit_o:
-          S, = _mma((S * carry_n,), lambda refs: plgpu.wgmma(refs[0], ks.transpose((1, 0)),
-                                                            vb.at[wg]), interpret)
-          plgpu.barrier_arrive(consumed.at[slot])
-          return S
-
-        def products(refs):
-          qk_acc, qS_acc = refs
-          plgpu.wgmma(qk_acc, qs, ks.transpose((1, 0)))
-          plgpu.wgmma(qS_acc, qs, s16.at[wg])
-        qk, qS = _mma(zeros, products, interpret)
-        P = (qk * D_n).astype(dtype)
-        if p_smem is not None:
-          p_smem.at[wg][...] = P
-          plgpu.commit_smem()
-          P = p_smem.at[wg]
-
-        def update(refs):
-          o_acc, S_acc = refs
-          plgpu.wgmma(o_acc, P, vs)
-          plgpu.wgmma(S_acc, ks.transpose((1, 0)), vb.at[wg])
-        o, S = _mma((qS * a_n, S * carry_n), update, interpret)
+        masked = _segment_masked(seg_s, slot, K, decays) if has_r else decays
+        S, out = chunk_step(S, masked, chunk_refs)
         plgpu.barrier_arrive(consumed.at[slot])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous o block has left o_s
-        o_s.at[wg][...] = o.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s.at[wg], o_ref.at[b, pl.ds(n * CHUNK, CHUNK), h, cols])
+        if emit:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block has left out_s
+          out_s.at[wg][...] = out.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_s.at[wg], out_ref.at[bi, pl.ds(n * CHUNK, CHUNK), h, cols])
         return S
 
       S = lax.fori_loop(0, n_chunks, step, S)
-      ht_ref.at[b, h, :, cols][...] = S
+      final_ref.at[bi, h, :, cols][...] = S
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == n_wg)
@@ -267,34 +264,35 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
 
       def load(n, slot):
         rows = pl.ds(n * CHUNK, CHUNK)
-        if emit_o:
-          plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s.at[slot], k_bar.at[slot])
+        if has_a:
+          plgpu.copy_gmem_to_smem(a_ref.at[bi, rows, h], a_s.at[slot], a_bar.at[slot])
+        if has_b:
+          plgpu.copy_gmem_to_smem(b_ref.at[bi, rows, h], b_s.at[slot], b_bar.at[slot])
         for w in range(n_wg):
-          plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, pl.ds(w * COLS, COLS)],
-                                  v_s.at[slot * n_wg + w], v_bar.at[slot * n_wg + w])
+          plgpu.copy_gmem_to_smem(c_ref.at[bi, rows, h, pl.ds(w * COLS, COLS)],
+                                  c_s.at[slot * n_wg + w], c_bar.at[slot * n_wg + w])
         if has_r:
-          plgpu.copy_gmem_to_smem(seg_ref.at[b, n], seg_s.at[slot], seg_bar.at[slot])
+          plgpu.copy_gmem_to_smem(seg_ref.at[bi, n], seg_s.at[slot], seg_bar.at[slot])
 
-      _stream(load, n_chunks, stages, consumed)
+      _stream(load, n_chunks, stages, consumed, reverse=reverse)
 
-  if_o = lambda x: x if emit_o else None
+  if_emit = lambda x: x if emit else None
   scratch = [
-      if_o(plgpu.SMEM((stages, CHUNK, K), dtype, **tiled)),    # q
-      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled),          # k
-      plgpu.SMEM((stages * n_wg, CHUNK, COLS), dtype, **tiled),  # v column blocks
-      if_o(plgpu.SMEM((n_wg, K, COLS), dtype, **tiled)),       # S in bf16 (q S operand)
-      plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # v * b (state update operand)
-      if_o(plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled)),   # o block on its way out
+      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled) if has_a else None,
+      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled) if has_b else None,
+      plgpu.SMEM((stages * n_wg, CHUNK, COLS), dtype, **tiled),  # c column blocks
+      if_emit(plgpu.SMEM((n_wg, K, COLS), dtype, **tiled)),    # the state in bf16
+      plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # the scaled c operand
+      if_emit(plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled)),  # output block on its way out
       plgpu.SMEM((n_wg, 4, max(CHUNK, K)), jnp.float32),       # decay rows
       # segment rows (_segment_rows), one per ring slot
       plgpu.SMEM((stages, 5, max(CHUNK, K)), jnp.float32) if has_r else None,
       # P: the interpreter's wgmma takes its A operand from SMEM only
-      plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled) if interpret and emit_o else None,
+      plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled) if interpret and emit else None,
   ]
   barriers = (
-      if_o(plgpu.Barrier(num_barriers=stages)),
-      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages) if has_a else None,
+      plgpu.Barrier(num_barriers=stages) if has_b else None,
       plgpu.Barrier(num_barriers=stages * n_wg),
       plgpu.Barrier(num_barriers=stages) if has_r else None,
       plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
@@ -302,18 +300,87 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
   )
   call = plgpu.kernel(
       body,
-      out_type=((jax.ShapeDtypeStruct((B, T, H, V), dtype),) if emit_o else ())
+      out_type=((jax.ShapeDtypeStruct((B, T, H, V), dtype),) if emit else ())
       + (jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),),
       scratch_types=(scratch, barriers),
       grid=(B, H), grid_names=("b", "h"),
       num_threads=n_wg + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=False),
       **_interpret_kwargs(interpret))
-  args = (((q,) if emit_o else ()) + (k, v, dec)
-          + ((h0.astype(jnp.float32),) if has_h0 else ())
+  args = (tuple(x for x in (a, b) if x is not None) + (c, dec)
+          + ((state.astype(jnp.float32),) if has_state else ())
           + ((_segment_rows(r, K),) if has_r else ()))
   out = call(*args)
-  return tuple(out) if emit_o else out[0]
+  return tuple(out) if emit else out[0]
+
+
+def _forward_chunk(S, decays, refs):
+  """One chunk of the forward scan (see the module docstring)."""
+  D, a, b, carry = decays
+  qs, ks, vs, wg, dtype, interpret = (refs[k] for k in ("a", "b", "c", "wg", "dtype", "interpret"))
+  s16, vb = refs["st16"], refs["op"]
+  if qs is not None:
+    s16.at[wg][...] = S.astype(dtype)
+  vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * b).astype(dtype)
+  plgpu.commit_smem()
+  if qs is None:
+    S, = _mma((S * carry,), lambda accs: plgpu.wgmma(accs[0], ks.transpose((1, 0)), vb.at[wg]),
+              interpret)
+    return S, None
+
+  def products(accs):
+    qk_acc, qS_acc = accs
+    plgpu.wgmma(qk_acc, qs, ks.transpose((1, 0)))
+    plgpu.wgmma(qS_acc, qs, s16.at[wg])
+  qk, qS = _mma(refs["zeros"], products, interpret)
+  P = _stage_p((qk * D).astype(dtype), refs["p"], wg)
+
+  def update(accs):
+    o_acc, S_acc = accs
+    plgpu.wgmma(o_acc, P, vs)
+    plgpu.wgmma(S_acc, ks.transpose((1, 0)), vb.at[wg])
+  o, S = _mma((qS * a, S * carry), update, interpret)
+  return S, o
+
+
+def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=False):
+  """(o [B, T, H, V] bf16, final state [B, H, K, V] fp32); with q None the final state only.
+
+  h0 [B, H, K, V] fp32 or None; r [B, T] int32 or None: the non-decreasing reset counter of
+  packed sequences (chunk.py's r), so that "same segment" is r_i == r_j and the initial state
+  feeds the tokens with r == 0.
+  """
+  return _scan_call(_forward_chunk, q, k, v, g, h0, r, scale=scale, stages=stages,
+                    reverse=False, interpret=interpret)
+
+
+def _backward_chunk(dS, decays, refs):
+  """One chunk of the reverse scan (see backward_kv)."""
+  DT, a, b, carry = decays
+  qs, ks, dos, wg, dtype, interpret = (refs[k] for k in ("a", "b", "c", "wg", "dtype", "interpret"))
+  dS16, da = refs["st16"], refs["op"]
+  if ks is not None:
+    dS16.at[wg][...] = dS.astype(dtype)
+  da.at[wg][...] = (plgpu.load(dos, layout=WGMMA).astype(jnp.float32) * a).astype(dtype)
+  plgpu.commit_smem()
+  state = lambda acc: plgpu.wgmma(acc, qs.transpose((1, 0)), da.at[wg])
+  if ks is None:
+    dS, = _mma((dS * carry,), lambda accs: state(accs[0]), interpret)
+    return dS, None
+
+  def products(accs):
+    kq_acc, kdS_acc = accs
+    plgpu.wgmma(kq_acc, ks, qs.transpose((1, 0)))
+    plgpu.wgmma(kdS_acc, ks, dS16.at[wg])
+  kq, kdS = _mma(refs["zeros"], products, interpret)
+  PT = _stage_p((kq * DT).astype(dtype), refs["p"], wg)
+
+  def update(accs):
+    dv_acc, dS_acc = accs
+    plgpu.wgmma(dv_acc, PT, dos)
+    state(dS_acc)
+  dv, dS = _mma((kdS * b, dS * carry), update, interpret)
+  return dS, dv
 
 
 def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, interpret=False):
@@ -325,138 +392,10 @@ def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, inte
   gets dq, dk and dv from three launches of this file's two kernels. With k None the d state
   only (the sequence splits' pre-pass of the backward).
 
-  Same CTA layout as `forward`: the compute warpgroups own 64 columns of dS and of do / dv and
-  share q, k; k q^T is formed directly (the transposed scores, masked by D^T), so P^T is a
-  register operand; (k * b) dS' is b times the rows of k dS'; q^T enters from SMEM transposed.
+  Same CTA as `forward` (_scan_call): the compute warpgroups own 64 columns of dS and of
+  do / dv and share q, k; k q^T is formed directly (the transposed scores, masked by D^T), so
+  P^T is a register operand; (k * b) dS' is b times the rows of k dS'; q^T enters from SMEM
+  transposed.
   """
-  B, T, H, K = q.shape
-  V = do.shape[-1]
-  n_wg, n_chunks = V // COLS, T // CHUNK
-  emit_dv = k is not None
-  stages = max(1, min(stages, n_chunks))
-  dtype = q.dtype
-  dec = _decay_rows(g, scale, K)
-  has_dht, has_r = dht is not None, r is not None
-  tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
-
-  def body(*refs):
-    refs = list(refs)
-    if not emit_dv:
-      refs.insert(1, None)  # k
-      refs.insert(4 + has_dht + has_r, None)  # dv
-    q_ref, k_ref, do_ref, dec_ref = refs[:4]
-    dht_ref = refs[4] if has_dht else None
-    seg_ref = refs[4 + has_dht] if has_r else None
-    n_in = 4 + has_dht + has_r
-    dv_ref, dh0_ref = refs[n_in:n_in + 2]
-    (q_s, k_s, do_s, dS16, da, dv_s, dec_s, seg_s, p_smem), bars = refs[n_in + 2:]
-    q_bar, k_bar, do_bar, seg_bar, consumed, misc_bar = bars
-    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-
-    @pl.when(wg < n_wg)
-    def _compute():
-      plgpu.set_max_registers(232 if n_wg == 2 else 240, action="increase")
-      cols = pl.ds(wg * COLS, COLS)
-      dS, decays, zeros = _chunk_constants(dec_ref, dec_s, misc_bar, dht_ref, b, h, wg, cols, K,
-                                           scale, transposed=True)  # D^T: rows are keys
-
-      def step(m, dS):
-        n = n_chunks - 1 - m  # chunks last to first
-        slot = lax.rem(m, stages)
-        plgpu.barrier_wait(q_bar.at[slot])
-        if emit_dv:
-          plgpu.barrier_wait(k_bar.at[slot])
-        plgpu.barrier_wait(do_bar.at[slot * n_wg + wg])
-        qs, dos = q_s.at[slot], do_s.at[slot * n_wg + wg]
-        ks = k_s.at[slot] if emit_dv else None
-        if has_r:
-          plgpu.barrier_wait(seg_bar.at[slot])
-        DT_n, a_n, b_n, carry_n = _segment_masked(seg_s, slot, K, decays) if has_r else decays
-        if emit_dv:
-          dS16.at[wg][...] = dS.astype(dtype)
-        da.at[wg][...] = (plgpu.load(dos, layout=WGMMA).astype(jnp.float32) * a_n).astype(dtype)
-        plgpu.commit_smem()
-        state = lambda acc: plgpu.wgmma(acc, qs.transpose((1, 0)), da.at[wg])
-        if not emit_dv:
-          dS, = _mma((dS * carry_n,), lambda refs: state(refs[0]), interpret)
-          plgpu.barrier_arrive(consumed.at[slot])
-          return dS
-
-        def products(refs):
-          kq_acc, kdS_acc = refs
-          plgpu.wgmma(kq_acc, ks, qs.transpose((1, 0)))
-          plgpu.wgmma(kdS_acc, ks, dS16.at[wg])
-        kq, kdS = _mma(zeros, products, interpret)
-        PT = (kq * DT_n).astype(dtype)
-        if p_smem is not None:
-          p_smem.at[wg][...] = PT
-          plgpu.commit_smem()
-          PT = p_smem.at[wg]
-
-        def update(refs):
-          dv_acc, dS_acc = refs
-          plgpu.wgmma(dv_acc, PT, dos)
-          state(dS_acc)
-        dv, dS = _mma((kdS * b_n, dS * carry_n), update, interpret)
-        plgpu.barrier_arrive(consumed.at[slot])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous dv block has left dv_s
-        dv_s.at[wg][...] = dv.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dv_s.at[wg], dv_ref.at[b, pl.ds(n * CHUNK, CHUNK), h, cols])
-        return dS
-
-      dS = lax.fori_loop(0, n_chunks, step, dS)
-      dh0_ref.at[b, h, :, cols][...] = dS
-      plgpu.wait_smem_to_gmem(0)
-
-    @pl.when(wg == n_wg)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def load(n, slot):
-        rows = pl.ds(n * CHUNK, CHUNK)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s.at[slot], q_bar.at[slot])
-        if emit_dv:
-          plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s.at[slot], k_bar.at[slot])
-        for w in range(n_wg):
-          plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h, pl.ds(w * COLS, COLS)],
-                                  do_s.at[slot * n_wg + w], do_bar.at[slot * n_wg + w])
-        if has_r:
-          plgpu.copy_gmem_to_smem(seg_ref.at[b, n], seg_s.at[slot], seg_bar.at[slot])
-
-      _stream(load, n_chunks, stages, consumed, reverse=True)
-
-  if_dv = lambda x: x if emit_dv else None
-  scratch = [
-      plgpu.SMEM((stages, CHUNK, K), dtype, **tiled),          # q
-      if_dv(plgpu.SMEM((stages, CHUNK, K), dtype, **tiled)),   # k
-      plgpu.SMEM((stages * n_wg, CHUNK, COLS), dtype, **tiled),  # do column blocks
-      if_dv(plgpu.SMEM((n_wg, K, COLS), dtype, **tiled)),      # dS' in bf16 (k dS' operand)
-      plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled),         # scale a * do (dS update operand)
-      if_dv(plgpu.SMEM((n_wg, CHUNK, COLS), dtype, **tiled)),  # dv block on its way out
-      plgpu.SMEM((n_wg, 4, max(CHUNK, K)), jnp.float32),       # decay rows
-      plgpu.SMEM((stages, 5, max(CHUNK, K)), jnp.float32) if has_r else None,  # segment rows
-      plgpu.SMEM((n_wg, CHUNK, CHUNK), dtype, **tiled) if interpret and emit_dv else None,  # P^T
-  ]
-  barriers = (
-      plgpu.Barrier(num_barriers=stages),
-      if_dv(plgpu.Barrier(num_barriers=stages)),
-      plgpu.Barrier(num_barriers=stages * n_wg),
-      plgpu.Barrier(num_barriers=stages) if has_r else None,
-      plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages),
-      plgpu.Barrier(num_barriers=n_wg),
-  )
-  call = plgpu.kernel(
-      body,
-      out_type=((jax.ShapeDtypeStruct((B, T, H, V), dtype),) if emit_dv else ())
-      + (jax.ShapeDtypeStruct((B, H, K, V), jnp.float32),),
-      scratch_types=(scratch, barriers),
-      grid=(B, H), grid_names=("b", "h"),
-      num_threads=n_wg + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=False),
-      **_interpret_kwargs(interpret))
-  args = ((q,) + ((k,) if emit_dv else ()) + (do, dec)
-          + ((dht.astype(jnp.float32),) if has_dht else ())
-          + ((_segment_rows(r, K),) if has_r else ()))
-  out = call(*args)
-  return tuple(out) if emit_dv else out[0]
+  return _scan_call(_backward_chunk, q, k, do, g, dht, r, scale=scale, stages=stages,
+                    reverse=True, interpret=interpret)
