@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | gla | gla-bwd | train | mla | profile [args]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | mla | profile [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -22,6 +22,8 @@ case "$part" in
     timeout ${LIMIT:-560} python3 -m benchmarks.moe --sweep --shapes flash --tokens 4096,16384 "$@" ;;
   moe)        # the routed-expert layer, both shapes, every token count
     timeout ${LIMIT:-560} python3 -m benchmarks.moe --no-mgpu "$@" ;;
+  moe-parts)  # the routed-expert layer's device time per op; sort and HBM-read references
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" timeout ${LIMIT:-560} python3 -m benchmarks.moe_parts "$@" ;;
   gla)        # Lightning attention prefill, default configuration, all four shapes
     timeout ${LIMIT:-560} python3 -m benchmarks.simple_gla --default-only --no-decode --no-check --no-fused ;;
   gla-bwd)    # the Mosaic kernels' GPU tests, then forward+backward with the Mosaic (default) and
@@ -40,5 +42,5 @@ case "$part" in
     # (command buffers off: a CUDA graph shows in the trace as one op, hiding its kernels)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | gla | gla-bwd | train | mla | profile)"; exit 2 ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | mla | profile)"; exit 2 ;;
 esac

@@ -264,6 +264,21 @@ def test_moe_gmm_dispatch_matches_dense_with_grads(skew):
     assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("A,E,block,kind", [(1000, 32, 128, "uniform"), (777, 256, 64, "skewed"),
+                                             (300, 8, 128, "one_group"), (5, 4, 128, "uniform")])
+def test_sort_by_expert_is_a_stable_argsort(A, E, block, kind):
+  """The counting sort against NumPy's stable argsort: blocks that end mid-array, empty experts,
+  every assignment on one expert, fewer assignments than a block."""
+  rng = np.random.default_rng(A)
+  ids = rng.permutation(np.repeat(np.arange(E), random_sizes(rng, E, A, kind)))
+  order, inverse, sizes = jax.jit(moe.sort_by_expert, static_argnums=1, static_argnames="block")(
+      jnp.asarray(ids), E, block=block)
+  want = np.argsort(ids, kind="stable")
+  np.testing.assert_array_equal(order, want)
+  np.testing.assert_array_equal(np.asarray(inverse)[want], np.arange(A))
+  np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=E))
+
+
 def test_moe_impl_switch():
   assert moe.resolve_impl("auto") == ("gmm" if ON_GPU else "sorted")
   with pytest.raises(ValueError, match="unknown MoE impl"):

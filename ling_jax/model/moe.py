@@ -106,6 +106,37 @@ def experts_sorted(x, idx, w, wg, wu, wd, *, block_size: int = 64, blocks_per_st
   return jnp.einsum("nx,nxd->nd", w, y)
 
 
+def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, block: int = 64):
+  """A stable counting sort of assignments by expert: (order, inverse, sizes), all int32.
+
+  expert_ids [A] in [0, E). order [A] lists the assignments expert by expert, in their original
+  order within each (= a stable argsort); inverse [A] is each assignment's position in it; sizes
+  [E] counts each expert's assignments. No sort: a position is the expert's start + the
+  assignments of that expert in earlier blocks of `block` + those before it in its own block,
+  from two fused compare-and-count reductions (O(A (E + block))) and a small prefix sum over
+  blocks. On a GPU this replaces a general sort, whose many passes dominated the routing at a
+  few thousand tokens.
+  """
+  A, E = expert_ids.shape[0], num_experts
+  nb = -(-A // block)
+  e = jnp.pad(expert_ids.astype(jnp.int32), (0, nb * block - A), constant_values=E)  # pads last
+  e = e.reshape(nb, block)
+  hist = (e[:, :, None] == jnp.arange(E, dtype=jnp.int32)).sum(1, dtype=jnp.int32)  # [nb, E]
+  before = jnp.cumsum(hist, axis=0, dtype=jnp.int32) - hist  # same expert, earlier blocks
+  sizes = hist.sum(0, dtype=jnp.int32)
+  starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
+  lower = jnp.arange(block)[None, :] < jnp.arange(block)[:, None]  # [i, j]: j before i
+  rank = ((e[:, :, None] == e[:, None, :]) & lower).sum(-1, dtype=jnp.int32)  # [nb, block]
+  ec = jnp.minimum(e, E - 1)  # the pads' (dropped) rows need valid indices
+  inverse = (starts[ec] + jnp.take_along_axis(before, ec, axis=1) + rank).reshape(-1)[:A]
+  order = jnp.zeros((A,), jnp.int32).at[inverse].set(
+      jnp.arange(A, dtype=jnp.int32), unique_indices=True)
+  # Materialise the results: XLA would otherwise fuse inverse's gathers into every consumer,
+  # recomputing them per element of the [N X, D] combine (228 us against 8 at the flash expert
+  # shape and 256 tokens, H100).
+  return jax.lax.optimization_barrier((order, inverse, sizes))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dispatch(x, order, inverse, top_k: int):
   """x [N, D] -> [N X, D]: row r is token order[r] // X. The backward sums each token's X
@@ -148,7 +179,7 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, matmul=None):
   """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
 
-  Assignments are sorted by expert (a stable argsort of N X ids) and three grouped matmuls run
+  Assignments are sorted by expert (`sort_by_expert`, a stable counting sort) and three grouped matmuls run
   over the ragged expert groups: gate and up in one fused kernel (`gmm_glu`) that gathers each
   token row itself and applies the SwiGLU to its fp32 accumulators (neither the [N X, D]
   dispatched rows nor the gate / up products of a forward-only call are written), then down.
@@ -160,10 +191,7 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   N, D = x.shape
   E, X = wg.shape[0], idx.shape[1]
   A = N * X
-  flat_e = idx.reshape(A)
-  order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(A, dtype=order.dtype))  # no 2nd sort
-  sizes = jnp.bincount(flat_e, length=E).astype(jnp.int32)
+  order, inverse, sizes = sort_by_expert(idx.reshape(A), E)
   if matmul is None:
     cfg = config or tuned_config(D, wg.shape[2])
     cfg = cfg._replace(interpret=jax.default_backend() != "gpu")

@@ -133,7 +133,9 @@ def visit_table(group_sizes: jax.Array, m: int, bm: int) -> jax.Array:
   first = last - n_tiles
   V = pl.cdiv(m, bm) + G
   v = jnp.arange(V, dtype=jnp.int32)
-  grp = jnp.minimum(jnp.searchsorted(last, v, side="right"), G).astype(jnp.int32)
+  # compare_all: one fused reduction. The default binary search is a loop, whose per-iteration
+  # launches cost more than the whole table on a GPU.
+  grp = jnp.minimum(jnp.searchsorted(last, v, side="right", method="compare_all"), G).astype(jnp.int32)
   used = v < last[-1]
   tile = starts[grp] // bm + v - first[grp]
   lo = jnp.maximum(starts[grp], tile * bm)

@@ -1,0 +1,122 @@
+"""Where the routed-expert layer's time goes: device time per op, plus the costs it is bounded by.
+
+  python -m benchmarks.moe_parts [--shapes small,flash] [--tokens 256,4096] [--grad]
+
+For each shape and token count (benchmarks.moe's shapes and random routings) it traces
+`moe.experts_grouped` (the forward; with --grad the forward+backward too) with `jax.profiler` and
+prints each device op's microseconds per call with the source line that produced it, next to the
+time of the whole call. Then two references:
+* sort: ordering the N X assignments by expert (device time from the trace), the counting
+  sort the layer uses against the stable argsort it replaced;
+* HBM: the achievable read rate (a sum over the flash experts' 6.4 GB of weights), which bounds
+  the layer at small token counts.
+Raw rows go to $OUT/moe_parts.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse
+import collections
+import json
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.moe import SHAPES, case, fwd_and_fwdbwd, weights
+from benchmarks.profile_step import device_ops, hlo_sources
+from benchmarks.timing import time_jax
+from ling_jax.model import moe
+
+
+def per_op(fn, args, calls: int = 5):
+  """[(us per call, op, kernel name, source line)] of one jitted fn, heaviest first."""
+  sources = hlo_sources(fn.lower(*args).compile().as_text())
+  jax.block_until_ready(fn(*args))
+  trace_dir = tempfile.mkdtemp(prefix="moe_parts_")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+  us, names = collections.Counter(), {}
+  for op, kernel, t in device_ops(trace_dir):
+    us[op] += t / calls
+    names[op] = (kernel, sources.get(op, ("?:?", ""))[0])
+  return [(t, op, *names[op]) for op, t in us.most_common()]
+
+
+def show(title, total_s, ops):
+  busy = sum(t for t, *_ in ops)
+  print(f"\n### {title}: {total_s * 1e6:.1f} us per call (timed), device busy {busy:.1f} us\n")
+  print("| us | op | kernel | line |\n|---|---|---|---|")
+  for t, op, kernel, line in ops:
+    if t >= 0.5:
+      print(f"| {t:.1f} | {op} | {kernel[:48]} | {line} |")
+
+
+def argsort_routing(e, E):
+  """The routing's bookkeeping before `moe.sort_by_expert`: stable argsort, inverse, bincount."""
+  order = jnp.argsort(e, stable=True).astype(jnp.int32)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(e.shape[0], dtype=jnp.int32))
+  return order, inverse, jnp.bincount(e, length=E).astype(jnp.int32)
+
+
+SORTS = {"argsort + scatter + bincount": argsort_routing,
+         "sort_by_expert, block 128": moe.sort_by_expert,
+         "sort_by_expert, block 64": lambda e, E: moe.sort_by_expert(e, E, block=64),
+         "sort_by_expert, block 256": lambda e, E: moe.sort_by_expert(e, E, block=256)}
+
+
+def sorts(n: int, E: int):
+  """Device microseconds (trace) to order n random expert ids in [0, E), per method."""
+  ids = jax.random.randint(jax.random.key(0), (n,), 0, E, jnp.int32)
+  return {k: sum(t for t, *_ in per_op(jax.jit(lambda e, f=f: f(e, E)), (ids,)))
+          for k, f in SORTS.items()}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--shapes", default="small,flash")
+  ap.add_argument("--tokens", default="256,4096")
+  ap.add_argument("--grad", action="store_true", help="trace forward+backward too")
+  a = ap.parse_args()
+  print(f"# device: {jax.devices()[0].device_kind}")
+  rows = []
+  for name in a.shapes.split(","):
+    s = SHAPES[name]
+    for n in map(int, a.tokens.split(",")):
+      x, idx, w, ws = case(s["E"], s["D"], s["F"], s["X"], n)
+      fwd, grad = fwd_and_fwdbwd(moe.experts_grouped)
+      for kind, fn, args in [("fwd", fwd, (x, idx, w, *ws))] + (
+          [("fwd+bwd", grad, (x, ws, idx, w))] if a.grad else []):
+        total = time_jax(fn, *args)
+        ops = per_op(fn, args)
+        show(f"{name} {n} tokens {kind}", total, ops)
+        rows.append(dict(shape=name, tokens=n, kind=kind, seconds=total, ops=ops))
+  print("\n| device us to order N X ids | " + " | ".join(SORTS) + " |")
+  print("|---|" + "---|" * len(SORTS))
+  for name in a.shapes.split(","):
+    for n in map(int, a.tokens.split(",")):
+      A = n * SHAPES[name]["X"]
+      t = sorts(A, SHAPES[name]["E"])
+      print(f"| {name} {A} | " + " | ".join(f"{v:.1f}" for v in t.values()) + " |")
+      rows.append(dict(shape=name, assignments=A, sorts=t))
+  s = SHAPES["flash"]
+  wg, wu, wd = weights(s["E"], s["D"], s["F"])
+  nbytes = sum(t.size * t.dtype.itemsize for t in (wg, wu, wd))
+  read = jax.jit(lambda a, b, c: sum(jnp.sum(t, dtype=jnp.float32) for t in (a, b, c)))
+  t = time_jax(read, wg, wu, wd)
+  print(f"\n# HBM read: {nbytes / 1e9:.2f} GB of flash expert weights summed in {t * 1e3:.3f} ms "
+        f"= {nbytes / t / 1e12:.2f} TB/s")
+  rows.append(dict(hbm_read_bytes=nbytes, hbm_read_s=t))
+  if os.environ.get("OUT"):
+    with open(os.path.join(os.environ["OUT"], "moe_parts.json"), "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
