@@ -201,6 +201,20 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
               dataclasses.replace(tcfg, grad_accum=2))
 
 
+def test_one_pass_logsumexp_matches_float64():
+  """The head's one-read logsumexp: random rows at several scales (fp32 order against float64,
+  like XLA's two-pass one), and rows with -inf entries (masked logits)."""
+  from ling_jax.train.loss import logsumexp_one_pass
+  rng = np.random.default_rng(5)
+  for shape, scale in [((7, 1000), 1.0), ((3, 4099), 30.0), ((4, 3), 1e-3)]:
+    x = rng.standard_normal(shape) * scale
+    want = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    got = np.asarray(jax.jit(logsumexp_one_pass)(jnp.asarray(x, jnp.float32)), np.float64)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+  x = jnp.array([[-jnp.inf, 0.0, 1.0], [-jnp.inf, -jnp.inf, 2.0]], jnp.float32)
+  np.testing.assert_allclose(logsumexp_one_pass(x), [np.log(1 + np.e), 2.0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_head_cross_entropy_matches_full_logits(dtype):
   """ce_chunk > 0 (train/loss.py: no [tokens, vocab] logits, gradient formed chunk by chunk) gives

@@ -31,9 +31,27 @@ def _chunked(h, targets, mask, chunk):
   return h, targets, mask
 
 
+def _lse_combine(a, b):
+  """Merge two (max, sum of exp(x - max)) partials with one exp: the larger max stays, the other
+  partial's sum is rescaled by exp(-|difference|)."""
+  (ma, sa), (mb, sb) = a, b
+  e = jnp.exp(-jnp.abs(ma - mb))
+  e = jnp.where(jnp.isnan(e), 1.0, e)  # both -inf (the reduction's start): nothing to rescale
+  return jnp.maximum(ma, mb), jnp.where(ma >= mb, sa + sb * e, sa * e + sb)
+
+
+def logsumexp_one_pass(x: jax.Array) -> jax.Array:
+  """logsumexp over the last axis in one read of x (an online max-and-sum reduction). XLA's
+  logsumexp reads x twice, for the max and then the sum; for the head's fp32 logits chunks, each
+  read is a full pass over [chunk, vocab]."""
+  m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype)),
+                        _lse_combine, (x.ndim - 1,))
+  return m + jnp.log(s)
+
+
 def _logits_lse_ce(h, w, t, m):
   logits = jnp.einsum("nd,dv->nv", h, w, preferred_element_type=jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
+  lse = logsumexp_one_pass(logits)
   tgt = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
   return logits, lse, (lse - tgt) * m
 
