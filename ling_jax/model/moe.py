@@ -24,7 +24,7 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.model.common import ExpertBias, SwiGLU, param
-from pallas_kernels.grouped_matmul import Config as GmmConfig, routed_swiglu, tuned_config
+from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm, gmm_glu, tuned_config
 
 IMPLS = ("auto", "dense", "sorted", "gmm")
 
@@ -179,13 +179,14 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, matmul=None):
   """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
 
-  Assignments are sorted by expert (`sort_by_expert`, a stable counting sort) and the Pallas
-  kernels run over the ragged expert groups (`routed_swiglu`): gate and up in one fused kernel
-  that gathers each token row itself and applies the SwiGLU to its fp32 accumulators, then down,
-  then a weighted gather-sum back to tokens. In the backward pass the down projection's and the
-  SwiGLU's gradients come from one kernel that gathers d out's rows itself. Never [N, E, D], and
-  never the [N X, D] dispatched rows. `matmul(lhs, rhs, group_sizes)` replaces the Pallas
-  kernels with three unfused grouped matmuls over explicitly dispatched rows (benchmarks).
+  Assignments are sorted by expert (`sort_by_expert`, a stable counting sort) and three grouped matmuls run
+  over the ragged expert groups: gate and up in one fused kernel (`gmm_glu`) that gathers each
+  token row itself and applies the SwiGLU to its fp32 accumulators (neither the [N X, D]
+  dispatched rows nor the gate / up products of a forward-only call are written), then down.
+  The rows are gathered back through the inverse permutation and combined with the routing
+  weights; both row movements are gathers in the backward pass too. Never [N, E, D].
+  `matmul(lhs, rhs, group_sizes)` replaces the Pallas kernels with three unfused grouped
+  matmuls over explicitly dispatched rows (benchmarks).
   """
   N, D = x.shape
   E, X = wg.shape[0], idx.shape[1]
@@ -194,10 +195,12 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   if matmul is None:
     cfg = config or tuned_config(D, wg.shape[2])
     cfg = cfg._replace(interpret=jax.default_backend() != "gpu")
-    return routed_swiglu(x, w, order, inverse.reshape(N, X), wg, wu, wd, sizes, cfg)
-  xs = _dispatch(x, order, inverse, X)  # [N X, D], row r serves token order[r] // X
-  h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
-  ys = matmul(h.astype(x.dtype), wd, sizes)
+    h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
+    ys = gmm(h, wd, sizes, cfg)  # [N X, D]
+  else:
+    xs = _dispatch(x, order, inverse, X)  # [N X, D], row r serves token order[r] // X
+    h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
+    ys = matmul(h.astype(x.dtype), wd, sizes)
   y = _permute(ys, inverse, order).reshape(N, X, D).astype(jnp.float32)
   return jnp.einsum("nx,nxd->nd", w, y)
 

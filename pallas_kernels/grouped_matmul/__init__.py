@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.grouped_matmul.kernel import (Config, gmm, gmm_dglu_pallas, gmm_glu,
-                                                  gmm_glu_pallas, gmm_pallas, gmm_sum_pallas,
-                                                  routed_swiglu, tgmm_pallas, tuned_config,
+from pallas_kernels.grouped_matmul.kernel import (Config, gmm, gmm_glu, gmm_glu_pallas, gmm_pallas,
+                                                  gmm_sum_pallas, tgmm_pallas, tuned_config,
                                                   visit_table)
 from pallas_kernels.grouped_matmul.reference import (gmm_glu_reference, gmm_reference, row_groups,
                                                      tgmm_reference)
 
 IMPLS = ("auto", "pallas", "pallas_interpret", "reference")
 
-__all__ = ["Config", "IMPLS", "gmm", "gmm_dglu_pallas", "gmm_glu", "gmm_glu_pallas",
-           "gmm_glu_reference", "gmm_pallas", "gmm_reference", "gmm_sum_pallas", "grouped_matmul",
-           "routed_swiglu", "row_groups", "tgmm_pallas", "tgmm_reference", "tuned_config",
-           "visit_table"]
+__all__ = ["Config", "IMPLS", "gmm", "gmm_glu", "gmm_glu_pallas", "gmm_glu_reference", "gmm_pallas",
+           "gmm_reference", "gmm_sum_pallas", "grouped_matmul", "row_groups", "tgmm_pallas",
+           "tgmm_reference", "tuned_config", "visit_table"]
 
 
 def resolve_impl(impl: str) -> str:

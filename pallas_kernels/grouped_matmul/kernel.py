@@ -160,27 +160,15 @@ def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, width: int, cmask):
   return plt.load(x_ref.at[src[:, None], cols[None, :]], mask=mask, other=0)
 
 
-_MODES = {"mm": (1, 1, 0), "sum": (2, 2, 0), "glu": (1, 2, 0), "dglu": (1, 1, 3)}  # x, w, epilogue refs
-
-
-def _dglu(dh, g, u):
-  """(d gate, d up) of h = silu(g) * u, all fp32: d silu(g) = s (1 + g (1 - s)), s = sigmoid(g)."""
-  s = jax.nn.sigmoid(g)
-  return dh * u * s * (1 + g * (1 - s)), dh * g * s
-
-
 def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_rhs, n_inner):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
-    "mm"   [rows], x, w, out:              out = x @ w[g]
-    "sum"  x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
-    "glu"  [rows], x, wg, wu, h[, g, u]:   h = silu(x @ wg[g]) * (x @ wu[g]), from fp32 accs
-    "dglu" [rows], x, w, g, u, s, dg, du:  dh = s * (x @ w[g]) (s [M] a per-row scale), then the
-                                           SwiGLU's input gradients from the saved g and u
+    "mm"  [rows], x, w, out:              out = x @ w[g]
+    "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
+    "glu" [rows], x, wg, wu, h[, g, u]:   h = silu(x @ wg[g]) * (x @ wu[g]), from fp32 accs
   `rows` (with `gathered`) makes row r of x be x[rows[r]]."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
-  n_x, n_w, n_epi = _MODES[mode]
-  x_refs, w_refs = refs[:n_x], refs[n_x:n_x + n_w]
-  epi_refs, out_refs = refs[n_x + n_w:n_x + n_w + n_epi], refs[n_x + n_w + n_epi:]
+  n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
+  x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
   tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
   rows = tile * bm + jnp.arange(bm, dtype=jnp.int32)
@@ -207,28 +195,20 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
     steps = (grp < G).astype(jnp.int32) * pl.cdiv(K, bk)  # (a jnp.where here lowers to mistyped scf.for bounds)
     n_acc = 2 if mode == "glu" else 1
     accs = lax.fori_loop(0, steps, step, (jnp.zeros((bm, bn), jnp.float32),) * n_acc)
-    mask = _mask2(mine, cmask)
     if mode == "glu":
       gate, up = accs
       outs = (gate * jax.nn.sigmoid(gate) * up, gate, up)[:len(out_refs)]
-    elif mode == "dglu":
-      g_ref, u_ref, s_ref = epi_refs
-      block = lambda r: _load(r.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], mask).astype(jnp.float32)
-      scale = plt.load(s_ref.at[pl.ds(tile * bm, bm)], mask=mine, other=0).astype(jnp.float32)
-      outs = _dglu(accs[0] * scale[:, None], block(g_ref), block(u_ref))
     else:
       outs = accs
+    mask = _mask2(mine, cmask)
     for o_ref, o in zip(out_refs, outs):
       plt.store(o_ref.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
 
 
-def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, gathered_dy, scaled, n_dy, n_inner):
+def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, n_dy, n_inner):
   """out_d[g] = x[g rows].T @ dy_d[g rows] for each of n_dy (dy, out) pairs: one x block load
-  serves all of them. refs: [rows], [dy_rows], [scale], x, dy_1..n, out_1..n: row r of x is
-  x[rows[r]] (gathered), of each dy dy[dy_rows[r]] * scale[r] (gathered_dy, scaled)."""
+  serves all of them. refs: [rows], x, dy_1..n, out_1..n."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
-  dy_rows_ref, refs = (refs[0], refs[1:]) if gathered_dy else (None, refs)
-  scale_ref, refs = (refs[0], refs[1:]) if scaled else (None, refs)
   x_ref, dy_refs, o_refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
   g, i, j = _tgmm_ids(n_inner)
   lo, hi = bounds_ref[0, g], bounds_ref[1, g]
@@ -238,13 +218,8 @@ def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, gathered_dy, sca
     r0 = lo + t * bm
     mine = (r0 + jnp.arange(bm, dtype=jnp.int32)) < hi
     x = _load_rows(x_ref, rows_ref, r0, bm, mine, i * bk, bk, kmask)
-    scale = None if scale_ref is None else plt.load(scale_ref.at[pl.ds(r0, bm)], mask=mine, other=0)
-
-    def dy_block(dy_ref):
-      dy = _load_rows(dy_ref, dy_rows_ref, r0, bm, mine, j * bn, bn, nmask)
-      return dy if scale is None else (dy.astype(jnp.float32) * scale[:, None]).astype(dy.dtype)
-
-    return tuple(acc + _dot(x, dy_block(dy_ref), ta=True) for acc, dy_ref in zip(accs, dy_refs))
+    return tuple(acc + _dot(x, _load_rows(dy_ref, None, r0, bm, mine, j * bn, bn, nmask), ta=True)
+                 for acc, dy_ref in zip(accs, dy_refs))
 
   accs = lax.fori_loop(0, pl.cdiv(hi - lo, bm), step, (jnp.zeros((bk, bn), jnp.float32),) * n_dy)
   mask = _mask2(kmask, nmask)
@@ -269,7 +244,7 @@ def _check_rows(lhs, lhs_rows):
 
 
 def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose_rhs, n_out,
-              bn_want, name, epilogue=()):
+              bn_want, name):
   lhs = lhs_list[0]
   M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
   rhs = rhs_list[0]
@@ -292,7 +267,7 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
       kernel, grid=grid,
       out_shape=[jax.ShapeDtypeStruct((M, N), lhs.dtype)] * n_out,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-      interpret=cfg.interpret, name=name)(meta, *rows, *lhs_list, *rhs_list, *epilogue)
+      interpret=cfg.interpret, name=name)(meta, *rows, *lhs_list, *rhs_list)
   return out
 
 
@@ -325,50 +300,28 @@ def gmm_glu_pallas(lhs, w_gate, w_up, group_sizes, cfg: Config = Config(), *, lh
   return tuple(out) if save_gate_up else out[0]
 
 
-def gmm_dglu_pallas(dout, w, gate, up, scale, group_sizes, cfg: Config = Config(), *, lhs_rows=None):
-  """(d gate, d up) [M, F] of h = silu(gate) * up, where d h = scale[:, None] * (dout @ w[g].T)
-  per row group: the routed experts' down-projection backward and the SwiGLU's, in one kernel.
-  dout [M, D] (or [tokens, D] with lhs_rows [M], gathered), w [G, F, D] (the down weights),
-  gate and up [M, F] the forward's saved products, scale [M] float (the routing weights)."""
-  M = _check_rows(dout, lhs_rows)
-  F = w.shape[1]
-  if gate.shape != (M, F) or up.shape != (M, F) or scale.shape != (M,):
-    raise ValueError(f"gate {gate.shape}, up {up.shape} and scale {scale.shape} must be [{M}, {F}], "
-                     f"[{M}, {F}] and [{M}]")
-  return tuple(_gmm_call("dglu", [dout], [w], group_sizes, cfg, lhs_rows=lhs_rows, transpose_rhs=True,
-                         n_out=2, bn_want=cfg.block_n_glu, name="gmm_dglu",
-                         epilogue=(gate, up, scale.astype(jnp.float32))))
-
-
-def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=None, lhs_rows=None,
-                dout_rows=None, dout_scale=None):
+def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=None, lhs_rows=None):
   """out [G, K, N] = lhs[g rows].T @ dout[g rows]; rows past sum(sizes) are ignored. `dout` may
   be a tuple of same-shape arrays: one output per entry, sharing each lhs block load. With
-  lhs_rows [M], row r of lhs is lhs[lhs_rows[r]]; with dout_rows [M], row r of dout is
-  dout[dout_rows[r]]; with dout_scale [M] (float), that row is multiplied by dout_scale[r]."""
+  lhs_rows [M], row r of lhs is lhs[lhs_rows[r]]."""
   douts = tuple(dout) if isinstance(dout, (tuple, list)) else (dout,)
   M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
   N = douts[0].shape[1]
-  rows_dy = M if dout_rows is None else _check_rows(douts[0], dout_rows)
-  if rows_dy != M or any(d.shape[1:] != (N,) or (dout_rows is None and d.shape[0] != M) for d in douts):
+  if any(d.shape != (M, N) for d in douts):
     raise ValueError(f"dout shapes {[d.shape for d in douts]} do not match {M} rows of lhs")
-  if dout_scale is not None and dout_scale.shape != (M,):
-    raise ValueError(f"dout_scale {dout_scale.shape} must be [{M}]")
   G = group_sizes.shape[0]
   bk, bn = _tile(K, cfg.block_k_t), _tile(N, cfg.block_n_t if len(douts) == 1 else cfg.block_n_t2)
   bounds = jnp.stack(group_bounds(group_sizes, M))
   nk, nn = pl.cdiv(K, bk), pl.cdiv(N, bn)
   grid = (nn, nk, G) if cfg.n_inner else (G, nk, nn)
-  extra = tuple(a.astype(t) for a, t in ((lhs_rows, jnp.int32), (dout_rows, jnp.int32),
-                                          (dout_scale, jnp.float32)) if a is not None)
+  rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
   out = pl.pallas_call(
       functools.partial(_tgmm_kernel, bm=_per_bytes(cfg.block_m_t, lhs.dtype), bk=bk, bn=bn, K=K, N=N,
-                        gathered=lhs_rows is not None, gathered_dy=dout_rows is not None,
-                        scaled=dout_scale is not None, n_dy=len(douts), n_inner=cfg.n_inner),
+                        gathered=lhs_rows is not None, n_dy=len(douts), n_inner=cfg.n_inner),
       grid=grid,
       out_shape=[jax.ShapeDtypeStruct((G, K, N), out_dtype or lhs.dtype)] * len(douts),
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_t, num_stages=cfg.num_stages),
-      interpret=cfg.interpret, name="tgmm")(bounds, *extra, lhs, *douts)
+      interpret=cfg.interpret, name="tgmm")(bounds, *rows, lhs, *douts)
   return tuple(out) if isinstance(dout, (tuple, list)) else out[0]
 
 
@@ -418,15 +371,10 @@ def _gmm_glu_fwd(x, rows, token_rows, w_gate, w_up, group_sizes, cfg):
 
 def _gmm_glu_bwd(cfg, res, dh):
   x, rows, token_rows, w_gate, w_up, group_sizes, gate, up = res
-  dg, du = (d.astype(x.dtype) for d in _dglu(dh.astype(jnp.float32), gate.astype(jnp.float32),
-                                             up.astype(jnp.float32)))
-  dx, dwg, dwu = _glu_input_grads(cfg, x, rows, token_rows, w_gate, w_up, group_sizes, dg, du)
-  return dx, None, None, dwg, dwu, None
-
-
-def _glu_input_grads(cfg, x, rows, token_rows, w_gate, w_up, group_sizes, dg, du):
-  """(d x, d w_gate, d w_up) of gate = x[rows] @ w_gate[g], up = x[rows] @ w_up[g] from the
-  gradients dg, du [M, F] of the two products."""
+  g, u, dh = gate.astype(jnp.float32), up.astype(jnp.float32), dh.astype(jnp.float32)
+  s = jax.nn.sigmoid(g)
+  dg = (dh * u * s * (1 + g * (1 - s))).astype(x.dtype)  # d silu(g) = s (1 + g (1 - s))
+  du = (dh * g * s).astype(x.dtype)
   if cfg.fused_backward:
     dxs = gmm_sum_pallas(dg, du, w_gate, w_up, group_sizes, cfg, transpose_rhs=True)  # [M, K]
     dwg, dwu = tgmm_pallas(x, (dg, du), group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
@@ -439,58 +387,7 @@ def _glu_input_grads(cfg, x, rows, token_rows, w_gate, w_up, group_sizes, dg, du
     dx = dxs[token_rows].astype(jnp.float32).sum(1)
   else:
     dx = jnp.zeros(x.shape, jnp.float32).at[rows].add(dxs.astype(jnp.float32))
-  return dx.astype(x.dtype), dwg, dwu
+  return dx.astype(x.dtype), None, None, dwg, dwu, None
 
 
 gmm_glu.defvjp(_gmm_glu_fwd, _gmm_glu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def routed_swiglu(x, weights, order, slots, w_gate, w_up, w_down, group_sizes, cfg: Config):
-  """The routed experts of a dropless MoE, end to end: out [N, D] (fp32) =
-  sum_x weights[n, x] * (silu(x_n @ w_gate[e]) * (x_n @ w_up[e])) @ w_down[e], e the expert of
-  token n's x-th assignment.
-
-  The assignments (N X of them) run sorted by expert: order [A] lists them (sorted row r serves
-  assignment order[r], token order[r] // X), slots [N, X] is its inverse (the sorted row of each
-  token's x-th assignment), group_sizes [G] the rows of each expert. The forward is `gmm_glu`
-  (rows gathered in the kernel), a gmm for the down projection, and a weighted gather-sum.
-
-  The backward never forms the [A, D] gradient of the down projection's output: one kernel
-  (`gmm_dglu_pallas`) gathers d out's token rows, scales them by the routing weights, multiplies
-  by w_down^T and turns the product into the SwiGLU's input gradients from the saved gate and
-  up; d w_down comes from a tgmm that gathers and scales the same rows. Then gate / up as in
-  `gmm_glu`. Differentiable in x, weights and the three expert weights.
-  """
-  return _routed_forward(x, weights, order, slots, w_gate, w_up, w_down, group_sizes, cfg, False)[0]
-
-
-def _routed_forward(x, weights, order, slots, w_gate, w_up, w_down, group_sizes, cfg, save):
-  N, X = slots.shape
-  rows = order // X
-  h = gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows, save_gate_up=save)
-  h, gate, up = h if save else (h, None, None)
-  ys = gmm_pallas(h, w_down, group_sizes, cfg)  # [A, D], sorted rows
-  out = jnp.einsum("nx,nxd->nd", weights, ys[slots].astype(jnp.float32))
-  return out, (x, weights, order, slots, w_gate, w_up, w_down, group_sizes, gate, up, h, ys)
-
-
-def _routed_fwd(x, weights, order, slots, w_gate, w_up, w_down, group_sizes, cfg):
-  return _routed_forward(x, weights, order, slots, w_gate, w_up, w_down, group_sizes, cfg, True)
-
-
-def _routed_bwd(cfg, res, dout):
-  x, weights, order, slots, w_gate, w_up, w_down, group_sizes, gate, up, h, ys = res
-  N, X = slots.shape
-  rows = order // X
-  dout = dout.astype(jnp.float32)
-  dweights = jnp.einsum("nd,nxd->nx", dout, ys[slots].astype(jnp.float32)).astype(weights.dtype)
-  scale = weights.reshape(-1)[order].astype(jnp.float32)  # each sorted row's routing weight
-  dy = dout.astype(x.dtype)
-  dg, du = gmm_dglu_pallas(dy, w_down, gate, up, scale, group_sizes, cfg, lhs_rows=rows)
-  dwd = tgmm_pallas(h, dy, group_sizes, cfg, out_dtype=w_down.dtype, dout_rows=rows, dout_scale=scale)
-  dx, dwg, dwu = _glu_input_grads(cfg, x, rows, slots, w_gate, w_up, group_sizes, dg, du)
-  return dx, dweights, None, None, dwg, dwu, dwd, None
-
-
-routed_swiglu.defvjp(_routed_fwd, _routed_bwd)
