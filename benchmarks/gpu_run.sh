@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | mla | profile [args]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | mla | profile [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -36,11 +36,13 @@ case "$part" in
     timeout ${LIMIT:-560} python3 -m experiments.small_pretrain train.steps=30 train.log_every=5 \
       train.checkpoint_every=1000 train.sample_tokens=0 train.unigram_batches=1 \
       train.progress=false train.out_dir=$(mktemp -d) "$@" ;;
+  ce)         # the chunked LM-head cross-entropy: one-pass logsumexp against XLA's two-pass
+    timeout ${LIMIT:-560} python3 -m benchmarks.ce_head "$@" ;;
   mla)        # MLA causal attention: materialised XLA scores vs the flash kernel's block sizes
     timeout ${LIMIT:-560} python3 -m benchmarks.mla_attention "$@" ;;
   profile)    # where a small_pretrain step's device time goes, per source file and op
     # (command buffers off: a CUDA graph shows in the trace as one op, hiding its kernels)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | mla | profile)"; exit 2 ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | mla | profile)"; exit 2 ;;
 esac
