@@ -39,12 +39,13 @@ from pallas_kernels.grouped_matmul import Config, tuned_config
 HBM_BYTES_PER_S = 3.35e12
 SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024, F=576, X=4)}
 TOKENS = [256, 1024, 4096, 16384]
-def configs_for(D, F):
-  """The model's choice for the shape (`tuned_config`), the same with the other backward, and
-  64-row tiles."""
-  tuned = tuned_config(D, F)
-  return [tuned, tuned._replace(fused_backward=not tuned.fused_backward),
-          tuned._replace(block_m=64, block_n=128, num_warps=4)]
+def configs_for(D, F, rows_per_group):
+  """The model's choice for the shape and routed rows (`tuned_config`), the same with the other
+  backward, and the other row tiling (64 or 128 rows)."""
+  tuned = tuned_config(D, F, rows_per_group)
+  other = (dict(block_m=128, block_n=Config().block_n, num_warps=Config().num_warps)
+           if tuned.block_m == 64 else dict(block_m=64, block_n=128, num_warps=4))
+  return [tuned, tuned._replace(fused_backward=not tuned.fused_backward), tuned._replace(**other)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -274,7 +275,8 @@ def main():
     for n in tokens:
       rows.append(bench(name, **SHAPES[name], N=n, use_mgpu=on_gpu and not args.no_mgpu,
                         configs=[c._replace(interpret=interpret) for c in
-                                 configs_for(SHAPES[name]["D"], SHAPES[name]["F"])[:n_configs]]))
+                                 configs_for(SHAPES[name]["D"], SHAPES[name]["F"],
+                                             n * SHAPES[name]["X"] / SHAPES[name]["E"])[:n_configs]]))
       print("# " + json.dumps(rows[-1]), flush=True)
       if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "moe_bench.json"), "w") as f:

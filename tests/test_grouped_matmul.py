@@ -279,6 +279,15 @@ def test_sort_by_expert_is_a_stable_argsort(A, E, block, kind):
   np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=E))
 
 
+def test_tuned_config_tiles_by_rows_per_expert():
+  """64-row tiles when groups are short (decode, short prefills), the 128-row default otherwise;
+  the expert shape picks the fused kernels' widths either way."""
+  assert moe.tuned_config(1024, 576, rows_per_group=32).block_m == 64
+  assert moe.tuned_config(1024, 576, rows_per_group=512).block_m == 128
+  assert moe.tuned_config(4096, 1024).block_m == 128
+  assert moe.tuned_config(4096, 1024, 8).block_n_glu == moe.tuned_config(4096, 1024).block_n_glu == 128
+
+
 def test_moe_impl_switch():
   assert moe.resolve_impl("auto") == ("gmm" if ON_GPU else "sorted")
   with pytest.raises(ValueError, match="unknown MoE impl"):

@@ -193,7 +193,7 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   A = N * X
   order, inverse, sizes = sort_by_expert(idx.reshape(A), E)
   if matmul is None:
-    cfg = config or tuned_config(D, wg.shape[2])
+    cfg = config or tuned_config(D, wg.shape[2], rows_per_group=A / E)
     cfg = cfg._replace(interpret=jax.default_backend() != "gpu")
     h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
     ys = gmm(h, wd, sizes, cfg)  # [N X, D]

@@ -64,13 +64,21 @@ class Config(NamedTuple):
   interpret: bool = False
 
 
-def tuned_config(hidden: int, width: int) -> Config:
+def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -> Config:
   """Defaults by expert shape (hidden x width), from the H100 sweeps (BENCHMARKS.md, session 4):
   at ling_small's 1024 x 576 the fused gate/up kernel ran fastest with 64-wide accumulators and
   the fused two-product backward won; at Ling-2.6-flash's 4096 x 1024, 128-wide accumulators
-  (447 against 409 TFLOP/s) and separate backward kernels (~3% faster)."""
+  (447 against 409 TFLOP/s) and separate backward kernels (~3% faster).
+
+  With few rows per group (rows_per_group <= 64: decode and short prefills) 64-row tiles on
+  4 warps waste less of each tile at group boundaries (H100, session 7: ling_small's layer at
+  256 tokens, 32 rows per expert, 0.078 against 0.087 ms; the flash shape at 256 and 1024
+  tokens 1% faster; at 128 rows per expert the 128-row tiles were as fast or faster)."""
   small = hidden * width <= 1024 * 1024
-  return Config(block_n_glu=64 if small else 128, fused_backward=small)
+  cfg = Config(block_n_glu=64 if small else 128, fused_backward=small)
+  if rows_per_group is not None and rows_per_group <= 64:
+    cfg = cfg._replace(block_m=64, block_n=128, num_warps=4)
+  return cfg
 
 
 def _tile(n: int, want: int) -> int:
