@@ -273,10 +273,10 @@ def main():
     return
   for name in shapes:
     for n in tokens:
-      rows.append(bench(name, **SHAPES[name], N=n, use_mgpu=on_gpu and not args.no_mgpu,
-                        configs=[c._replace(interpret=interpret) for c in
-                                 configs_for(SHAPES[name]["D"], SHAPES[name]["F"],
-                                             n * SHAPES[name]["X"] / SHAPES[name]["E"])[:n_configs]]))
+      s = SHAPES[name]
+      cfgs = configs_for(s["D"], s["F"], n * s["X"] / s["E"])[:n_configs]
+      rows.append(bench(name, **s, N=n, use_mgpu=on_gpu and not args.no_mgpu,
+                        configs=[c._replace(interpret=interpret) for c in cfgs]))
       print("# " + json.dumps(rows[-1]), flush=True)
       if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "moe_bench.json"), "w") as f:

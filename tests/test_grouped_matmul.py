@@ -285,7 +285,8 @@ def test_tuned_config_tiles_by_rows_per_expert():
   assert moe.tuned_config(1024, 576, rows_per_group=32).block_m == 64
   assert moe.tuned_config(1024, 576, rows_per_group=512).block_m == 128
   assert moe.tuned_config(4096, 1024).block_m == 128
-  assert moe.tuned_config(4096, 1024, 8).block_n_glu == moe.tuned_config(4096, 1024).block_n_glu == 128
+  assert moe.tuned_config(4096, 1024, 8).block_n_glu == 128
+  assert moe.tuned_config(4096, 1024).block_n_glu == 128
 
 
 def test_moe_impl_switch():

@@ -44,8 +44,8 @@ def logsumexp_one_pass(x: jax.Array) -> jax.Array:
   """logsumexp over the last axis in one read of x (an online max-and-sum reduction). XLA's
   logsumexp reads x twice, for the max and then the sum; for the head's fp32 logits chunks, each
   read is a full pass over [chunk, vocab]."""
-  m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype)),
-                        _lse_combine, (x.ndim - 1,))
+  start = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype))
+  m, s = jax.lax.reduce((x, jnp.ones_like(x)), start, _lse_combine, (x.ndim - 1,))
   return m + jnp.log(s)
 
 

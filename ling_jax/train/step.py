@@ -155,7 +155,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
     # Every micro-batch inside the scan, from zeros: one copy of the forward and backward in
     # the program. (With the first one outside the scan, as the carry's start, the program held
     # two copies and asked for 48 GiB of temporaries at ling_small's 2 x 8 x 4096 on an H100.)
-    shapes = jax.eval_shape(grad_fn, params, expert_bias, jax.tree.map(lambda x: x[0], micro), n, n_mtp)
+    one = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(grad_fn, params, expert_bias, one, n, n_mtp)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return jax.lax.scan(body, zeros, micro)[0]
 

@@ -73,7 +73,9 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   With few rows per group (rows_per_group <= 64: decode and short prefills) 64-row tiles on
   4 warps waste less of each tile at group boundaries (H100, session 7: ling_small's layer at
   256 tokens, 32 rows per expert, 0.078 against 0.087 ms; the flash shape at 256 and 1024
-  tokens 1% faster; at 128 rows per expert the 128-row tiles were as fast or faster)."""
+  tokens 1% faster). At 128 rows per expert it was mixed: 64-row tiles 3% faster for
+  ling_small at 1024 tokens, slower for the flash shape at 4096 (sessions 3-4), so the switch is
+  at 64."""
   small = hidden * width <= 1024 * 1024
   cfg = Config(block_n_glu=64 if small else 128, fused_backward=small)
   if rows_per_group is not None and rows_per_group <= 64:
@@ -141,9 +143,10 @@ def visit_table(group_sizes: jax.Array, m: int, bm: int) -> jax.Array:
   first = last - n_tiles
   V = pl.cdiv(m, bm) + G
   v = jnp.arange(V, dtype=jnp.int32)
-  # compare_all: one fused reduction. The default binary search is a loop, whose per-iteration
-  # launches cost more than the whole table on a GPU.
-  grp = jnp.minimum(jnp.searchsorted(last, v, side="right", method="compare_all"), G).astype(jnp.int32)
+  # compare_all: one fused reduction. The default binary search is a loop of small launches:
+  # 13.7 us of an H100 at ling_small / 4096 tokens, against under 3 for this.
+  grp = jnp.searchsorted(last, v, side="right", method="compare_all")
+  grp = jnp.minimum(grp, G).astype(jnp.int32)
   used = v < last[-1]
   tile = starts[grp] // bm + v - first[grp]
   lo = jnp.maximum(starts[grp], tile * bm)
