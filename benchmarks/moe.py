@@ -141,7 +141,8 @@ def bench(name, E, D, F, X, N, use_mgpu, configs):
 
 # Tile sweeps of the raw kernels, in the default launch order (a row tile's N-blocks back to
 # back). Each kind lists (block_m, block_n | block_n_glu, block_k, warps, stages) or, for the
-# weight-gradient kernels, (block_m_t, block_k_t, block_n_t, warps, stages).
+# weight-gradient kernels, (block_m_t, block_k_t, block_n_t, warps, stages); _MG below for the
+# Mosaic GPU kernel.
 _MM = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
        (64, 256, 64, 4, 3), (128, 128, 32, 4, 4), (128, 256, 32, 8, 3)]
 _GLU = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
@@ -154,7 +155,11 @@ glu_cfg = lambda bm, bn, bk, w, st: Config(block_m=bm, block_n_glu=bn, block_k=b
                                            num_stages=st)
 tg_cfg = lambda bm, bk, bn, w, st: Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, block_n_t2=bn,
                                           num_warps_t=w, num_stages=st)
-SWEEP_KINDS = ("glu", "gmm", "down", "gmm_sum", "tgmm2", "tgmm_g", "tgmm_down")
+# The Mosaic GPU gmm (pallas_kernels/grouped_matmul/mosaic.py): (block_m, block_n, block_k, stages).
+_MG = [(128, 128, 64, 4), (128, 256, 64, 4), (128, 256, 64, 3), (64, 128, 64, 4), (128, 192, 64, 4),
+       (128, 64, 64, 4)]
+mg_cfg = lambda bm, bn, bk, st: dict(block_m=bm, block_n=bn, block_k=bk, stages=st)
+SWEEP_KINDS = ("glu", "gmm", "down", "gmm_sum", "tgmm2", "tgmm_g", "tgmm_down", "mgmm", "mdown")
 
 
 def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
@@ -165,8 +170,11 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
     gmm_sum   dg @ w_gate^T + du @ w_up^T (the gate/up backward's d input)
     tgmm2     d w_gate and d w_up together, rows of x gathered
     tgmm_g    d w_gate alone, rows of x gathered
-    tgmm_down d w_down = h^T dy"""
+    tgmm_down d w_down = h^T dy
+    mgmm      gmm's product with the Mosaic GPU kernel (tiles _MG; N must divide by block_n)
+    mdown     down's product with the Mosaic GPU kernel"""
   from pallas_kernels.grouped_matmul import gmm_glu_pallas, gmm_pallas, gmm_sum_pallas, tgmm_pallas
+  from pallas_kernels.grouped_matmul import mosaic
   rng = np.random.default_rng(0)
   M = N * X
   sizes = jnp.asarray(np.bincount(rng.integers(0, E, M), minlength=E), jnp.int32)
@@ -190,6 +198,8 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
       "tgmm_g": (_TG, tg_cfg, f1, lambda c: (lambda x, r, a, s: tgmm_pallas(x, a, s, c, lhs_rows=r)),
                  (x, rows_, dh, sizes)),
       "tgmm_down": (_TG, tg_cfg, f1, lambda c: (lambda h, d, s: tgmm_pallas(h, d, s, c)), (dh, dy, sizes)),
+      "mgmm": (_MG, mg_cfg, f1, lambda c: (lambda x, w, s: mosaic.gmm(x, w, s, **c)), (xs, wg, sizes)),
+      "mdown": (_MG, mg_cfg, f1, lambda c: (lambda h, w, s: mosaic.gmm(h, w, s, **c)), (dh, wd, sizes)),
   }
   rows = []
   for kind in kinds:

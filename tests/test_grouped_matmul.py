@@ -355,3 +355,56 @@ def test_gpu_fused_glu_matches_reference():
     want = jax.jit(jax.grad(ref, argnums=(0, 1, 2)))(f32(x), f32(wg), f32(wu))
   for a, b in zip(got, want):
     assert rel(a, b) < 1e-4
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU gmm
+
+
+@pytest.mark.parametrize("M,G,kind,extra,tiles", [
+    (300, 5, "uniform", 20, (64, 64, 2)),    # 20 rows past the groups; a partial last tile
+    (200, 6, "skewed", 0, (64, 128, 3)),     # empty groups
+    (130, 4, "one_group", 3, (128, 64, 2)),  # one group; fewer rows than two tiles
+])
+def test_mosaic_gmm_interpreted(M, G, kind, extra, tiles):
+  """The Mosaic GPU gmm under jax's GPU interpreter (race detector on) against float64: group
+  boundaries inside tiles (the row-ladder stores), empty groups, zeros past the groups."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  from pallas_kernels.grouped_matmul import mosaic
+  rng = np.random.default_rng(M)
+  K, N = 128, 128
+  sizes = random_sizes(rng, G, M - extra, kind)
+  x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((G, K, N)) * 0.1, jnp.bfloat16)
+  bm, bn, stages = tiles
+  out = mosaic.gmm(x, w, jnp.asarray(sizes, jnp.int32), block_m=bm, block_n=bn, stages=stages,
+                   interpret=InterpretGPUParams(detect_races=True))
+  want = np_gmm(x, w, sizes)
+  assert rel(out, want) < 1e-2
+  assert (np.asarray(out, np.float32)[M - extra:] == 0).all()
+  assert not ipc.get_races().races_found
+
+
+@pytest.mark.parametrize("bm,bn,stages", [(128, 128, 4), (128, 256, 4), (64, 128, 4)])
+def test_mosaic_gmm_lowers_for_the_gpu(bm, bn, stages):
+  """Lowering to Mosaic GPU on the CPU: layouts, wgmma operands and the SMEM budget."""
+  from pallas_kernels.grouped_matmul import mosaic
+  S = jax.ShapeDtypeStruct
+  f = lambda x, w, s: mosaic.gmm(x, w, s, block_m=bm, block_n=bn, stages=stages, num_sms=132)
+  exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
+      S((4096, 1024), jnp.bfloat16), S((32, 1024, 512), jnp.bfloat16), S((32,), jnp.int32))
+  assert "mosaic_gpu" in exported.mlir_module()
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "one_group"])
+def test_gpu_mosaic_gmm_matches_reference(kind):
+  from pallas_kernels.grouped_matmul import mosaic
+  rng = np.random.default_rng(9)
+  M, K, N, G = 4000, 512, 256, 16
+  sizes = random_sizes(rng, G, M - 40, kind)
+  x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((G, K, N)) * 0.05, jnp.bfloat16)
+  out = jax.jit(lambda *a: mosaic.gmm(*a))(x, w, jnp.asarray(sizes, jnp.int32))
+  assert rel(out, np_gmm(x, w, sizes)) < 1e-2
+  assert (np.asarray(out, np.float32)[-40:] == 0).all()

@@ -5,6 +5,9 @@
 * "pallas_interpret": the same kernels in interpret mode (CPU tests);
 * "reference": reference.py's masked einsum (O(G M K N); tests only);
 * "auto": "pallas" on GPU, else "reference".
+
+`pallas_kernels.grouped_matmul.mosaic.gmm` is the forward product as a Mosaic GPU kernel (TMA,
+wgmma, persistent), opt-in: interpreter-tested and lowered for sm_90, not yet timed.
 """
 
 from __future__ import annotations
