@@ -20,14 +20,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels._mosaic import interpret_kwargs
 from pallas_kernels.grouped_matmul.kernel import visit_table
-
-
-def _interpret_kwargs(interpret):
-  if not interpret:
-    return {}
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  return {"interpret": InterpretGPUParams() if interpret is True else interpret}
 
 
 def _store_rows(o_smem, o_gmem, first, count, row0, col0, rows: int):
@@ -98,5 +92,5 @@ def gmm(lhs, rhs, group_sizes, *, block_m: int = 128, block_n: int = 128, block_
       body, out_type=jax.ShapeDtypeStruct((M, N), lhs.dtype), grid=(num_sms,),
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      **_interpret_kwargs(interpret))
+      **interpret_kwargs(interpret))
   return kernel(meta, lhs, rhs)

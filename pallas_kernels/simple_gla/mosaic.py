@@ -39,6 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels._mosaic import interpret_kwargs
+
 CHUNK = 64
 COLS = 64  # state columns per compute warpgroup
 WGMMA = plgpu.Layout.WGMMA          # wgmma accumulator layout
@@ -124,14 +126,6 @@ def _stream(load, n_chunks, stages, consumed, reverse=False):
   @pl.loop(max(n_chunks - stages, 0), n_chunks)
   def _(n):  # observe the last consumptions too (every barrier phase is waited on)
     plgpu.barrier_wait(consumed.at[lax.rem(n, stages)])
-
-
-def _interpret_kwargs(interpret):
-  if not interpret:
-    return {}
-  # True, or the interpreter's InterpretGPUParams (e.g. detect_races=True)
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  return {"interpret": InterpretGPUParams() if interpret is True else interpret}
 
 
 def _chunk_constants(dec_ref, dec_s, bar, state_ref, b, h, wg, cols, K, scale, transposed):
@@ -306,7 +300,7 @@ def _scan_call(chunk_step, a, b, c, g, state, r, *, scale, stages, reverse, inte
       grid=(B, H), grid_names=("b", "h"),
       num_threads=n_wg + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=False),
-      **_interpret_kwargs(interpret))
+      **interpret_kwargs(interpret))
   args = (tuple(x for x in (a, b) if x is not None) + (c, dec)
           + ((state.astype(jnp.float32),) if has_state else ())
           + ((_segment_rows(r, K),) if has_r else ()))
