@@ -178,15 +178,14 @@ def _stage_p(P, p_smem, wg):
   return p_smem.at[wg]
 
 
-def _scan_call(chunk_step, a, b, c, g, state, r, *, scale, stages, reverse, interpret):
+def _scan_call(a, b, c, g, state, r, *, scale, stages, reverse, interpret):
   """The CTA of both scans, one per (b, h): the memory warpgroup streams a, b [B, T, H, K] and
   the 64-column blocks of c [B, T, H, V] through the TMA ring; each compute warpgroup carries
   its 64 columns of the fp32 state from `state` (or zeros) over the chunks (last to first if
   `reverse`) and writes its block of the output [B, T, H, V] per chunk.
 
   One of a, b may be None (a states-only pass: no output); the state is then all the kernel
-  returns. `chunk_step(S, decays, refs) -> (S, output block or None)` is the scan's per-chunk
-  arithmetic; `refs` holds the chunk's SMEM operands (a, b, c; the first two None when absent)
+  returns. `_scan_chunk` is the per-chunk arithmetic; `refs` holds the chunk's SMEM operands (a, b, c; the first two None when absent)
   and the warpgroup's scratch (st16: the state in bf16, op: the scaled c operand, p: P staging).
   Returns (output, final state), or the final state alone.
   """
@@ -239,7 +238,7 @@ def _scan_call(chunk_step, a, b, c, g, state, r, *, scale, stages, reverse, inte
         if has_r:
           plgpu.barrier_wait(seg_bar.at[slot])
         masked = _segment_masked(seg_s, slot, K, decays) if has_r else decays
-        S, out = chunk_step(S, masked, chunk_refs)
+        S, out = _scan_chunk(S, masked, chunk_refs, reverse)
         plgpu.barrier_arrive(consumed.at[slot])
         if emit:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block has left out_s
@@ -308,33 +307,42 @@ def _scan_call(chunk_step, a, b, c, g, state, r, *, scale, stages, reverse, inte
   return tuple(out) if emit else out[0]
 
 
-def _forward_chunk(S, decays, refs):
-  """One chunk of the forward scan (see the module docstring)."""
-  D, a, b, carry = decays
-  qs, ks, vs, wg, dtype, interpret = (refs[k] for k in ("a", "b", "c", "wg", "dtype", "interpret"))
-  s16, vb = refs["st16"], refs["op"]
-  if qs is not None:
+def _scan_chunk(S, decays, refs, reverse: bool):
+  """One chunk of either scan, for one compute warpgroup's 64 state columns.
+
+  Forward, (x, y, z) = (q, k, v) and M = scale D:
+    o = P z + (x * a) S,      S <- exp(g C) S + (y * b)^T z,      P = x y^T * M.
+  Reverse (backward_kv), (x, y, z) = (k, q, do), M = scale D^T, and a and b trade places:
+    dv = P z + (x * b) dS',   dS = exp(g C) dS' + (y * a)^T z.
+  (a carries the scale too.) With x absent (a states-only pass) only the state update runs.
+  """
+  M, a, b, carry = decays
+  z_scale, out_scale = (a, b) if reverse else (b, a)
+  x, y = (refs["b"], refs["a"]) if reverse else (refs["a"], refs["b"])
+  zs, wg, dtype, interpret = (refs[k] for k in ("c", "wg", "dtype", "interpret"))
+  s16, zb = refs["st16"], refs["op"]
+  if x is not None:
     s16.at[wg][...] = S.astype(dtype)
-  vb.at[wg][...] = (plgpu.load(vs, layout=WGMMA).astype(jnp.float32) * b).astype(dtype)
+  zb.at[wg][...] = (plgpu.load(zs, layout=WGMMA).astype(jnp.float32) * z_scale).astype(dtype)
   plgpu.commit_smem()
-  if qs is None:
-    S, = _mma((S * carry,), lambda accs: plgpu.wgmma(accs[0], ks.transpose((1, 0)), vb.at[wg]),
-              interpret)
+  state = lambda acc: plgpu.wgmma(acc, y.transpose((1, 0)), zb.at[wg])
+  if x is None:
+    S, = _mma((S * carry,), lambda accs: state(accs[0]), interpret)
     return S, None
 
   def products(accs):
-    qk_acc, qS_acc = accs
-    plgpu.wgmma(qk_acc, qs, ks.transpose((1, 0)))
-    plgpu.wgmma(qS_acc, qs, s16.at[wg])
-  qk, qS = _mma(refs["zeros"], products, interpret)
-  P = _stage_p((qk * D).astype(dtype), refs["p"], wg)
+    xy_acc, xS_acc = accs
+    plgpu.wgmma(xy_acc, x, y.transpose((1, 0)))
+    plgpu.wgmma(xS_acc, x, s16.at[wg])
+  xy, xS = _mma(refs["zeros"], products, interpret)
+  P = _stage_p((xy * M).astype(dtype), refs["p"], wg)
 
   def update(accs):
-    o_acc, S_acc = accs
-    plgpu.wgmma(o_acc, P, vs)
-    plgpu.wgmma(S_acc, ks.transpose((1, 0)), vb.at[wg])
-  o, S = _mma((qS * a, S * carry), update, interpret)
-  return S, o
+    out_acc, S_acc = accs
+    plgpu.wgmma(out_acc, P, zs)
+    state(S_acc)
+  out, S = _mma((xS * out_scale, S * carry), update, interpret)
+  return S, out
 
 
 def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=False):
@@ -344,37 +352,8 @@ def forward(q, k, v, g, h0, r=None, *, scale: float, stages: int = 2, interpret=
   packed sequences (chunk.py's r), so that "same segment" is r_i == r_j and the initial state
   feeds the tokens with r == 0.
   """
-  return _scan_call(_forward_chunk, q, k, v, g, h0, r, scale=scale, stages=stages,
+  return _scan_call(q, k, v, g, h0, r, scale=scale, stages=stages,
                     reverse=False, interpret=interpret)
-
-
-def _backward_chunk(dS, decays, refs):
-  """One chunk of the reverse scan (see backward_kv)."""
-  DT, a, b, carry = decays
-  qs, ks, dos, wg, dtype, interpret = (refs[k] for k in ("a", "b", "c", "wg", "dtype", "interpret"))
-  dS16, da = refs["st16"], refs["op"]
-  if ks is not None:
-    dS16.at[wg][...] = dS.astype(dtype)
-  da.at[wg][...] = (plgpu.load(dos, layout=WGMMA).astype(jnp.float32) * a).astype(dtype)
-  plgpu.commit_smem()
-  state = lambda acc: plgpu.wgmma(acc, qs.transpose((1, 0)), da.at[wg])
-  if ks is None:
-    dS, = _mma((dS * carry,), lambda accs: state(accs[0]), interpret)
-    return dS, None
-
-  def products(accs):
-    kq_acc, kdS_acc = accs
-    plgpu.wgmma(kq_acc, ks, qs.transpose((1, 0)))
-    plgpu.wgmma(kdS_acc, ks, dS16.at[wg])
-  kq, kdS = _mma(refs["zeros"], products, interpret)
-  PT = _stage_p((kq * DT).astype(dtype), refs["p"], wg)
-
-  def update(accs):
-    dv_acc, dS_acc = accs
-    plgpu.wgmma(dv_acc, PT, dos)
-    state(dS_acc)
-  dv, dS = _mma((kdS * b, dS * carry), update, interpret)
-  return dS, dv
 
 
 def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, interpret=False):
@@ -391,5 +370,5 @@ def backward_kv(q, k, do, g, dht, r=None, *, scale: float, stages: int = 2, inte
   P^T is a register operand; (k * b) dS' is b times the rows of k dS'; q^T enters from SMEM
   transposed.
   """
-  return _scan_call(_backward_chunk, q, k, do, g, dht, r, scale=scale, stages=stages,
+  return _scan_call(q, k, do, g, dht, r, scale=scale, stages=stages,
                     reverse=True, interpret=interpret)
