@@ -155,11 +155,15 @@ glu_cfg = lambda bm, bn, bk, w, st: Config(block_m=bm, block_n_glu=bn, block_k=b
                                            num_stages=st)
 tg_cfg = lambda bm, bk, bn, w, st: Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, block_n_t2=bn,
                                           num_warps_t=w, num_stages=st)
-# The Mosaic GPU gmm (pallas_kernels/grouped_matmul/mosaic.py): (block_m, block_n, block_k, stages).
-_MG = [(128, 128, 64, 4), (128, 256, 64, 4), (128, 256, 64, 3), (64, 128, 64, 4), (128, 192, 64, 4),
-       (128, 64, 64, 4)]
-mg_cfg = lambda bm, bn, bk, st: dict(block_m=bm, block_n=bn, block_k=bk, stages=st)
-SWEEP_KINDS = ("glu", "gmm", "down", "gmm_sum", "tgmm2", "tgmm_g", "tgmm_down", "mgmm", "mdown")
+# The Mosaic GPU gmm (pallas_kernels/grouped_matmul/mosaic.py): (block_m, block_n, block_k,
+# stages, split, in_flight); two consumer warpgroups split the tile's rows ("m") or columns ("n").
+_MG = [(128, 256, 64, 3, "n", 0), (128, 256, 64, 3, "n", 1), (128, 256, 64, 3, "m", 1),
+       (128, 192, 64, 4, "m", 0), (128, 192, 64, 4, "m", 1), (128, 128, 64, 5, "n", 1),
+       (64, 256, 64, 4, "n", 1), (64, 128, 64, 6, "n", 1)]
+mg_cfg = lambda bm, bn, bk, st, split, fl: dict(block_m=bm, block_n=bn, block_k=bk, stages=st,
+                                                split=split, in_flight=fl)
+SWEEP_KINDS = ("glu", "gmm", "down", "down_dx", "gmm_sum", "tgmm2", "tgmm_g", "tgmm_down", "mgmm",
+               "mdown", "mdown_dx")
 
 
 def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
@@ -167,12 +171,14 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
     glu       fused gate/up + SwiGLU, rows gathered from the [N, D] tokens (the forward's first half)
     gmm       one x @ w_gate [M, D] x [D, F] (the unfused kernel, for comparison)
     down      h @ w_down [M, F] x [F, D]
+    down_dx   dy @ w_down^T [M, D] x [D, F] (the down projection's d input)
     gmm_sum   dg @ w_gate^T + du @ w_up^T (the gate/up backward's d input)
     tgmm2     d w_gate and d w_up together, rows of x gathered
     tgmm_g    d w_gate alone, rows of x gathered
     tgmm_down d w_down = h^T dy
     mgmm      gmm's product with the Mosaic GPU kernel (tiles _MG; N must divide by block_n)
-    mdown     down's product with the Mosaic GPU kernel"""
+    mdown     down's product with the Mosaic GPU kernel
+    mdown_dx  down_dx's product with the Mosaic GPU kernel"""
   from pallas_kernels.grouped_matmul import gmm_glu_pallas, gmm_pallas, gmm_sum_pallas, tgmm_pallas
   from pallas_kernels.grouped_matmul import mosaic
   rng = np.random.default_rng(0)
@@ -200,6 +206,10 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
       "tgmm_down": (_TG, tg_cfg, f1, lambda c: (lambda h, d, s: tgmm_pallas(h, d, s, c)), (dh, dy, sizes)),
       "mgmm": (_MG, mg_cfg, f1, lambda c: (lambda x, w, s: mosaic.gmm(x, w, s, **c)), (xs, wg, sizes)),
       "mdown": (_MG, mg_cfg, f1, lambda c: (lambda h, w, s: mosaic.gmm(h, w, s, **c)), (dh, wd, sizes)),
+      "down_dx": (_MM, mm_cfg, f1, lambda c: (lambda d, w, s: gmm_pallas(d, w, s, c, transpose_rhs=True)),
+                  (dy, wd, sizes)),
+      "mdown_dx": (_MG, mg_cfg, f1, lambda c: (lambda d, w, s: mosaic.gmm(d, w, s, transpose_rhs=True, **c)),
+                   (dy, wd, sizes)),
   }
   rows = []
   for kind in kinds:
@@ -256,6 +266,8 @@ def main():
   ap.add_argument("--shapes", default="flash,small")
   ap.add_argument("--no-mgpu", action="store_true", help="skip jax's Mosaic GPU ragged_dot")
   ap.add_argument("--default-only", action="store_true", help="one kernel configuration")
+  ap.add_argument("--configs", type=int, default=3,
+                  help="the first this many of `configs_for`'s kernel configurations")
   ap.add_argument("--sweep", action="store_true",
                   help="time the raw kernels (see `sweep`) over tile configurations")
   ap.add_argument("--kernels", default=",".join(SWEEP_KINDS), help="kernels for --sweep")
@@ -264,7 +276,7 @@ def main():
   print(f"# device: {jax.devices()[0].device_kind}")
   shapes = args.shapes.split(",")
   tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else TOKENS
-  n_configs = 1 if args.default_only else 3
+  n_configs = 1 if args.default_only else args.configs
   interpret = False
   if args.quick:
     shapes, tokens = ["small"], [256, 1024]

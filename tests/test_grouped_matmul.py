@@ -313,9 +313,13 @@ def test_gpu_kernels_match_reference_bf16(kind):
   assert rel(dx, np_gmm(dy, np.swapaxes(np.asarray(w, np.float32), 1, 2), sizes)) < 1e-2
   assert rel(jax.jit(lambda *a: tgmm_pallas(*a, cfg))(x, dy, gs), np_tgmm(x, dy, sizes)) < 1e-2
   from pallas_kernels.grouped_matmul import mosaic  # the Mosaic GPU forward (opt-in)
-  out = jax.jit(lambda *a: mosaic.gmm(*a))(x, w, gs)
-  assert rel(out, np_gmm(x, w, sizes)) < 1e-2
-  assert (np.asarray(out, np.float32)[M - 100:] == 0).all()
+  wt = jnp.swapaxes(w, 1, 2)  # [G, N, K]
+  for split, in_flight in (("n", 0), ("m", 1)):
+    f = lambda *a, **k: jax.jit(lambda *a: mosaic.gmm(*a, split=split, in_flight=in_flight, **k))
+    out = f()(x, w, gs)
+    assert rel(out, np_gmm(x, w, sizes)) < 1e-2, split
+    assert (np.asarray(out, np.float32)[M - 100:] == 0).all(), split
+    assert rel(f(transpose_rhs=True)(x, wt, gs), np_gmm(x, w, sizes)) < 1e-2, split
 
 
 @gpu
@@ -365,36 +369,41 @@ def test_gpu_fused_glu_matches_reference():
 
 
 @pytest.mark.parametrize("M,G,kind,extra,tiles", [
-    (300, 5, "uniform", 20, (64, 64, 2)),    # 20 rows past the groups; a partial last tile
-    (200, 6, "skewed", 0, (64, 128, 3)),     # empty groups
-    (130, 4, "one_group", 3, (128, 64, 2)),  # one group; fewer rows than two tiles
+    (300, 5, "uniform", 20, (64, 128, 2, "n", 0, False)),   # 20 rows past the groups; a partial
+    (200, 6, "skewed", 0, (128, 128, 3, "m", 1, True)),     # last tile / empty groups, rhs [G, N, K]
+    (130, 4, "one_group", 3, (128, 256, 2, "n", 1, True)),  # one group; fewer rows than two tiles
+    (300, 5, "uniform", 20, (128, 128, 2, "m", 0, False)),  # a boundary in one consumer's rows
 ])
 def test_mosaic_gmm_interpreted(M, G, kind, extra, tiles):
   """The Mosaic GPU gmm under jax's GPU interpreter (race detector on) against float64: group
-  boundaries inside tiles (the row-ladder stores), empty groups, zeros past the groups."""
+  boundaries inside tiles (the row-ladder stores), empty groups, zeros past the groups; the
+  consumers splitting rows or columns, one wgmma left in flight or none, rhs transposed."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
   from pallas_kernels.grouped_matmul import mosaic
   rng = np.random.default_rng(M)
-  K, N = 128, 128
+  K, N = 128, 256
   sizes = random_sizes(rng, G, M - extra, kind)
   x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((G, K, N)) * 0.1, jnp.bfloat16)
-  bm, bn, stages = tiles
-  out = mosaic.gmm(x, w, jnp.asarray(sizes, jnp.int32), block_m=bm, block_n=bn, stages=stages,
-                   interpret=InterpretGPUParams(detect_races=True))
+  bm, bn, stages, split, in_flight, transpose = tiles
+  out = mosaic.gmm(x, jnp.swapaxes(w, 1, 2) if transpose else w, jnp.asarray(sizes, jnp.int32),
+                   transpose_rhs=transpose, block_m=bm, block_n=bn, stages=stages, split=split,
+                   in_flight=in_flight, interpret=InterpretGPUParams(detect_races=True))
   want = np_gmm(x, w, sizes)
   assert rel(out, want) < 1e-2
   assert (np.asarray(out, np.float32)[M - extra:] == 0).all()
   assert not ipc.get_races().races_found
 
 
-@pytest.mark.parametrize("bm,bn,stages", [(128, 128, 4), (128, 256, 4), (64, 128, 4)])
-def test_mosaic_gmm_lowers_for_the_gpu(bm, bn, stages):
+@pytest.mark.parametrize("bm,bn,stages,split", [
+    (128, 256, 3, "n"), (128, 256, 3, "m"), (128, 128, 4, "m"), (64, 128, 6, "n")])
+def test_mosaic_gmm_lowers_for_the_gpu(bm, bn, stages, split):
   """Lowering to Mosaic GPU on the CPU: layouts, wgmma operands and the SMEM budget."""
   from pallas_kernels.grouped_matmul import mosaic
   S = jax.ShapeDtypeStruct
-  f = lambda x, w, s: mosaic.gmm(x, w, s, block_m=bm, block_n=bn, stages=stages, num_sms=132)
+  f = lambda x, w, s: mosaic.gmm(x, w, s, block_m=bm, block_n=bn, stages=stages, split=split,
+                                 num_sms=132)
   exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
       S((4096, 1024), jnp.bfloat16), S((32, 1024, 512), jnp.bfloat16), S((32,), jnp.int32))
   assert "mosaic_gpu" in exported.mlir_module()
