@@ -40,12 +40,15 @@ HBM_BYTES_PER_S = 3.35e12
 SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024, F=576, X=4)}
 TOKENS = [256, 1024, 4096, 16384]
 def configs_for(D, F, rows_per_group):
-  """The model's choice for the shape and routed rows (`tuned_config`), the same with the other
-  backward, and the other row tiling (64 or 128 rows)."""
+  """The model's choice for the shape and routed rows (`tuned_config`); the same with the Triton
+  kernels alone where it uses the Mosaic GPU one; with the other backward; the other row tiling
+  (64 or 128 rows)."""
   tuned = tuned_config(D, F, rows_per_group)
   other = (dict(block_m=128, block_n=Config().block_n, num_warps=Config().num_warps)
            if tuned.block_m == 64 else dict(block_m=64, block_n=128, num_warps=4))
-  return [tuned, tuned._replace(fused_backward=not tuned.fused_backward), tuned._replace(**other)]
+  triton = [tuned._replace(mosaic=False)] if tuned.mosaic is not False else []
+  return [tuned, *triton, tuned._replace(fused_backward=not tuned.fused_backward),
+          tuned._replace(**other)]
 
 
 @functools.lru_cache(maxsize=1)

@@ -340,6 +340,29 @@ def test_gpu_moe_gmm_matches_dense_with_grads():
 
 
 @gpu
+def test_gpu_moe_on_the_mosaic_kernel_matches_triton_bf16():
+  """The bf16 expert layer with the down projection's forward and d input on the Mosaic kernel
+  (both of its splits: N = 256 and 192) against the same layer on Triton kernels alone."""
+  rng = np.random.default_rng(9)
+  N, D, F, E, X = 2048, 256, 192, 16, 4
+  x = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
+  idx = jnp.asarray(np.stack([rng.choice(E, X, replace=False) for _ in range(N)]), jnp.int32)
+  w = jnp.asarray(rng.random((N, X)), jnp.float32)
+  wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.1, jnp.bfloat16)
+              for s in ((E, D, F), (E, D, F), (E, F, D)))
+  proj = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+  loss = lambda cfg, x, wts: jnp.sum(moe.experts_grouped(x, idx, w, *wts, config=cfg) * proj)
+  from pallas_kernels.grouped_matmul import mosaic
+  assert mosaic.tiles_for(F, D) and mosaic.tiles_for(D, F)  # down's forward; its d input
+  cfg = Config(block_n_glu=64)
+  got = jax.jit(jax.value_and_grad(lambda *a: loss(cfg, *a), argnums=(0, 1)))(x, wts)
+  want = jax.jit(jax.value_and_grad(lambda *a: loss(cfg._replace(mosaic=False), *a),
+                                    argnums=(0, 1)))(x, wts)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert rel(a, b) < 1e-2
+
+
+@gpu
 def test_gpu_fused_glu_matches_reference():
   """The fused gate/up kernel compiled, at a width with a masked N tail (96 in 128-wide tiles):
   bf16 forward against float64, fp32 gradients against the reference at full precision."""
@@ -394,6 +417,30 @@ def test_mosaic_gmm_interpreted(M, G, kind, extra, tiles):
   assert rel(out, want) < 1e-2
   assert (np.asarray(out, np.float32)[M - extra:] == 0).all()
   assert not ipc.get_races().races_found
+
+
+def test_gmm_op_runs_its_products_on_the_mosaic_kernel():
+  """`gmm` with Config(mosaic=True) (interpreted): the forward on the Mosaic kernel's column
+  split (N = 256), d lhs on its row split (N = 192, rhs transposed), d rhs on the Triton tgmm;
+  value and gradients against float64. The jaxpr names the kernels, so a silent fallback to the
+  Triton gmm fails."""
+  from pallas_kernels.grouped_matmul import gmm
+  rng = np.random.default_rng(11)
+  M, K, N, G = 300, 192, 256, 5
+  sizes = random_sizes(rng, G, M - 7, "skewed")
+  gs = jnp.asarray(sizes, jnp.int32)
+  x, w = rng.standard_normal((M, K)), rng.standard_normal((G, K, N)) * 0.1
+  proj = rng.standard_normal((M, N))
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  cfg = Config(mosaic=True, interpret=True)
+  loss = lambda x, w: jnp.sum(gmm(x, w, gs, cfg).astype(jnp.float32) * bf(proj))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(bf(x), bf(w)))
+  assert jaxpr.count("wgmma_wait") >= 2 and "name=gmm" not in jaxpr, jaxpr[:2000]
+  val, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(bf(x), bf(w))
+  xb, wb, pb = (np.asarray(bf(a), np.float64) for a in (x, w, proj))
+  assert rel(val, np.sum(np_gmm(xb, wb, sizes) * pb)) < 2e-2
+  assert rel(dx, np_gmm(pb, np.swapaxes(wb, 1, 2), sizes)) < 2e-2
+  assert rel(dw, np_tgmm(xb, pb, sizes)) < 2e-2
 
 
 @pytest.mark.parametrize("bm,bn,stages,split", [

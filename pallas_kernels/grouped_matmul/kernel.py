@@ -14,7 +14,9 @@ Semantics are reference.py's: rows of lhs sorted by group, group g owning rows
 * tgmm (the weight gradient, out[g] = lhs[g rows].T @ dout[g rows]) runs on the grid
   (N-block, K-block, group); each program walks its group's rows in bm-row steps, so an empty
   group writes zeros and a heavy one simply loops longer.
-* The op's backward: d lhs = gmm(dout, rhs, transposed), d rhs = tgmm(lhs, dout).
+* The op's backward: d lhs = gmm(dout, rhs, transposed), d rhs = tgmm(lhs, dout). The op's
+  two gmm products run on the Mosaic GPU kernel (mosaic.py) instead where `Config.mosaic` says
+  so and its tiles fit.
 
 bf16 (or fp32) operands, fp32 accumulation; fp32 operands use full-precision dots (no TF32).
 Each program loops over the contraction in bk steps, which Triton software-pipelines
@@ -35,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.grouped_matmul import mosaic
 from pallas_kernels.grouped_matmul.visits import group_bounds, visit_table
 
 
@@ -63,6 +66,10 @@ class Config(NamedTuple):
   # Launch order: True runs a row tile's N-blocks (tgmm: a group's output tiles) back to back,
   # so the tile's rows are re-read from L2 rather than HBM; False puts visits (groups) innermost.
   n_inner: bool = True
+  # The gmm op's forward and d lhs products (the experts' down projection) on the Mosaic GPU
+  # kernel (mosaic.py) where its tiles fit (`mosaic.tiles_for`): None = when compiled for the
+  # GPU with bf16 / fp16 operands; True = in the interpreter too (tests); False = never.
+  mosaic: bool | None = None
   interpret: bool = False
 
 
@@ -79,9 +86,13 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   ling_small at 1024 tokens, slower for the flash shape at 4096 (sessions 3-4), so the switch is
   at 64."""
   small = hidden * width <= 1024 * 1024
-  cfg = Config(block_n_glu=64 if small else 128, fused_backward=small)
-  if rows_per_group is not None and rows_per_group <= 64:
-    cfg = cfg._replace(block_m=64, block_n=128, num_warps=4)
+  # The Mosaic GPU kernel for the down projection (session 8): ling_small's layer 3% faster
+  # forward+backward at 16384 tokens, 8% forward at 4096; at the flash shape no faster forward
+  # and 2.5% slower forward+backward at 16384 tokens, so Triton there.
+  cfg = Config(block_n_glu=64 if small else 128, fused_backward=small,
+               mosaic=None if small else False)
+  if rows_per_group is not None and rows_per_group <= 64:  # (the Mosaic kernel was no faster)
+    cfg = cfg._replace(block_m=64, block_n=128, num_warps=4, mosaic=False)
   return cfg
 
 
@@ -305,20 +316,31 @@ def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=Non
 # ----------------------------------------------------------------------------- custom_vjp op
 
 
+def _product(lhs, rhs, group_sizes, cfg: Config, *, transpose_rhs: bool = False):
+  """gmm_pallas, or the Mosaic GPU kernel where cfg.mosaic and its tiles allow."""
+  K, N = rhs.shape[2:0:-1] if transpose_rhs else rhs.shape[1:]
+  use = cfg.mosaic if cfg.mosaic is not None else not cfg.interpret
+  tiles = mosaic.tiles_for(K, N) if use and lhs.dtype in (jnp.bfloat16, jnp.float16) else None
+  if tiles is None:
+    return gmm_pallas(lhs, rhs, group_sizes, cfg, transpose_rhs=transpose_rhs)
+  return mosaic.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=cfg.interpret,
+                    **tiles)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def gmm(lhs, rhs, group_sizes, cfg: Config):
   """Differentiable grouped matmul (lhs, rhs); group_sizes gets no gradient."""
-  return gmm_pallas(lhs, rhs, group_sizes, cfg)
+  return _product(lhs, rhs, group_sizes, cfg)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, cfg):
-  return gmm_pallas(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
+  return _product(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
 
 
 def _gmm_bwd(cfg, res, dout):
   lhs, rhs, group_sizes = res
   dout = dout.astype(lhs.dtype)
-  dlhs = gmm_pallas(dout, rhs, group_sizes, cfg, transpose_rhs=True)
+  dlhs = _product(dout, rhs, group_sizes, cfg, transpose_rhs=True)
   drhs = tgmm_pallas(lhs, dout, group_sizes, cfg, out_dtype=rhs.dtype)
   return dlhs, drhs, None
 
