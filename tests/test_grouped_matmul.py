@@ -235,6 +235,31 @@ def test_gmm_glu_gradients(kind, with_token_rows, fused_backward):
     assert rel(a, b) < 1e-5
 
 
+def test_gmm_glu_backward_on_the_mosaic_kernel():
+  """gmm_glu's backward with Config(mosaic=True, stacked_backward=True) (interpreted): d x from the Mosaic kernel over
+  [d gate, d up] against the concatenated weights, the weight gradients from one tgmm, all
+  against float64 (bf16 operands)."""
+  rng = np.random.default_rng(25)
+  N, X, K, F, G = 96, 3, 256, 64, 5
+  rows, token_rows, sizes = routed_rows(rng, N, X, G, "skewed")
+  gs, r, tr = (jnp.asarray(a, jnp.int32) for a in (sizes, rows, token_rows))
+  x = rng.standard_normal((N, K))
+  wg, wu = (rng.standard_normal((G, K, F)) * 0.1 for _ in range(2))
+  proj = rng.standard_normal((N * X, F))
+  bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+  cfg = SMALL._replace(mosaic=True, stacked_backward=True, interpret=True)
+  loss = lambda x, a, b: jnp.sum(gmm_glu(x, r, tr, a, b, gs, cfg).astype(jnp.float32) * proj)
+  assert "wgmma_wait" in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(
+      bf(x), bf(wg), bf(wu)))
+  got = jax.grad(loss, argnums=(0, 1, 2))(bf(x), bf(wg), bf(wu))
+  f64 = lambda a: np.asarray(bf(a), np.float64)
+  with jax.enable_x64():
+    ref = lambda x, a, b: jnp.sum(gmm_glu_reference(x, r, a, b, gs) * proj)
+    want = jax.grad(ref, argnums=(0, 1, 2))(*(jnp.asarray(f64(a)) for a in (x, wg, wu)))
+  for a, b in zip(got, want):
+    assert rel(a, np.asarray(b)) < 2e-2
+
+
 # ----------------------------------------------------------------------------- MoE wiring
 
 
@@ -287,6 +312,11 @@ def test_tuned_config_tiles_by_rows_per_expert():
   assert moe.tuned_config(4096, 1024).block_m == 128
   assert moe.tuned_config(4096, 1024, 8).block_n_glu == 128
   assert moe.tuned_config(4096, 1024).block_n_glu == 128
+  # The Mosaic kernel at ling_small's shape and 65+ rows per expert; the stacked glu backward
+  # from 2048 rows per expert; neither at the flash shape.
+  assert [moe.tuned_config(1024, 576, r).mosaic for r in (32, 512)] == [False, None]
+  assert [moe.tuned_config(1024, 576, r).stacked_backward for r in (512, 4096)] == [False, True]
+  assert moe.tuned_config(4096, 1024, 4096)[-3:-1] == (False, False)
 
 
 def test_moe_impl_switch():
@@ -354,7 +384,7 @@ def test_gpu_moe_on_the_mosaic_kernel_matches_triton_bf16():
   loss = lambda cfg, x, wts: jnp.sum(moe.experts_grouped(x, idx, w, *wts, config=cfg) * proj)
   from pallas_kernels.grouped_matmul import mosaic
   assert mosaic.tiles_for(F, D) and mosaic.tiles_for(D, F)  # down's forward; its d input
-  cfg = Config(block_n_glu=64)
+  cfg = Config(block_n_glu=64, stacked_backward=True)
   got = jax.jit(jax.value_and_grad(lambda *a: loss(cfg, *a), argnums=(0, 1)))(x, wts)
   want = jax.jit(jax.value_and_grad(lambda *a: loss(cfg._replace(mosaic=False), *a),
                                     argnums=(0, 1)))(x, wts)

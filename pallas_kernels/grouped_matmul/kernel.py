@@ -70,6 +70,9 @@ class Config(NamedTuple):
   # kernel (mosaic.py) where its tiles fit (`mosaic.tiles_for`): None = when compiled for the
   # GPU with bf16 / fp16 operands; True = in the interpreter too (tests); False = never.
   mosaic: bool | None = None
+  # gmm_glu's backward with gate and up side by side as one [M, 2F] product (d x on the Mosaic
+  # kernel, the weight gradients from one tgmm), where `mosaic` applies.
+  stacked_backward: bool = False
   interpret: bool = False
 
 
@@ -89,8 +92,11 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   # The Mosaic GPU kernel for the down projection (session 8): ling_small's layer 3% faster
   # forward+backward at 16384 tokens, 8% forward at 4096; at the flash shape no faster forward
   # and 2.5% slower forward+backward at 16384 tokens, so Triton there.
+  # At 2048+ rows per expert (ling_small, 16384 tokens) gmm_glu's backward as one stacked product
+  # made the layer 2.4% faster forward+backward; at 512 (4096 tokens) 9% slower.
   cfg = Config(block_n_glu=64 if small else 128, fused_backward=small,
-               mosaic=None if small else False)
+               mosaic=None if small else False,
+               stacked_backward=small and rows_per_group is not None and rows_per_group >= 2048)
   if rows_per_group is not None and rows_per_group <= 64:  # (the Mosaic kernel was no faster)
     cfg = cfg._replace(block_m=64, block_n=128, num_warps=4, mosaic=False)
   return cfg
@@ -316,11 +322,16 @@ def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=Non
 # ----------------------------------------------------------------------------- custom_vjp op
 
 
+def _mosaic_tiles(cfg: Config, dtype, K: int, N: int) -> dict | None:
+  """The Mosaic GPU gmm's tiles for a [*, K] x [K, N] product where cfg.mosaic allows it."""
+  use = cfg.mosaic if cfg.mosaic is not None else not cfg.interpret
+  return mosaic.tiles_for(K, N) if use and dtype in (jnp.bfloat16, jnp.float16) else None
+
+
 def _product(lhs, rhs, group_sizes, cfg: Config, *, transpose_rhs: bool = False):
   """gmm_pallas, or the Mosaic GPU kernel where cfg.mosaic and its tiles allow."""
   K, N = rhs.shape[2:0:-1] if transpose_rhs else rhs.shape[1:]
-  use = cfg.mosaic if cfg.mosaic is not None else not cfg.interpret
-  tiles = mosaic.tiles_for(K, N) if use and lhs.dtype in (jnp.bfloat16, jnp.float16) else None
+  tiles = _mosaic_tiles(cfg, lhs.dtype, K, N)
   if tiles is None:
     return gmm_pallas(lhs, rhs, group_sizes, cfg, transpose_rhs=transpose_rhs)
   return mosaic.gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, interpret=cfg.interpret,
@@ -357,8 +368,9 @@ def gmm_glu(x, rows, token_rows, w_gate, w_up, group_sizes, cfg: Config):
   Differentiable in x, w_gate and w_up. `token_rows` [tokens, X] lists each token's rows (the
   inverse of `rows`, every row listed once), so d x is a gather-sum over them; None falls back
   to a scatter-add over `rows`. The backward: d gate and d up elementwise from the saved
-  products, d x = one gmm over both (`gmm_sum_pallas`), d w_gate and d w_up from one tgmm that
-  gathers x's rows and shares each block between the two.
+  products, d x = one gmm over both (`gmm_sum_pallas`; where `Config.mosaic` applies, the
+  Mosaic kernel over [d gate, d up] and the weights concatenated), d w_gate and d w_up from one
+  tgmm that gathers x's rows and shares each block between the two.
   """
   return gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows)
 
@@ -374,7 +386,16 @@ def _gmm_glu_bwd(cfg, res, dh):
   s = jax.nn.sigmoid(g)
   dg = (dh * u * s * (1 + g * (1 - s))).astype(x.dtype)  # d silu(g) = s (1 + g (1 - s))
   du = (dh * g * s).astype(x.dtype)
-  if cfg.fused_backward:
+  F = w_gate.shape[2]
+  if cfg.stacked_backward and _mosaic_tiles(cfg, x.dtype, 2 * F, x.shape[1]):
+    # Gate and up side by side as one [M, 2F] product: d x on the Mosaic kernel with a K of 2F
+    # (the weights concatenated, one weight-sized copy), both weight gradients from one tgmm.
+    dgu = jnp.concatenate([dg, du], axis=1)
+    dxs = _product(dgu, jnp.concatenate([w_gate, w_up], axis=2), group_sizes, cfg,
+                   transpose_rhs=True)
+    dw = tgmm_pallas(x, dgu, group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
+    dwg, dwu = dw[..., :F], dw[..., F:]
+  elif cfg.fused_backward:
     dxs = gmm_sum_pallas(dg, du, w_gate, w_up, group_sizes, cfg, transpose_rhs=True)  # [M, K]
     dwg, dwu = tgmm_pallas(x, (dg, du), group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
   else:
