@@ -209,10 +209,10 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
       "tgmm_down": (_TG, tg_cfg, f1, lambda c: (lambda h, d, s: tgmm_pallas(h, d, s, c)), (dh, dy, sizes)),
       "mgmm": (_MG, mg_cfg, f1, lambda c: (lambda x, w, s: mosaic.gmm(x, w, s, **c)), (xs, wg, sizes)),
       "mdown": (_MG, mg_cfg, f1, lambda c: (lambda h, w, s: mosaic.gmm(h, w, s, **c)), (dh, wd, sizes)),
-      "down_dx": (_MM, mm_cfg, f1, lambda c: (lambda d, w, s: gmm_pallas(d, w, s, c, transpose_rhs=True)),
-                  (dy, wd, sizes)),
-      "mdown_dx": (_MG, mg_cfg, f1, lambda c: (lambda d, w, s: mosaic.gmm(d, w, s, transpose_rhs=True, **c)),
-                   (dy, wd, sizes)),
+      "down_dx": (_MM, mm_cfg, f1, lambda c: (
+          lambda d, w, s: gmm_pallas(d, w, s, c, transpose_rhs=True)), (dy, wd, sizes)),
+      "mdown_dx": (_MG, mg_cfg, f1, lambda c: (
+          lambda d, w, s: mosaic.gmm(d, w, s, transpose_rhs=True, **c)), (dy, wd, sizes)),
   }
   rows = []
   for kind in kinds:

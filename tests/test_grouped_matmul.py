@@ -162,6 +162,16 @@ def routed_rows(rng, n_tokens, top_k, G, kind):
   return order // top_k, inverse.reshape(n_tokens, top_k), sizes
 
 
+def glu_case(rng, N, X, K, F, G):
+  """A skewed routing of N tokens (rows, sizes and both as int32 device arrays with token_rows),
+  float64 x [N, K] and gate / up weights [G, K, F]."""
+  rows, token_rows, sizes = routed_rows(rng, N, X, G, "skewed")
+  ints = tuple(jnp.asarray(a, jnp.int32) for a in (sizes, rows, token_rows))
+  x = rng.standard_normal((N, K))
+  wg, wu = (rng.standard_normal((G, K, F)) * 0.1 for _ in range(2))
+  return rows, sizes, ints, x, wg, wu
+
+
 @pytest.mark.parametrize("kind", ["uniform", "skewed", "one_group"])
 def test_gathered_rows_match_float64(kind):
   """lhs_rows: gmm and tgmm read row r as x[rows[r]] (x has fewer rows than the groups)."""
@@ -236,15 +246,12 @@ def test_gmm_glu_gradients(kind, with_token_rows, fused_backward):
 
 
 def test_gmm_glu_backward_on_the_mosaic_kernel():
-  """gmm_glu's backward with Config(mosaic=True, stacked_backward=True) (interpreted): d x from the Mosaic kernel over
-  [d gate, d up] against the concatenated weights, the weight gradients from one tgmm, all
-  against float64 (bf16 operands)."""
+  """gmm_glu's backward with Config(mosaic=True, stacked_backward=True) (interpreted): d x from
+  the Mosaic kernel over [d gate, d up] against the concatenated weights, the weight gradients
+  from one tgmm, all against float64 (bf16 operands)."""
   rng = np.random.default_rng(25)
   N, X, K, F, G = 96, 3, 256, 64, 5
-  rows, token_rows, sizes = routed_rows(rng, N, X, G, "skewed")
-  gs, r, tr = (jnp.asarray(a, jnp.int32) for a in (sizes, rows, token_rows))
-  x = rng.standard_normal((N, K))
-  wg, wu = (rng.standard_normal((G, K, F)) * 0.1 for _ in range(2))
+  rows, sizes, (gs, r, tr), x, wg, wu = glu_case(rng, N, X, K, F, G)
   proj = rng.standard_normal((N * X, F))
   bf = lambda a: jnp.asarray(a, jnp.bfloat16)
   cfg = SMALL._replace(mosaic=True, stacked_backward=True, interpret=True)
@@ -342,7 +349,7 @@ def test_gpu_kernels_match_reference_bf16(kind):
   dx = jax.jit(lambda *a: gmm_pallas(*a, cfg, transpose_rhs=True))(dy, w, gs)
   assert rel(dx, np_gmm(dy, np.swapaxes(np.asarray(w, np.float32), 1, 2), sizes)) < 1e-2
   assert rel(jax.jit(lambda *a: tgmm_pallas(*a, cfg))(x, dy, gs), np_tgmm(x, dy, sizes)) < 1e-2
-  from pallas_kernels.grouped_matmul import mosaic  # the Mosaic GPU forward (opt-in)
+  from pallas_kernels.grouped_matmul import mosaic
   wt = jnp.swapaxes(w, 1, 2)  # [G, N, K]
   for split, in_flight in (("n", 0), ("m", 1)):
     f = lambda *a, **k: jax.jit(lambda *a: mosaic.gmm(*a, split=split, in_flight=in_flight, **k))
@@ -352,15 +359,19 @@ def test_gpu_kernels_match_reference_bf16(kind):
     assert rel(f(transpose_rhs=True)(x, wt, gs), np_gmm(x, w, sizes)) < 1e-2, split
 
 
-@gpu
-def test_gpu_moe_gmm_matches_dense_with_grads():
-  rng = np.random.default_rng(6)
-  N, D, F, E, X = 512, 256, 128, 16, 4
-  x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+def moe_case(rng, N, D, F, E, X, dtype):
+  """x [N, D], a top-X routing over E experts (ids, weights), expert weights (gate, up, down)."""
+  x = jnp.asarray(rng.standard_normal((N, D)), dtype)
   idx = jnp.asarray(np.stack([rng.choice(E, X, replace=False) for _ in range(N)]), jnp.int32)
   w = jnp.asarray(rng.random((N, X)), jnp.float32)
-  wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.1, jnp.float32)
+  wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.1, dtype)
               for s in ((E, D, F), (E, D, F), (E, F, D)))
+  return x, idx, w, wts
+
+
+@gpu
+def test_gpu_moe_gmm_matches_dense_with_grads():
+  x, idx, w, wts = moe_case(np.random.default_rng(6), 512, 256, 128, 16, 4, jnp.float32)
   loss = lambda fn, x, wts: jnp.sum(jnp.sin(fn(x, idx, w, *wts)))
   with jax.default_matmul_precision("highest"):  # XLA's fp32 GPU default is TF32-like (~1e-3)
     gg = jax.jit(jax.grad(lambda *a: loss(moe.experts_grouped, *a), argnums=(0, 1)))(x, wts)
@@ -371,15 +382,12 @@ def test_gpu_moe_gmm_matches_dense_with_grads():
 
 @gpu
 def test_gpu_moe_on_the_mosaic_kernel_matches_triton_bf16():
-  """The bf16 expert layer with the down projection's forward and d input on the Mosaic kernel
-  (both of its splits: N = 256 and 192) against the same layer on Triton kernels alone."""
+  """The bf16 expert layer with the down projection's forward and d input (both splits of the
+  Mosaic kernel: N = 256 and 192) and the stacked gate/up d input on the Mosaic kernel, against
+  the same layer on Triton kernels alone."""
   rng = np.random.default_rng(9)
   N, D, F, E, X = 2048, 256, 192, 16, 4
-  x = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
-  idx = jnp.asarray(np.stack([rng.choice(E, X, replace=False) for _ in range(N)]), jnp.int32)
-  w = jnp.asarray(rng.random((N, X)), jnp.float32)
-  wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.1, jnp.bfloat16)
-              for s in ((E, D, F), (E, D, F), (E, F, D)))
+  x, idx, w, wts = moe_case(rng, N, D, F, E, X, jnp.bfloat16)
   proj = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
   loss = lambda cfg, x, wts: jnp.sum(moe.experts_grouped(x, idx, w, *wts, config=cfg) * proj)
   from pallas_kernels.grouped_matmul import mosaic
@@ -398,10 +406,7 @@ def test_gpu_fused_glu_matches_reference():
   bf16 forward against float64, fp32 gradients against the reference at full precision."""
   rng = np.random.default_rng(8)
   N, X, K, F, G = 1024, 4, 256, 96, 16
-  rows, token_rows, sizes = routed_rows(rng, N, X, G, "skewed")
-  gs, r, tr = (jnp.asarray(a, jnp.int32) for a in (sizes, rows, token_rows))
-  x = rng.standard_normal((N, K))
-  wg, wu = (rng.standard_normal((G, K, F)) * 0.1 for _ in range(2))
+  rows, sizes, (gs, r, tr), x, wg, wu = glu_case(rng, N, X, K, F, G)
   xs = x[rows]
   g, u = np_gmm(xs, wg, sizes), np_gmm(xs, wu, sizes)
   bf = lambda a: jnp.asarray(a, jnp.bfloat16)
@@ -423,7 +428,8 @@ def test_gpu_fused_glu_matches_reference():
 
 @pytest.mark.parametrize("M,G,kind,extra,tiles", [
     (300, 5, "uniform", 20, (64, 128, 2, "n", 0, False)),   # 20 rows past the groups; a partial
-    (200, 6, "skewed", 0, (128, 128, 3, "m", 1, True)),     # last tile / empty groups, rhs [G, N, K]
+    (200, 6, "skewed", 0, (128, 128, 3, "m", 1, True)),     # last tile / empty groups, rhs
+                                                            # [G, N, K]
     (130, 4, "one_group", 3, (128, 256, 2, "n", 1, True)),  # one group; fewer rows than two tiles
     (300, 5, "uniform", 20, (128, 128, 2, "m", 0, False)),  # a boundary in one consumer's rows
 ])
