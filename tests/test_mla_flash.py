@@ -26,11 +26,11 @@ def rel(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def packed(rng, B, T):
+def packed(rng, B, T, docs=4):
   """Segment ids 1.. of random document lengths and positions restarting per document."""
   seg, pos = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
   for b in range(B):
-    cuts = np.sort(rng.choice(np.arange(1, T), size=3, replace=False))
+    cuts = np.sort(rng.choice(np.arange(1, T), size=docs - 1, replace=False))
     for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, T])):
       seg[b, lo:hi], pos[b, lo:hi] = i + 1, np.arange(hi - lo)
   return jnp.asarray(seg), jnp.asarray(pos)
@@ -95,13 +95,18 @@ def test_model_with_flash_mla_matches_xla_on_packed_rows():
 def test_auto_and_bad_input():
   model = random_model(ling_tiny(), attn_impl="auto")
   attn = next(m for _, m in nnx.iter_graph(model) if isinstance(m, mla.MultiLatentAttention))
-  assert attn._plain_impl(4096) == ("flash" if ON_GPU else "xla")
-  assert attn._plain_impl(100) == "xla"
+  bf16 = jnp.bfloat16
+  assert attn._plain_impl(4096, bf16) == ("cudnn" if ON_GPU and mla.cudnn_available() else
+                                          "flash" if ON_GPU else "xla")
+  assert attn._plain_impl(4096, jnp.float32) == ("flash" if ON_GPU else "xla")
+  assert attn._plain_impl(100, bf16) == "xla"
   wide = random_model(ling_tiny(qk_nope_head_dim=128, qk_rope_head_dim=64), attn_impl="auto")
   attn = next(m for _, m in nnx.iter_graph(wide) if isinstance(m, mla.MultiLatentAttention))
-  assert attn._plain_impl(4096) == ("flash" if ON_GPU else "xla")  # 192: smaller blocks
+  assert attn._plain_impl(4096, jnp.float32) == ("flash" if ON_GPU else "xla")  # 192: smaller blocks
   with pytest.raises(ValueError, match="unknown MLA impl"):
-    random_model(ling_tiny(), attn_impl="cudnn")
+    random_model(ling_tiny(), attn_impl="cudnn9")
+  with pytest.raises(ValueError, match="bf16 / fp16"):
+    mla._cudnn(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32), None, 0.2)
   with pytest.raises(ValueError, match="head dims up to 256"):
     mla._flash(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32, (200, 64, 64)), None, 0.2,
                interpret=True)
@@ -121,5 +126,46 @@ def test_gpu_flash_matches_xla_bf16_with_grads(dims):
   assert rel(jax.jit(f_flash)(*args), np_attention(*args, seg, pos, 0.2)) < 2e-2
   want = jax.jit(jax.grad(loss(f_xla), argnums=range(5)))(*args)
   got = jax.jit(jax.grad(loss(f_flash), argnums=range(5)))(*args)
+  for g, w in zip(got, want):
+    assert rel(g, w) < 3e-2
+
+
+def test_segment_offsets_against_python_runs():
+  rng = np.random.default_rng(5)
+  B, T = 3, 50
+  seg = np.cumsum(rng.random((B, T)) < 0.2, axis=1) + 7  # random runs, ids not starting at 0
+  seg[2] = 3  # one document
+  offsets, lengths, count = mla.segment_offsets(jnp.asarray(seg, jnp.int32), 12)
+  for b in range(B):
+    starts = [t for t in range(T) if t == 0 or seg[b, t] != seg[b, t - 1]]
+    runs = [e - s for s, e in zip(starts, [*starts[1:], T])]
+    assert count[b] == len(starts)
+    n = min(len(starts), 12)
+    assert list(offsets[b]) == (starts + [-1] * 13)[:13]
+    assert list(lengths[b, :n]) == runs[:n] and (len(starts) > 12 or list(lengths[b, n:]) == [-1] * (12 - n))
+
+  rung = lambda *c: int(mla.ladder_rung(jnp.asarray(c), (8, 16, 32)))
+  assert [rung(1, 8), rung(9, 2), rung(3, 16), rung(17), rung(32, 1), rung(33, 1)] == [0, 1, 1, 2, 2, 3]
+
+
+@gpu
+@pytest.mark.parametrize("dims", [(64, 32, 64), (128, 64, 128)])  # ling_small, Ling-2.6-flash
+@pytest.mark.parametrize("docs", ["4", "11", "none", "too_many"])
+def test_gpu_cudnn_matches_float64_and_xla_grads(dims, docs):
+  """cuDNN's packed layout (each document its own causal sequence) at two rungs of the ladder,
+  the unsegmented causal call, and more documents than the ladder holds (the flash kernel)."""
+  rng = np.random.default_rng(6)
+  T = 1024
+  seg, pos = packed(rng, 2, T, docs=11 if docs == "11" else 4)
+  if docs == "none":
+    seg, pos = None, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+  args = inputs(rng, 2, T, 4, jnp.bfloat16, dims)
+  ladder = (2,) if docs == "too_many" else mla.CUDNN_SEGMENT_LADDER
+  f_cudnn = lambda *a: mla._cudnn(*a, seg, 0.2, ladder=ladder)
+  ids = jnp.ones((2, T), jnp.int32) if seg is None else seg
+  assert rel(jax.jit(f_cudnn)(*args), np_attention(*args, ids, pos, 0.2)) < 2e-2
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
+  want = jax.jit(jax.grad(loss(lambda *a: xla_attention(*a, ids, pos, 0.2)), argnums=range(5)))(*args)
+  got = jax.jit(jax.grad(loss(f_cudnn), argnums=range(5)))(*args)
   for g, w in zip(got, want):
     assert rel(g, w) < 3e-2

@@ -6,15 +6,22 @@ Two mathematically identical forms:
   "xla" materialises the fp32 [B, H, T, S] scores (the reference); "flash" runs jax's Pallas
   flash-attention kernel (jax.experimental.pallas.ops.gpu.attention: online softmax, segment
   ids, a fused Triton backward) with v zero-padded to the q/k head dim, which it needs;
-  "flash_interpret" is the same in interpret mode (CPU tests); "auto" is "flash" on GPU when the
-  sequence length is a multiple of 128 and the q/k head dim at most 256, else "xla". The kernel masks by
-  index (i >= j) within a segment, which equals the position mask because positions increase
-  along each packed document;
+  "flash_interpret" is the same in interpret mode (CPU tests); "cudnn" runs cuDNN's fused
+  flash attention (Hopper+, bf16 / fp16) through jax's cuDNN bindings: unsegmented rows with the
+  MLA head dims as they are (q/k 96, v 64 at ling_small), packed rows in cuDNN's packed (THD)
+  layout, each document its own causal sequence, so no work goes to pairs across documents; a
+  batch whose rows hold more documents than `CUDNN_SEGMENT_LADDER` allows takes the flash kernel
+  instead (a `lax.switch`, exact either way). "auto" is "cudnn" on GPU for bf16 / fp16 where
+  cuDNN >= 9.10 is found, else "flash", when the sequence length is a multiple of 128 and the
+  q/k head dim at most 256; "xla" otherwise. The kernels mask by index (i >= j) within a
+  segment, which equals the position mask because positions increase along each document;
 * absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs on the
   576-value latent cache [c_kv (normed) 512 | k_pe (roped) 64] per token (spec 3.5, 5).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +32,7 @@ from ling_jax.model import rope
 from ling_jax.model.common import RMSNorm, param
 
 _NEG = -1e30  # finite "minus infinity": a fully masked row stays finite instead of NaN
-IMPLS = ("auto", "xla", "flash", "flash_interpret")
+IMPLS = ("auto", "xla", "flash", "flash_interpret", "cudnn")
 _FLASH_BLOCK = 128  # the kernel's default forward block (rows of q and of k)
 
 
@@ -99,16 +106,20 @@ class MultiLatentAttention(nnx.Module):
     y = jnp.einsum("bthv,hvd->btd", o, self._w(self.dense))
     return y, cache
 
-  def _plain_impl(self, T: int) -> str:
+  def _plain_impl(self, T: int, dtype) -> str:
     if self.impl != "auto":
       return self.impl
     fits = self.nope + self.rope_dim <= FLASH_MAX_HEAD_DIM and self.v_dim <= FLASH_MAX_HEAD_DIM
-    return "flash" if jax.default_backend() == "gpu" and T % _FLASH_BLOCK == 0 and fits else "xla"
+    if jax.default_backend() != "gpu" or T % _FLASH_BLOCK or not fits:
+      return "xla"
+    return "cudnn" if dtype in (jnp.bfloat16, jnp.float16) and cudnn_available() else "flash"
 
   def _attend_plain(self, q_nope, q_pe, c_kv, k_pe, positions, segment_ids):
     kv = jnp.einsum("btl,lhk->bthk", c_kv, self._w(self.kv_b_proj))  # [B, T, H, K + V]
     k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-    impl = self._plain_impl(q_nope.shape[1])
+    impl = self._plain_impl(q_nope.shape[1], q_nope.dtype)
+    if impl == "cudnn":
+      return _cudnn(q_nope, q_pe, k_nope, k_pe, v, segment_ids, self.scale)
     if impl != "xla":
       return _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, self.scale,
                     interpret=impl == "flash_interpret")
@@ -188,3 +199,77 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
   """fp32 softmax with masked entries selected out by `where` (never multiplied by 0)."""
   scores = jnp.where(mask, scores, _NEG)
   return jax.nn.softmax(scores, axis=-1)
+
+
+# cuDNN's packed layout is [B, M] sequence slots of up to T tokens, and its backward pays for
+# every slot (H100, ling_small's shape, 16 documents a row: forward+backward 1.03 ms at M = 16,
+# 1.43 at 32, 2.29 at 64, 3.91 at 128, the flash kernel 3.94; the growth fits zero-filling an fp32
+# d q buffer of B M T H D). So M is picked per batch from this ladder, the smallest that holds
+# every row's documents (a `lax.switch`; the branches share their residuals' buffers), and rows
+# with more documents than the last rung take the flash kernel. The ladder stops at 32: with
+# rungs up to 128 the small_pretrain step was slower (167.0k against 173.0k tokens/s) and took
+# longer to compile, though those rungs never ran.
+CUDNN_SEGMENT_LADDER = (8, 16, 32)
+
+
+def cudnn_available() -> bool:
+  """cuDNN >= 9.10 on a Hopper-or-later GPU: what `_cudnn` needs (MLA head dims, packing)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+  try:
+    return cudnn.check_cudnn_version() >= 91000 and cudnn.check_compute_capability("9.0")
+  except RuntimeError:  # no cuDNN
+    return False
+
+
+def segment_offsets(segment_ids: jax.Array, max_segments: int):
+  """cuDNN's packed-layout view of [B, T] segment ids (a document = one contiguous run of an id):
+  offsets [B, M + 1] (each run's first index, then -1), lengths [B, M] (each run's length, then
+  -1) and the run count [B] (int32; runs past M are cut off, so callers check count <= M)."""
+  B, T = segment_ids.shape
+  starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  count = starts.sum(1, dtype=jnp.int32)
+  first = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments + 1, fill_value=T)[0])(starts)
+  first = first.astype(jnp.int32)
+  valid = jnp.arange(max_segments + 1) < count[:, None]
+  lengths = jnp.where(valid[:, :-1], first[:, 1:] - first[:, :-1], -1)
+  return jnp.where(valid, first, -1), lengths, count
+
+
+def _cudnn(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *,
+           ladder: tuple[int, ...] | None = None):
+  """Causal (per segment) attention in cuDNN's fused flash kernel; [B, T, H, V] out. q/k keep
+  their K + R head dim; unsegmented, v keeps its V (cuDNN's MLA mode). bf16 / fp16 only."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # jax.nn's wrapper has no packing
+
+  if q_nope.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"cuDNN attention takes bf16 / fp16, got {q_nope.dtype}; use impl='flash'")
+  H = q_nope.shape[2]
+  q = jnp.concatenate([q_nope, q_pe], axis=-1)
+  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], H, k_pe.shape[-1]))
+                       .astype(k_nope.dtype)], axis=-1)
+  v = v.astype(q.dtype)
+  if segment_ids is None:
+    return cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL)
+  ladder = CUDNN_SEGMENT_LADDER if ladder is None else ladder
+  offsets, lengths, count = segment_offsets(segment_ids, max(ladder, default=1))
+
+  def packed(m: int):
+    # jax turns token offsets into element offsets with q's (and k's) head dim and uses them for
+    # v and the output too, so in the packed layout v is zero-padded to that dim (H100: a narrower
+    # v gave wrong outputs past the first document).
+    V = v.shape[-1]
+    vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - V)))
+    o = cudnn.dot_product_attention(
+        q, k, vp, q_seqlen=lengths[:, :m], kv_seqlen=lengths[:, :m], q_offsets=offsets[:, :m + 1],
+        kv_offsets=offsets[:, :m + 1], scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+    return o[..., :V]
+
+  branches = [functools.partial(packed, m) for m in ladder]
+  branches.append(lambda: _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale))
+  return jax.lax.switch(ladder_rung(count, ladder), branches)
+
+
+def ladder_rung(count: jax.Array, ladder: tuple[int, ...]) -> jax.Array:
+  """The index of the smallest rung of `ladder` that holds every row's document count, or
+  len(ladder) (the flash kernel's branch) when none does."""
+  return jnp.sum(jnp.asarray(ladder) < count.max())

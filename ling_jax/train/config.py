@@ -38,7 +38,7 @@ class TrainConfig:
   compute_dtype: str = "bfloat16"
   moe_impl: str = "auto"
   gla_impl: str = "chunked"
-  attn_impl: str = "auto"          # MLA: "auto" (flash kernel on GPU), "xla", "flash"
+  attn_impl: str = "auto"          # MLA: "auto" (GPU: cuDNN or flash), "xla", "flash", "cudnn"
   # Activation memory: jax.checkpoint each decoder layer ("layer") or hybrid group / scan body
   # ("group") with policy `remat` (one of REMAT_POLICIES), and the head + cross-entropy in chunks
   # of ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
