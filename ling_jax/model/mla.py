@@ -203,13 +203,14 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 # cuDNN's packed layout is [B, M] sequence slots of up to T tokens, and its backward pays for
 # every slot (H100, ling_small's shape, 16 documents a row: forward+backward 1.03 ms at M = 16,
-# 1.43 at 32, 2.29 at 64, 3.91 at 128, the flash kernel 3.94; the growth fits zero-filling an fp32
-# d q buffer of B M T H D). So M is picked per batch from this ladder, the smallest that holds
-# every row's documents (a `lax.switch`; the branches share their residuals' buffers), and rows
-# with more documents than the last rung take the flash kernel. The ladder stops at 32: with
-# rungs up to 128 the small_pretrain step was slower (167.0k against 173.0k tokens/s) and took
-# longer to compile, though those rungs never ran.
-CUDNN_SEGMENT_LADDER = (8, 16, 32)
+# 1.43 at 32, 2.29 at 64, 3.91 at 128, the flash kernel 3.94; the growth fits zero-filling and
+# converting an fp32 d q buffer of B M T H D). So M is picked per batch from this ladder, the
+# smallest that holds every row's documents (a `lax.switch`; the branches share their residuals'
+# buffers), and rows with more documents than the last rung take the flash kernel. The ladder
+# stops at 32: with rungs up to 128 the small_pretrain step was slower (167.0k against 173.0k
+# tokens/s) and took longer to compile, though those rungs never ran; the rung at 24 took the
+# step's MLA time from 10.4 to 9.6 ms (synthetic data, ~17 documents a row).
+CUDNN_SEGMENT_LADDER = (8, 16, 24, 32)
 
 
 def cudnn_available() -> bool:
