@@ -128,6 +128,10 @@ def run(exp: Experiment) -> dict:
   if tps:
     print(f"steady-state {tps:,.0f} tokens/s" +
           (f", MFU {100 * summary['mfu']:.2f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+  mem = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # None on CPU
+  if mem:
+    summary["peak_device_bytes"] = mem
+    print(f"peak device memory {mem / 2**30:.1f} GiB")
   if t.sample_tokens:
     summary["sample"] = _sample(graphdef, state, data, eval_batches[0], t)
   png = os.path.join(t.out_dir, "loss_curve.png")
