@@ -3,18 +3,19 @@
     python -m experiments.small_pretrain [train.steps=50] [data.batch_size=4] [train.remat=full]
 
 8 x 4096 tokens a step, with no rematerialisation (`remat=none`): on an H100 with the GPU kernels
-(flash MLA keeps no [T, T] scores, the fused MoE kernel no dispatched copy of the tokens) every
-residual fits in 80 GB, and not recomputing the forward is 8% faster than `remat=dots_no_scores`
-(158k against 146k tokens/s, BENCHMARKS.md). The head + cross-entropy go 4096 tokens at a time
-(`ce_chunk`). On a smaller GPU, `train.remat=dots_no_scores` keeps only each layer's deep matmuls
-(XLA's temp estimate, benchmarks/train_memory.py on the CPU paths: 39 GiB at batch 8) and
-`train.remat=full` keeps nothing but the layer inputs.
+(fused MLA attention keeps no [T, T] scores, the fused MoE kernel no dispatched copy of the
+tokens) every residual fits (peak 43.5 GiB, BENCHMARKS.md session 9), and not recomputing the
+forward is 8% faster than `remat=dots_no_scores` (158k against 146k tokens/s, session 4). The
+head + cross-entropy go 4096 tokens at a time (`ce_chunk`). On a smaller GPU,
+`train.remat=dots_no_scores` keeps only each layer's deep matmuls (XLA's temp estimate,
+benchmarks/train_memory.py on the CPU paths: 39 GiB at batch 8) and `train.remat=full` keeps
+nothing but the layer inputs.
 
 bf16 matmuls over fp32 master weights (router in fp32); on the GPU the MoE runs the grouped-
-matmul kernels, Lightning attention the Pallas kernels and MLA flash attention (`moe_impl` /
-`gla_impl` / `attn_impl` "auto"; the memory estimates above used the CPU paths, sorted experts,
-the chunked reference and materialised scores). On an H100: 158k tokens/s, 26.7% MFU
-(BENCHMARKS.md). The default data is the synthetic packed
+matmul kernels, Lightning attention the Pallas kernels and MLA cuDNN's fused attention
+(`moe_impl` / `gla_impl` / `attn_impl` "auto"; the memory estimates above used the CPU paths,
+sorted experts, the chunked reference and materialised scores). On an H100: 174.8k tokens/s,
+29.45% MFU (BENCHMARKS.md). The default data is the synthetic packed
 stream, which needs neither grain nor files (the GPU image has no grain); where grain is
 installed, `data.source=stdlib` (bytes) or a JSONL/ArrayRecord corpus with
 `data.tokenizer=tokenizer.json` trains on text instead.
