@@ -141,10 +141,22 @@ class MultiLatentAttention(nnx.Module):
     return jnp.einsum("bthl,lhv->bthv", o_lat, w_uv)
 
 
-# Block sizes by the kernel's padded head dim (benchmarks/mla_attention.py, H100). Up to 128
-# (ling_small: 64 + 32): forward 128 x 128 (jax's default), backward 64 x 64, fwd+bwd 3.9 ms
-# against 7.2 ms for jax's 32 x 32. At 256 (Ling-2.6-flash: 128 + 64) 128-row blocks need
-# 320 KiB of shared memory, more than an H100 has: forward 64 x 64, backward 32 x 32.
+def _heads(q_nope, q_pe, k_nope, k_pe):
+  """q [B, T, H, K + R] and k with the shared k_pe [B, T, R] broadcast over the heads."""
+  H, R = q_nope.shape[2], k_pe.shape[-1]
+  q = jnp.concatenate([q_nope, q_pe], axis=-1)
+  k_pe = jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], H, R)).astype(k_nope.dtype)
+  return q, jnp.concatenate([k_nope, k_pe], axis=-1)
+
+
+def _one_head_dim(q, k, v):
+  """q, k, v zero-padded to one head dim (the wider of q/k's and v's): the scores and the
+  output's leading V columns are unchanged."""
+  D = max(q.shape[-1], v.shape[-1])
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, D - x.shape[-1])))
+  return pad(q), pad(k), pad(v)
+
+
 def attend_xla(q_nope, q_pe, k_nope, k_pe, v, positions, segment_ids, scale: float):
   """Causal (by position, per segment) attention through materialised fp32 [B, H, T, S] scores."""
   scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
@@ -156,6 +168,10 @@ def attend_xla(q_nope, q_pe, k_nope, k_pe, v, positions, segment_ids, scale: flo
   return jnp.einsum("bhts,bshv->bthv", p.astype(v.dtype), v)
 
 
+# Block sizes by the kernel's padded head dim (benchmarks/mla_attention.py, H100). Up to 128
+# (ling_small: 64 + 32): forward 128 x 128 (jax's default), backward 64 x 64, fwd+bwd 3.9 ms
+# against 7.2 ms for jax's 32 x 32. At 256 (Ling-2.6-flash: 128 + 64) 128-row blocks need
+# 320 KiB of shared memory, more than an H100 has: forward 64 x 64, backward 32 x 32.
 FLASH_BLOCKS = {128: dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
                           block_q_dq=64, block_kv_dq=64),
                 256: dict(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
@@ -173,11 +189,8 @@ def _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, interpre
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas.ops.gpu import attention
 
-  H, V = q_nope.shape[2], v.shape[-1]
-  q = jnp.concatenate([q_nope, q_pe], axis=-1)  # [B, T, H, K + R]
-  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], H, k_pe.shape[-1]))
-                       .astype(k_nope.dtype)], axis=-1)
-  v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - V)))  # the kernel wants one head dim
+  V = v.shape[-1]
+  q, k, v = _one_head_dim(*_heads(q_nope, q_pe, k_nope, k_pe), v)  # the kernel wants one
   T = q.shape[1]
   padded = max(64, 1 << (q.shape[-1] - 1).bit_length())
   if padded > FLASH_MAX_HEAD_DIM:
@@ -244,10 +257,7 @@ def _cudnn(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *,
 
   if q_nope.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"cuDNN attention takes bf16 / fp16, got {q_nope.dtype}; use impl='flash'")
-  H = q_nope.shape[2]
-  q = jnp.concatenate([q_nope, q_pe], axis=-1)
-  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (*k_pe.shape[:2], H, k_pe.shape[-1]))
-                       .astype(k_nope.dtype)], axis=-1)
+  q, k = _heads(q_nope, q_pe, k_nope, k_pe)
   v = v.astype(q.dtype)
   if segment_ids is None:
     return cudnn.dot_product_attention(q, k, v, scale=scale, mask_type=cudnn.MaskType.CAUSAL)
@@ -256,14 +266,13 @@ def _cudnn(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *,
 
   def packed(m: int):
     # jax turns token offsets into element offsets with q's (and k's) head dim and uses them for
-    # v and the output too, so in the packed layout v is zero-padded to that dim (H100: a narrower
+    # v and the output too, so in the packed layout all three get one head dim (H100: a narrower
     # v gave wrong outputs past the first document).
-    V = v.shape[-1]
-    vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - V)))
+    qp, kp, vp = _one_head_dim(q, k, v)
     o = cudnn.dot_product_attention(
-        q, k, vp, q_seqlen=lengths[:, :m], kv_seqlen=lengths[:, :m], q_offsets=offsets[:, :m + 1],
+        qp, kp, vp, q_seqlen=lengths[:, :m], kv_seqlen=lengths[:, :m], q_offsets=offsets[:, :m + 1],
         kv_offsets=offsets[:, :m + 1], scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL)
-    return o[..., :V]
+    return o[..., :v.shape[-1]]
 
   branches = [functools.partial(packed, m) for m in ladder]
   branches.append(lambda: _flash(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale))
