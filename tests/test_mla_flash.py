@@ -107,6 +107,8 @@ def test_auto_and_bad_input():
     random_model(ling_tiny(), attn_impl="cudnn9")
   with pytest.raises(ValueError, match="bf16 / fp16"):
     mla._cudnn(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32), None, 0.2)
+  with pytest.raises(ValueError, match="divisible by 128 .*got 96"):
+    mla._cudnn(*inputs(np.random.default_rng(3), 1, 96, 2, jnp.bfloat16), jnp.ones((1, 96)), 0.2)
   with pytest.raises(ValueError, match="head dims up to 256"):
     mla._flash(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32, (200, 64, 64)), None, 0.2,
                interpret=True)

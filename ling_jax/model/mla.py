@@ -257,6 +257,11 @@ def _cudnn(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *,
 
   if q_nope.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"cuDNN attention takes bf16 / fp16, got {q_nope.dtype}; use impl='flash'")
+  T = q_nope.shape[1]
+  if segment_ids is not None and T % _FLASH_BLOCK and T & (T - 1):
+    raise ValueError(f"cuDNN MLA over segment ids falls back to the flash kernel past its ladder, "
+                     f"which needs a sequence length divisible by {_FLASH_BLOCK} (or a power of "
+                     f"two below it); got {T} (use impl='auto' or 'xla')")
   q, k = _heads(q_nope, q_pe, k_nope, k_pe)
   v = v.astype(q.dtype)
   if segment_ids is None:
