@@ -479,15 +479,17 @@ def test_gmm_op_runs_its_products_on_the_mosaic_kernel():
   assert rel(dw, np_tgmm(xb, pb, sizes)) < 2e-2
 
 
-@pytest.mark.parametrize("bm,bn,stages,split", [
-    (128, 256, 3, "n"), (128, 256, 3, "m"), (128, 128, 4, "m"), (64, 128, 6, "n")])
-def test_mosaic_gmm_lowers_for_the_gpu(bm, bn, stages, split):
+@pytest.mark.parametrize("bm,bn,stages,split,in_flight", [
+    (128, 256, 3, "n", 0), (128, 256, 3, "m", 0), (128, 128, 4, "m", 0), (64, 128, 6, "n", 0),
+    (128, 192, 4, "m", 1)])
+def test_mosaic_gmm_lowers_for_the_gpu(bm, bn, stages, split, in_flight):
   """Lowering to Mosaic GPU on the CPU: layouts, wgmma operands and the SMEM budget."""
   from pallas_kernels.grouped_matmul import mosaic
   S = jax.ShapeDtypeStruct
   f = lambda x, w, s: mosaic.gmm(x, w, s, block_m=bm, block_n=bn, stages=stages, split=split,
-                                 num_sms=132)
+                                 in_flight=in_flight, num_sms=132)
   exported = jax.export.export(jax.jit(f), platforms=["cuda"])(
-      S((4096, 1024), jnp.bfloat16), S((32, 1024, 512), jnp.bfloat16), S((32,), jnp.int32))
+      S((4096, 1024), jnp.bfloat16), S((32, 1024, 576 if bn == 192 else 512), jnp.bfloat16),
+      S((32,), jnp.int32))
   assert "mosaic_gpu" in exported.mlir_module()
 
