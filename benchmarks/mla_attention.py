@@ -5,13 +5,13 @@
 bf16, packed rows (`--docs` equal documents per row, segment ids), forward and forward+backward
 (grads of q, k, v). "xla" is `mla.attend_xla`, the fp32 [B, H, T, S] scores path; "flash" is
 jax's Pallas flash-attention kernel as `mla._flash` calls it, under a few block sizes (the first
-is `mla.FLASH_BLOCKS`; jax's own default backward blocks are 32 x 32); "cudnn" is `mla._cudnn`
-(cuDNN's packed layout, its capacity M from `mla.CUDNN_SEGMENT_LADDER`, or fixed with
-`--max-segments`; "cudnn unpacked": one
-causal sequence a row, segment ids ignored, i.e. the work of an unpacked row). TFLOP/s counts every causal pair of the row, as
-the MFU numerator does (forward+backward = 3x the forward), whether or not a path skips pairs
-across documents (session 3's table counted them twice, at 3.5x). Prints a markdown
-table; rows go to $OUT/mla_attention.json.
+is `mla.FLASH_BLOCKS`; jax's own default backward blocks are 32 x 32); "cudnn packed" is
+`mla._cudnn` (cuDNN's packed layout, its capacity M from `mla.CUDNN_SEGMENT_LADDER`, or fixed
+with `--max-segments`); "cudnn unpacked" is one causal sequence a row, segment ids ignored (the
+work of an unpacked row). TFLOP/s counts every causal pair of the row, as the MFU numerator does
+(forward+backward = 3x the forward), whether or not a path skips pairs across documents
+(session 3's table counted them twice, at 3.5x). Prints a markdown table; rows go to
+$OUT/mla_attention.json.
 """
 
 from __future__ import annotations

@@ -272,7 +272,7 @@ def _cudnn(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *,
   def packed(m: int):
     # jax turns token offsets into element offsets with q's (and k's) head dim and uses them for
     # v and the output too, so in the packed layout all three get one head dim (H100: a narrower
-    # v gave wrong outputs past the first document).
+    # v gave wrong outputs in every document, relative error 0.70-1.9).
     qp, kp, vp = _one_head_dim(q, k, v)
     o = cudnn.dot_product_attention(
         qp, kp, vp, q_seqlen=lengths[:, :m], kv_seqlen=lengths[:, :m], q_offsets=offsets[:, :m + 1],
