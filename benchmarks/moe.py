@@ -41,13 +41,15 @@ SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024,
 TOKENS = [256, 1024, 4096, 16384]
 def configs_for(D, F, rows_per_group):
   """The model's choice for the shape and routed rows (`tuned_config`); the same with the Triton
-  kernels alone where it uses the Mosaic GPU one; with the other backward; the other row tiling
+  tgmm where it uses the Mosaic one; with the Triton kernels alone where it uses the Mosaic GPU
+  ones; with the other backward; the other row tiling
   (64 or 128 rows)."""
   tuned = tuned_config(D, F, rows_per_group)
   other = (dict(block_m=128, block_n=Config().block_n, num_warps=Config().num_warps)
            if tuned.block_m == 64 else dict(block_m=64, block_n=128, num_warps=4))
   triton = [tuned._replace(mosaic=False)] if tuned.mosaic is not False else []
-  return [tuned, *triton, tuned._replace(fused_backward=not tuned.fused_backward),
+  tgmm = [tuned._replace(mosaic_tgmm=False)] if tuned.mosaic_tgmm else []
+  return [tuned, *tgmm, *triton, tuned._replace(fused_backward=not tuned.fused_backward),
           tuned._replace(**other)]
 
 
@@ -165,8 +167,16 @@ _MG = [(128, 256, 64, 3, "n", 0), (128, 256, 64, 3, "n", 1), (128, 256, 64, 3, "
        (64, 256, 64, 4, "n", 1), (64, 128, 64, 6, "n", 1)]
 mg_cfg = lambda bm, bn, bk, st, split, fl: dict(block_m=bm, block_n=bn, block_k=bk, stages=st,
                                                 split=split, in_flight=fl)
+# The Mosaic GPU tgmm (branch wip/mosaic-tgmm, mosaic_tgmm.py): (block_m, block_k, block_n,
+# stages, split). Tiles must divide the shapes: at ling_small, d w_gate (1024 x 576) takes the
+# 192-wide ones, d w_down (576 x 1024) block_k 64 or 192 split "n", [d w_gate | d w_up] the rest.
+_MT = [(64, 128, 128, 4, "k"), (128, 128, 128, 3, "k"), (64, 128, 192, 4, "k"),
+       (64, 128, 192, 3, "k"), (64, 64, 256, 4, "n"), (64, 192, 128, 4, "n"),
+       (64, 192, 256, 2, "n"), (128, 64, 256, 2, "n")]
+mt_cfg = lambda bm, bk, bn, st, split: dict(block_m=bm, block_k=bk, block_n=bn, stages=st,
+                                            split=split)
 SWEEP_KINDS = ("glu", "gmm", "down", "down_dx", "gmm_sum", "tgmm2", "tgmm_g", "tgmm_down", "mgmm",
-               "mdown", "mdown_dx")
+               "mdown", "mdown_dx", "mtgmm_g", "mtgmm_down", "mtgmm_gu")
 
 
 def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
@@ -181,9 +191,12 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
     tgmm_down d w_down = h^T dy
     mgmm      gmm's product with the Mosaic GPU kernel (tiles _MG; N must divide by block_n)
     mdown     down's product with the Mosaic GPU kernel
-    mdown_dx  down_dx's product with the Mosaic GPU kernel"""
+    mdown_dx  down_dx's product with the Mosaic GPU kernel
+    mtgmm_g   d w_gate on the Mosaic GPU tgmm, x's rows materialised (tiles _MT)
+    mtgmm_down d w_down on the Mosaic GPU tgmm
+    mtgmm_gu  d w_gate and d w_up as one [M, 2F] product on the Mosaic GPU tgmm"""
   from pallas_kernels.grouped_matmul import gmm_glu_pallas, gmm_pallas, gmm_sum_pallas, tgmm_pallas
-  from pallas_kernels.grouped_matmul import mosaic
+  from pallas_kernels.grouped_matmul import mosaic, mosaic_tgmm
   rng = np.random.default_rng(0)
   M = N * X
   sizes = jnp.asarray(np.bincount(rng.integers(0, E, M), minlength=E), jnp.int32)
@@ -213,6 +226,12 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
           lambda d, w, s: gmm_pallas(d, w, s, c, transpose_rhs=True)), (dy, wd, sizes)),
       "mdown_dx": (_MG, mg_cfg, f1, lambda c: (
           lambda d, w, s: mosaic.gmm(d, w, s, transpose_rhs=True, **c)), (dy, wd, sizes)),
+      "mtgmm_g": (_MT, mt_cfg, f1, lambda c: (lambda x, a, s: mosaic_tgmm.tgmm(x, a, s, **c)),
+                  (xs, dh, sizes)),
+      "mtgmm_down": (_MT, mt_cfg, f1, lambda c: (lambda h, d, s: mosaic_tgmm.tgmm(h, d, s, **c)),
+                     (dh, dy, sizes)),
+      "mtgmm_gu": (_MT, mt_cfg, 2 * f1, lambda c: (lambda x, a, b, s: mosaic_tgmm.tgmm(
+          x, jnp.concatenate([a, b], axis=1), s, **c)), (xs, dh, dh2, sizes)),
   }
   rows = []
   for kind in kinds:

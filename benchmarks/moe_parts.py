@@ -1,11 +1,13 @@
 """Where the routed-expert layer's time goes: device time per op, plus the costs it is bounded by.
 
   python -m benchmarks.moe_parts [--shapes small,flash] [--tokens 256,4096] [--grad]
+      [--config '{"mosaic_tgmm": false}'] [--no-refs]
 
 For each shape and token count (benchmarks.moe's shapes and random routings) it traces
 `moe.experts_grouped` (the forward; with --grad the forward+backward too) with `jax.profiler` and
 prints each device op's microseconds per call with the source line that produced it, next to the
-time of the whole call. Then two references:
+time of the whole call; --config replaces fields of the layer's kernel Config (`tuned_config`'s
+choice for the shape) for an A/B. Then two references (--no-refs skips them):
 * sort: ordering the N X assignments by expert (device time from the trace), the counting
   sort the layer uses against the stable argsort it replaced;
 * HBM: the achievable read rate (a sum over the flash experts' 6.4 GB of weights), which bounds
@@ -83,20 +85,26 @@ def main():
   ap.add_argument("--shapes", default="small,flash")
   ap.add_argument("--tokens", default="256,4096")
   ap.add_argument("--grad", action="store_true", help="trace forward+backward too")
+  ap.add_argument("--config", default="{}", help="JSON of Config fields to replace")
+  ap.add_argument("--no-refs", action="store_true", help="skip the sort and HBM references")
   a = ap.parse_args()
+  replace = json.loads(a.config)
   print(f"# device: {jax.devices()[0].device_kind}")
   rows = []
   for name in a.shapes.split(","):
     s = SHAPES[name]
     for n in map(int, a.tokens.split(",")):
       x, idx, w, ws = case(s["E"], s["D"], s["F"], s["X"], n)
-      fwd, grad = fwd_and_fwdbwd(moe.experts_grouped)
+      cfg = moe.tuned_config(s["D"], s["F"], n * s["X"] / s["E"])._replace(**replace)
+      fwd, grad = fwd_and_fwdbwd(lambda *args: moe.experts_grouped(*args, config=cfg))
       for kind, fn, args in [("fwd", fwd, (x, idx, w, *ws))] + (
           [("fwd+bwd", grad, (x, ws, idx, w))] if a.grad else []):
         total = time_jax(fn, *args)
         ops = per_op(fn, args)
-        show(f"{name} {n} tokens {kind}", total, ops)
-        rows.append(dict(shape=name, tokens=n, kind=kind, seconds=total, ops=ops))
+        show(f"{name} {n} tokens {kind} {replace or ''}", total, ops)
+        rows.append(dict(shape=name, tokens=n, kind=kind, config=replace, seconds=total, ops=ops))
+  if a.no_refs:
+    return _save(rows)
   print("\n| device us to order N X ids | " + " | ".join(SORTS) + " |")
   print("|---|" + "---|" * len(SORTS))
   for name in a.shapes.split(","):
@@ -113,8 +121,13 @@ def main():
   print(f"\n# HBM read: {nbytes / 1e9:.2f} GB of flash expert weights summed in {t * 1e3:.3f} ms "
         f"= {nbytes / t / 1e12:.2f} TB/s")
   rows.append(dict(hbm_read_bytes=nbytes, hbm_read_s=t))
+  _save(rows)
+
+
+def _save(rows):
   if os.environ.get("OUT"):
-    with open(os.path.join(os.environ["OUT"], "moe_parts.json"), "w") as f:
+    name = f"moe_parts_{len(os.listdir(os.environ['OUT']))}.json"
+    with open(os.path.join(os.environ["OUT"], name), "w") as f:
       json.dump(dict(device=jax.devices()[0].device_kind, rows=rows), f, indent=1)
 
 

@@ -219,6 +219,14 @@ def test_gmm_glu_forward_matches_float64(dtype):
   h, gate, up = gmm_glu_pallas(x, wg, wu, gs, SMALL, lhs_rows=r, save_gate_up=True)
   assert h.dtype == dtype
   assert rel(h, want) < tol and rel(gate, g) < tol and rel(up, u) < tol
+  # save_rows: the gathered rows as loaded (K = 32 is one 32-wide block at fp32, two at bf16)
+  *same, xr = gmm_glu_pallas(x, wg, wu, gs, SMALL, lhs_rows=r, save_gate_up=True, save_rows=True)
+  for a, b in zip(same, (h, gate, up)):
+    np.testing.assert_array_equal(a, b)
+  M = int(sizes.sum())
+  np.testing.assert_array_equal(np.asarray(xr)[:M], np.asarray(x)[rows[:M]])
+  with pytest.raises(ValueError, match="lhs_rows"):
+    gmm_glu_pallas(x[rows], wg, wu, gs, SMALL, save_rows=True)
   assert rel(gmm_glu_pallas(x, wg, wu, gs, SMALL, lhs_rows=r), want) < tol
   assert rel(gmm_glu_reference(x, r, wg, wu, gs), want) < tol
   assert (np.asarray(h, np.float32)[-7:] == 0).all()
@@ -245,19 +253,23 @@ def test_gmm_glu_gradients(kind, with_token_rows, fused_backward):
     assert rel(a, b) < 1e-5
 
 
-def test_gmm_glu_backward_on_the_mosaic_kernel():
+@pytest.mark.parametrize("F,mosaic_tgmm", [(64, False), (128, True)])
+def test_gmm_glu_backward_on_the_mosaic_kernel(F, mosaic_tgmm):
   """gmm_glu's backward with Config(mosaic=True, stacked_backward=True) (interpreted): d x from
   the Mosaic kernel over [d gate, d up] against the concatenated weights, the weight gradients
-  from one tgmm, all against float64 (bf16 operands)."""
+  from one Triton tgmm or (mosaic_tgmm) two Mosaic ones over x's gathered rows, all against
+  float64 (bf16 operands). The jaxpr names the kernels, so a silent fallback fails."""
   rng = np.random.default_rng(25)
-  N, X, K, F, G = 96, 3, 256, 64, 5
+  N, X, K, G = 96, 3, 256, 5
   rows, sizes, (gs, r, tr), x, wg, wu = glu_case(rng, N, X, K, F, G)
   proj = rng.standard_normal((N * X, F))
   bf = lambda a: jnp.asarray(a, jnp.bfloat16)
-  cfg = SMALL._replace(mosaic=True, stacked_backward=True, interpret=True)
+  cfg = SMALL._replace(mosaic=True, stacked_backward=True, mosaic_tgmm=mosaic_tgmm,
+                       interpret=True)
   loss = lambda x, a, b: jnp.sum(gmm_glu(x, r, tr, a, b, gs, cfg).astype(jnp.float32) * proj)
-  assert "wgmma_wait" in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(
-      bf(x), bf(wg), bf(wu)))
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(bf(x), bf(wg), bf(wu)))
+  assert jaxpr.count("wgmma_wait") == (3 if mosaic_tgmm else 1)
+  assert ("name=tgmm" in jaxpr) != mosaic_tgmm
   got = jax.grad(loss, argnums=(0, 1, 2))(bf(x), bf(wg), bf(wu))
   f64 = lambda a: np.asarray(bf(a), np.float64)
   with jax.enable_x64():
@@ -323,7 +335,9 @@ def test_tuned_config_tiles_by_rows_per_expert():
   # from 2048 rows per expert; neither at the flash shape.
   assert [moe.tuned_config(1024, 576, r).mosaic for r in (32, 512)] == [False, None]
   assert [moe.tuned_config(1024, 576, r).stacked_backward for r in (512, 4096)] == [False, True]
-  assert moe.tuned_config(4096, 1024, 4096)[-3:-1] == (False, False)
+  flash = moe.tuned_config(4096, 1024, 4096)
+  assert (flash.mosaic, flash.stacked_backward, flash.mosaic_tgmm) == (False, False, False)
+  assert [moe.tuned_config(1024, 576, r).mosaic_tgmm for r in (512, 4096)] == [False, True]
 
 
 def test_moe_impl_switch():
@@ -381,10 +395,12 @@ def test_gpu_moe_gmm_matches_dense_with_grads():
 
 
 @gpu
-def test_gpu_moe_on_the_mosaic_kernel_matches_triton_bf16():
+@pytest.mark.parametrize("mosaic_tgmm", [False, True])
+def test_gpu_moe_on_the_mosaic_kernel_matches_triton_bf16(mosaic_tgmm):
   """The bf16 expert layer with the down projection's forward and d input (both splits of the
-  Mosaic kernel: N = 256 and 192) and the stacked gate/up d input on the Mosaic kernel, against
-  the same layer on Triton kernels alone."""
+  Mosaic kernel: N = 256 and 192) and the stacked gate/up d input on the Mosaic kernel, and
+  (mosaic_tgmm) the three weight gradients on the Mosaic tgmm (both of its splits), against the
+  same layer on Triton kernels alone."""
   rng = np.random.default_rng(9)
   N, D, F, E, X = 2048, 256, 192, 16, 4
   x, idx, w, wts = moe_case(rng, N, D, F, E, X, jnp.bfloat16)
@@ -392,7 +408,7 @@ def test_gpu_moe_on_the_mosaic_kernel_matches_triton_bf16():
   loss = lambda cfg, x, wts: jnp.sum(moe.experts_grouped(x, idx, w, *wts, config=cfg) * proj)
   from pallas_kernels.grouped_matmul import mosaic
   assert mosaic.tiles_for(F, D) and mosaic.tiles_for(D, F)  # down's forward; its d input
-  cfg = Config(block_n_glu=64, stacked_backward=True)
+  cfg = Config(block_n_glu=64, stacked_backward=True, mosaic_tgmm=mosaic_tgmm)
   got = jax.jit(jax.value_and_grad(lambda *a: loss(cfg, *a), argnums=(0, 1)))(x, wts)
   want = jax.jit(jax.value_and_grad(lambda *a: loss(cfg._replace(mosaic=False), *a),
                                     argnums=(0, 1)))(x, wts)
@@ -455,11 +471,12 @@ def test_mosaic_gmm_interpreted(M, G, kind, extra, tiles):
   assert not ipc.get_races().races_found
 
 
-def test_gmm_op_runs_its_products_on_the_mosaic_kernel():
+@pytest.mark.parametrize("mosaic_tgmm", [False, True])
+def test_gmm_op_runs_its_products_on_the_mosaic_kernel(mosaic_tgmm):
   """`gmm` with Config(mosaic=True) (interpreted): the forward on the Mosaic kernel's column
-  split (N = 256), d lhs on its row split (N = 192, rhs transposed), d rhs on the Triton tgmm;
-  value and gradients against float64. The jaxpr names the kernels, so a silent fallback to the
-  Triton gmm fails."""
+  split (N = 256), d lhs on its row split (N = 192, rhs transposed), d rhs on the Triton tgmm or
+  (mosaic_tgmm) the Mosaic one's [192, 128] tiles split by N; value and gradients against
+  float64. The jaxpr names the kernels, so a silent fallback to a Triton kernel fails."""
   from pallas_kernels.grouped_matmul import gmm
   rng = np.random.default_rng(11)
   M, K, N, G = 300, 192, 256, 5
@@ -468,10 +485,11 @@ def test_gmm_op_runs_its_products_on_the_mosaic_kernel():
   x, w = rng.standard_normal((M, K)), rng.standard_normal((G, K, N)) * 0.1
   proj = rng.standard_normal((M, N))
   bf = lambda a: jnp.asarray(a, jnp.bfloat16)
-  cfg = Config(mosaic=True, interpret=True)
+  cfg = Config(mosaic=True, mosaic_tgmm=mosaic_tgmm, interpret=True)
   loss = lambda x, w: jnp.sum(gmm(x, w, gs, cfg).astype(jnp.float32) * bf(proj))
   jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(bf(x), bf(w)))
-  assert jaxpr.count("wgmma_wait") >= 2 and "name=gmm" not in jaxpr, jaxpr[:2000]
+  assert jaxpr.count("wgmma_wait") == (3 if mosaic_tgmm else 2), jaxpr[:2000]
+  assert "name=gmm" not in jaxpr and ("name=tgmm" in jaxpr) != mosaic_tgmm
   val, (dx, dw) = jax.value_and_grad(loss, argnums=(0, 1))(bf(x), bf(w))
   xb, wb, pb = (np.asarray(bf(a), np.float64) for a in (x, w, proj))
   assert rel(val, np.sum(np_gmm(xb, wb, sizes) * pb)) < 2e-2

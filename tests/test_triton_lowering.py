@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from ling_jax.model.mla import _flash
-from pallas_kernels.grouped_matmul import Config, gmm_glu, gmm_pallas, tgmm_pallas
+from pallas_kernels.grouped_matmul import Config, gmm_glu, gmm_glu_pallas, gmm_pallas, tgmm_pallas
 from pallas_kernels.rms_norm import Config as NormConfig, rms_norm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
@@ -76,6 +76,11 @@ CASES = {
                                             x, wg, wu)[1](jnp.ones((M, 72), jnp.bfloat16)),
         (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((M // 4, 4), jnp.int32),
          S((G, K, 72), jnp.bfloat16), S((G, K, 72), jnp.bfloat16), S((G,), jnp.int32)), 3),
+    "gmm_glu_save_rows": (  # the gate/up forward that also writes the gathered rows out
+        lambda x, r, wg, wu, s: gmm_glu_pallas(x, wg, wu, s, Config(), lhs_rows=r,
+                                               save_gate_up=True, save_rows=True),
+        (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 192), jnp.bfloat16),
+         S((G, K, 192), jnp.bfloat16), S((G,), jnp.int32)), 1),
     "simple_gla_fwd_bwd_packed": (
         lambda q, k, v, g, seg: jax.vjp(
             lambda q, k, v: simple_gla_pallas(q, k, v, g, segment_ids=seg)[0], q, k, v)[1](q),

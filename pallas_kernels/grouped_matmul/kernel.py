@@ -16,7 +16,8 @@ Semantics are reference.py's: rows of lhs sorted by group, group g owning rows
   group writes zeros and a heavy one simply loops longer.
 * The op's backward: d lhs = gmm(dout, rhs, transposed), d rhs = tgmm(lhs, dout). The op's
   two gmm products run on the Mosaic GPU kernel (mosaic.py) instead where `Config.mosaic` says
-  so and its tiles fit.
+  so and its tiles fit, and tgmm on the Mosaic GPU tgmm (mosaic_tgmm.py) where
+  `Config.mosaic_tgmm` adds it.
 
 bf16 (or fp32) operands, fp32 accumulation; fp32 operands use full-precision dots (no TF32).
 Each program loops over the contraction in bk steps, which Triton software-pipelines
@@ -37,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.grouped_matmul import mosaic
+from pallas_kernels.grouped_matmul import mosaic, mosaic_tgmm
 from pallas_kernels.grouped_matmul.visits import group_bounds, visit_table
 
 
@@ -73,6 +74,9 @@ class Config(NamedTuple):
   # gmm_glu's backward with gate and up side by side as one [M, 2F] product (d x on the Mosaic
   # kernel, the weight gradients from one tgmm), where `mosaic` applies.
   stacked_backward: bool = False
+  # The weight gradients on the Mosaic GPU tgmm (mosaic_tgmm.py) where `mosaic` applies and its
+  # tiles fit (`mosaic_tgmm.tiles_for`); gmm_glu's gathers x's rows into an [M, K] copy for it.
+  mosaic_tgmm: bool = False
   interpret: bool = False
 
 
@@ -93,10 +97,13 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   # forward+backward at 16384 tokens, 8% forward at 4096; at the flash shape no faster forward
   # and 2.5% slower forward+backward at 16384 tokens, so Triton there.
   # At 2048+ rows per expert (ling_small, 16384 tokens) gmm_glu's backward as one stacked product
-  # made the layer 2.4% faster forward+backward; at 512 (4096 tokens) 9% slower.
+  # made the layer 2.4% faster forward+backward; at 512 (4096 tokens) 9% slower. There too the
+  # weight gradients on the Mosaic tgmm (session 10, 2048 and 4096 rows per expert: d w_down
+  # 0.142 / 0.259 ms against Triton's 0.174 / 0.359, d w_gate + d w_up 0.296 / 0.512 against
+  # 0.409 / 0.777 before x's rows are gathered for it); fewer rows were not swept.
+  many = small and rows_per_group is not None and rows_per_group >= 2048
   cfg = Config(block_n_glu=64 if small else 128, fused_backward=small,
-               mosaic=None if small else False,
-               stacked_backward=small and rows_per_group is not None and rows_per_group >= 2048)
+               mosaic=None if small else False, stacked_backward=many, mosaic_tgmm=many)
   if rows_per_group is not None and rows_per_group <= 64:  # (the Mosaic kernel was no faster)
     cfg = cfg._replace(block_m=64, block_n=128, num_warps=4, mosaic=False)
   return cfg
@@ -154,15 +161,18 @@ def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, width: int, cmask):
   return plt.load(x_ref.at[src[:, None], cols[None, :]], mask=mask, other=0)
 
 
-def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_rhs, n_inner):
+def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_rhs, n_inner,
+                copy_rows=False):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
     "mm"  [rows], x, w, out:              out = x @ w[g]
     "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
     "glu" [rows], x, wg, wu, h[, g, u]:   h = silu(x @ wg[g]) * (x @ wu[g]), from fp32 accs
-  `rows` (with `gathered`) makes row r of x be x[rows[r]]."""
+  `rows` (with `gathered`) makes row r of x be x[rows[r]]; copy_rows adds a last output, x[rows]
+  [M, K], written by each visit's first N-block from the blocks it loads anyway."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
   x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
+  copy_ref, out_refs = (out_refs[-1], out_refs[:-1]) if copy_rows else (None, out_refs)
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
   tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
   rows = tile * bm + jnp.arange(bm, dtype=jnp.int32)
@@ -181,6 +191,11 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
     def step(kk, accs):
       kmask = _tail_mask(kk * bk, bk, K)
       xs = [_load_rows(x_ref, rows_ref, tile * bm, bm, mine, kk * bk, bk, kmask) for x_ref in x_refs]
+      if copy_ref is not None:
+        @pl.when(j == 0)
+        def _():
+          plt.store(copy_ref.at[pl.ds(tile * bm, bm), pl.ds(kk * bk, bk)], xs[0],
+                    mask=_mask2(mine, kmask))
       ws = [load_w(w_ref, kk * bk, kmask) for w_ref in w_refs]
       if mode == "sum":
         return (accs[0] + _dot(xs[0], ws[0], tb=transpose_rhs) + _dot(xs[1], ws[1], tb=transpose_rhs),)
@@ -238,7 +253,7 @@ def _check_rows(lhs, lhs_rows):
 
 
 def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose_rhs, n_out,
-              bn_want, name):
+              bn_want, name, copy_rows=False):
   lhs = lhs_list[0]
   M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
   rhs = rhs_list[0]
@@ -253,13 +268,14 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
   meta = visit_table(group_sizes, M, bm)
   kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, K=K, N=N, G=G, mode=mode,
                              gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
-                             n_inner=cfg.n_inner)
+                             n_inner=cfg.n_inner, copy_rows=copy_rows)
   nb = pl.cdiv(N, bn)
   grid = (nb, meta.shape[1]) if cfg.n_inner else (meta.shape[1], nb)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
   out = pl.pallas_call(
       kernel, grid=grid,
-      out_shape=[jax.ShapeDtypeStruct((M, N), lhs.dtype)] * n_out,
+      out_shape=[jax.ShapeDtypeStruct((M, N), lhs.dtype)] * n_out
+      + [jax.ShapeDtypeStruct((M, K), lhs.dtype)] * copy_rows,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=cfg.interpret, name=name)(meta, *rows, *lhs_list, *rhs_list)
   return out
@@ -284,14 +300,17 @@ def gmm_sum_pallas(lhs0, lhs1, rhs0, rhs1, group_sizes, cfg: Config = Config(), 
 
 
 def gmm_glu_pallas(lhs, w_gate, w_up, group_sizes, cfg: Config = Config(), *, lhs_rows=None,
-                   save_gate_up: bool = False):
+                   save_gate_up: bool = False, save_rows: bool = False):
   """h = silu(lhs @ w_gate[g]) * (lhs @ w_up[g]) per row group, the SwiGLU computed from the
   fp32 accumulators (w_* [G, K, N]); with save_gate_up also returns the two products
-  (h, gate, up) for the backward pass. lhs_rows as in gmm_pallas."""
+  (h, gate, up) for the backward pass. lhs_rows as in gmm_pallas; save_rows (with lhs_rows)
+  appends lhs[lhs_rows] [M, K] to the outputs, its rows past sum(group_sizes) unwritten."""
+  if save_rows and lhs_rows is None:
+    raise ValueError("save_rows copies gathered rows: it needs lhs_rows")
   out = _gmm_call("glu", [lhs], [w_gate, w_up], group_sizes, cfg, lhs_rows=lhs_rows,
                   transpose_rhs=False, n_out=3 if save_gate_up else 1, bn_want=cfg.block_n_glu,
-                  name="gmm_glu")
-  return tuple(out) if save_gate_up else out[0]
+                  name="gmm_glu", copy_rows=save_rows)
+  return tuple(out) if save_gate_up or save_rows else out[0]
 
 
 def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=None, lhs_rows=None):
@@ -322,10 +341,29 @@ def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=Non
 # ----------------------------------------------------------------------------- custom_vjp op
 
 
+def _use_mosaic(cfg: Config, dtype) -> bool:
+  """Whether cfg.mosaic puts the products of `dtype` on the Mosaic GPU kernels."""
+  use = cfg.mosaic if cfg.mosaic is not None else not cfg.interpret
+  return bool(use) and dtype in (jnp.bfloat16, jnp.float16)
+
+
 def _mosaic_tiles(cfg: Config, dtype, K: int, N: int) -> dict | None:
   """The Mosaic GPU gmm's tiles for a [*, K] x [K, N] product where cfg.mosaic allows it."""
-  use = cfg.mosaic if cfg.mosaic is not None else not cfg.interpret
-  return mosaic.tiles_for(K, N) if use and dtype in (jnp.bfloat16, jnp.float16) else None
+  return mosaic.tiles_for(K, N) if _use_mosaic(cfg, dtype) else None
+
+
+def _weight_grad(lhs, dout, group_sizes, cfg: Config, *, out_dtype, lhs_rows=None):
+  """tgmm_pallas (gathering lhs's rows where lhs_rows is given), or the Mosaic GPU tgmm where
+  cfg.mosaic_tgmm and its tiles allow (lhs[lhs_rows] then written out for it)."""
+  K, N = lhs.shape[1], dout.shape[1]
+  use = cfg.mosaic_tgmm and _use_mosaic(cfg, lhs.dtype) and dout.dtype == lhs.dtype
+  tiles = mosaic_tgmm.tiles_for(K, N) if use else None
+  if tiles is None:
+    return tgmm_pallas(lhs, dout, group_sizes, cfg, out_dtype=out_dtype, lhs_rows=lhs_rows)
+  if lhs_rows is not None:
+    lhs = lhs[lhs_rows]
+  return mosaic_tgmm.tgmm(lhs, dout, group_sizes, out_dtype=out_dtype, interpret=cfg.interpret,
+                          **tiles)
 
 
 def _product(lhs, rhs, group_sizes, cfg: Config, *, transpose_rhs: bool = False):
@@ -352,7 +390,7 @@ def _gmm_bwd(cfg, res, dout):
   lhs, rhs, group_sizes = res
   dout = dout.astype(lhs.dtype)
   dlhs = _product(dout, rhs, group_sizes, cfg, transpose_rhs=True)
-  drhs = tgmm_pallas(lhs, dout, group_sizes, cfg, out_dtype=rhs.dtype)
+  drhs = _weight_grad(lhs, dout, group_sizes, cfg, out_dtype=rhs.dtype)
   return dlhs, drhs, None
 
 
@@ -375,13 +413,25 @@ def gmm_glu(x, rows, token_rows, w_gate, w_up, group_sizes, cfg: Config):
   return gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows)
 
 
+def _glu_tgmm_tiles(cfg: Config, x, F: int) -> dict | None:
+  """The Mosaic tgmm's tiles for gmm_glu's stacked backward, where cfg puts it there: each of
+  d w_gate, d w_up is a [K, F] product reading its half of [d gate, d up] in place."""
+  if not (cfg.stacked_backward and cfg.mosaic_tgmm and _mosaic_tiles(cfg, x.dtype, 2 * F,
+                                                                     x.shape[1])):
+    return None
+  tiles = mosaic_tgmm.tiles_for(x.shape[1], F)
+  return tiles if tiles and F % tiles["block_n"] == 0 else None
+
+
 def _gmm_glu_fwd(x, rows, token_rows, w_gate, w_up, group_sizes, cfg):
-  h, gate, up = gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows, save_gate_up=True)
-  return h, (x, rows, token_rows, w_gate, w_up, group_sizes, gate, up)
+  save_rows = _glu_tgmm_tiles(cfg, x, w_gate.shape[2]) is not None
+  h, gate, up, *xr = gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows,
+                                    save_gate_up=True, save_rows=save_rows)
+  return h, (x, rows, token_rows, w_gate, w_up, group_sizes, gate, up, xr)
 
 
 def _gmm_glu_bwd(cfg, res, dh):
-  x, rows, token_rows, w_gate, w_up, group_sizes, gate, up = res
+  x, rows, token_rows, w_gate, w_up, group_sizes, gate, up, xr = res
   g, u, dh = gate.astype(jnp.float32), up.astype(jnp.float32), dh.astype(jnp.float32)
   s = jax.nn.sigmoid(g)
   dg = (dh * u * s * (1 + g * (1 - s))).astype(x.dtype)  # d silu(g) = s (1 + g (1 - s))
@@ -393,8 +443,17 @@ def _gmm_glu_bwd(cfg, res, dh):
     dgu = jnp.concatenate([dg, du], axis=1)
     dxs = _product(dgu, jnp.concatenate([w_gate, w_up], axis=2), group_sizes, cfg,
                    transpose_rhs=True)
-    dw = tgmm_pallas(x, dgu, group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
-    dwg, dwu = dw[..., :F], dw[..., F:]
+    tiles = _glu_tgmm_tiles(cfg, x, F)
+    if tiles:
+      # x's rows as the forward kernel copied them (the Mosaic tgmm cannot gather), then
+      # d w_gate and d w_up as two [K, F] products reading their halves of dgu in place (H100,
+      # ling_small, 131072 rows: 2 x 0.23 ms against one [K, 2F] product's 0.67 ms)
+      dwg, dwu = (mosaic_tgmm.tgmm(xr[0], dgu, group_sizes, out_dtype=w_gate.dtype,
+                                   cols=(c, F), interpret=cfg.interpret, **tiles)
+                  for c in (0, F))
+    else:
+      dw = tgmm_pallas(x, dgu, group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
+      dwg, dwu = dw[..., :F], dw[..., F:]
   elif cfg.fused_backward:
     dxs = gmm_sum_pallas(dg, du, w_gate, w_up, group_sizes, cfg, transpose_rhs=True)  # [M, K]
     dwg, dwu = tgmm_pallas(x, (dg, du), group_sizes, cfg, out_dtype=w_gate.dtype, lhs_rows=rows)
