@@ -8,7 +8,8 @@ TensorBoard needed). Each device op of the trace is mapped through the compiled 
 the Python line that produced it, and the table prints device milliseconds per step by file
 (model component) and the heaviest ops with their lines. Also prints wall time per step, tokens/s
 and MFU, so the breakdown and the headline figure come from one run. Raw rows go to
-$OUT/profile_step.json when OUT is set.
+$OUT/profile_step.json when OUT is set, and the compiled module's HLO text to
+$OUT/step_hlo.txt.gz.
 """
 
 from __future__ import annotations
@@ -130,7 +131,11 @@ def main():
   it = Data(d, cfg.vocab_size).train_iterator()
   batches = [next(it) for _ in range(a.warmup + a.steps)]
   t0 = time.perf_counter()
-  sources = hlo_sources(step.lower(state, batches[0]).compile().as_text())
+  hlo = step.lower(state, batches[0]).compile().as_text()
+  sources = hlo_sources(hlo)
+  if os.environ.get("OUT"):  # the optimized module, to read the fusions behind the op names
+    with gzip.open(os.path.join(os.environ["OUT"], "step_hlo.txt.gz"), "wt") as f:
+      f.write(hlo)
   print(f"# compile {time.perf_counter() - t0:.1f} s; {len(sources)} HLO ops with metadata")
   for b in batches[:a.warmup]:
     state, m = step(state, b)
