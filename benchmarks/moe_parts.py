@@ -1,7 +1,7 @@
 """Where the routed-expert layer's time goes: device time per op, plus the costs it is bounded by.
 
   python -m benchmarks.moe_parts [--shapes small,flash] [--tokens 256,4096] [--grad]
-      [--config '{"mosaic_tgmm": false}'] [--no-refs]
+      [--config '{"mosaic_tgmm": false}'] [--no-refs] [--router]
 
 For each shape and token count (benchmarks.moe's shapes and random routings) it traces
 `moe.experts_grouped` (the forward; with --grad the forward+backward too) with `jax.profiler` and
@@ -12,7 +12,8 @@ choice for the shape) for an A/B. Then two references (--no-refs skips them):
   sort the layer uses against the stable argsort it replaced;
 * HBM: the achievable read rate (a sum over the flash experts' 6.4 GB of weights), which bounds
   the layer at small token counts.
-Raw rows go to $OUT/moe_parts.json when OUT is set.
+--router times only the router and the expert load (moe.route and expert_load against the
+lax.top_k and bincount code they replaced). Raw rows go to $OUT/moe_parts_N.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -80,6 +81,39 @@ def sorts(n: int, E: int):
           for k, f in SORTS.items()}
 
 
+ROUTER = {"flash": dict(n_group=8, topk_group=4), "small": dict(n_group=4, topk_group=2)}
+
+
+def route_lax(x, weight, bias, *, top_k, n_group, topk_group, scale):
+  """moe.route before 2026-11-24 (session 11): lax.top_k for the groups' top-2, the kept groups
+  (scattered into a mask) and the experts."""
+  scores = jax.nn.sigmoid(x.astype(jnp.float32) @ weight)
+  N, E = scores.shape
+  grouped = (scores + bias).reshape(N, n_group, E // n_group)
+  kept = jax.lax.top_k(jax.lax.top_k(grouped, 2)[0].sum(-1), topk_group)[1]
+  keep = jnp.zeros((N, n_group), bool).at[jnp.arange(N)[:, None], kept].set(True)
+  idx = jax.lax.top_k(jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E), top_k)[1]
+  w = jnp.take_along_axis(scores, idx, axis=-1)
+  return idx.astype(jnp.int32), w / (w.sum(-1, keepdims=True) + 1e-20) * scale
+
+
+def router(name: str, n: int, ranked: bool) -> float:
+  """Device microseconds (trace) of the router and the expert load for n tokens: moe.route and
+  `expert_load`, or `route_lax` and bincount (the code they replaced)."""
+  s = SHAPES[name]
+  k = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(k[0], (n, s["D"]), jnp.bfloat16)
+  wr = jax.random.normal(k[1], (s["D"], s["E"]), jnp.float32) * s["D"] ** -0.5
+  bias = 0.01 * jax.random.normal(k[2], (s["E"],), jnp.float32)
+
+  def fn(x, wr, bias):
+    idx, w = (moe.route if ranked else route_lax)(x, wr, bias, top_k=s["X"], scale=2.5,
+                                                   **ROUTER[name])
+    load = moe.expert_load(idx, s["E"]) if ranked else jnp.bincount(idx.reshape(-1), length=s["E"])
+    return idx, w, load
+  return sum(t for t, *_ in per_op(jax.jit(fn), (x, wr, bias)))
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shapes", default="small,flash")
@@ -87,10 +121,20 @@ def main():
   ap.add_argument("--grad", action="store_true", help="trace forward+backward too")
   ap.add_argument("--config", default="{}", help="JSON of Config fields to replace")
   ap.add_argument("--no-refs", action="store_true", help="skip the sort and HBM references")
+  ap.add_argument("--router", action="store_true", help="only time the router, both top-k forms")
   a = ap.parse_args()
   replace = json.loads(a.config)
   print(f"# device: {jax.devices()[0].device_kind}")
   rows = []
+  if a.router:
+    print("\n| shape | tokens | before (lax.top_k, bincount), us | moe.route + expert_load, us |")
+    print("|---|---|---|---|")
+    for name in a.shapes.split(","):
+      for n in map(int, a.tokens.split(",")):
+        t = {r: router(name, n, r) for r in (False, True)}
+        print(f"| {name} | {n} | {t[False]:.1f} | {t[True]:.1f} |", flush=True)
+        rows.append(dict(shape=name, tokens=n, router_us=t[False], ranked_router_us=t[True]))
+    return _save(rows)
   for name in a.shapes.split(","):
     s = SHAPES[name]
     for n in map(int, a.tokens.split(",")):

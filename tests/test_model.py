@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import numpy_reference as ref
+from benchmarks.moe_parts import route_lax
 from ling_jax import axes as ax
 from ling_jax.config import ling_tiny
 from ling_jax.hf_config import to_hf_config
@@ -65,6 +66,38 @@ def test_router_matches_float64_spec(n_group, topk_group):
     ids, wt = ref.route(W, "m", np.asarray(x[t], np.float64), cfg)
     assert list(np.asarray(idx[t])) == list(ids)
     np.testing.assert_allclose(np.asarray(w[t]), wt, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,k", [((50, 8), 2), ((50, 4), 2), ((30, 4, 8), 2), ((40, 32), 4),
+                                     ((20, 64), 8)])
+def test_ranked_top_k_matches_lax_top_k_with_ties_and_masks(shape, k):
+  x = jax.random.normal(jax.random.key(7), shape)
+  ties = jnp.round(x * 2) / 2  # a handful of distinct values: most rows hold ties
+  masked = jnp.where(jax.random.bernoulli(jax.random.key(8), 0.5, shape), -jnp.inf, ties)
+  odd = jnp.where(jax.random.bernoulli(jax.random.key(9), 0.2, shape), jnp.nan, masked)
+  for v in (x, ties, masked, odd, ties.astype(jnp.bfloat16)):  # ties include -0 against +0
+    got, want = moe._top_k(v, k), jax.lax.top_k(v, k)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    if v.dtype != jnp.bfloat16:  # the group score's top-2 sum, NaNs aside (both give NaN there)
+      np.testing.assert_array_equal(np.asarray(moe._top2_sum(v)),
+                                    np.asarray(jax.lax.top_k(v, 2)[0].sum(-1)))
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2), (8, 3)])
+def test_router_ranked_top_k_matches_sorting_top_k(monkeypatch, n_group, topk_group):
+  x, wr, bias, _ = _routing_case(11, N=300, E=32)
+  bias = jnp.round(bias * 20) / 20 - 0.5 * (jnp.arange(32) % 3 == 0)  # tied groups, skewed
+  a = moe.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  old = route_lax(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  monkeypatch.setattr(moe, "_RANKED_MAX", 0)  # lax.top_k for every width
+  b = moe.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  for other in (old, b):
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(other[0]))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(other[1]))
+  load = moe.expert_load(a[0], 32)
+  np.testing.assert_array_equal(np.asarray(load), np.bincount(np.asarray(a[0]).ravel(), minlength=32))
+  assert load.dtype == jnp.int32 and int(load.sum()) == 300 * 4
 
 
 @pytest.mark.parametrize("skew,block", [(0.0, 4), (0.0, 64), (10.0, 8)])

@@ -37,6 +37,54 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
+_RANKED_MAX = 64  # widest row `top_k` ranks by pairwise comparison
+
+
+def _total_order_key(x: jax.Array) -> jax.Array:
+  """Floats as signed integers of the same order, lax.sort's total order (-0 < +0, NaNs at the
+  ends): flip the magnitude bits of negatives."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{8 * x.dtype.itemsize}"))
+  return jnp.where(bits < 0, bits ^ jnp.array(jnp.iinfo(bits.dtype).max, bits.dtype), bits)
+
+
+def _ranks(x: jax.Array) -> jax.Array:
+  """Each entry's position along the last axis in (value descending, index ascending) order, the
+  order of lax.top_k: the number of entries before it, from all pairwise comparisons of their
+  total-order keys. int32, same shape as x."""
+  n = x.shape[-1]
+  i = jnp.arange(n, dtype=jnp.int32)
+  key = _total_order_key(x)
+  a, b = key[..., :, None], key[..., None, :]
+  return ((b > a) | ((b == a) & (i[None, :] < i[:, None]))).sum(-1, dtype=jnp.int32)
+
+
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k` (values, int32 indices; ties to the lower index, values descending) over
+  the last axis. Rows of at most 64 entries (ling_small's 32 experts) are ranked by pairwise
+  comparisons, one fused elementwise pass: XLA lowers lax.top_k on such rows to a sort of every
+  row (BENCHMARKS.md: the router at 32768 tokens on an H100)."""
+  n = x.shape[-1]
+  if n > _RANKED_MAX:
+    v, i = jax.lax.top_k(x, k)
+    return v, i.astype(jnp.int32)
+  hit = _ranks(x)[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, n]
+  idx = jnp.where(hit, jnp.arange(n, dtype=jnp.int32), 0).sum(-1, dtype=jnp.int32)
+  return jnp.take_along_axis(x, idx, axis=-1), idx
+
+
+def _top2_sum(x: jax.Array) -> jax.Array:
+  """The sum of the two largest entries along the last axis (the one entry where it has one),
+  as `lax.top_k(x, 2)[0].sum(-1)`: the max, plus the max of the rest once the first maximal
+  entry is set aside. Three row reductions, for any width."""
+  if x.shape[-1] == 1:
+    return x[..., 0]
+  first = jnp.argmax(x, axis=-1)[..., None]
+  rest = jnp.where(jnp.arange(x.shape[-1]) == first, -jnp.inf, x)
+  return jnp.max(x, axis=-1) + jnp.max(rest, axis=-1)
+
+
 def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_group: int,
           topk_group: int, scale: float):
   """Router of spec 3.7: x [N, D] -> (expert ids [N, X] int32, weights [N, X] fp32).
@@ -51,14 +99,19 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_gro
   N, E = biased.shape
   if topk_group < n_group:
     grouped = biased.reshape(N, n_group, E // n_group)  # [N, G, E/G]
-    group_score = jax.lax.top_k(grouped, min(2, E // n_group))[0].sum(-1)  # [N, G]
-    kept = jax.lax.top_k(group_score, topk_group)[1]  # [N, topk_group]
-    keep = jnp.zeros((N, n_group), bool).at[jnp.arange(N)[:, None], kept].set(True)
+    group_score = _top2_sum(grouped)  # [N, G]
+    keep = _ranks(group_score) < topk_group  # the top `topk_group` groups, ties to the lower
     biased = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E)
-  idx = jax.lax.top_k(biased, top_k)[1]  # [N, X]
+  idx = _top_k(biased, top_k)[1]  # [N, X]
   w = jnp.take_along_axis(scores, idx, axis=-1)
   w = w / (w.sum(-1, keepdims=True) + 1e-20) * scale
   return idx.astype(jnp.int32), w
+
+
+def expert_load(idx: jax.Array, num_experts: int) -> jax.Array:
+  """Assignments per expert [E] int32 from expert ids [..., X]: a compare-and-count, not
+  bincount, whose scatter-add into E counters serialises on them on a GPU."""
+  return (idx.reshape(-1, 1) == jnp.arange(num_experts, dtype=idx.dtype)).sum(0, dtype=jnp.int32)
 
 
 def _swiglu_experts(x, wg, wu, wd):
@@ -259,5 +312,5 @@ class SparseMoE(nnx.Module):
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)
-    load = jnp.bincount(idx.reshape(-1), length=self.gate.weight.shape[1])
+    load = expert_load(idx, self.gate.weight.shape[1])
     return y, load.astype(jnp.float32)
