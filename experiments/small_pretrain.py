@@ -4,9 +4,10 @@
 
 8 x 4096 tokens a step, with no rematerialisation (`remat=none`): on an H100 with the GPU kernels
 (fused MLA attention keeps no [T, T] scores, the fused MoE kernel no dispatched copy of the
-tokens) every residual fits (peak 43.5 GiB, BENCHMARKS.md session 9), and not recomputing the
+tokens) every residual fits (peak 47.5 GiB, BENCHMARKS.md session 11), and not recomputing the
 forward is 8% faster than `remat=dots_no_scores` (158k against 146k tokens/s, session 4). The
-head + cross-entropy go 4096 tokens at a time (`ce_chunk`). On a smaller GPU,
+head + cross-entropy go 8192 tokens at a time (`ce_chunk`: 13.5 ms a head's value and gradient
+against 14.2 at 4096, 16.4 at 1024; `python -m benchmarks.ce_head --chunk N`). On a smaller GPU,
 `train.remat=dots_no_scores` keeps only each layer's deep matmuls (XLA's temp estimate,
 benchmarks/train_memory.py on the CPU paths: 39 GiB at batch 8) and `train.remat=full` keeps
 nothing but the layer inputs.
@@ -14,8 +15,8 @@ nothing but the layer inputs.
 bf16 matmuls over fp32 master weights (router in fp32); on the GPU the MoE runs the grouped-
 matmul kernels, Lightning attention the Pallas kernels and MLA cuDNN's fused attention
 (`moe_impl` / `gla_impl` / `attn_impl` "auto"; the memory estimates above used the CPU paths,
-sorted experts, the chunked reference and materialised scores). On an H100: 179.4k tokens/s,
-30.22% MFU (BENCHMARKS.md). The default data is the synthetic packed
+sorted experts, the chunked reference and materialised scores). On an H100: 181.8k tokens/s,
+30.62% MFU (BENCHMARKS.md). The default data is the synthetic packed
 stream, which needs neither grain nor files (the GPU image has no grain); where grain is
 installed, `data.source=stdlib` (bytes) or a JSONL/ArrayRecord corpus with
 `data.tokenizer=tokenizer.json` trains on text instead.
@@ -35,7 +36,7 @@ def config() -> Experiment:
       data=DataConfig(source="synthetic", seq_len=4096, batch_size=8, eval_batches=4),
       train=TrainConfig(steps=300, learning_rate=1e-3, warmup_steps=50, compute_dtype="bfloat16",
                         moe_impl="auto", gla_impl="auto", attn_impl="auto", remat="none",
-                        remat_scope="layer", ce_chunk=4096,
+                        remat_scope="layer", ce_chunk=8192,
                         out_dir="runs/small_pretrain", checkpoint_every=100, keep_checkpoints=2,
                         log_every=10, sample_tokens=32, unigram_batches=8),
   )
