@@ -86,8 +86,10 @@ ROUTER = {"flash": dict(n_group=8, topk_group=4), "small": dict(n_group=4, topk_
 
 def route_lax(x, weight, bias, *, top_k, n_group, topk_group, scale):
   """moe.route before 2026-11-24 (session 11): lax.top_k for the groups' top-2, the kept groups
-  (scattered into a mask) and the experts."""
-  scores = jax.nn.sigmoid(x.astype(jnp.float32) @ weight)
+  (scattered into a mask) and the experts. Its fp32 router matmul at HIGHEST precision, as
+  moe.route's now (it ran at the GPU's default, TF32, before)."""
+  scores = jax.nn.sigmoid(jnp.matmul(x.astype(jnp.float32), weight,
+                                     precision=jax.lax.Precision.HIGHEST))
   N, E = scores.shape
   grouped = (scores + bias).reshape(N, n_group, E // n_group)
   kept = jax.lax.top_k(jax.lax.top_k(grouped, 2)[0].sum(-1), topk_group)[1]

@@ -93,7 +93,10 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_gro
   (by the sum of their top-2 biased scores) are masked with -inf (spec 6.3); the chosen unbiased
   scores are renormalised and multiplied by the routed scale (spec 6.2).
   """
-  logits = x.astype(jnp.float32) @ weight.astype(jnp.float32)  # [N, E]
+  # fp32 as the reference's F.linear in float32; HIGHEST, or a GPU's default precision for an
+  # fp32 dot (TF32) moves the scores by ~1e-3 and flips near-tied experts.
+  logits = jnp.matmul(x.astype(jnp.float32), weight.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)  # [N, E]
   scores = jax.nn.sigmoid(logits)
   biased = scores + bias.astype(jnp.float32)
   N, E = biased.shape
