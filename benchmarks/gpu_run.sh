@@ -14,10 +14,10 @@ fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 part=${1:-tests}; shift || true
 case "$part" in
-  tests)      # every GPU-only test (compiled kernels against the references)
-    timeout ${LIMIT:-540} python3 -m pytest -q -p no:cacheprovider -k gpu \
+  tests)      # every GPU-only test (compiled kernels against the references), and the router's tests
+    timeout ${LIMIT:-540} python3 -m pytest -q -p no:cacheprovider -k "gpu or router or top_k" \
       tests/test_grouped_matmul.py tests/test_simple_gla_pallas.py tests/test_mla_flash.py \
-      tests/test_rms_norm.py ;;
+      tests/test_rms_norm.py tests/test_mosaic_tgmm.py tests/test_model.py ;;
   moe-sweep)  # raw grouped-matmul kernels over tile configurations (flash shape; --shapes small)
     timeout ${LIMIT:-560} python3 -m benchmarks.moe --sweep --shapes flash --tokens 4096,16384 "$@" ;;
   moe)        # the routed-expert layer, both shapes, every token count
