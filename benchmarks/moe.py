@@ -167,7 +167,7 @@ _MG = [(128, 256, 64, 3, "n", 0), (128, 256, 64, 3, "n", 1), (128, 256, 64, 3, "
        (64, 256, 64, 4, "n", 1), (64, 128, 64, 6, "n", 1)]
 mg_cfg = lambda bm, bn, bk, st, split, fl: dict(block_m=bm, block_n=bn, block_k=bk, stages=st,
                                                 split=split, in_flight=fl)
-# The Mosaic GPU tgmm (branch wip/mosaic-tgmm, mosaic_tgmm.py): (block_m, block_k, block_n,
+# The Mosaic GPU tgmm (mosaic_tgmm.py): (block_m, block_k, block_n,
 # stages, split). Tiles must divide the shapes: at ling_small, d w_gate (1024 x 576) takes the
 # 192-wide ones, d w_down (576 x 1024) block_k 64 or 192 split "n", [d w_gate | d w_up] the rest.
 _MT = [(64, 128, 128, 4, "k"), (128, 128, 128, 3, "k"), (64, 128, 192, 4, "k"),

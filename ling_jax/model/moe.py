@@ -94,7 +94,8 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_gro
   scores are renormalised and multiplied by the routed scale (spec 6.2).
   """
   # fp32 as the reference's F.linear in float32; HIGHEST, or a GPU's default precision for an
-  # fp32 dot (TF32) moves the scores by ~1e-3 and flips near-tied experts.
+  # fp32 dot (TF32) moves the logits by ~3e-4 of the largest and flips near-tied experts
+  # (benchmarks/router_precision.py).
   logits = jnp.matmul(x.astype(jnp.float32), weight.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)  # [N, E]
   scores = jax.nn.sigmoid(logits)
