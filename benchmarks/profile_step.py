@@ -29,10 +29,10 @@ import jax
 
 from experiments.overrides import apply_overrides
 from ling_jax.data.pipeline import Data
-from ling_jax.train.loop import build_model, mtp_weight, new_state, train_step
+from ling_jax.train.loop import build_model, mtp_weight, train_step
 from ling_jax.train.optim import optimizer
 from ling_jax.train.report import peak_flops
-from ling_jax.train.step import split_model
+from ling_jax.train.step import init_state, split_model
 
 _META = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
 _OURS = ("ling_jax", "pallas_kernels", "benchmarks", "experiments")
@@ -126,7 +126,7 @@ def main():
   cfg, t, d = exp.model, exp.train, exp.data
   graphdef, params, bias = split_model(build_model(exp))
   tx = optimizer(t)
-  state = new_state(t, params, bias, tx)
+  state = init_state(params, bias, tx)
   step = train_step(cfg, t, graphdef, tx)
   it = Data(d, cfg.vocab_size).train_iterator()
   batches = [next(it) for _ in range(a.warmup + a.steps)]

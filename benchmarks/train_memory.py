@@ -27,9 +27,9 @@ from flax import nnx
 from ling_jax.config import ling_small, ling_tiny
 from ling_jax.model.ling import LingForCausalLM
 from ling_jax.train.config import TrainConfig
-from ling_jax.train.loop import new_state, train_step
+from ling_jax.train.loop import train_step
 from ling_jax.train.optim import optimizer
-from ling_jax.train.step import split_model
+from ling_jax.train.step import init_state, split_model
 
 GiB = 2.0 ** 30
 # XLA:CPU's default (concurrency-optimised) scheduler hoists some big buffers far ahead of their
@@ -50,7 +50,7 @@ def abstract_step(cfg, t: TrainConfig, batch: int, seq: int, *, mtp: bool = True
 
   graphdef, params, bias = split_model(nnx.eval_shape(make))
   tx = optimizer(t)
-  state = jax.eval_shape(lambda p, b: new_state(t, p, b, tx), params, bias)
+  state = jax.eval_shape(lambda p, b: init_state(p, b, tx), params, bias)
   step = train_step(cfg, dataclasses.replace(t, mtp=mtp), graphdef, tx)
   i32 = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   return step, state, {"tokens": i32, "positions": i32, "segment_ids": i32}

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run: train state, data-iterator position and config, saved together.
 
-Each step directory holds three items: `state` (the TrainState pytree but its derived compute
-copies: fp32 params, expert biases, optimizer state, step), `data` (the iterator's `get_state()` as JSON) and `meta` (the
+Each step directory holds three items: `state` (the TrainState pytree: fp32 params, expert
+biases, optimizer state, step), `data` (the iterator's `get_state()` as JSON) and `meta` (the
 model and data configs). Orbax writes a step into a temporary directory and renames it when
 complete, so a process killed at any moment leaves only complete checkpoints behind (plus a
 temporary directory that is ignored and cleaned up by the next run). Saves are asynchronous: the
@@ -19,7 +19,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from ling_jax.data.pipeline import json_state
-from ling_jax.train.step import from_saved, saved_state
 
 
 class ConfigMismatch(ValueError):
@@ -90,15 +89,15 @@ class Checkpointer:
     if not force and step % self.every:
       return False
     return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(saved_state(state)), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=force)
 
   def restore(self, step: int, abstract_state):
     """(state, data-iterator state) of `step`; `abstract_state` gives the structure and shardings."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved_state(abstract_state))
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-    return from_saved(out["state"], abstract_state), json_state(out["data"])
+    return out["state"], json_state(out["data"])
 
   def close(self):
     self.manager.wait_until_finished()

@@ -36,10 +36,6 @@ class TrainConfig:
   grad_clip: float = 1.0           # global-norm clipping
   # Numerics: parameters are fp32 masters, matmuls run in compute_dtype, the router in fp32.
   compute_dtype: str = "bfloat16"
-  # Keep the compute-dtype copies of the weights across steps, written by the optimizer update,
-  # instead of casting the fp32 masters in every forward: the same update, one pass over the
-  # weights fewer a step, 2 bytes a parameter of memory more where the casts were transient.
-  compute_copies: bool = True
   moe_impl: str = "auto"
   gla_impl: str = "chunked"
   attn_impl: str = "auto"          # MLA: "auto" (GPU: cuDNN or flash), "xla", "flash", "cudnn"

@@ -72,12 +72,6 @@ def mtp_weight(cfg: LingConfig, t: TrainConfig) -> float:
   return cfg.mtp_loss_scaling_factor if t.mtp and cfg.num_nextn_predict_layers else 0.0
 
 
-def new_state(t: TrainConfig, params, expert_bias, tx):
-  """The step-0 TrainState `t` asks for (with the weights' compute copies if compute_copies)."""
-  return init_state(params, expert_bias, tx,
-                    jnp.dtype(t.compute_dtype) if t.compute_copies else None)
-
-
 def train_step(cfg: LingConfig, t: TrainConfig, graphdef, tx):
   """The jitted train step `t` asks for (loss weights, remat, CE chunking, bias updates)."""
   return make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight(cfg, t),
@@ -95,7 +89,7 @@ def run(exp: Experiment) -> dict:
 
   graphdef, params, expert_bias = split_model(build_model(exp))
   tx = optimizer(t)
-  state = new_state(t, params, expert_bias, tx)
+  state = init_state(params, expert_bias, tx)
   it = data.train_iterator()
   flops_per_token = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight(cfg, t) > 0)
   peak = t.peak_flops or peak_flops()

@@ -38,13 +38,6 @@ class TrainState:
   params: nnx.State      # nnx.Param, fp32
   expert_bias: nnx.State  # ExpertBias, fp32
   opt_state: Any
-  # The forward's compute-dtype copies of `params` (`compute_copy`), or None. Derived state:
-  # checkpoints leave it out (`SavedState`) and a restore rebuilds it.
-  compute: Any = None
-
-
-def _dtype(compute):
-  return jax.tree.leaves(compute)[0].dtype
 
 
 def split_model(model: nnx.Module):
@@ -56,75 +49,9 @@ def split_model(model: nnx.Module):
   return graphdef, params, bias
 
 
-# Parameters the forward does not simply cast to the compute dtype once: the router's weight
-# (used in fp32, spec 4.3), and the embedding and head that the main and MTP branches share (two
-# uses: their cotangents must add up in fp32, and the embedding's scatter-add and the chunked
-# head's weight gradient accumulate over tokens in fp32).
-_KEEP_FP32 = ("word_embeddings", "lm_head")
-
-
-def _cast_in_forward(path) -> bool:
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  router = any(a == "gate" and b == "weight" for a, b in zip(names, names[1:]))
-  return not router and not any(n in _KEEP_FP32 for n in names)
-
-
-def compute_copy(params, dtype):
-  """The compute-dtype copies of the parameters the forward casts (every matrix and norm scale
-  but the router's, the embedding and the head), None elsewhere; None for an fp32 compute dtype.
-
-  The model casts each fp32 master weight at its use (`w[...].astype(dtype)`): a pass that
-  reads 4 bytes and writes 2 per parameter, every step (3.4 ms of an H100 ling_small step).
-  The train step instead writes the copy in the optimizer's update, which already has the new
-  weights in registers (2 bytes), and runs the forward and backward on it: the forward's casts
-  become no-ops, the gradients arrive in the compute dtype, as the casts' own backward had them
-  before widening them to fp32, so the update is the same bit for bit
-  (tests/test_train.py)."""
-  if jnp.dtype(dtype) == jnp.float32:
-    return None
-  copy = jax.tree_util.tree_map_with_path(
-      lambda path, p: p.astype(dtype) if p.dtype == jnp.float32 and _cast_in_forward(path)
-      else None, params)
-  return copy if jax.tree.leaves(copy) else None
-
-
-def forward_params(params, compute):
-  """What the forward runs on: the compute copy where there is one, the master weight elsewhere."""
-  if compute is None:
-    return params
-  return jax.tree.map(lambda p, c: p if c is None else c, params, compute)
-
-
-def init_state(params, expert_bias, tx: optax.GradientTransformation, compute_dtype=None
-               ) -> TrainState:
-  """A step-0 TrainState; with a compute_dtype (bf16), it carries the forward's weight copies."""
+def init_state(params, expert_bias, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, expert_bias=expert_bias,
-                    opt_state=tx.init(params),
-                    compute=None if compute_dtype is None else compute_copy(params, compute_dtype))
-
-
-@flax.struct.dataclass
-class SavedState:
-  """What a checkpoint holds of a TrainState: all but the compute copies, which are derived from
-  the fp32 masters. (Also the layout of every checkpoint written before the copies existed.)"""
-  step: jax.Array
-  params: nnx.State
-  expert_bias: nnx.State
-  opt_state: Any
-
-
-def saved_state(state: TrainState) -> SavedState:
-  return SavedState(step=state.step, params=state.params, expert_bias=state.expert_bias,
-                    opt_state=state.opt_state)
-
-
-def from_saved(saved: SavedState, like: TrainState) -> TrainState:
-  """A TrainState from a checkpoint's SavedState, with compute copies rebuilt from its master
-  weights where `like` (the state being resumed into) carries them."""
-  return TrainState(step=saved.step, params=saved.params, expert_bias=saved.expert_bias,
-                    opt_state=saved.opt_state,
-                    compute=None if like.compute is None
-                    else compute_copy(saved.params, _dtype(like.compute)))
+                    opt_state=tx.init(params))
 
 
 def _masked_ce(logits, targets, valid):
@@ -213,30 +140,23 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
       total = total + mtp_weight * aux["mtp"]
     return total, aux
 
-  def grad_fn(master, compute, expert_bias, batch, n, n_mtp):
-    """(loss, aux), gradients in the master weights' dtypes. The forward runs on the compute
-    copies where there are some; their gradients (compute dtype) widen here, and XLA fuses the
-    conversion into its consumers (the norm, the update, the micro-batch sum)."""
-    out, grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        forward_params(master, compute), expert_bias, batch, n, n_mtp)
-    return out, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, master)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def accumulate(*args):
-    batch, n, n_mtp = args[-3:]
+  def accumulate(params, expert_bias, batch, n, n_mtp):
     rows = batch["tokens"].shape[0]
     if rows % grad_accum:
       raise ValueError(f"batch of {rows} rows does not split into grad_accum={grad_accum}")
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, rows // grad_accum, *x.shape[1:]), batch)
 
     def body(acc, mb):
-      out = grad_fn(*args[:-3], mb, n, n_mtp)
+      out = grad_fn(params, expert_bias, mb, n, n_mtp)
       return jax.tree.map(jnp.add, acc, out), None
 
     # Every micro-batch inside the scan, from zeros: one copy of the forward and backward in
     # the program. (With the first one outside the scan, as the carry's start, the program held
     # two copies and asked for 48 GiB of temporaries at ling_small's 2 x 8 x 4096 on an H100.)
     one = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(grad_fn, *args[:-3], one, n, n_mtp)
+    shapes = jax.eval_shape(grad_fn, params, expert_bias, one, n, n_mtp)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return jax.lax.scan(body, zeros, micro)[0]
 
@@ -244,12 +164,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
     valid, valid2 = _valid_targets(batch["segment_ids"])
     n = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
     n_mtp = jnp.maximum(valid2.sum().astype(jnp.float32), 1.0)
-    args = (state.params, state.compute, state.expert_bias, batch, n, n_mtp)
-    (loss, aux), grads = grad_fn(*args) if grad_accum == 1 else accumulate(*args)
+    if grad_accum == 1:
+      (loss, aux), grads = grad_fn(state.params, state.expert_bias, batch, n, n_mtp)
+    else:
+      (loss, aux), grads = accumulate(state.params, state.expert_bias, batch, n, n_mtp)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # The next step's compute copies, written by the update's own fusion.
-    compute = None if state.compute is None else compute_copy(params, _dtype(state.compute))
     load, mtp_load = aux["loads"]
     expert_bias = update_expert_bias(state.expert_bias, load, mtp_load, bias_rate)
     metrics = {"loss": loss, "ce": aux["ce"], "grad_norm": optax.tree.norm(grads),
@@ -259,7 +179,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
     if mtp:
       metrics["mtp"] = aux["mtp"]
     new = TrainState(step=state.step + 1, params=params, expert_bias=expert_bias,
-                     opt_state=opt_state, compute=compute)
+                     opt_state=opt_state)
     return new, metrics
 
   return jax.jit(step, donate_argnums=0)
