@@ -11,6 +11,14 @@ largest temporaries are one chunk's [c, V] logits (nothing [tokens, V] is ever b
 g is cast to the compute dtype for the two gradient matmuls, as Liger does (with fp32 compute it
 is exact; in bf16 the head's gradients move by ~0.3% relative, where autodiff of the full logits
 would run those two matmuls in fp32), and dW accumulates over chunks in fp32.
+
+Between the head matmul and the gradient matmuls, `impl` picks how a chunk's fp32 logits become
+(ce, g): "xla" reads them twice (the one-pass logsumexp below, then the fusion that writes g);
+"pallas" (the default on a GPU) is `pallas_kernels.cross_entropy`'s kernel, one read of the
+logits and one write of g; "pallas_interpret" runs that kernel on the CPU (tests). At chunk 8192
+and vocab 32768 each read is 1 GiB: on an H100 the kernel takes a chunk's (ce, g) in 0.654 ms
+against XLA's 0.887, and small_pretrain's head value + gradient in 12.47 ms against 13.43
+(BENCHMARKS.md, session 12).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.cross_entropy import Config as KernelConfig, cross_entropy, resolve_impl
 
 
 def _chunked(h, targets, mask, chunk):
@@ -56,20 +66,42 @@ def _logits_lse_ce(h, w, t, m):
   return logits, lse, (lse - tgt) * m
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def head_ce(h, w, targets, mask, chunk: int, dtype):
+def _chunk_ce(hb, wd, t, m, dtype, impl, kernel, grad: bool):
+  """One chunk's (mask-weighted ce [c], g = d ce.sum() / d logits [c, V] in dtype, or None)."""
+  if impl != "xla":
+    logits = jnp.einsum("nd,dv->nv", hb, wd, preferred_element_type=jnp.float32)
+    g, _, ce = cross_entropy(logits, t, m, grad_dtype=dtype if grad else None, impl=impl,
+                             config=kernel)
+    return ce, g
+  logits, lse, ce = _logits_lse_ce(hb, wd, t, m)
+  if not grad:
+    return ce, None
+  vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+  g = ((jnp.exp(logits - lse[:, None]) - (vocab == t[:, None])) * m[:, None]).astype(dtype)
+  return ce, g
+
+
+def head_ce(h, w, targets, mask, chunk: int, dtype, impl: str = "auto",
+            kernel: KernelConfig | None = None):
   """h [N, D], w [D, V] (cast to `dtype` for the matmul), targets [N] int, mask [N] -> the
-  mask-weighted sum of the fp32 cross-entropies (a scalar)."""
+  mask-weighted sum of the fp32 cross-entropies (a scalar). impl: "auto" ("pallas" on a GPU,
+  else "xla"), "xla", "pallas" or "pallas_interpret"; `kernel` overrides the kernel's
+  `pallas_kernels.cross_entropy.Config` (benchmarks)."""
+  return _head_ce(h, w, targets, mask, chunk, dtype, resolve_impl(impl), kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _head_ce(h, w, targets, mask, chunk: int, dtype, impl: str, kernel):
   hc, tc, mc = _chunked(h.astype(dtype), targets, mask, chunk)
   wd = w.astype(dtype)
 
   def body(total, x):
-    return total + _logits_lse_ce(x[0], wd, x[1], x[2])[2].sum(), None
+    return total + _chunk_ce(x[0], wd, x[1], x[2], dtype, impl, kernel, grad=False)[0].sum(), None
 
   return jax.lax.scan(body, jnp.zeros((), jnp.float32), (hc, tc, mc))[0]
 
 
-def _fwd(h, w, targets, mask, chunk, dtype):
+def _fwd(h, w, targets, mask, chunk, dtype, impl, kernel):
   N, D = h.shape
   hc, tc, mc = _chunked(h.astype(dtype), targets, mask, chunk)
   wd = w.astype(dtype)
@@ -77,9 +109,7 @@ def _fwd(h, w, targets, mask, chunk, dtype):
   def body(carry, x):
     total, dw = carry
     hb, t, m = x
-    logits, lse, ce = _logits_lse_ce(hb, wd, t, m)
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    g = ((jnp.exp(logits - lse[:, None]) - (vocab == t[:, None])) * m[:, None]).astype(dtype)
+    ce, g = _chunk_ce(hb, wd, t, m, dtype, impl, kernel, grad=True)
     dh = jnp.einsum("nv,dv->nd", g, wd, preferred_element_type=jnp.float32)
     dw = dw + jnp.einsum("nd,nv->dv", hb, g, preferred_element_type=jnp.float32)
     return (total + ce.sum(), dw), dh
@@ -91,9 +121,9 @@ def _fwd(h, w, targets, mask, chunk, dtype):
   return total, (dh, dw, jnp.zeros((0,), h.dtype), jnp.zeros((0,), w.dtype))
 
 
-def _bwd(chunk, dtype, res, ct):
+def _bwd(chunk, dtype, impl, kernel, res, ct):
   dh, dw, h0, w0 = res
   return (ct * dh).astype(h0.dtype), (ct * dw).astype(w0.dtype), None, None
 
 
-head_ce.defvjp(_fwd, _bwd)
+_head_ce.defvjp(_fwd, _bwd)
