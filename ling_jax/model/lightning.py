@@ -1,8 +1,9 @@
 """The Lightning linear-attention layer (Lightning Attention-2 / simple GLA), spec 3.4.
 
-a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE -> simple GLA with a
-per-head constant log-decay g_h = -slope_h * layer_factor(l) and an fp32 state [H, K, V] ->
-GroupRMSNorm -> * sigmoid(a W_g) -> W_o.
+a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE (the two as one op,
+pallas_kernels.qk_norm_rope) -> simple GLA with a per-head constant log-decay
+g_h = -slope_h * layer_factor(l) and an fp32 state [H, K, V] -> GroupRMSNorm -> * sigmoid(a W_g)
+-> W_o.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ling_jax import axes as ax
 from ling_jax.config import alibi_slopes
 from ling_jax.model import rope
 from ling_jax.model.common import GroupRMSNorm, RMSNorm, param
+from pallas_kernels.qk_norm_rope import qk_norm_rope
 from pallas_kernels.simple_gla import simple_gla, simple_gla_step
 
 
@@ -64,11 +66,17 @@ class LightningAttention(nnx.Module):
     dt = self.dtype
     a = a.astype(dt)
     qkv = jnp.einsum("btd,dshk->btshk", a, self.query_key_value[...].astype(dt))  # [B, T, 3, H, K]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.query_layernorm is not None:
-      q, k = self.query_layernorm(q), self.key_layernorm(k)
     cos, sin = rope.cos_sin(positions, self.rotary_dim, self.rope_theta, self.rope_scaling)
-    q, k = rope.apply_neox(q, cos, sin), rope.apply_neox(k, cos, sin)
+    qn, kn = self.query_layernorm, self.key_layernorm
+    # The cut, both norms and RoPE in one kernel where simple_gla runs its Pallas kernels; the
+    # reference for the XLA forms and the one-token decode step.
+    decoding = cache is not None and a.shape[1] == 1
+    impl = "xla" if decoding else {"auto": "auto", "pallas": "pallas",
+                                   "pallas_interpret": "pallas"}.get(self.impl, "xla")
+    wq, wk = (None, None) if qn is None else (qn.weight[...], kn.weight[...])
+    q, k, v = qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
+                           dtype=dt, impl=impl,
+                           interpret=True if self.impl == "pallas_interpret" else None)
 
     g = layer_decay(jnp.asarray(np.asarray(self.slopes), jnp.float32), layer_idx,
                     self.num_layers, self.decay_form)

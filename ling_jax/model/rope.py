@@ -15,6 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ling_jax.config import YarnScaling
+# NeoX rotate-half on the first 2 cos.shape[-1] dims (the rest pass through): defined beside the
+# Lightning layer's fused QK norm + RoPE kernel, whose reference it is.
+from pallas_kernels.qk_norm_rope.reference import apply_neox
+
+__all__ = ["apply_interleaved", "apply_neox", "cos_sin", "inv_frequencies", "yarn_softmax_scale"]
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -55,16 +60,6 @@ def cos_sin(positions: jax.Array, dim: int, theta: float, yarn: YarnScaling | No
   # Angles in fp32 from integer positions: exact enough up to ~1M positions for these thetas.
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv, jnp.float32)
   return jnp.cos(angles) * attn, jnp.sin(angles) * attn
-
-
-def apply_neox(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotate-half RoPE on the first 2*cos.shape[-1] dims of x [B, T, H, K]; the rest pass through."""
-  half = cos.shape[-1]
-  rot, rest = x[..., : 2 * half].astype(jnp.float32), x[..., 2 * half:]
-  x1, x2 = rot[..., :half], rot[..., half:]
-  c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, R/2]
-  out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
-  return jnp.concatenate([out, rest], axis=-1)
 
 
 def apply_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
