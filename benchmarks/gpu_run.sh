@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | mla | profile [args]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -17,7 +17,8 @@ case "$part" in
   tests)      # every GPU-only test (compiled kernels against the references), and the router's tests
     timeout ${LIMIT:-540} python3 -m pytest -q -p no:cacheprovider -k "gpu or router or top_k" \
       tests/test_grouped_matmul.py tests/test_simple_gla_pallas.py tests/test_mla_flash.py \
-      tests/test_rms_norm.py tests/test_mosaic_tgmm.py tests/test_model.py ;;
+      tests/test_rms_norm.py tests/test_mosaic_tgmm.py tests/test_model.py \
+      tests/test_cross_entropy.py tests/test_qk_norm_rope.py ;;
   moe-sweep)  # raw grouped-matmul kernels over tile configurations (flash shape; --shapes small)
     timeout ${LIMIT:-560} python3 -m benchmarks.moe --sweep --shapes flash --tokens 4096,16384 "$@" ;;
   moe)        # the routed-expert layer, both shapes, every token count
@@ -36,13 +37,16 @@ case "$part" in
     timeout ${LIMIT:-560} python3 -m experiments.small_pretrain train.steps=30 train.log_every=5 \
       train.checkpoint_every=1000 train.sample_tokens=0 train.unigram_batches=1 \
       train.progress=false train.out_dir=$(mktemp -d) "$@" ;;
-  ce)         # the chunked LM-head cross-entropy: one-pass logsumexp against XLA's two-pass
+  ce)         # the chunked LM-head cross-entropy: XLA's passes against the fused Pallas kernel,
+              # then the kernel's configurations on one chunk (--no-sweep skips them)
     timeout ${LIMIT:-560} python3 -m benchmarks.ce_head "$@" ;;
+  qk)         # the Lightning layer's fused QK norm + RoPE against XLA, over block configurations
+    timeout ${LIMIT:-560} python3 -m benchmarks.qk_norm_rope "$@" ;;
   mla)        # MLA causal attention: materialised XLA scores vs the flash kernel's block sizes
     timeout ${LIMIT:-560} python3 -m benchmarks.mla_attention "$@" ;;
   profile)    # where a small_pretrain step's device time goes, per source file and op
     # (command buffers off: a CUDA graph shows in the trace as one op, hiding its kernels)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | mla | profile)"; exit 2 ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile)"; exit 2 ;;
 esac
