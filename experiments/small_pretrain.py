@@ -15,8 +15,9 @@ nothing but the layer inputs.
 bf16 matmuls over fp32 master weights (router in fp32); on the GPU the MoE runs the grouped-
 matmul kernels, Lightning attention the Pallas kernels and MLA cuDNN's fused attention
 (`moe_impl` / `gla_impl` / `attn_impl` "auto"; the memory estimates above used the CPU paths,
-sorted experts, the chunked reference and materialised scores). On an H100: 180.6k tokens/s,
-30.41% MFU (BENCHMARKS.md). The default data is the synthetic packed
+sorted experts, the chunked reference and materialised scores); on the GPU the head's
+cross-entropy and Lightning's QK norms + RoPE run fused Pallas kernels. On an H100: 184.0k
+tokens/s, 30.99% MFU (BENCHMARKS.md, session 12). The default data is the synthetic packed
 stream, which needs neither grain nor files (the GPU image has no grain); where grain is
 installed, `data.source=stdlib` (bytes) or a JSONL/ArrayRecord corpus with
 `data.tokenizer=tokenizer.json` trains on text instead.
