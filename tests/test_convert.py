@@ -29,16 +29,12 @@ from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.hf_io import CheckpointError
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from ling_jax.io.safetensors_writer import SafetensorsWriter
+from checks import rel
 
 SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
 # Layers 0-1 a prefix group, 2-5 two scanned groups (stacked axis of 2), 6 the MLA tail; MTP.
 CFG = tiny_hf_config(num_hidden_layers=7)
 TOKENS = np.random.default_rng(1).integers(0, CFG["vocab_size"], (2, 11)).astype(np.int32)
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @functools.partial(nnx.jit)

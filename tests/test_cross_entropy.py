@@ -14,9 +14,7 @@ import pytest
 from ling_jax.train.loss import head_ce
 from pallas_kernels.cross_entropy import (Config, cross_entropy, cross_entropy_pallas,
                                           cross_entropy_reference)
-
-ON_GPU = jax.devices()[0].platform == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
+from checks import gpu
 
 
 def make(seed, C, V, scale=4.0):

@@ -13,16 +13,10 @@ from ling_jax.model import moe
 from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_glu_reference,
                                            gmm_pallas, gmm_reference, gmm_sum_pallas,
                                            grouped_matmul, tgmm_pallas, visit_table)
+from checks import ON_GPU, gpu, rel
 
-ON_GPU = jax.devices()[0].platform == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
 SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_n_sum=16, block_m_t=16,
                block_k_t=32, block_n_t=16, block_n_t2=16, interpret=True)
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def np_gmm(x, w, sizes, transpose_rhs=False):

@@ -13,6 +13,7 @@ import ling_jax
 from hf_fixtures import INDEX, MTP_FILE, mlx_logits, tiny_hf_config, write_random_hf_checkpoint
 from ling_jax import hf_io
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
+from checks import rel
 
 # Config families of issue 2: head counts (power of two and the ALiBi fallback), layer_group_size
 # 2-8 with and without tail layers, first_k_dense_replace 0-2, q-LoRA on/off, n_group/topk_group,
@@ -33,11 +34,6 @@ CASES = {
     "yarn": (dict(rope_theta=10000.0, rope_scaling={"type": "yarn", "factor": 2.0,
                                                    "original_max_position_embeddings": 64}), 100),
 }
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture

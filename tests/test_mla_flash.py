@@ -15,15 +15,9 @@ from flax import nnx
 from ling_jax.config import ling_tiny
 from ling_jax.model import mla
 from model_utils import random_model, random_tokens
+from checks import ON_GPU, gpu, rel
 
-ON_GPU = jax.devices()[0].platform == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
 K, R, V = 16, 8, 16  # nope, rope and value head dims (ling_tiny's)
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def packed(rng, B, T, docs=4):

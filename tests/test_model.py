@@ -17,11 +17,7 @@ from ling_jax.hf_io import hf_tensors
 from ling_jax.model import moe
 from ling_jax.weights import all_maps
 from model_utils import random_model, random_tokens
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
+from checks import rel
 
 
 @functools.partial(nnx.jit, static_argnames=("scan",))

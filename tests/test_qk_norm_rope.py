@@ -19,15 +19,9 @@ from ling_jax.model import rope
 from pallas_kernels.qk_norm_rope import Config, qk_norm_rope, qk_norm_rope_reference
 from pallas_kernels.rms_norm.reference import rms_norm_reference, rms_normalize
 from tests.test_triton_lowering import export_for_cuda
+from checks import gpu, rel_max
 
-ON_GPU = jax.devices()[0].platform == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
 EPS = 1e-6
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / np.abs(b).max()
 
 
 def packed_positions(B, T, seed):
@@ -121,12 +115,12 @@ def test_kernel_interpreted_matches_reference(B, T, H, K, R, dtype, bt):
   # the reference's roundings: at most an ulp apart where fp32 sums differ in order
   tol = 1e-6 if dtype == jnp.float32 else 8e-3
   for a, b in ((q, q_r), (k, k_r), (dqkv, dqkv_r)):
-    assert rel(a, b) < tol
+    assert rel_max(a, b) < tol
   np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(v_r, np.float32))
   # dw: fp32 sums of the same products; the bf16 reference's own sums are ~1e-2 off them
-  assert rel(dwq, dw_float64(qkv[:, :, 0], wq, cos, sin, cts[0], dtype)) < 1e-5
-  assert rel(dwk, dw_float64(qkv[:, :, 1], wk, cos, sin, cts[1], dtype)) < 1e-5
-  assert rel(dwq, dwq_r) < (1e-5 if dtype == jnp.float32 else 4e-2)
+  assert rel_max(dwq, dw_float64(qkv[:, :, 0], wq, cos, sin, cts[0], dtype)) < 1e-5
+  assert rel_max(dwk, dw_float64(qkv[:, :, 1], wk, cos, sin, cts[1], dtype)) < 1e-5
+  assert rel_max(dwq, dwq_r) < (1e-5 if dtype == jnp.float32 else 4e-2)
 
 
 def test_kernel_with_fp32_qkv_and_bf16_weights_under_bf16_compute():
@@ -136,7 +130,7 @@ def test_kernel_with_fp32_qkv_and_bf16_weights_under_bf16_compute():
   got, want = run(f("pallas"), qkv, wq, wk, cts), run(f("xla"), qkv, wq, wk, cts)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype
-  assert all(rel(a, b) < 8e-3 for a, b in zip(jax.tree.leaves(got)[:4], jax.tree.leaves(want)[:4]))
+  assert all(rel_max(a, b) < 8e-3 for a, b in zip(jax.tree.leaves(got)[:4], jax.tree.leaves(want)[:4]))
 
 
 def test_without_qk_norm_and_unsupported_heads_use_the_reference():
@@ -201,11 +195,11 @@ def test_gpu_qk_norm_rope_ling_small():
   (q, k, v), (dqkv, dwq, dwk) = f("pallas")
   (q_r, k_r, v_r), (dqkv_r, dwq_r, dwk_r) = f("xla")
   for a, b in ((q, q_r), (k, k_r), (dqkv, dqkv_r)):
-    assert rel(a, b) < 1e-2
-  assert rel(v, v_r) == 0.0
+    assert rel_max(a, b) < 1e-2
+  assert rel_max(v, v_r) == 0.0
   # the reference's own products, summed in float64: fp32 sums are ~1e-6 off them; a bf16
   # rounding dropped on the way (as XLA may) would be ~1.5e-3 off; the bf16 reference is ~1e-2
   exact = {"xla_allow_excess_precision": False}
-  assert rel(dwq, dw_float64(qkv[:, :, 0], wq, cos, sin, cts[0], jnp.bfloat16, exact)) < 1e-3
-  assert rel(dwk, dw_float64(qkv[:, :, 1], wk, cos, sin, cts[1], jnp.bfloat16, exact)) < 1e-3
-  assert rel(dwq, dwq_r) < 4e-2
+  assert rel_max(dwq, dw_float64(qkv[:, :, 0], wq, cos, sin, cts[0], jnp.bfloat16, exact)) < 1e-3
+  assert rel_max(dwk, dw_float64(qkv[:, :, 1], wk, cos, sin, cts[1], jnp.bfloat16, exact)) < 1e-3
+  assert rel_max(dwq, dwq_r) < 4e-2

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.rms_norm import Config, rms_norm, supported
+from checks import gpu, rel_max
 
-ON_GPU = jax.devices()[0].platform == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
 EPS = 1e-6
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / np.abs(b).max()
 
 
 def make(seed, lead, D, G, x_dtype, dtype):
@@ -65,14 +59,14 @@ def test_rms_norm_kernel_interpreted(lead, D, G, x_dtype, dtype):
   y_ref, dx_ref, dw_ref = run("xla", x, w, dy, G, dtype)
   assert y.dtype == dtype and dx.dtype == x_dtype and dw.dtype == w.dtype and dw.shape == w.shape
   # the same roundings as the reference: at most an ulp apart where fp32 sums differ in order
-  assert rel(y, y_ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
-  assert rel(dx, dx_ref) < (1e-6 if dtype == jnp.float32 else 1e-2)
+  assert rel_max(y, y_ref) < (1e-6 if dtype == jnp.float32 else 4e-3)
+  assert rel_max(dx, dx_ref) < (1e-6 if dtype == jnp.float32 else 1e-2)
   y64, dx64, dw64 = numpy_norm(x.astype(dtype), w.astype(dtype), dy, G)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
-  assert rel(y, y64) < tol and rel(dx, dx64) < tol
+  assert rel_max(y, y64) < tol and rel_max(dx, dx64) < tol
   # dw: fp32 sums of dy * (x / rms) rounded to the compute dtype (XLA may keep that rounding or
   # not); the reference's bf16 autodiff is 0.8-1.2e-2 off here
-  assert rel(dw, dw64) < (1e-5 if dtype == jnp.float32 else 4e-3)
+  assert rel_max(dw, dw64) < (1e-5 if dtype == jnp.float32 else 4e-3)
 
 
 def test_rms_norm_falls_back_where_the_kernel_does_not_apply():
@@ -83,7 +77,7 @@ def test_rms_norm_falls_back_where_the_kernel_does_not_apply():
     assert not supported(int(np.prod(lead)), D, Config(eps=EPS, dtype=jnp.bfloat16))
     for a, b in zip(run("pallas_interpret", x, w, dy, 1, jnp.bfloat16),
                     run("xla", x, w, dy, 1, jnp.bfloat16)):
-      assert rel(a, b) == 0.0
+      assert rel_max(a, b) == 0.0
 
 
 def test_rms_norm_rejects_bad_input():
@@ -103,9 +97,9 @@ def test_gpu_rms_norm(lead, D, G, x_dtype, dtype):
   x, w, dy = make(D, lead, D, G, x_dtype, dtype)
   got = jax.jit(lambda *a: run("pallas", *a, G, dtype))(x, w, dy)
   want = jax.jit(lambda *a: run("xla", *a, G, dtype))(x, w, dy)
-  assert rel(got[0], want[0]) < 1e-2 and rel(got[1], want[1]) < 1e-2
+  assert rel_max(got[0], want[0]) < 1e-2 and rel_max(got[1], want[1]) < 1e-2
   tol = 1e-5 if dtype == jnp.float32 else 4e-3
-  assert rel(got[2], numpy_norm(x.astype(dtype), w.astype(dtype), dy, G)[2]) < tol
+  assert rel_max(got[2], numpy_norm(x.astype(dtype), w.astype(dtype), dy, G)[2]) < tol
 
 
 def test_model_with_pallas_norms_matches_xla():
@@ -137,12 +131,12 @@ def test_model_with_pallas_norms_matches_xla():
   n, logits, grads = loss_and_grads("pallas_interpret")
   n_ref, logits_ref, grads_ref = loss_and_grads("xla")
   assert n == n_ref > 10
-  assert rel(logits, logits_ref) < 2e-2
+  assert rel_max(logits, logits_ref) < 2e-2
   checked = 0
   for g, g_ref in zip(grads, grads_ref):
     if np.abs(np.asarray(g_ref)).max() == 0:  # parameters this loss does not reach (MTP)
       assert np.abs(np.asarray(g)).max() == 0
       continue
-    assert rel(g, g_ref) < 5e-2
+    assert rel_max(g, g_ref) < 5e-2
     checked += 1
   assert checked > 20

@@ -16,15 +16,9 @@ import pytest
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
 from pallas_kernels.simple_gla import mosaic
+from checks import gpu, rel
 
-ON_GPU = jax.devices()[0].platform == "gpu"
-gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
 SLOPES = np.array([0.84, 0.0039, 0.3, 0.05])  # Ling's steepest and shallowest heads first
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def reset_counter(seg, B, T):

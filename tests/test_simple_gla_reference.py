@@ -12,6 +12,7 @@ import pytest
 
 from pallas_kernels.simple_gla import (IMPLS, simple_gla, simple_gla_chunked,
                                        simple_gla_recurrent, simple_gla_step)
+from checks import rel
 
 chunked = jax.jit(simple_gla_chunked, static_argnames=("chunk_size",))
 recurrent = jax.jit(simple_gla_recurrent)
@@ -53,11 +54,6 @@ def gla64(q, k, v, g, scale=None, h0=None, seg=None):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def inputs(seed, B, T, H, K, V, *, h0=True, g="head", slope_scale=8.0):
