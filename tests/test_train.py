@@ -27,7 +27,8 @@ from ling_jax.train.balance import moe_rows, update_expert_bias
 from ling_jax.train.checkpoint import ConfigMismatch
 from ling_jax.train.optim import decays, optimizer, schedule
 from ling_jax.train.report import read_metrics
-from ling_jax.train.step import _losses, init_state, make_train_step, split_model
+from ling_jax.train.step import (_losses, compute_copies, init_state, make_train_step,
+                                  split_model)
 from model_utils import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,6 +200,38 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
   with pytest.raises(ValueError, match="grad_accum"):
     type(exp)(cfg, dataclasses.replace(exp.data, batch_size=3),
               dataclasses.replace(tcfg, grad_accum=2))
+
+
+def test_accumulation_casts_the_weights_once_with_the_same_update():
+  """bf16 compute under grad_accum: the projection matrices are cast once per step and the
+  micro-batches differentiate with respect to the copies (`compute_copies`). The same AdamW
+  update bit for bit as casting in every micro-batch's forward; norms, router, embedding and
+  head stay fp32."""
+  cfg = ling_tiny(num_hidden_layers=2)
+  tcfg = TrainConfig(steps=2, learning_rate=1e-2, warmup_steps=0, compute_dtype="bfloat16",
+                     moe_impl="dense")
+  exp = tiny_pretrain.config()
+  graphdef, params, bias = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
+  copies = compute_copies(params, jnp.bfloat16)
+  kept = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(copies)
+          if x.dtype == jnp.float32}
+  assert any("lm_head" in k for k in kept) and any("['gate']['weight']" in k for k in kept)
+  assert any("layernorm" in k for k in kept) and not any("_proj" in k for k in kept)
+  tx = optimizer(tcfg)
+  batch = next(SyntheticIterator(batch_size=4, seq_len=32, vocab_size=cfg.vocab_size, seed=2))
+  results = []
+  for cast_once in (False, True):
+    step = make_train_step(graphdef, tx, schedule(tcfg), mtp_weight=cfg.mtp_loss_scaling_factor,
+                           bias_rate=1e-3, grad_accum=2, compute_dtype="bfloat16",
+                           cast_once=cast_once)
+    state = init_state(jax.tree.map(jnp.array, params), jax.tree.map(jnp.array, bias), tx)
+    for _ in range(2):
+      state, m = step(state, batch)
+    results.append(jax.tree.map(np.asarray, (state.params, state.opt_state, m)))
+  moved = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), results[1][0], params)
+  assert min(jax.tree.leaves(moved)) > 0
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_array_equal(b, a)
 
 
 def test_one_pass_logsumexp_matches_float64():

@@ -76,7 +76,8 @@ def train_step(cfg: LingConfig, t: TrainConfig, graphdef, tx):
   """The jitted train step `t` asks for (loss weights, remat, CE chunking, bias updates)."""
   return make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight(cfg, t),
                          bias_rate=t.bias_update_rate, remat=t.remat, remat_scope=t.remat_scope,
-                         ce_chunk=t.ce_chunk, grad_accum=t.grad_accum)
+                         ce_chunk=t.ce_chunk, grad_accum=t.grad_accum,
+                         compute_dtype=t.compute_dtype)
 
 
 def run(exp: Experiment) -> dict:

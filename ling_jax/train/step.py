@@ -49,6 +49,38 @@ def split_model(model: nnx.Module):
   return graphdef, params, bias
 
 
+# The projection matrices, which the forward casts to the compute dtype at their use
+# (`w[...].astype(dtype)`); not the norms' scales or the router's weight (leaves named "weight":
+# the router runs in fp32, spec 4.3, and the QK-norm kernel widens its scales' gradients itself),
+# nor the embedding and head that the main and MTP branches share (two uses: their cotangents
+# must add up in fp32).
+_KEEP_FP32 = ("weight", "word_embeddings", "lm_head")
+
+
+def _cast_in_forward(path) -> bool:
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  names = [n for n in names if n != "value"]
+  return bool(names) and names[-1] not in _KEEP_FP32
+
+
+def compute_copies(params, dtype):
+  """`params` with the fp32 projection matrices, which the forward casts to `dtype` at their use,
+  cast now; the rest (norm scales, router, embedding, head) as they are.
+
+  The model casts each master weight where it uses it (`w[...].astype(dtype)`, a no-op on a leaf
+  already in `dtype`). Under gradient accumulation that cast (4 bytes read, 2 written a
+  parameter) would run in every micro-batch; the train step casts once and differentiates with
+  respect to the copies. Their gradients are the casts' cotangents, which the casts' own
+  backward would only have widened to fp32: the same gradients bit for bit (tests/test_train.py).
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.astype(dtype) if p.dtype == jnp.float32 and _cast_in_forward(path) else p,
+      params)
+
+
 def init_state(params, expert_bias, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, expert_bias=expert_bias,
                     opt_state=tx.init(params))
@@ -113,7 +145,8 @@ def _losses(graphdef, params, expert_bias, batch, *, mtp: bool, remat=None,
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, mtp_weight: float,
                     bias_rate: float, remat: str = "none", remat_scope: str = "layer",
-                    ce_chunk: int = 4096, grad_accum: int = 1):
+                    ce_chunk: int = 4096, grad_accum: int = 1, compute_dtype=None,
+                    cast_once: bool = True):
   """A jitted `(state, batch) -> (state, metrics)`; `state` is donated. mtp_weight 0 skips MTP.
 
   remat: a policy name of `REMAT`, applied per decoder layer (remat_scope "layer") or per hybrid
@@ -121,7 +154,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
   cross-entropy (0: materialise the full fp32 logits). grad_accum: the batch's rows run as that
   many equal micro-batches in sequence (activation memory of one micro-batch); their gradients,
   loss sums and expert loads add up to the whole batch's, so the update is the same as one pass
-  over the batch (up to summation order).
+  over the batch (up to summation order). compute_dtype (the model's, e.g. bf16) with cast_once:
+  under accumulation the fp32 weights are cast to it once per step (`compute_copies`), not in
+  each micro-batch's forward; the same gradients bit for bit.
   """
   mtp = mtp_weight > 0
   if remat not in REMAT:
@@ -147,16 +182,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
     if rows % grad_accum:
       raise ValueError(f"batch of {rows} rows does not split into grad_accum={grad_accum}")
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, rows // grad_accum, *x.shape[1:]), batch)
+    weights = compute_copies(params, compute_dtype) if cast_once and compute_dtype else params
+
+    def widen(out):  # the copies' gradients in the master weights' dtypes (fp32)
+      return out[0], jax.tree.map(lambda g, p: g.astype(p.dtype), out[1], params)
 
     def body(acc, mb):
-      out = grad_fn(params, expert_bias, mb, n, n_mtp)
+      out = widen(grad_fn(weights, expert_bias, mb, n, n_mtp))
       return jax.tree.map(jnp.add, acc, out), None
 
     # Every micro-batch inside the scan, from zeros: one copy of the forward and backward in
     # the program. (With the first one outside the scan, as the carry's start, the program held
     # two copies and asked for 48 GiB of temporaries at ling_small's 2 x 8 x 4096 on an H100.)
     one = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(grad_fn, params, expert_bias, one, n, n_mtp)
+    shapes = jax.eval_shape(lambda *a: widen(grad_fn(*a)), weights, expert_bias, one, n, n_mtp)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return jax.lax.scan(body, zeros, micro)[0]
 
