@@ -5,7 +5,8 @@
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
 set -uo pipefail
-export JAX_PLATFORMS=cuda PYTHONUNBUFFERED=1
+# cuda first (the default backend), cpu beside it: the train loop builds the model on the host CPU
+export JAX_PLATFORMS=cuda,cpu PYTHONUNBUFFERED=1
 if ls .whl/fla_core-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/fla_core-*.whl .whl/einops-*.whl >/dev/null 2>&1
