@@ -106,7 +106,7 @@ def test_kernel_interpreted_matches_reference(B, T, H, K, R, dtype, bt):
   qkv, wq, wk, cos, sin, cts = make(K + R + T, B, T, H, K, R, dtype)
   cfg = Config(eps=0.0, dtype=dtype, block_t=bt)
   (q, k, v), (dqkv, dwq, dwk) = run(
-      lambda *a: qk_norm_rope(*a, cos, sin, eps=EPS, dtype=dtype, impl="pallas", interpret=True,
+      lambda *a: qk_norm_rope(*a, cos, sin, eps=EPS, dtype=dtype, impl="pallas_interpret",
                               config=cfg), qkv, wq, wk, cts)
   (q_r, k_r, v_r), (dqkv_r, dwq_r, dwk_r) = run(lambda *a: qkv_ref(*a, cos, sin, dtype),
                                                 qkv, wq, wk, cts)
@@ -127,7 +127,7 @@ def test_kernel_with_fp32_qkv_and_bf16_weights_under_bf16_compute():
   qkv, wq, wk, cos, sin, cts = make(5, 1, 13, 4, 16, 8, jnp.float32, w_dtype=jnp.bfloat16)
   cts = tuple(c.astype(jnp.bfloat16) for c in cts)
   f = lambda impl: lambda *a: qk_norm_rope(*a, cos, sin, eps=EPS, dtype=jnp.bfloat16, impl=impl)
-  got, want = run(f("pallas"), qkv, wq, wk, cts), run(f("xla"), qkv, wq, wk, cts)
+  got, want = run(f("pallas_interpret"), qkv, wq, wk, cts), run(f("xla"), qkv, wq, wk, cts)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype
   assert all(rel_max(a, b) < 8e-3 for a, b in zip(jax.tree.leaves(got)[:4], jax.tree.leaves(want)[:4]))
@@ -174,7 +174,7 @@ def test_kernels_lower_to_verified_triton_for_sm90(cfg):
 
   def f(qkv, wq, wk, cos, sin):
     out, vjp = jax.vjp(lambda *a: qk_norm_rope(*a, cos, sin, eps=EPS, dtype=jnp.bfloat16,
-                                               impl="pallas", interpret=False, config=config),
+                                               impl="pallas", config=config),
                        qkv, wq, wk)
     return out, vjp(out)
 

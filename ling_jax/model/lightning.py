@@ -17,7 +17,7 @@ from ling_jax import axes as ax
 from ling_jax.config import alibi_slopes
 from ling_jax.model import rope
 from ling_jax.model.common import GroupRMSNorm, RMSNorm, param
-from pallas_kernels.qk_norm_rope import qk_norm_rope
+from pallas_kernels.qk_norm_rope import IMPLS as QK_IMPLS, qk_norm_rope
 from pallas_kernels.simple_gla import simple_gla, simple_gla_step
 
 
@@ -71,12 +71,10 @@ class LightningAttention(nnx.Module):
     # The cut, both norms and RoPE in one kernel where simple_gla runs its Pallas kernels; the
     # reference for the XLA forms and the one-token decode step.
     decoding = cache is not None and a.shape[1] == 1
-    impl = "xla" if decoding else {"auto": "auto", "pallas": "pallas",
-                                   "pallas_interpret": "pallas"}.get(self.impl, "xla")
+    impl = self.impl if self.impl in QK_IMPLS and not decoding else "xla"
     wq, wk = (None, None) if qn is None else (qn.weight[...], kn.weight[...])
     q, k, v = qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
-                           dtype=dt, impl=impl,
-                           interpret=True if self.impl == "pallas_interpret" else None)
+                           dtype=dt, impl=impl)
 
     g = layer_decay(jnp.asarray(np.asarray(self.slopes), jnp.float32), layer_idx,
                     self.num_layers, self.decay_form)

@@ -1,11 +1,11 @@
 """The Lightning layer's qkv cut, per-head QK RMSNorm and partial NeoX RoPE as one op (3.4.2-3).
 
-`qk_norm_rope(qkv, wq, wk, cos, sin, eps=, dtype=, impl=, interpret=)`:
+`qk_norm_rope(qkv, wq, wk, cos, sin, eps=, dtype=, impl=)`:
 * "pallas": kernel.py's Triton-lowered forward and backward (one read of qkv, one write of q, k,
   v; backward one read of qkv, dq, dk, dv and one write of d qkv), where the shape fits (heads
   a power of two); reference.py otherwise, with a warning. Without QK norm (wq = wk = None) it is
-  the reference, silently: the model's norms are always on. `interpret` (default: off on a GPU,
-  on elsewhere) runs the kernels in Pallas interpret mode;
+  the reference, silently: the model's norms are always on;
+* "pallas_interpret": the same kernels in Pallas interpret mode (CPU tests);
 * "xla": reference.py under autodiff;
 * "auto": "pallas" on a GPU for bf16 / fp16 compute, else "xla" (and the reference, silently,
   where the kernel does not apply).
@@ -22,14 +22,14 @@ from pallas_kernels.qk_norm_rope.kernel import (Config, check_config, qk_norm_ro
                                                unsupported)
 from pallas_kernels.qk_norm_rope.reference import apply_neox, qk_norm_rope_reference
 
-IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("auto", "pallas", "pallas_interpret", "xla")
 
 __all__ = ["Config", "IMPLS", "apply_neox", "qk_norm_rope", "qk_norm_rope_pallas",
            "qk_norm_rope_reference"]
 
 
 def qk_norm_rope(qkv, wq, wk, cos, sin, *, eps: float, dtype, impl: str = "auto",
-                 interpret: bool | None = None, config: Config | None = None):
+                 config: Config | None = None):
   """qkv [B, T, 3, H, K]; wq, wk [K] (any float dtype) or both None; cos, sin [B, T, R/2] fp32
   (ling_jax.model.rope.cos_sin) -> (q, k, v), each [B, T, H, K] in `dtype` (reference.py's
   semantics). `config` overrides the kernel's block size and warps (benchmarks)."""
@@ -47,13 +47,13 @@ def qk_norm_rope(qkv, wq, wk, cos, sin, *, eps: float, dtype, impl: str = "auto"
   if wq is not None and (wq.shape != (K,) or wk.shape != (K,)):
     raise ValueError(f"wq {wq.shape} and wk {wk.shape} must be [K] = [{K}]")
   dtype = jnp.dtype(dtype)
-  on_gpu, asked = jax.default_backend() == "gpu", impl == "pallas"
+  on_gpu, asked = jax.default_backend() == "gpu", impl != "auto"
   if impl == "auto":
     impl = "pallas" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
   cfg = (config or Config(eps=0.0, dtype=dtype))._replace(
-      eps=float(eps), dtype=dtype, interpret=(not on_gpu) if interpret is None else interpret)
+      eps=float(eps), dtype=dtype, interpret=impl == "pallas_interpret")
   check_config(cfg)
-  if impl == "pallas" and wq is not None:
+  if impl != "xla" and wq is not None:
     reason = unsupported(H, K, 2 * half)
     if reason is None:
       N = B * T

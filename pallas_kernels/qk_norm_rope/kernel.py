@@ -90,10 +90,6 @@ def _pow2_pieces(start: int, width: int) -> list[tuple[int, int]]:
   return out
 
 
-def _layout(K: int, half: int):
-  """(rotation pieces (a, size) of [0, R/2), each with its partner at a + R/2; pass-through
-  pieces of [R, K))."""
-  return _pow2_pieces(0, half), _pow2_pieces(2 * half, K - 2 * half)
 
 
 def _f32(x, dtype):
@@ -130,6 +126,13 @@ class _Block:
     s = plt.load(sin_ref.at[:, pl.ds(a, size)], mask=m, other=0)
     return c[:, None, :], s[:, None, :]  # [BT, 1, size]
 
+  def layout(self, cos_ref, sin_ref, K: int, half: int):
+    """(rot: rotation pieces (a, size) of [0, R/2), each with its partner at a + R/2; pieces:
+    rot, the partners, then the pass-through pieces of [R, K); cs: each rot piece's (cos, sin))."""
+    rot = _pow2_pieces(0, half)
+    pieces = rot + [(half + a, size) for a, size in rot] + _pow2_pieces(2 * half, K - 2 * half)
+    return rot, pieces, [self.cos_sin(cos_ref, sin_ref, a, size) for a, size in rot]
+
   def normalise(self, qkv_ref, part, pieces, K):
     """x pieces (dtype-rounded, fp32) and r = rsqrt(mean(x^2) + eps) [BT, H, 1]."""
     xs = [_f32(self.load(qkv_ref, part, a, size), self.cfg.dtype) for a, size in pieces]
@@ -141,9 +144,7 @@ def _fwd_kernel(qkv_ref, wq_ref, wk_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, 
                 cfg: Config, bt: int, n_tokens: int, half: int):
   K = v_ref.shape[-1]
   blk, dt = _Block(cfg, bt, n_tokens), cfg.dtype
-  rot, rest = _layout(K, half)
-  pieces = rot + [(half + a, size) for a, size in rot] + rest
-  cs = [blk.cos_sin(cos_ref, sin_ref, a, size) for a, size in rot]
+  rot, pieces, cs = blk.layout(cos_ref, sin_ref, K, half)
   n = len(rot)
   for part, w_ref, o_ref in ((0, wq_ref, q_ref), (1, wk_ref, k_ref)):
     xs, r = blk.normalise(qkv_ref, part, pieces, K)
@@ -154,7 +155,7 @@ def _fwd_kernel(qkv_ref, wq_ref, wk_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, 
       y1, y2 = ys[j], ys[n + j]
       blk.store(o_ref, None, a, (y1 * c - y2 * s).astype(dt))
       blk.store(o_ref, None, half + a, (y2 * c + y1 * s).astype(dt))
-    for (a, _), y in zip(rest, ys[2 * n:]):
+    for (a, _), y in zip(pieces[2 * n:], ys[2 * n:]):
       blk.store(o_ref, None, a, y.astype(dt))
   for a, size in _pow2_pieces(0, K):
     blk.store(v_ref, None, a, blk.load(qkv_ref, 2, a, size).astype(dt))
@@ -164,9 +165,7 @@ def _bwd_kernel(qkv_ref, wq_ref, wk_ref, cos_ref, sin_ref, dq_ref, dk_ref, dv_re
                 dqkv_ref, dwq_ref, dwk_ref, *, cfg: Config, bt: int, n_tokens: int, half: int):
   K = dv_ref.shape[-1]
   blk, dt = _Block(cfg, bt, n_tokens), cfg.dtype
-  rot, rest = _layout(K, half)
-  pieces = rot + [(half + a, size) for a, size in rot] + rest
-  cs = [blk.cos_sin(cos_ref, sin_ref, a, size) for a, size in rot]
+  rot, pieces, cs = blk.layout(cos_ref, sin_ref, K, half)
   n = len(rot)
   for part, w_ref, do_ref, dw_ref in ((0, wq_ref, dq_ref, dwq_ref),
                                       (1, wk_ref, dk_ref, dwk_ref)):
