@@ -51,6 +51,33 @@ def _routing_case(seed, N=40, D=16, E=8, X=2, skew=0.0):
   return x, wr, bias, (wg, wu, wd)
 
 
+def test_router_logits_of_bf16_activations_reach_fp32_accuracy():
+  """moe.router_logits runs bf16 matmuls on split operands for bf16 x: the logits and d weight
+  within fp32 rounding of float64 (a plain bf16 or TF32 product is off by ~1e-3 / ~3e-4 of the
+  largest), d x the float64 value rounded to bf16 (but for rare double-rounding ties), also
+  jitted (a compiler folding the split's round trips would zero its later terms)."""
+  k = jax.random.split(jax.random.key(4), 3)
+  N, D, E = 384, 256, 32
+  x = jax.random.normal(k[0], (N, D), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(k[1], (D, E), jnp.float32) * D ** -0.5
+  g = jax.random.normal(k[2], (N, E), jnp.float32)
+
+  @jax.jit
+  def run(x, w, g):
+    out, vjp = jax.vjp(moe.router_logits, x, w)
+    return out, *vjp(g)
+
+  out, dx, dw = run(x, w, g)
+  assert out.dtype == dw.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
+  X, W, G = (np.asarray(a, np.float64) for a in (x.astype(jnp.float32), w, g))
+  for got, want in ((out, X @ W), (dw, X.T @ G)):
+    assert np.abs(np.asarray(got, np.float64) - want).max() < 2e-6 * np.abs(want).max()
+  want_dx = np.asarray(jnp.asarray(G @ W.T, jnp.float32).astype(jnp.bfloat16), np.float64)
+  got_dx = np.asarray(dx, np.float64)
+  assert (got_dx == want_dx).mean() > 0.999
+  assert np.abs(got_dx - want_dx).max() <= 2 ** -7 * np.abs(want_dx).max()
+
+
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (2, 1), (4, 2)])
 def test_router_matches_float64_spec(n_group, topk_group):
   x, wr, bias, _ = _routing_case(3)

@@ -85,6 +85,67 @@ def _top2_sum(x: jax.Array) -> jax.Array:
   return jnp.max(x, axis=-1) + jnp.max(rest, axis=-1)
 
 
+def _split_bf16(a: jax.Array, parts: int) -> list[jax.Array]:
+  """fp32 a as `parts` bf16 terms, each a's remainder truncated to its top 16 bits (exact in
+  bf16), so the fp32 sum of the terms is a to 2^(-8 parts) of |a|, and exactly a for 3 terms.
+  Truncation by bit mask, not rounding casts: XLA's GPU compiler may fold a round trip
+  f32 -> bf16 -> f32 into the identity (excess precision), which zeroes the later terms."""
+  out = []
+  for _ in range(parts):
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    top = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    out.append(top.astype(jnp.bfloat16))
+    a = a - top
+  return out
+
+
+def _dot_f32(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def router_logits(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """x [N, D] @ weight [D, E] (fp32) -> fp32 logits, at fp32 accuracy, as the reference's
+  F.linear in float32: a GPU's default precision for an fp32 dot (TF32) moves the logits by ~3e-4
+  of the largest and flips near-tied experts (benchmarks/router_precision.py).
+
+  For bf16 x (bf16 compute) the three products are bf16 tensor-core matmuls on split operands
+  instead of fp32 dots, which XLA runs at a fraction of the memory rate for E = 32 columns: the
+  weight as 3 bf16 terms (x is exact in bf16: the logits to fp32 accumulation), and in the
+  backward the fp32 cotangent as 3 terms (d weight; d x from the six products of cotangent and
+  weight terms that reach fp32's precision). One matmul each, the terms side by side on the short
+  E axis. Other dtypes: one HIGHEST-precision fp32 dot.
+  """
+  if x.dtype != jnp.bfloat16:
+    return jnp.matmul(x.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST)
+  E = weight.shape[1]
+  parts = _dot_f32(x, jnp.concatenate(_split_bf16(weight, 3), axis=1), ((1,), (0,)))  # [N, 3E]
+  return parts[:, :E] + parts[:, E:2 * E] + parts[:, 2 * E:]
+
+
+def _router_logits_fwd(x, weight):
+  return router_logits(x, weight), (x, weight)
+
+
+def _router_logits_bwd(res, g):
+  x, weight = res
+  if x.dtype != jnp.bfloat16:
+    _, vjp = jax.vjp(lambda x, w: jnp.matmul(x.astype(jnp.float32), w,
+                                             precision=jax.lax.Precision.HIGHEST), x, weight)
+    return vjp(g)
+  E = weight.shape[1]
+  g3, w3 = _split_bf16(g, 3), _split_bf16(weight, 3)
+  # d x = g w^T to fp32 accuracy: the six products g_i w_j with i + j < 3, one matmul over 6E.
+  pairs = [(i, j) for i in range(3) for j in range(3 - i)]
+  dx = _dot_f32(jnp.concatenate([g3[i] for i, _ in pairs], axis=1),
+                jnp.concatenate([w3[j] for _, j in pairs], axis=1), ((1,), (1,)))
+  dw = _dot_f32(x, jnp.concatenate(g3, axis=1), ((0,), (0,)))  # [D, 3E]
+  return dx.astype(x.dtype), dw[:, :E] + dw[:, E:2 * E] + dw[:, 2 * E:]
+
+
+router_logits.defvjp(_router_logits_fwd, _router_logits_bwd)
+
+
 def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_group: int,
           topk_group: int, scale: float):
   """Router of spec 3.7: x [N, D] -> (expert ids [N, X] int32, weights [N, X] fp32).
@@ -93,11 +154,7 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_gro
   (by the sum of their top-2 biased scores) are masked with -inf (spec 6.3); the chosen unbiased
   scores are renormalised and multiplied by the routed scale (spec 6.2).
   """
-  # fp32 as the reference's F.linear in float32; HIGHEST, or a GPU's default precision for an
-  # fp32 dot (TF32) moves the logits by ~3e-4 of the largest and flips near-tied experts
-  # (benchmarks/router_precision.py).
-  logits = jnp.matmul(x.astype(jnp.float32), weight.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)  # [N, E]
+  logits = router_logits(x, weight.astype(jnp.float32))  # [N, E] fp32
   scores = jax.nn.sigmoid(logits)
   biased = scores + bias.astype(jnp.float32)
   N, E = biased.shape
