@@ -103,47 +103,55 @@ def _dot_f32(a: jax.Array, b: jax.Array, dims) -> jax.Array:
   return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
+def _sum_terms(a: jax.Array, n: int) -> jax.Array:
+  """[..., n E] -> [..., E]: the sum of the n side-by-side blocks of the last axis, in order."""
+  E = a.shape[-1] // n
+  out = a[..., :E]
+  for i in range(1, n):
+    out = out + a[..., i * E:(i + 1) * E]
+  return out
+
+
 def router_logits(x: jax.Array, weight: jax.Array) -> jax.Array:
   """x [N, D] @ weight [D, E] (fp32) -> fp32 logits, at fp32 accuracy, as the reference's
   F.linear in float32: a GPU's default precision for an fp32 dot (TF32) moves the logits by ~3e-4
   of the largest and flips near-tied experts (benchmarks/router_precision.py).
 
   For bf16 x (bf16 compute) the three products are bf16 tensor-core matmuls on split operands
-  instead of fp32 dots, which XLA runs at a fraction of the memory rate for E = 32 columns: the
-  weight as 3 bf16 terms (x is exact in bf16: the logits to fp32 accumulation), and in the
-  backward the fp32 cotangent as 3 terms (d weight; d x from the six products of cotangent and
-  weight terms that reach fp32's precision). One matmul each, the terms side by side on the short
-  E axis. Other dtypes: one HIGHEST-precision fp32 dot.
+  (`_split_logits`) instead of fp32 dots, which XLA runs at a fraction of the memory rate for
+  E = 32 columns. Other dtypes: one HIGHEST-precision fp32 dot.
   """
   if x.dtype != jnp.bfloat16:
     return jnp.matmul(x.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST)
-  E = weight.shape[1]
-  parts = _dot_f32(x, jnp.concatenate(_split_bf16(weight, 3), axis=1), ((1,), (0,)))  # [N, 3E]
-  return parts[:, :E] + parts[:, E:2 * E] + parts[:, 2 * E:]
+  return _split_logits(x, weight)
 
 
-def _router_logits_fwd(x, weight):
-  return router_logits(x, weight), (x, weight)
+@jax.custom_vjp
+def _split_logits(x: jax.Array, weight: jax.Array) -> jax.Array:
+  """router_logits for bf16 x: the weight as 3 bf16 terms (x is exact in bf16, so the logits are
+  exact products with fp32 accumulation), and in the backward the fp32 cotangent as 3 terms
+  (d weight; d x from the six products of cotangent and weight terms that reach fp32's
+  precision). One matmul each, the terms side by side on the short E axis."""
+  return _split_logits_fwd(x, weight)[0]
 
 
-def _router_logits_bwd(res, g):
-  x, weight = res
-  if x.dtype != jnp.bfloat16:
-    _, vjp = jax.vjp(lambda x, w: jnp.matmul(x.astype(jnp.float32), w,
-                                             precision=jax.lax.Precision.HIGHEST), x, weight)
-    return vjp(g)
-  E = weight.shape[1]
-  g3, w3 = _split_bf16(g, 3), _split_bf16(weight, 3)
+def _split_logits_fwd(x, weight):
+  w3 = _split_bf16(weight, 3)
+  return _sum_terms(_dot_f32(x, jnp.concatenate(w3, axis=1), ((1,), (0,))), 3), (x, w3)
+
+
+def _split_logits_bwd(res, g):
+  x, w3 = res
+  g3 = _split_bf16(g, 3)
   # d x = g w^T to fp32 accuracy: the six products g_i w_j with i + j < 3, one matmul over 6E.
   pairs = [(i, j) for i in range(3) for j in range(3 - i)]
   dx = _dot_f32(jnp.concatenate([g3[i] for i, _ in pairs], axis=1),
                 jnp.concatenate([w3[j] for _, j in pairs], axis=1), ((1,), (1,)))
   dw = _dot_f32(x, jnp.concatenate(g3, axis=1), ((0,), (0,)))  # [D, 3E]
-  return dx.astype(x.dtype), dw[:, :E] + dw[:, E:2 * E] + dw[:, 2 * E:]
+  return dx.astype(x.dtype), _sum_terms(dw, 3)
 
 
-router_logits.defvjp(_router_logits_fwd, _router_logits_bwd)
+_split_logits.defvjp(_split_logits_fwd, _split_logits_bwd)
 
 
 def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_group: int,

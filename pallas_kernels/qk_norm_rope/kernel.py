@@ -90,8 +90,6 @@ def _pow2_pieces(start: int, width: int) -> list[tuple[int, int]]:
   return out
 
 
-
-
 def _f32(x, dtype):
   """Round to `dtype`, then compute in fp32 (exact: every dtype here fits in fp32)."""
   return x.astype(dtype).astype(jnp.float32)
