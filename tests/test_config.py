@@ -1,8 +1,10 @@
 """Config presets, derived numbers, HF config strictness, and the real presets' shapes/shardings."""
 
+import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -10,7 +12,10 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.config import YarnScaling, alibi_slopes, ling_2_6_1t, ling_2_6_flash, ling_small, ling_tiny
 from ling_jax.hf_config import from_hf_config, read_hf_config, to_hf_config
-from ling_jax.model import LingForCausalLM
+from ling_jax.model import LingForCausalLM, moe
+from ling_jax.train.step import lm_losses
+from flop_count import weight_matmul_flops
+from model_utils import random_tokens
 
 
 def test_flash_layout_and_counts_match_spec():
@@ -32,6 +37,36 @@ def test_small_preset_is_about_one_billion():
   cfg = ling_small()
   assert 0.9e9 < cfg.param_count() < 1.2e9
   assert cfg.flops_per_token(4096) > 6 * cfg.active_param_count() * 0.8
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "use_qk_norm": False,
+                                          "first_k_dense_replace": 0}])
+def test_flops_per_token_counts_the_matmuls_the_forward_runs(overrides, monkeypatch):
+  """The MFU numerator's weight term against the traced training forward: every dot_general and
+  ragged_dot with a weight operand, counted off the jaxpr (tests/flop_count.py). With MTP that
+  includes the MTP head's own matmul through the shared lm_head; norms and the expert bias are
+  in no matmul."""
+  monkeypatch.setattr(moe, "experts_grouped",
+                      functools.partial(moe.experts_grouped, matmul=jax.lax.ragged_dot))
+  cfg = ling_tiny(**overrides)
+  graphdef, params, rest = nnx.split(LingForCausalLM(cfg, rngs=nnx.Rngs(0), moe_impl="gmm"),
+                                     nnx.Param, ...)
+  B, T = 2, 96
+  batch = {"tokens": random_tokens(cfg, (B, T)),
+           "positions": jnp.broadcast_to(jnp.arange(T), (B, T)),
+           "segment_ids": jnp.ones((B, T), jnp.int32)}
+
+  def loss(params, batch, mtp):
+    model = nnx.merge(graphdef, params, rest)
+    out = model.forward(batch["tokens"], positions=batch["positions"],
+                        segment_ids=batch["segment_ids"], mtp=mtp, logits=False)
+    return sum(lm_losses(out, batch, model.lm_head[...], ce_chunk=64).values())
+
+  for mtp in (False, True):
+    counted = weight_matmul_flops(functools.partial(loss, mtp=mtp), params, batch) / (B * T)
+    assert counted == 2 * cfg.matmul_params_per_token(mtp), (mtp, counted)
+  D, V = cfg.hidden_size, cfg.vocab_size
+  assert cfg.matmul_params_per_token(True) - cfg.matmul_params_per_token(False) > V * D
 
 
 def test_tail_layers_and_prefix_groups():
