@@ -21,8 +21,9 @@ bf16 matmuls over fp32 master weights (router in fp32); on the GPU the MoE runs 
 matmul kernels, Lightning attention the Pallas kernels and MLA cuDNN's fused attention
 (`moe_impl` / `gla_impl` / `attn_impl` "auto"; the memory estimates above used the CPU paths,
 sorted experts, the chunked reference and materialised scores); on the GPU the head's
-cross-entropy and Lightning's QK norms + RoPE run fused Pallas kernels. On an H100: 194.7k
-tokens/s, 32.79% MFU (BENCHMARKS.md, session 14; micro-batches of 12 rows run out of memory). The default data is the synthetic packed
+cross-entropy and Lightning's QK norms + RoPE run fused Pallas kernels. On an H100: 195.8k
+tokens/s, 36.95% MFU with the MTP head's matmul counted (BENCHMARKS.md, session 15; micro-batches
+of 12 rows run out of memory). The default data is the synthetic packed
 stream, which needs neither grain nor files (the GPU image has no grain); where grain is
 installed, `data.source=stdlib` (bytes) or a JSONL/ArrayRecord corpus with
 `data.tokenizer=tokenizer.json` trains on text instead.
