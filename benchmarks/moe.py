@@ -179,7 +179,7 @@ SWEEP_KINDS = ("glu", "gmm", "down", "down_dx", "gmm_sum", "tgmm2", "tgmm_g", "t
                "mdown", "mdown_dx", "mtgmm_g", "mtgmm_down", "mtgmm_gu")
 
 
-def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
+def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS, tiles=None, device_time=False):
   """Raw kernels at one expert shape, M = N X routed rows in uniform random groups:
     glu       fused gate/up + SwiGLU, rows gathered from the [N, D] tokens (the forward's first half)
     gmm       one x @ w_gate [M, D] x [D, F] (the unfused kernel, for comparison)
@@ -194,7 +194,11 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
     mdown_dx  down_dx's product with the Mosaic GPU kernel
     mtgmm_g   d w_gate on the Mosaic GPU tgmm, x's rows materialised (tiles _MT)
     mtgmm_down d w_down on the Mosaic GPU tgmm
-    mtgmm_gu  d w_gate and d w_up as one [M, 2F] product on the Mosaic GPU tgmm"""
+    mtgmm_gu  d w_gate and d w_up as one [M, 2F] product on the Mosaic GPU tgmm
+  tiles: {kind: [tile tuple, ...]} replacing a kind's list above (--tiles).
+  device_time: seconds of device time per call from a profiler trace (--device-time) instead of
+  the wall time of back-to-back calls, which below ~40 us a call measures the host's dispatch
+  (a [1024, 1024] x [1024, 576] matmul timed 39 us that way on an H100)."""
   from pallas_kernels.grouped_matmul import gmm_glu_pallas, gmm_pallas, gmm_sum_pallas, tgmm_pallas
   from pallas_kernels.grouped_matmul import mosaic, mosaic_tgmm
   rng = np.random.default_rng(0)
@@ -235,17 +239,18 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
   }
   rows = []
   for kind in kinds:
-    tiles, make_cfg, flops, make_fn, args = plan[kind]
-    for tile in tiles:
+    kind_tiles, make_cfg, flops, make_fn, args = plan[kind]
+    for tile in (tiles or {}).get(kind, kind_tiles):
       cfg = make_cfg(*tile)
-      t = guarded(time_jax, jax.jit(make_fn(cfg)), *args)
+      t = guarded(_device_seconds if device_time else time_jax, jax.jit(make_fn(cfg)), *args)
       rows.append(dict(shape=name, tokens=N, kernel=kind, tiles=tile, seconds=t,
                        tflops=flops / t / 1e12 if isinstance(t, float) else None))
       print("# " + json.dumps(rows[-1]), flush=True)
       if os.environ.get("OUT"):  # as we go: a call cut short by its time limit keeps its rows
         with open(os.path.join(os.environ["OUT"], f"moe_sweep_{name}_{N}.json"), "w") as f:
           json.dump(rows, f, indent=1)
-  dense = guarded(time_jax, jax.jit(lambda a, b: a @ b), xs, wg[0])
+  dense = guarded(_device_seconds if device_time else time_jax, jax.jit(lambda a, b: a @ b), xs,
+                  wg[0])
   print(f"# dense [{M}, {D}] x [{D}, {F}]: {dense}")
   for kind in kinds:
     ok = [r for r in rows if r["kernel"] == kind and r["tflops"]]
@@ -254,6 +259,11 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS):
       print(f"| {name} {N} | {kind} | best {best['tiles']} | {best['seconds'] * 1e3:.3f} ms | "
             f"{best['tflops']:.0f} TFLOP/s | dense {f1 / dense / 1e12 if isinstance(dense, float) else 0:.0f} |")
   return rows
+
+
+def _device_seconds(fn, *args):
+  from benchmarks.moe_parts import per_op  # (it imports this module)
+  return sum(t for t, *_ in per_op(fn, args, calls=20)) / 1e6
 
 
 def tflops(flops, t, mult=1):
@@ -293,6 +303,10 @@ def main():
   ap.add_argument("--sweep", action="store_true",
                   help="time the raw kernels (see `sweep`) over tile configurations")
   ap.add_argument("--kernels", default=",".join(SWEEP_KINDS), help="kernels for --sweep")
+  ap.add_argument("--device-time", action="store_true",
+                  help="--sweep times device ops from a profiler trace (for kernels of < 40 us)")
+  ap.add_argument("--tiles", default=None, help="JSON {kind: [[tile...], ...]}: --sweep's tile "
+                  "lists for those kinds instead of the built-in ones")
   args = ap.parse_args()
   on_gpu = jax.devices()[0].platform == "gpu"
   print(f"# device: {jax.devices()[0].device_kind}")
@@ -310,7 +324,10 @@ def main():
   if args.sweep and on_gpu:
     for name in shapes:
       for n in tokens:
-        rows += sweep(name, **SHAPES[name], N=n, kinds=args.kernels.split(","))
+        rows += sweep(name, **SHAPES[name], N=n, kinds=args.kernels.split(","),
+                      tiles={k: [tuple(t) for t in v]
+                             for k, v in json.loads(args.tiles or "{}").items()},
+                      device_time=args.device_time)
     if os.environ.get("OUT"):
       with open(os.path.join(os.environ["OUT"], "moe_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
