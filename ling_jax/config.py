@@ -147,39 +147,44 @@ class LingConfig:
     return self.num_hidden_layers - self.num_groups * self.layer_group_size
 
   # ------------------------------------------------------------------ parameter counts
-  def _linear_attn_params(self) -> int:
+  # matmul=True: only the weights of matmuls, without the norm scales and the expert bias.
+  def _linear_attn_params(self, matmul: bool = False) -> int:
     D, HK = self.hidden_size, self.num_attention_heads * self.head_dim
-    qk_norm = 2 * self.head_dim if self.use_qk_norm else 0
-    return D * 3 * HK + D * HK + HK + HK * D + qk_norm
+    w = D * 3 * HK + D * HK + HK * D  # qkv, output gate, output
+    return w if matmul else w + HK + (2 * self.head_dim if self.use_qk_norm else 0)
 
-  def _mla_params(self) -> int:
+  def _mla_params(self, matmul: bool = False) -> int:
     D, H = self.hidden_size, self.num_attention_heads
     if self.q_lora_rank is None:
       q = D * H * self.qk_head_dim
     else:
-      q = D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
-    kv = (D * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+      q = D * self.q_lora_rank + self.q_lora_rank * H * self.qk_head_dim
+    kv = (D * (self.kv_lora_rank + self.qk_rope_head_dim)
           + self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim))
-    return q + kv + H * self.v_head_dim * D
+    w = q + kv + H * self.v_head_dim * D
+    return w if matmul else w + (self.q_lora_rank or 0) + self.kv_lora_rank  # the lora norms
 
   def _swiglu_params(self, width: int) -> int:
     return 3 * self.hidden_size * width
 
-  def _moe_params(self, active: bool) -> int:
+  def _moe_params(self, active: bool, matmul: bool = False) -> int:
     experts = self.num_experts_per_tok if active else self.num_experts
-    router = self.num_experts * self.hidden_size + self.num_experts
-    return (experts * self._swiglu_params(self.moe_intermediate_size)
-            + self._swiglu_params(self.shared_expert_intermediate_size) + router)
+    w = (experts * self._swiglu_params(self.moe_intermediate_size)
+         + self._swiglu_params(self.shared_expert_intermediate_size)
+         + self.num_experts * self.hidden_size)  # the router
+    return w if matmul else w + self.num_experts  # the expert bias
 
-  def _layer_params(self, mixer: LayerKind, mlp: MlpKind, active: bool) -> int:
-    m = self._linear_attn_params() if mixer == "linear" else self._mla_params()
+  def _layer_params(self, mixer: LayerKind, mlp: MlpKind, active: bool,
+                    matmul: bool = False) -> int:
+    m = self._linear_attn_params(matmul) if mixer == "linear" else self._mla_params(matmul)
     f = (self._swiglu_params(self.intermediate_size) if mlp == "dense"
-         else self._moe_params(active))
-    return m + f + 2 * self.hidden_size
+         else self._moe_params(active, matmul))
+    return m + f + (0 if matmul else 2 * self.hidden_size)
 
-  def _mtp_params(self, active: bool) -> int:
+  def _mtp_params(self, active: bool, matmul: bool = False) -> int:
     D = self.hidden_size
-    return self._layer_params("mla", "moe", active) + 3 * D + 2 * D * D
+    return (self._layer_params("mla", "moe", active, matmul) + 2 * D * D
+            + (0 if matmul else 3 * D))  # eh_proj; enorm, hnorm, final_layernorm
 
   def param_count(self, include_mtp: bool = False) -> int:
     """Total parameters (spec 1.4: 104,186,915,584 for flash, MTP 3,307,493,632 more)."""
@@ -199,25 +204,18 @@ class LingConfig:
       total += self._mtp_params(active=True)
     return total
 
-  def _vector_params(self, mixer: LayerKind, mlp: MlpKind) -> int:
-    """A layer's parameters that no matmul uses: norm weights and the router's expert bias."""
-    if mixer == "linear":
-      m = self.num_attention_heads * self.head_dim + (2 * self.head_dim if self.use_qk_norm else 0)
-    else:
-      m = (self.q_lora_rank or 0) + self.kv_lora_rank
-    return m + (self.num_experts if mlp == "moe" else 0) + 2 * self.hidden_size
-
   def matmul_params_per_token(self, include_mtp: bool = False) -> int:
-    """Weight elements a token meets in matmuls, counted each time it meets them: the active
-    parameters less the embedding lookup, the norms and the expert bias, and with MTP the
-    lm_head a second time: the MTP head shares the main head's weight but runs its own matmul
-    on the MTP layer's hidden states (6 V D: 0.20 of the 1.87 GFLOPs of a ling_small training
+    """Weight elements a token meets in matmuls, counted each time it meets them: each layer's
+    projections (the top-k routed and the shared experts, the router) and lm_head; not the
+    embedding lookup, the norm scales or the expert bias. With MTP, its layer and eh_proj, and
+    lm_head a second time: the MTP head shares the main head's weight but runs its own matmul on
+    the MTP layer's hidden states (6 V D: 0.20 of the 1.87 GFLOPs of a ling_small training
     token)."""
-    D, V = self.hidden_size, self.vocab_size
-    n = self.active_param_count(include_mtp) - V * D - D  # the embedding lookup, the final norm
-    n -= sum(self._vector_params(t, m) for t, m in zip(self.layer_types(), self.mlp_types()))
+    head = self.vocab_size * self.hidden_size
+    n = head + sum(self._layer_params(t, m, active=True, matmul=True)
+                   for t, m in zip(self.layer_types(), self.mlp_types()))
     if include_mtp and self.num_nextn_predict_layers:
-      n += V * D - self._vector_params("mla", "moe") - 3 * D  # its head; enorm, hnorm, final norm
+      n += self._mtp_params(active=True, matmul=True) + head  # the MTP head's own matmul
     return n
 
   def flops_per_token(self, seq_len: int, include_mtp: bool = False, training: bool = True) -> float:
