@@ -40,17 +40,17 @@ HBM_BYTES_PER_S = 3.35e12
 SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024, F=576, X=4)}
 TOKENS = [256, 1024, 4096, 16384]
 def configs_for(D, F, rows_per_group):
-  """The model's choice for the shape and routed rows (`tuned_config`); the same with the Triton
-  tgmm where it uses the Mosaic one; with the Triton kernels alone where it uses the Mosaic GPU
-  ones; with the other backward; the other row tiling
-  (64 or 128 rows)."""
+  """The model's choice for the shape and routed rows (`tuned_config`); the same with the other
+  Triton visits (`Config.group_rows`); with the Triton tgmm where it uses the Mosaic one; with
+  the Triton kernels alone where it uses the Mosaic GPU ones; with the other backward; the other
+  row tiling (64 or 128 rows)."""
   tuned = tuned_config(D, F, rows_per_group)
   other = (dict(block_m=128, block_n=Config().block_n, num_warps=Config().num_warps)
            if tuned.block_m == 64 else dict(block_m=64, block_n=128, num_warps=4))
   triton = [tuned._replace(mosaic=False)] if tuned.mosaic is not False else []
   tgmm = [tuned._replace(mosaic_tgmm=False)] if tuned.mosaic_tgmm else []
-  return [tuned, *tgmm, *triton, tuned._replace(fused_backward=not tuned.fused_backward),
-          tuned._replace(**other)]
+  return [tuned, tuned._replace(group_rows=not tuned.group_rows), *tgmm, *triton,
+          tuned._replace(fused_backward=not tuned.fused_backward), tuned._replace(**other)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,10 +154,12 @@ _GLU = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128
         (64, 64, 64, 4, 4), (128, 128, 32, 8, 4)]
 _TG = [(64, 128, 128, 8, 3), (64, 128, 64, 8, 3), (64, 64, 128, 4, 3), (32, 128, 128, 8, 3),
        (128, 128, 128, 8, 2)]
-mm_cfg = lambda bm, bn, bk, w, st: Config(block_m=bm, block_n=bn, block_n_sum=bn, block_k=bk,
-                                          num_warps=w, num_stages=st)
-glu_cfg = lambda bm, bn, bk, w, st: Config(block_m=bm, block_n_glu=bn, block_k=bk, num_warps=w,
-                                           num_stages=st)
+# A sixth entry, if any, is Config.group_rows (visits from each group's first row).
+mm_cfg = lambda bm, bn, bk, w, st, gr=False: Config(
+    block_m=bm, block_n=bn, block_n_sum=bn, block_k=bk, num_warps=w, num_stages=st,
+    group_rows=bool(gr))
+glu_cfg = lambda bm, bn, bk, w, st, gr=False: Config(
+    block_m=bm, block_n_glu=bn, block_k=bk, num_warps=w, num_stages=st, group_rows=bool(gr))
 tg_cfg = lambda bm, bk, bn, w, st: Config(block_m_t=bm, block_k_t=bk, block_n_t=bn, block_n_t2=bn,
                                           num_warps_t=w, num_stages=st)
 # The Mosaic GPU gmm (pallas_kernels/grouped_matmul/mosaic.py): (block_m, block_n, block_k,

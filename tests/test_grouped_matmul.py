@@ -61,19 +61,54 @@ CASES = [  # (M, K, N, G, kind, rows past the groups)
 ]
 
 
+@pytest.mark.parametrize("group_rows", [False, True])
 @pytest.mark.parametrize("M,K,N,G,kind,extra", CASES)
-def test_visit_table_covers_every_row_once(M, K, N, G, kind, extra):
+def test_visit_table_covers_every_row_once(M, K, N, G, kind, extra, group_rows):
   rng = np.random.default_rng(M + G)
   sizes = random_sizes(rng, G, M - extra, kind)
-  tile, grp, lo, hi = np.asarray(visit_table(jnp.asarray(sizes), M, 32))
+  tile, grp, lo, hi = np.asarray(visit_table(jnp.asarray(sizes), M, 32, group_rows=group_rows))
   cover = np.zeros(M, int)
   owner = np.repeat(np.arange(G + 1), list(sizes) + [extra])
+  starts = np.r_[0, np.cumsum(list(sizes) + [extra])]
   for t, g, a, b in zip(tile, grp, lo, hi):
     if b > a:
-      assert t * 32 <= a < b <= t * 32 + 32
+      if group_rows:  # pieces of 32 rows from the group's first row
+        assert b - a <= 32 and (a - starts[g]) % 32 == 0 and t == a // 32
+      else:
+        assert t * 32 <= a < b <= t * 32 + 32
       assert (owner[a:b] == g).all()
       cover[a:b] += 1
   assert (cover == 1).all()
+  # group pieces: one visit per started 32 rows of each group (the pseudo-group included)
+  pieces = -(-np.r_[sizes, extra] // 32)
+  assert not group_rows or ((hi > lo).sum() == pieces.sum() and len(lo) >= pieces.sum())
+
+
+@pytest.mark.parametrize("group_rows", [False, True])
+@pytest.mark.parametrize("M,K,N,G,kind,extra", CASES[:4])
+def test_both_visit_layouts_match_float64(M, K, N, G, kind, extra, group_rows):
+  """Config.group_rows (visits from each group's own first row, the default) and aligned row
+  tiles: gmm plain, transposed and on gathered rows, and the fused gate/up kernel with its saved
+  rows, against float64."""
+  rng = np.random.default_rng(M * G + 1)
+  cfg = SMALL._replace(group_rows=group_rows)
+  sizes = random_sizes(rng, G, M - extra, kind)
+  gs = jnp.asarray(sizes, jnp.int32)
+  x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+  w, w2 = (jnp.asarray(rng.standard_normal((G, K, N)) * 0.3, jnp.float32) for _ in range(2))
+  out = gmm_pallas(x, w, gs, cfg)
+  assert rel(out, np_gmm(x, w, sizes)) < 1e-5
+  assert (np.asarray(out[M - extra:]) == 0).all()
+  dy = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+  assert rel(gmm_pallas(dy, w, gs, cfg, transpose_rhs=True), np_gmm(dy, w, sizes, True)) < 1e-5
+  rows = rng.integers(0, 11, M)  # row r of the product reads token rows[r] of 11
+  t = jnp.asarray(rng.standard_normal((11, K)), jnp.float32)
+  xs = np.asarray(t, np.float64)[rows]
+  g, u = np_gmm(xs, w, sizes), np_gmm(xs, w2, sizes)
+  h, xr = gmm_glu_pallas(t, w, w2, gs, cfg, lhs_rows=jnp.asarray(rows, jnp.int32), save_rows=True)
+  assert rel(h, g / (1 + np.exp(-g)) * u) < 1e-5
+  used = int(sizes.sum())
+  np.testing.assert_array_equal(np.asarray(xr)[:used], np.asarray(t)[rows[:used]])
 
 
 @pytest.mark.parametrize("M,K,N,G,kind,extra", CASES)
@@ -293,7 +328,7 @@ def test_moe_gmm_dispatch_matches_dense_with_grads(skew):
     y = fn(x, idx, w, *wts)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
 
-  grouped = lambda *a: moe.experts_grouped(*a, config=SMALL)
+  grouped = lambda *a: moe.experts_grouped(*a, config=SMALL._replace(group_rows=bool(skew)))
   np.testing.assert_allclose(grouped(x, idx, w, *wts), moe.experts_dense(x, idx, w, *wts),
                              rtol=1e-5, atol=1e-5)
   gd = jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1, 2))(x, w, wts)
@@ -332,6 +367,9 @@ def test_tuned_config_tiles_by_rows_per_expert():
   flash = moe.tuned_config(4096, 1024, 4096)
   assert (flash.mosaic, flash.stacked_backward, flash.mosaic_tgmm) == (False, False, False)
   assert [moe.tuned_config(1024, 576, r).mosaic_tgmm for r in (512, 4096)] == [False, True]
+  # Visits as group pieces except where the stacked backward runs (aligned tiles measured better)
+  assert [moe.tuned_config(1024, 576, r).group_rows for r in (32, 512, 4096)] == [True, True, False]
+  assert flash.group_rows
 
 
 def test_moe_impl_switch():
@@ -357,6 +395,9 @@ def test_gpu_kernels_match_reference_bf16(kind):
   dx = jax.jit(lambda *a: gmm_pallas(*a, cfg, transpose_rhs=True))(dy, w, gs)
   assert rel(dx, np_gmm(dy, np.swapaxes(np.asarray(w, np.float32), 1, 2), sizes)) < 1e-2
   assert rel(jax.jit(lambda *a: tgmm_pallas(*a, cfg))(x, dy, gs), np_tgmm(x, dy, sizes)) < 1e-2
+  pieces = cfg._replace(group_rows=True, block_m=64, block_n=128, num_warps=4)
+  out = jax.jit(lambda *a: gmm_pallas(*a, pieces))(x, w, gs)
+  assert rel(out, np_gmm(x, w, sizes)) < 1e-2 and (np.asarray(out, np.float32)[M - 100:] == 0).all()
   from pallas_kernels.grouped_matmul import mosaic
   wt = jnp.swapaxes(w, 1, 2)  # [G, N, K]
   for split, in_flight in (("n", 0), ("m", 1)):

@@ -10,7 +10,10 @@ Semantics are reference.py's: rows of lhs sorted by group, group g owning rows
   zero-fill are needed. With T = cdiv(M, bm) tiles and G groups there are at most T + G
   visits (the +1 is a pseudo-group for rows past sum(sizes), which stores zeros: nothing is
   ever left uninitialised). The visit table is built in XLA from the G sizes (O(T + G)); unused
-  entries are empty (no rows) and exit at once.
+  entries are empty (no rows) and exit at once. By default (`Config.group_rows`) the visits are
+  instead bm-row pieces of each group from its own first row: no visit holds two groups' rows,
+  so each group's weight blocks are read once per piece, not once per tile it touches (H100:
+  the flash layer's forward 13% faster at 4096 tokens, ling_small's 12% at 256).
 * tgmm (the weight gradient, out[g] = lhs[g rows].T @ dout[g rows]) runs on the grid
   (N-block, K-block, group); each program walks its group's rows in bm-row steps, so an empty
   group writes zeros and a heavy one simply loops longer.
@@ -67,6 +70,10 @@ class Config(NamedTuple):
   # Launch order: True runs a row tile's N-blocks (tgmm: a group's output tiles) back to back,
   # so the tile's rows are re-read from L2 rather than HBM; False puts visits (groups) innermost.
   n_inner: bool = True
+  # The Triton gmm kernels' visits: bm-row pieces of each group from its own first row (True:
+  # each group's weight blocks read once per piece), or bm-aligned row tiles visited once per
+  # group they hold rows of (False; `visit_table`). tuned_config says where True won.
+  group_rows: bool = True
   # The gmm op's forward and d lhs products (the experts' down projection) on the Mosaic GPU
   # kernel (mosaic.py) where its tiles fit (`mosaic.tiles_for`): None = when compiled for the
   # GPU with bf16 / fp16 operands; True = in the interpreter too (tests); False = never.
@@ -103,8 +110,15 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   # 0.142 / 0.259 ms against Triton's 0.174 / 0.359, d w_gate + d w_up 0.296 / 0.512 against
   # 0.409 / 0.777 before x's rows are gathered for it); fewer rows were not swept.
   many = small and rows_per_group is not None and rows_per_group >= 2048
+  # Visits as pieces of each group (`group_rows`) rather than aligned row tiles (session 16, the
+  # layer's forward / forward+backward ms, aligned -> pieces): flash 4096 tokens 3.173 -> 2.766 /
+  # 11.254 -> 10.516, 16384 tokens 7.817 -> 7.348 / 26.58 -> 25.48; ling_small 256 tokens 0.081
+  # -> 0.071, 1024 0.113 -> 0.106, 4096 0.199 -> 0.193. At 2048 rows per expert (ling_small at
+  # 16384 tokens, where only the glu forward is a Triton gmm) 0.598 -> 0.613 / 1.911 -> 1.921:
+  # not better, so aligned tiles stay there.
   cfg = Config(block_n_glu=64 if small else 128, fused_backward=small,
-               mosaic=None if small else False, stacked_backward=many, mosaic_tgmm=many)
+               mosaic=None if small else False, stacked_backward=many, mosaic_tgmm=many,
+               group_rows=not many)
   if rows_per_group is not None and rows_per_group <= 64:  # (the Mosaic kernel was no faster)
     cfg = cfg._replace(block_m=64, block_n=128, num_warps=4, mosaic=False)
   return cfg
@@ -163,20 +177,22 @@ def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, width: int, cmask):
 
 
 def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_rhs, n_inner,
-                copy_rows=False):
+                group_rows=False, copy_rows=False):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
     "mm"  [rows], x, w, out:              out = x @ w[g]
     "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
     "glu" [rows], x, wg, wu, h[, g, u]:   h = silu(x @ wg[g]) * (x @ wu[g]), from fp32 accs
   `rows` (with `gathered`) makes row r of x be x[rows[r]]; copy_rows adds a last output, x[rows]
-  [M, K], written by each visit's first N-block from the blocks it loads anyway."""
+  [M, K], written by each visit's first N-block from the blocks it loads anyway. With
+  `group_rows` the visits are group pieces (visit_table): a visit's block starts at its row lo."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
   x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
   copy_ref, out_refs = (out_refs[-1], out_refs[:-1]) if copy_rows else (None, out_refs)
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
   tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
-  rows = tile * bm + jnp.arange(bm, dtype=jnp.int32)
+  r0 = lo if group_rows else tile * bm  # the block's first row
+  rows = r0 + jnp.arange(bm, dtype=jnp.int32)
   mine = (rows >= lo) & (rows < hi)
   cmask = _tail_mask(j * bn, bn, N)
 
@@ -191,11 +207,11 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
 
     def step(kk, accs):
       kmask = _tail_mask(kk * bk, bk, K)
-      xs = [_load_rows(x_ref, rows_ref, tile * bm, bm, mine, kk * bk, bk, kmask) for x_ref in x_refs]
+      xs = [_load_rows(x_ref, rows_ref, r0, bm, mine, kk * bk, bk, kmask) for x_ref in x_refs]
       if copy_ref is not None:
         @pl.when(j == 0)
         def _():
-          plt.store(copy_ref.at[pl.ds(tile * bm, bm), pl.ds(kk * bk, bk)], xs[0],
+          plt.store(copy_ref.at[pl.ds(r0, bm), pl.ds(kk * bk, bk)], xs[0],
                     mask=_mask2(mine, kmask))
       ws = [load_w(w_ref, kk * bk, kmask) for w_ref in w_refs]
       if mode == "sum":
@@ -212,7 +228,7 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
       outs = accs
     mask = _mask2(mine, cmask)
     for o_ref, o in zip(out_refs, outs):
-      plt.store(o_ref.at[pl.ds(tile * bm, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
+      plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
 
 
 def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, n_dy, n_inner):
@@ -266,10 +282,10 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
                        f"(transpose_rhs={transpose_rhs})")
   bm = cfg.block_m  # rows need not divide: loads and stores are masked per visit
   bn, bk = _tile(N, bn_want), _tile(K, _per_bytes(cfg.block_k, lhs.dtype))
-  meta = visit_table(group_sizes, M, bm)
+  meta = visit_table(group_sizes, M, bm, group_rows=cfg.group_rows)
   kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, K=K, N=N, G=G, mode=mode,
                              gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
-                             n_inner=cfg.n_inner, copy_rows=copy_rows)
+                             n_inner=cfg.n_inner, group_rows=cfg.group_rows, copy_rows=copy_rows)
   nb = pl.cdiv(N, bn)
   grid = (nb, meta.shape[1]) if cfg.n_inner else (meta.shape[1], nb)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
