@@ -302,6 +302,8 @@ def main():
   ap.add_argument("--default-only", action="store_true", help="one kernel configuration")
   ap.add_argument("--configs", type=int, default=3,
                   help="the first this many of `configs_for`'s kernel configurations")
+  ap.add_argument("--extra-config", default=None,
+                  help="JSON of Config fields: also time the model's configuration with these replaced")
   ap.add_argument("--sweep", action="store_true",
                   help="time the raw kernels (see `sweep`) over tile configurations")
   ap.add_argument("--kernels", default=",".join(SWEEP_KINDS), help="kernels for --sweep")
@@ -338,6 +340,8 @@ def main():
     for n in tokens:
       s = SHAPES[name]
       cfgs = configs_for(s["D"], s["F"], n * s["X"] / s["E"])[:n_configs]
+      if args.extra_config:
+        cfgs.append(cfgs[0]._replace(**json.loads(args.extra_config)))
       rows.append(bench(name, **s, N=n, use_mgpu=on_gpu and not args.no_mgpu,
                         configs=[c._replace(interpret=interpret) for c in cfgs]))
       print("# " + json.dumps(rows[-1]), flush=True)
