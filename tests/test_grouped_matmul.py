@@ -546,3 +546,14 @@ def test_mosaic_gmm_lowers_for_the_gpu(bm, bn, stages, split, in_flight):
       S((32,), jnp.int32))
   assert "mosaic_gpu" in exported.mlir_module()
 
+
+@pytest.mark.parametrize("bm,bn,split", [(64, 64, "n"), (64, 128, "m"), (128, 96, "n")])
+def test_mosaic_gmm_refuses_tiles_below_a_wgmma_half(bm, bn, split):
+  """A consumer's half-tile under 64 x 64 is refused before it reaches the GPU (64 x 32 faulted
+  there with a misaligned address, taking the process's CUDA context with it)."""
+  from pallas_kernels.grouped_matmul import mosaic
+  x, w = jnp.ones((256, 128), jnp.bfloat16), jnp.ones((2, 128, 384), jnp.bfloat16)
+  with pytest.raises(ValueError, match="multiples of 64"):
+    mosaic.gmm(x, w, jnp.array([100, 100], jnp.int32), block_m=bm, block_n=bn, split=split,
+               num_sms=2)
+

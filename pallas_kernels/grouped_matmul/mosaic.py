@@ -77,6 +77,11 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, block_m: int = 12
                      f"{rhs.dtype}, {group_sizes.shape}")
   if split not in ("m", "n"):
     raise ValueError(f"split must be 'm' or 'n'; got {split!r}")
+  wm, wn = (block_m // 2, block_n) if split == "m" else (block_m, block_n // 2)
+  if wm % 64 or wn % 64:  # (a 64 x 32 half-tile faulted on the H100 with a misaligned address)
+    raise ValueError(f"each consumer's {wm} x {wn} half of the tile must be multiples of 64 "
+                     f"(wgmma's 64 rows; 128-byte swizzled columns): block_m={block_m}, "
+                     f"block_n={block_n}, split={split!r}")
   if K % block_k or N % block_n:
     raise ValueError(f"K={K} and N={N} must be multiples of block_k={block_k}, block_n={block_n}")
   meta = visit_table(group_sizes, M, block_m)  # [4, V]: tile, group, row lo, row hi
