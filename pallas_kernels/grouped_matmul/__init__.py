@@ -8,8 +8,8 @@
 
 `pallas_kernels.grouped_matmul.mosaic.gmm` is the same product (rhs optionally transposed) as a
 Mosaic GPU kernel: persistent, warp-specialized (a TMA producer, two wgmma consumers). On an H100
-it ran 4-29% faster than the Triton gmm at 4096-16384 tokens and matched it below (BENCHMARKS.md,
-session 8).
+it ran 4-29% faster than the Triton gmm at 4096-16384 tokens (BENCHMARKS.md, session 8); at 256
+tokens, timed by device time in session 16, it was 12-32% slower.
 """
 
 from __future__ import annotations
