@@ -48,7 +48,7 @@ def visit_table(group_sizes: jax.Array, m: int, bm: int, *, group_rows: bool = F
   else:
     tile = starts[grp] // bm + v - first[grp]
     lo = jnp.maximum(starts[grp], tile * bm)
-  hi = jnp.minimum(ends[grp], jnp.where(group_rows, lo, tile * bm) + bm)
+  hi = jnp.minimum(ends[grp], (lo if group_rows else tile * bm) + bm)
   zero = jnp.zeros_like(v)
   return jnp.stack([jnp.where(used, tile, zero), jnp.where(used, grp, G),
                     jnp.where(used, lo, zero), jnp.where(used, hi, zero)])
