@@ -239,20 +239,20 @@ def sweep(name, E, D, F, X, N, kinds=SWEEP_KINDS, tiles=None, device_time=False)
       "mtgmm_gu": (_MT, mt_cfg, 2 * f1, lambda c: (lambda x, a, b, s: mosaic_tgmm.tgmm(
           x, jnp.concatenate([a, b], axis=1), s, **c)), (xs, dh, dh2, sizes)),
   }
+  timer = _device_seconds if device_time else time_jax
   rows = []
   for kind in kinds:
     kind_tiles, make_cfg, flops, make_fn, args = plan[kind]
     for tile in (tiles or {}).get(kind, kind_tiles):
       cfg = make_cfg(*tile)
-      t = guarded(_device_seconds if device_time else time_jax, jax.jit(make_fn(cfg)), *args)
+      t = guarded(timer, jax.jit(make_fn(cfg)), *args)
       rows.append(dict(shape=name, tokens=N, kernel=kind, tiles=tile, seconds=t,
                        tflops=flops / t / 1e12 if isinstance(t, float) else None))
       print("# " + json.dumps(rows[-1]), flush=True)
       if os.environ.get("OUT"):  # as we go: a call cut short by its time limit keeps its rows
         with open(os.path.join(os.environ["OUT"], f"moe_sweep_{name}_{N}.json"), "w") as f:
           json.dump(rows, f, indent=1)
-  dense = guarded(_device_seconds if device_time else time_jax, jax.jit(lambda a, b: a @ b), xs,
-                  wg[0])
+  dense = guarded(timer, jax.jit(lambda a, b: a @ b), xs, wg[0])
   print(f"# dense [{M}, {D}] x [{D}, {F}]: {dense}")
   for kind in kinds:
     ok = [r for r in rows if r["kernel"] == kind and r["tflops"]]

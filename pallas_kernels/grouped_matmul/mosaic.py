@@ -43,6 +43,11 @@ def _store_rows(o_smem, o_gmem, first, count, row0, col0, rows: int):
     size //= 2
 
 
+def _half_tile(block_m: int, block_n: int, split: str) -> tuple[int, int]:
+  """The (rows, columns) of the tile each of the two consumer warpgroups computes."""
+  return (block_m // 2, block_n) if split == "m" else (block_m, block_n // 2)
+
+
 def tiles_for(K: int, N: int) -> dict | None:
   """gmm's tiles for a [*, K] x [K, N] product, or None where they do not fit. From the H100
   sweeps (BENCHMARKS.md, session 8): 128 x 256 tiles with the consumers splitting the columns
@@ -77,7 +82,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, block_m: int = 12
                      f"{rhs.dtype}, {group_sizes.shape}")
   if split not in ("m", "n"):
     raise ValueError(f"split must be 'm' or 'n'; got {split!r}")
-  wm, wn = (block_m // 2, block_n) if split == "m" else (block_m, block_n // 2)
+  wm, wn = _half_tile(block_m, block_n, split)
   if wm % 64 or wn % 64:  # (a 64 x 32 half-tile faulted on the H100 with a misaligned address)
     raise ValueError(f"each consumer's {wm} x {wn} half of the tile must be multiples of 64 "
                      f"(wgmma's 64 rows; 128-byte swizzled columns): block_m={block_m}, "
@@ -105,7 +110,7 @@ def _body(meta_gmem, lhs_gmem, rhs_gmem, o_gmem, *, block_m, block_n, block_k, s
           in_flight, transpose_rhs, K, N):
   """The kernel: warpgroups 0 and 1 compute, 2 loads (see the module docstring)."""
   G, V, nb = rhs_gmem.shape[0], meta_gmem.shape[1], N // block_n
-  wm, wn = (block_m // 2, block_n) if split == "m" else (block_m, block_n // 2)
+  wm, wn = _half_tile(block_m, block_n, split)
   rhs_block = (block_n, block_k) if transpose_rhs else (block_k, block_n)
 
   def pipeline(mma, context, tile, j):
