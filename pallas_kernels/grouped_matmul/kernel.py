@@ -8,15 +8,17 @@ Semantics are reference.py's: rows of lhs sorted by group, group g owning rows
   straddling k group boundaries k + 1 times, each visit storing only its own group's rows
   (masked store), so every output row is written by exactly one program and no atomics or
   zero-fill are needed. With T = cdiv(M, bm) tiles and G groups there are at most T + G
-  visits (the +1 is a pseudo-group for rows past sum(sizes), which stores zeros: nothing is
-  ever left uninitialised). The visit table is built in XLA from the G sizes (O(T + G)); unused
-  entries are empty (no rows) and exit at once. By default (`Config.group_rows`) the visits are
-  instead bm-row pieces of each group from its own first row: no visit holds two groups' rows,
-  so each group's weight blocks are read once per piece, not once per tile it touches (H100:
-  the flash layer's forward 13% faster at 4096 tokens, ling_small's 12% at 256).
+  visits (counting a pseudo-group G for rows past sum(sizes), which stores zeros: nothing is
+  ever left uninitialised). That visit table is built in XLA from the G sizes (O(T + G));
+  unused entries are empty (no rows) and exit at once. By default (`Config.group_rows`) the
+  visits are instead bm-row pieces of each group from its own first row: no visit holds two
+  groups' rows, so each group's weight blocks are read once per piece, not once per tile it
+  touches (H100: the flash layer's forward 13% faster at 4096 tokens, ling_small's 12% at 256).
+  Each program decodes its piece from the G sizes itself (visits.piece, O(G)): no table, no
+  XLA op between the routing and the kernel.
 * tgmm (the weight gradient, out[g] = lhs[g rows].T @ dout[g rows]) runs on the grid
-  (N-block, K-block, group); each program walks its group's rows in bm-row steps, so an empty
-  group writes zeros and a heavy one simply loops longer.
+  (N-block, K-block, group); each program finds its group's rows from the sizes and walks them
+  in bm-row steps, so an empty group writes zeros and a heavy one simply loops longer.
 * The op's backward: d lhs = gmm(dout, rhs, transposed), d rhs = tgmm(lhs, dout). The op's
   two gmm products run on the Mosaic GPU kernel (mosaic.py) instead where `Config.mosaic` says
   so and its tiles fit, and tgmm on the Mosaic GPU tgmm (mosaic_tgmm.py) where
@@ -42,7 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.grouped_matmul import mosaic, mosaic_tgmm
-from pallas_kernels.grouped_matmul.visits import group_bounds, visit_table
+from pallas_kernels.grouped_matmul.visits import (group_rows_of, padded_groups, piece, pieces,
+                                                  visit_table)
 
 
 class Config(NamedTuple):
@@ -176,7 +179,7 @@ def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, width: int, cmask):
   return plt.load(x_ref.at[src[:, None], cols[None, :]], mask=mask, other=0)
 
 
-def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_rhs, n_inner,
+def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpose_rhs, n_inner,
                 group_rows=False, copy_rows=False):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
     "mm"  [rows], x, w, out:              out = x @ w[g]
@@ -184,14 +187,21 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
     "glu" [rows], x, wg, wu, h[, g, u]:   h = silu(x @ wg[g]) * (x @ wu[g]), from fp32 accs
   `rows` (with `gathered`) makes row r of x be x[rows[r]]; copy_rows adds a last output, x[rows]
   [M, K], written by each visit's first N-block from the blocks it loads anyway. With
-  `group_rows` the visits are group pieces (visit_table): a visit's block starts at its row lo."""
+  `group_rows` the visits are group pieces, decoded from the group sizes in meta_ref
+  (visits.piece): a visit's block starts at its row lo. Otherwise meta_ref is visit_table's."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
   x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
   copy_ref, out_refs = (out_refs[-1], out_refs[:-1]) if copy_rows else (None, out_refs)
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
-  tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
-  r0 = lo if group_rows else tile * bm  # the block's first row
+  if group_rows:  # meta_ref: the G group sizes; the visit is decoded here (visits.piece)
+    P = padded_groups(G)
+    sizes = plt.load(meta_ref.at[pl.ds(0, P)], mask=jnp.arange(P) < G, other=0)
+    grp, lo, hi = piece(sizes, v, G=G, m=M, bm=bm)
+    r0 = lo  # the block's first row
+  else:  # meta_ref: the visit table
+    tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
+    r0 = tile * bm
   rows = r0 + jnp.arange(bm, dtype=jnp.int32)
   mine = (rows >= lo) & (rows < hi)
   cmask = _tail_mask(j * bn, bn, N)
@@ -231,13 +241,15 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, K, N, G, mode, gathered, transpose_
       plt.store(o_ref.at[pl.ds(r0, bm), pl.ds(j * bn, bn)], o.astype(o_ref.dtype), mask=mask)
 
 
-def _tgmm_kernel(bounds_ref, *refs, bm, bk, bn, K, N, gathered, n_dy, n_inner):
+def _tgmm_kernel(sizes_ref, *refs, bm, bk, bn, M, K, N, G, gathered, n_dy, n_inner):
   """out_d[g] = x[g rows].T @ dy_d[g rows] for each of n_dy (dy, out) pairs: one x block load
   serves all of them. refs: [rows], x, dy_1..n, out_1..n."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   x_ref, dy_refs, o_refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
   g, i, j = _tgmm_ids(n_inner)
-  lo, hi = bounds_ref[0, g], bounds_ref[1, g]
+  P = padded_groups(G)  # sizes_ref: the G group sizes
+  lo, hi = group_rows_of(plt.load(sizes_ref.at[pl.ds(0, P)], mask=jnp.arange(P) < G, other=0),
+                         g, G=G, m=M)
   kmask, nmask = _tail_mask(i * bk, bk, K), _tail_mask(j * bn, bn, N)
 
   def step(t, accs):
@@ -282,12 +294,16 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
                        f"(transpose_rhs={transpose_rhs})")
   bm = cfg.block_m  # rows need not divide: loads and stores are masked per visit
   bn, bk = _tile(N, bn_want), _tile(K, _per_bytes(cfg.block_k, lhs.dtype))
-  meta = visit_table(group_sizes, M, bm, group_rows=cfg.group_rows)
-  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, K=K, N=N, G=G, mode=mode,
+  if cfg.group_rows:  # the kernel decodes its visit from the sizes: no table, no XLA op
+    meta, V = group_sizes.astype(jnp.int32), pieces(M, bm, G)
+  else:
+    meta = visit_table(group_sizes, M, bm)
+    V = meta.shape[1]
+  kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, M=M, K=K, N=N, G=G, mode=mode,
                              gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
                              n_inner=cfg.n_inner, group_rows=cfg.group_rows, copy_rows=copy_rows)
   nb = pl.cdiv(N, bn)
-  grid = (nb, meta.shape[1]) if cfg.n_inner else (meta.shape[1], nb)
+  grid = (nb, V) if cfg.n_inner else (V, nb)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
   out = pl.pallas_call(
       kernel, grid=grid,
@@ -341,17 +357,17 @@ def tgmm_pallas(lhs, dout, group_sizes, cfg: Config = Config(), *, out_dtype=Non
     raise ValueError(f"dout shapes {[d.shape for d in douts]} do not match {M} rows of lhs")
   G = group_sizes.shape[0]
   bk, bn = _tile(K, cfg.block_k_t), _tile(N, cfg.block_n_t if len(douts) == 1 else cfg.block_n_t2)
-  bounds = jnp.stack(group_bounds(group_sizes, M))
   nk, nn = pl.cdiv(K, bk), pl.cdiv(N, bn)
   grid = (nn, nk, G) if cfg.n_inner else (G, nk, nn)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
   out = pl.pallas_call(
-      functools.partial(_tgmm_kernel, bm=_per_bytes(cfg.block_m_t, lhs.dtype), bk=bk, bn=bn, K=K, N=N,
-                        gathered=lhs_rows is not None, n_dy=len(douts), n_inner=cfg.n_inner),
+      functools.partial(_tgmm_kernel, bm=_per_bytes(cfg.block_m_t, lhs.dtype), bk=bk, bn=bn, M=M,
+                        K=K, N=N, G=G, gathered=lhs_rows is not None, n_dy=len(douts),
+                        n_inner=cfg.n_inner),
       grid=grid,
       out_shape=[jax.ShapeDtypeStruct((G, K, N), out_dtype or lhs.dtype)] * len(douts),
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_t, num_stages=cfg.num_stages),
-      interpret=cfg.interpret, name="tgmm")(bounds, *rows, lhs, *douts)
+      interpret=cfg.interpret, name="tgmm")(group_sizes.astype(jnp.int32), *rows, lhs, *douts)
   return tuple(out) if isinstance(dout, (tuple, list)) else out[0]
 
 

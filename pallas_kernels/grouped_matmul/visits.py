@@ -1,11 +1,18 @@
 """Where the grouped-matmul kernels' work items come from, shared by the Triton (kernel.py) and
-Mosaic GPU (mosaic.py) kernels: each group's row bounds and the visit table of (row tile,
-group) pairs (kernel.py's docstring explains visits)."""
+Mosaic GPU (mosaic.py) kernels: each group's row bounds and the visits of (row block, group)
+pairs (kernel.py's docstring explains visits).
+
+Two layouts. Aligned tiles (`visit_table`): bm-row tiles visited once for each group they hold
+rows of, a table built in XLA. Group pieces (`piece`, `Config.group_rows`): every group cut into
+bm-row pieces from its own first row, decoded inside the kernel from the group sizes alone, so
+no XLA op runs between the routing and the matmuls.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 
@@ -15,40 +22,84 @@ def group_bounds(group_sizes: jax.Array, m: int):
   return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]]), ends
 
 
+def pieces(m: int, bm: int, G: int) -> int:
+  """How many visits the group-piece layout has: cdiv(m, bm) + G slots (some left empty)."""
+  return pl.cdiv(m, bm) + G
+
+
+def padded_groups(G: int) -> int:
+  """The power-of-two length (>= G + 1: the groups and the pseudo-group) `piece` reads sizes in."""
+  return 1 << G.bit_length()
+
+
+def piece(sizes: jax.Array, v, *, G: int, m: int, bm: int):
+  """Visit v of the group-piece layout: (group, row lo, row hi), int32 scalars; lo >= hi when
+  the slot is empty.
+
+  sizes [P] holds the G group sizes then anything (ignored; P = padded_groups(G)); group G is the
+  pseudo-group of rows [sum(sizes), m), whose visits store zeros. Group g's pieces take the
+  slots first_g + p for p < cdiv(size_g, bm), first_g = start_g // bm + g: consecutive groups'
+  slot ranges never overlap (first_{g+1} - first_g >= floor(size_g / bm) + 1 >= the pieces of g)
+  and all fit in `pieces(m, bm, G)`. Plain jnp on a vector and a scalar: the kernels run it on
+  their program id (O(G) work, no table in HBM) and `visit_table` maps it over every v.
+  """
+  P = sizes.shape[0]
+  g = lax.broadcasted_iota(jnp.int32, (P,), 0)
+  s = jnp.where(g < G, sizes.astype(jnp.int32), 0)
+  ends = jnp.cumsum(s)
+  starts = jnp.minimum(ends - s, m)  # group G: sum(sizes)
+  ends = jnp.where(g < G, jnp.minimum(ends, m), m)
+  first = jnp.where(g <= G, lax.div(starts, jnp.int32(bm)) + g, jnp.iinfo(jnp.int32).max)
+  grp = jnp.sum((first <= v).astype(jnp.int32)) - 1  # first[0] = 0 <= v
+  pick = lambda a: jnp.sum(jnp.where(g == grp, a, 0))
+  lo = pick(starts + (v - first) * bm)
+  return grp, lo, jnp.minimum(pick(ends), lo + bm)
+
+
+def group_rows_of(sizes: jax.Array, g, *, G: int, m: int):
+  """Group g's rows [lo, hi) as int32 scalars, clipped to m, from sizes [P >= G] (entries past G
+  ignored): `group_bounds` for one group, in plain jnp for the kernels (O(G), no XLA op)."""
+  i = lax.broadcasted_iota(jnp.int32, (sizes.shape[0],), 0)
+  s = jnp.where(i < G, sizes.astype(jnp.int32), 0)
+  lo = jnp.sum(jnp.where(i < g, s, 0))
+  return jnp.minimum(lo, m), jnp.minimum(lo + jnp.sum(jnp.where(i == g, s, 0)), m)
+
+
 def visit_table(group_sizes: jax.Array, m: int, bm: int, *, group_rows: bool = False) -> jax.Array:
   """[4, V] int32 rows: tile, group (G = past the last group), row lo, row hi.
 
   Visits are ordered by group then tile, so consecutive programs share a group's weights.
   By default visits are the (bm-row tile, group) pairs that overlap (V = cdiv(m, bm) + G): a
-  tile straddling k group boundaries is visited k + 1 times. With `group_rows` every group is cut
-  into bm-row pieces from its own first row instead (V = cdiv(m, bm) + G + 1): no piece holds two
-  groups' rows, so a group's weights are read once per piece rather than once per tile it
-  touches; lo is the piece's first row and tile is lo // bm (unaligned: kernels read from lo).
+  tile straddling k group boundaries is visited k + 1 times; unused entries come last, empty.
+  With `group_rows` the table is `piece` at every slot (V = cdiv(m, bm) + G; empty slots between
+  groups): no piece holds two groups' rows, so a group's weights are read once per piece rather
+  than once per tile it touches; tile is lo // bm (unaligned: kernels read from lo).
   """
   G = group_sizes.shape[0]
+  if group_rows:
+    sizes = jnp.zeros((padded_groups(G),), jnp.int32).at[:G].set(group_sizes.astype(jnp.int32))
+    grp, lo, hi = jax.vmap(lambda v: piece(sizes, v, G=G, m=m, bm=bm))(
+        jnp.arange(pieces(m, bm, G), dtype=jnp.int32))
+    used = hi > lo
+    zero = jnp.zeros_like(lo)
+    return jnp.stack([jnp.where(used, lo // bm, zero), jnp.where(used, grp, G),
+                      jnp.where(used, lo, zero), jnp.where(used, hi, zero)])
   starts, ends = group_bounds(group_sizes, m)
   starts = jnp.concatenate([starts, ends[-1:]])             # + pseudo-group [total, m)
   ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
-  if group_rows:
-    n_tiles = (ends - starts + bm - 1) // bm
-  else:
-    n_tiles = jnp.where(ends > starts, (ends - 1) // bm - starts // bm + 1, 0)
+  n_tiles = jnp.where(ends > starts, (ends - 1) // bm - starts // bm + 1, 0)
   last = jnp.cumsum(n_tiles)
   first = last - n_tiles
-  V = pl.cdiv(m, bm) + G + int(group_rows)
+  V = pl.cdiv(m, bm) + G
   v = jnp.arange(V, dtype=jnp.int32)
   # compare_all: one fused reduction. The default binary search is a loop of small launches:
   # 13.7 us of an H100 at ling_small / 4096 tokens, against under 3 for this.
   grp = jnp.searchsorted(last, v, side="right", method="compare_all")
   grp = jnp.minimum(grp, G).astype(jnp.int32)
   used = v < last[-1]
-  if group_rows:
-    lo = starts[grp] + (v - first[grp]) * bm
-    tile = lo // bm
-  else:
-    tile = starts[grp] // bm + v - first[grp]
-    lo = jnp.maximum(starts[grp], tile * bm)
-  hi = jnp.minimum(ends[grp], (lo if group_rows else tile * bm) + bm)
+  tile = starts[grp] // bm + v - first[grp]
+  lo = jnp.maximum(starts[grp], tile * bm)
+  hi = jnp.minimum(ends[grp], tile * bm + bm)
   zero = jnp.zeros_like(v)
   return jnp.stack([jnp.where(used, tile, zero), jnp.where(used, grp, G),
                     jnp.where(used, lo, zero), jnp.where(used, hi, zero)])
