@@ -8,8 +8,9 @@ For each shape and token count (benchmarks.moe's shapes and random routings) it 
 prints each device op's microseconds per call with the source line that produced it, next to the
 time of the whole call; --config replaces fields of the layer's kernel Config (`tuned_config`'s
 choice for the shape) for an A/B. Then two references (--no-refs skips them):
-* sort: ordering the N X assignments by expert (device time from the trace), the counting
-  sort the layer uses against the stable argsort it replaced;
+* sort: ordering the N X assignments by expert (device time from the trace): the Pallas sort
+  kernel the layer uses where it fits (a few chunk sizes), XLA's counting sort (used past that)
+  and the stable argsort it replaced;
 * HBM: the achievable read rate (a sum over the flash experts' 6.4 GB of weights), which bounds
   the layer at small token counts.
 --router times only the router and the expert load (moe.route and expert_load against the
@@ -34,6 +35,7 @@ from benchmarks.moe import SHAPES, case, fwd_and_fwdbwd, weights
 from benchmarks.profile_step import device_ops, hlo_sources
 from benchmarks.timing import time_jax
 from ling_jax.model import moe
+from pallas_kernels.grouped_matmul import sort_by_group
 
 
 def per_op(fn, args, calls: int = 5):
@@ -69,9 +71,11 @@ def argsort_routing(e, E):
 
 
 SORTS = {"argsort + scatter + bincount": argsort_routing,
-         "sort_by_expert, block 128": moe.sort_by_expert,
-         "sort_by_expert, block 64": lambda e, E: moe.sort_by_expert(e, E, block=64),
-         "sort_by_expert, block 256": lambda e, E: moe.sort_by_expert(e, E, block=256)}
+         "XLA counting sort (block 64)": moe.sort_by_expert,
+         "XLA counting sort, block 256": lambda e, E: moe.sort_by_expert(e, E, block=256),
+         "kernel (chunk 4096, 8 warps)": sort_by_group,
+         "kernel, chunk 1024, 4 warps": lambda e, E: sort_by_group(e, E, chunk=1024, num_warps=4),
+         "kernel, chunk 8192": lambda e, E: sort_by_group(e, E, chunk=8192)}
 
 
 def sorts(n: int, E: int):

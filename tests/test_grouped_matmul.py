@@ -12,7 +12,8 @@ import pytest
 from ling_jax.model import moe
 from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_glu_reference,
                                            gmm_pallas, gmm_reference, gmm_sum_pallas,
-                                           grouped_matmul, tgmm_pallas, visit_table)
+                                           grouped_matmul, sort_by_group, tgmm_pallas,
+                                           visit_table)
 from checks import ON_GPU, gpu, rel
 
 SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_n_sum=16, block_m_t=16,
@@ -311,8 +312,10 @@ def test_gmm_glu_backward_on_the_mosaic_kernel(F, mosaic_tgmm):
 # ----------------------------------------------------------------------------- MoE wiring
 
 
+@pytest.mark.parametrize("sort_kernel", [False, True])
 @pytest.mark.parametrize("skew", [0.0, 10.0])
-def test_moe_gmm_dispatch_matches_dense_with_grads(skew):
+def test_moe_gmm_dispatch_matches_dense_with_grads(skew, sort_kernel):
+  """The layer with the XLA counting sort and with the Pallas sort kernel (GPU's default)."""
   rng = np.random.default_rng(11)
   N, D, F, E, X = 40, 32, 16, 8, 2
   x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
@@ -328,7 +331,9 @@ def test_moe_gmm_dispatch_matches_dense_with_grads(skew):
     y = fn(x, idx, w, *wts)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
 
-  grouped = lambda *a: moe.experts_grouped(*a, config=SMALL._replace(group_rows=bool(skew)))
+  cfg = SMALL._replace(group_rows=bool(skew), sort_kernel=sort_kernel)
+  grouped = lambda *a: moe.experts_grouped(*a, config=cfg)
+  assert ("name=sort_by_group" in str(jax.make_jaxpr(grouped)(x, idx, w, *wts))) == sort_kernel
   np.testing.assert_allclose(grouped(x, idx, w, *wts), moe.experts_dense(x, idx, w, *wts),
                              rtol=1e-5, atol=1e-5)
   gd = jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1, 2))(x, w, wts)
@@ -350,6 +355,43 @@ def test_sort_by_expert_is_a_stable_argsort(A, E, block, kind):
   np.testing.assert_array_equal(order, want)
   np.testing.assert_array_equal(np.asarray(inverse)[want], np.arange(A))
   np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=E))
+
+
+@pytest.mark.parametrize("A,E,chunk,kind", [(1000, 32, 256, "uniform"), (777, 256, 1024, "skewed"),
+                                             (300, 8, 64, "one_group"), (5, 4, 1024, "uniform"),
+                                             (4100, 16, 1024, "skewed")])
+def test_sort_kernel_is_a_stable_argsort(A, E, chunk, kind):
+  """The one-kernel sort (interpret mode) against NumPy's stable argsort: chunks that end
+  mid-array (1000 ids in 256s, 4100 in 1024s), empty groups, one group holding every id, fewer
+  ids than a chunk."""
+  rng = np.random.default_rng(A + 1)
+  ids = rng.permutation(np.repeat(np.arange(E), random_sizes(rng, E, A, kind)))
+  order, inverse, sizes = sort_by_group(jnp.asarray(ids), E, chunk=chunk, interpret=True)
+  want = np.argsort(ids, kind="stable")
+  np.testing.assert_array_equal(order, want)
+  np.testing.assert_array_equal(np.asarray(inverse)[want], np.arange(A))
+  np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=E))
+
+
+@gpu
+@pytest.mark.parametrize("A,E,kind", [(2048, 256, "uniform"), (65536, 32, "skewed"),
+                                      (1000, 32, "one_group")])
+def test_gpu_sort_kernel_is_a_stable_argsort(A, E, kind):
+  """The compiled sort kernel: the flash shape at 256 tokens, ling_small's at 16384 (16 chunks)."""
+  rng = np.random.default_rng(A)
+  ids = rng.permutation(np.repeat(np.arange(E), random_sizes(rng, E, A, kind)))
+  order, inverse, sizes = sort_by_group(jnp.asarray(ids), E)
+  want = np.argsort(ids, kind="stable")
+  np.testing.assert_array_equal(order, want)
+  np.testing.assert_array_equal(np.asarray(inverse)[want], np.arange(A))
+  np.testing.assert_array_equal(sizes, np.bincount(ids, minlength=E))
+
+
+def test_sort_kernel_refuses_bad_input():
+  with pytest.raises(ValueError, match="1-D integer"):
+    sort_by_group(jnp.zeros((4, 2), jnp.int32), 8, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    sort_by_group(jnp.zeros((40,), jnp.int32), 8, chunk=48, interpret=True)
 
 
 def test_tuned_config_tiles_by_rows_per_expert():
@@ -424,6 +466,7 @@ def test_gpu_moe_gmm_matches_dense_with_grads():
   loss = lambda fn, x, wts: jnp.sum(jnp.sin(fn(x, idx, w, *wts)))
   with jax.default_matmul_precision("highest"):  # XLA's fp32 GPU default is TF32-like (~1e-3)
     gg = jax.jit(jax.grad(lambda *a: loss(moe.experts_grouped, *a), argnums=(0, 1)))(x, wts)
+    assert "name=sort_by_group" in str(jax.make_jaxpr(moe.experts_grouped)(x, idx, w, *wts))
     gd = jax.jit(jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1)))(x, wts)
   for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gd)):
     assert rel(a, b) < 1e-4

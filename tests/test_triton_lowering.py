@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import pytest
 
 from ling_jax.model.mla import _flash
-from pallas_kernels.grouped_matmul import Config, gmm_glu, gmm_glu_pallas, gmm_pallas, tgmm_pallas
+from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_pallas,
+                                           sort_by_group, tgmm_pallas)
 from pallas_kernels.rms_norm import Config as NormConfig, rms_norm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
@@ -81,6 +82,10 @@ CASES = {
                                                save_gate_up=True, save_rows=True),
         (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 192), jnp.bfloat16),
          S((G, K, 192), jnp.bfloat16), S((G,), jnp.int32)), 1),
+    "gmm_aligned_tiles": (lambda x, w, s: gmm_pallas(x, w, s, Config(group_rows=False)),
+                          (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32)),
+                          1),
+    "sort_by_group": (lambda ids: sort_by_group(ids, 256), (S((2048,), jnp.int32),), 1),
     "simple_gla_fwd_bwd_packed": (
         lambda q, k, v, g, seg: jax.vjp(
             lambda q, k, v: simple_gla_pallas(q, k, v, g, segment_ids=seg)[0], q, k, v)[1](q),

@@ -25,6 +25,7 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.model.common import ExpertBias, SwiGLU, param
 from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm, gmm_glu, tuned_config
+from pallas_kernels.grouped_matmul.sort import sort_by_group, use_kernel as use_sort_kernel
 
 IMPLS = ("auto", "dense", "sorted", "gmm")
 
@@ -228,18 +229,23 @@ def experts_sorted(x, idx, w, wg, wu, wd, *, block_size: int = 64, blocks_per_st
   return jnp.einsum("nx,nxd->nd", w, y)
 
 
-def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, block: int = 64):
+def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, block: int = 64,
+                   config: GmmConfig | None = None):
   """A stable counting sort of assignments by expert: (order, inverse, sizes), all int32.
 
   expert_ids [A] in [0, E). order [A] lists the assignments expert by expert, in their original
   order within each (= a stable argsort); inverse [A] is each assignment's position in it; sizes
-  [E] counts each expert's assignments. No sort: a position is the expert's start + the
+  [E] counts each expert's assignments. Where `config.sort_kernel` says so (by default on the
+  GPU, where `sort.fits`) one Pallas kernel does it (`sort_by_group`); otherwise
+  XLA, as follows. No sort: a position is the expert's start + the
   assignments of that expert in earlier blocks of `block` + those before it in its own block,
   from two fused compare-and-count reductions (O(A (E + block))) and a small prefix sum over
   blocks. On a GPU this replaces a general sort, whose many passes dominated the routing at a
   few thousand tokens.
   """
   A, E = expert_ids.shape[0], num_experts
+  if config is not None and use_sort_kernel(config.sort_kernel, config.interpret, A, E):
+    return sort_by_group(expert_ids, E, interpret=config.interpret)
   nb = -(-A // block)
   e = jnp.pad(expert_ids.astype(jnp.int32), (0, nb * block - A), constant_values=E)  # pads last
   e = e.reshape(nb, block)
@@ -314,10 +320,10 @@ def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, m
   N, D = x.shape
   E, X = wg.shape[0], idx.shape[1]
   A = N * X
-  order, inverse, sizes = sort_by_expert(idx.reshape(A), E)
+  cfg = config or tuned_config(D, wg.shape[2], rows_per_group=A / E)
+  cfg = cfg._replace(interpret=jax.default_backend() != "gpu")
+  order, inverse, sizes = sort_by_expert(idx.reshape(A), E, config=cfg)
   if matmul is None:
-    cfg = config or tuned_config(D, wg.shape[2], rows_per_group=A / E)
-    cfg = cfg._replace(interpret=jax.default_backend() != "gpu")
     h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
     ys = gmm(h, wd, sizes, cfg)  # [N X, D]
   else:

@@ -10,6 +10,9 @@
 Mosaic GPU kernel: persistent, warp-specialized (a TMA producer, two wgmma consumers). On an H100
 it ran 4-29% faster than the Triton gmm at 4096-16384 tokens (BENCHMARKS.md, session 8); at 256
 tokens, timed by device time in session 16, it was 12-32% slower.
+
+`sort_by_group` (sort.py) orders the MoE's routed assignments by expert in one kernel: the
+dispatch's (order, inverse, sizes), where XLA takes a handful of launches.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax
 
 from pallas_kernels.grouped_matmul.kernel import (Config, gmm, gmm_glu, gmm_glu_pallas, gmm_pallas,
                                                   gmm_sum_pallas, tgmm_pallas, tuned_config)
+from pallas_kernels.grouped_matmul.sort import sort_by_group
 from pallas_kernels.grouped_matmul.visits import visit_table
 from pallas_kernels.grouped_matmul.reference import (gmm_glu_reference, gmm_reference, row_groups,
                                                      tgmm_reference)
@@ -25,8 +29,8 @@ from pallas_kernels.grouped_matmul.reference import (gmm_glu_reference, gmm_refe
 IMPLS = ("auto", "pallas", "pallas_interpret", "reference")
 
 __all__ = ["Config", "IMPLS", "gmm", "gmm_glu", "gmm_glu_pallas", "gmm_glu_reference", "gmm_pallas",
-           "gmm_reference", "gmm_sum_pallas", "grouped_matmul", "row_groups", "tgmm_pallas",
-           "tgmm_reference", "tuned_config", "visit_table"]
+           "gmm_reference", "gmm_sum_pallas", "grouped_matmul", "row_groups", "sort_by_group",
+           "tgmm_pallas", "tgmm_reference", "tuned_config", "visit_table"]
 
 
 def resolve_impl(impl: str) -> str:
