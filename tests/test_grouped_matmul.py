@@ -402,9 +402,9 @@ def test_tuned_config_tiles_by_rows_per_expert():
   assert moe.tuned_config(4096, 1024).block_m == 128
   assert moe.tuned_config(4096, 1024, 8).block_n_glu == 128
   assert moe.tuned_config(4096, 1024).block_n_glu == 128
-  # The Mosaic kernel at ling_small's shape and 65+ rows per expert; the stacked glu backward
+  # The Mosaic kernel at ling_small's shape and 513+ rows per expert; the stacked glu backward
   # from 2048 rows per expert; neither at the flash shape.
-  assert [moe.tuned_config(1024, 576, r).mosaic for r in (32, 512)] == [False, None]
+  assert [moe.tuned_config(1024, 576, r).mosaic for r in (32, 512, 1024)] == [False, False, None]
   assert [moe.tuned_config(1024, 576, r).stacked_backward for r in (512, 4096)] == [False, True]
   flash = moe.tuned_config(4096, 1024, 4096)
   assert (flash.mosaic, flash.stacked_backward, flash.mosaic_tgmm) == (False, False, False)
