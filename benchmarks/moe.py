@@ -15,7 +15,9 @@ tokens, forward and forward+backward (d x and d weights), it times:
 * mgpu: jax's own Mosaic GPU `ragged_dot` (jax.experimental.pallas.ops.gpu) for the three
   matmuls, forward only (a peer, when it compiles).
 The weight floor is the time to read the distinct active experts' weights once at 3.35 TB/s.
-Prints one markdown table; raw rows go to $OUT/moe_bench.json when OUT is set.
+Prints one markdown table of wall times (median of back-to-back calls), then the forwards of ours
+and dense again by device time from a profiler trace (at ling_small's few-token calls the wall
+time also measures the host); raw rows go to $OUT/moe_bench.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -139,6 +141,11 @@ def bench(name, E, D, F, X, N, use_mgpu, configs):
       row["ours_fwdbwd"] = fb[row["ours_fwdbwd_config"]]
   row["einsum_fwd"], row["einsum_fwdbwd"] = timed(padded_einsum)
   row["dense_fwd"], row["dense_fwdbwd"] = timed(dense)
+  # The forwards again by device time (profiler trace): below ~100 us a call, back-to-back wall
+  # time also measures the host (ling_small's dense matmul at 1024 tokens timed 0.050-0.097 ms).
+  if ok:
+    row["ours_fwd_device"] = guarded(_device_seconds, jax.jit(ours(ok[best][0])), x, idx, w, *ws)
+  row["dense_fwd_device"] = guarded(_device_seconds, jax.jit(dense), x, idx, w, *ws)
   if use_mgpu:
     row["mgpu_fwd"] = guarded(lambda: timed(mgpu_layer(), grad_too=False)[0])
   return row
@@ -290,6 +297,14 @@ def table(rows):
         f"{ms(r['dense_fwd'])} ({tflops(r['flops'], r['dense_fwd'])}) | {ms(r.get('mgpu_fwd'))} | "
         f"{rate} | {r['weight_floor_s'] * 1e3:.3f} | {flo} | {ms(fb)} ({tflops(r['flops'], fb, 3)}) | "
         f"{ms(r['einsum_fwdbwd'])} | {ms(r['dense_fwdbwd'])} ({tflops(r['flops'], r['dense_fwdbwd'], 3)}) |")
+  out += ["", "Forward by device time (profiler):", "",
+          "| shape | tokens | ours fwd ms | dense fwd ms | ours/dense rate | ours/floor |",
+          "|---|---|---|---|---|---|"]
+  for r in rows:
+    f, d = r.get("ours_fwd_device"), r.get("dense_fwd_device")
+    rate = f"{d / f:.2f}" if isinstance(f, float) and isinstance(d, float) else "-"
+    flo = f"{f / r['weight_floor_s']:.2f}" if isinstance(f, float) else "-"
+    out.append(f"| {r['shape']} | {r['tokens']} | {ms(f)} | {ms(d)} | {rate} | {flo} |")
   return "\n".join(out)
 
 

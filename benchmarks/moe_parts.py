@@ -11,8 +11,8 @@ choice for the shape) for an A/B. Then two references (--no-refs skips them):
 * sort: ordering the N X assignments by expert (device time from the trace): the Pallas sort
   kernel the layer uses where it fits (a few chunk sizes), XLA's counting sort (used past that)
   and the stable argsort it replaced;
-* HBM: the achievable read rate (a sum over the flash experts' 6.4 GB of weights), which bounds
-  the layer at small token counts.
+* HBM: the achievable read rate (XLA summing the flash experts' 6.4 GB of weights, and
+  ling_small's 113 MB, wall and device time), which bounds the layer at small token counts.
 --router times only the router and the expert load (moe.route and expert_load against the
 lax.top_k and bincount code they replaced). Raw rows go to $OUT/moe_parts_N.json when OUT is set.
 """
@@ -120,6 +120,32 @@ def router(name: str, n: int, ranked: bool) -> float:
   return sum(t for t, *_ in per_op(jax.jit(fn), (x, wr, bias)))
 
 
+def stream_read(a: jax.Array, rows: int, warps: int, per_sm: int, stages: int = 3):
+  """A Pallas (Triton) kernel that only reads a [R, C] array: each program sums `rows`-row
+  blocks, looping over them for a grid of one program per SM (how fast a kernel can stream a
+  short read at all: the bound under the layer's weight read at few tokens); per_sm programs
+  for each SM."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  R, C = a.shape
+  nb = R // rows
+  progs = min(nb, per_sm * getattr(jax.devices()[0], "core_count", 2))
+
+  def kernel(a_ref, o_ref):
+    p = pl.program_id(0)
+
+    def step(i, acc):
+      return acc + plt.load(a_ref.at[pl.ds((p + i * progs) * rows, rows), :]).astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(nb - p, progs), step, jnp.zeros((rows, C), jnp.float32))
+    plt.store(o_ref.at[pl.ds(p, 1), :], jnp.sum(acc, axis=0, keepdims=True))
+
+  return pl.pallas_call(
+      kernel, grid=(progs,), out_shape=jax.ShapeDtypeStruct((progs, C), jnp.float32),
+      compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages),
+      interpret=jax.default_backend() != "gpu")(a)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shapes", default="small,flash")
@@ -163,14 +189,30 @@ def main():
       t = sorts(A, SHAPES[name]["E"])
       print(f"| {name} {A} | " + " | ".join(f"{v:.1f}" for v in t.values()) + " |")
       rows.append(dict(shape=name, assignments=A, sorts=t))
-  s = SHAPES["flash"]
-  wg, wu, wd = weights(s["E"], s["D"], s["F"])
-  nbytes = sum(t.size * t.dtype.itemsize for t in (wg, wu, wd))
   read = jax.jit(lambda a, b, c: sum(jnp.sum(t, dtype=jnp.float32) for t in (a, b, c)))
-  t = time_jax(read, wg, wu, wd)
-  print(f"\n# HBM read: {nbytes / 1e9:.2f} GB of flash expert weights summed in {t * 1e3:.3f} ms "
-        f"= {nbytes / t / 1e12:.2f} TB/s")
-  rows.append(dict(hbm_read_bytes=nbytes, hbm_read_s=t))
+  for name in ("flash", "small"):  # small: 113 MB, a read as short as the layer's at 256 tokens
+    s = SHAPES[name]
+    ws = weights(s["E"], s["D"], s["F"])
+    nbytes = sum(t.size * t.dtype.itemsize for t in ws)
+    t = time_jax(read, *ws)
+    dev = sum(u for u, *_ in per_op(read, ws)) / 1e6
+    print(f"\n# HBM read: {nbytes / 1e9:.3f} GB of {name} expert weights summed in {t * 1e3:.3f} "
+          f"ms = {nbytes / t / 1e12:.2f} TB/s (device time {dev * 1e6:.1f} us = "
+          f"{nbytes / dev / 1e12:.2f} TB/s)")
+    rows.append(dict(shape=name, hbm_read_bytes=nbytes, hbm_read_s=t, hbm_read_device_s=dev))
+    weights.cache_clear()
+  # The same 113 MB as one [R, 512] array, streamed by a kernel that only reads it
+  a = jax.random.normal(jax.random.key(3), (nbytes // 1024, 512), jnp.bfloat16)
+  best = {}
+  for r, w, p in [(32, 4, 4), (64, 4, 2), (64, 8, 2), (128, 8, 1), (32, 4, 8), (16, 4, 8)]:
+    best[(r, w, p)] = sum(u for u, *_ in per_op(jax.jit(
+        lambda a, r=r, w=w, p=p: stream_read(a, r, w, p)), (a,))) / 1e6
+  k = min(best, key=best.get)
+  print(f"# Pallas stream read of the same bytes: best {best[k] * 1e6:.1f} us device time = "
+        f"{nbytes / best[k] / 1e12:.2f} TB/s (rows, warps, programs per SM = {k}; all: "
+        + ", ".join(f"{v * 1e6:.1f}" for v in best.values()) + ")")
+  rows.append(dict(stream_read_bytes=nbytes,
+                   stream_read_device_s={str(k): v for k, v in best.items()}))
   _save(rows)
 
 
