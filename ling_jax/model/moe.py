@@ -307,12 +307,13 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, matmul=None):
   """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
 
-  Assignments are sorted by expert (`sort_by_expert`, a stable counting sort) and three grouped
-  matmuls run over the ragged expert groups: gate and up in one fused kernel (`gmm_glu`) that
-  gathers each token row itself and applies the SwiGLU to its fp32 accumulators (neither the
-  [N X, D] dispatched rows nor the gate / up products of a forward-only call are written), then
-  down (at ling_small's shape on the Mosaic GPU kernel, forward and d input, and so is the gate/up
-  d input at 2048+ rows per expert: `tuned_config`). The rows are gathered back through the
+  Assignments are sorted by expert (`sort_by_expert`: a stable counting sort, one Pallas kernel
+  on the GPU where it fits; the same `config` decides) and three grouped matmuls run over the
+  ragged expert groups: gate and up in one fused kernel (`gmm_glu`) that gathers each token row
+  itself and applies the SwiGLU to its fp32 accumulators (neither the [N X, D] dispatched rows
+  nor the gate / up products of a forward-only call are written), then down (at ling_small's
+  shape and 513+ rows per expert on the Mosaic GPU kernel, forward and d input, and so is the
+  gate/up d input at 2048+ rows per expert: `tuned_config`). The rows are gathered back through the
   inverse permutation and combined with the routing weights; both row movements are gathers in the
   backward pass too. Never [N, E, D]. `matmul(lhs, rhs, group_sizes)` replaces the Pallas kernels
   with three unfused grouped matmuls over explicitly dispatched rows (benchmarks).
