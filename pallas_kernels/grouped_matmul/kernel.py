@@ -188,6 +188,13 @@ def _load_rows(x_ref, rows_ref, r0, bm: int, mine, c0, width: int, cmask):
   return plt.load(x_ref.at[src[:, None], cols[None, :]], mask=mask, other=0)
 
 
+def _load_sizes(sizes_ref, G: int):
+  """The G group sizes as a [padded_groups(G)] vector (zeros past G): what visits.piece and
+  visits.group_rows_of read."""
+  P = padded_groups(G)
+  return plt.load(sizes_ref.at[pl.ds(0, P)], mask=jnp.arange(P) < G, other=0)
+
+
 def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpose_rhs, n_inner,
                 group_rows=False, copy_rows=False):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
@@ -204,9 +211,7 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
   copy_ref, out_refs = (out_refs[-1], out_refs[:-1]) if copy_rows else (None, out_refs)
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
   if group_rows:  # meta_ref: the G group sizes; the visit is decoded here (visits.piece)
-    P = padded_groups(G)
-    sizes = plt.load(meta_ref.at[pl.ds(0, P)], mask=jnp.arange(P) < G, other=0)
-    grp, lo, hi = piece(sizes, v, G=G, m=M, bm=bm)
+    grp, lo, hi = piece(_load_sizes(meta_ref, G), v, G=G, m=M, bm=bm)
     r0 = lo  # the block's first row
   else:  # meta_ref: the visit table
     tile, grp, lo, hi = meta_ref[0, v], meta_ref[1, v], meta_ref[2, v], meta_ref[3, v]
@@ -256,9 +261,7 @@ def _tgmm_kernel(sizes_ref, *refs, bm, bk, bn, M, K, N, G, gathered, n_dy, n_inn
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   x_ref, dy_refs, o_refs = refs[0], refs[1:1 + n_dy], refs[1 + n_dy:]
   g, i, j = _tgmm_ids(n_inner)
-  P = padded_groups(G)  # sizes_ref: the G group sizes
-  lo, hi = group_rows_of(plt.load(sizes_ref.at[pl.ds(0, P)], mask=jnp.arange(P) < G, other=0),
-                         g, G=G, m=M)
+  lo, hi = group_rows_of(_load_sizes(sizes_ref, G), g, G=G, m=M)
   kmask, nmask = _tail_mask(i * bk, bk, K), _tail_mask(j * bn, bn, N)
 
   def step(t, accs):
