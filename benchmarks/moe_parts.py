@@ -121,13 +121,14 @@ def router(name: str, n: int, ranked: bool) -> float:
 
 
 def stream_read(a: jax.Array, rows: int, warps: int, per_sm: int, stages: int = 3):
-  """A Pallas (Triton) kernel that only reads a [R, C] array: each program sums `rows`-row
-  blocks, looping over them for a grid of one program per SM (how fast a kernel can stream a
-  short read at all: the bound under the layer's weight read at few tokens); per_sm programs
-  for each SM."""
+  """A Pallas (Triton) kernel that only reads a [R, C] array (R a multiple of `rows`): per_sm
+  programs for each SM, each summing every progs-th `rows`-row block. How fast a kernel can
+  stream a short read at all: the bound under the layer's weight read at few tokens."""
   from jax.experimental import pallas as pl
   from jax.experimental.pallas import triton as plt
   R, C = a.shape
+  if R % rows:
+    raise ValueError(f"{R} rows are not a multiple of {rows}")
   nb = R // rows
   progs = min(nb, per_sm * getattr(jax.devices()[0], "core_count", 2))
 

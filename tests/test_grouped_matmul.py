@@ -13,7 +13,7 @@ from ling_jax.model import moe
 from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_glu_reference,
                                            gmm_pallas, gmm_reference, gmm_sum_pallas,
                                            grouped_matmul, sort_by_group, tgmm_pallas,
-                                           visit_table)
+                                           visit_table, visits)
 from checks import ON_GPU, gpu, rel
 
 SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_n_sum=16, block_m_t=16,
@@ -62,12 +62,25 @@ CASES = [  # (M, K, N, G, kind, rows past the groups)
 ]
 
 
+def piece_table(sizes, M: int, bm: int):
+  """[4, V] (tile, group, lo, hi) of the group-piece layout: `visits.piece` at every slot, as
+  the kernels decode it from their program ids."""
+  G = len(sizes)
+  padded = np.zeros(visits.padded_groups(G), np.int32)
+  padded[:G] = sizes
+  grp, lo, hi = jax.vmap(lambda v: visits.piece(jnp.asarray(padded), v, G=G, m=M, bm=bm))(
+      jnp.arange(visits.pieces(M, bm, G), dtype=jnp.int32))
+  return np.stack([np.asarray(lo) // bm, grp, lo, hi])
+
+
 @pytest.mark.parametrize("group_rows", [False, True])
 @pytest.mark.parametrize("M,K,N,G,kind,extra", CASES)
-def test_visit_table_covers_every_row_once(M, K, N, G, kind, extra, group_rows):
+def test_visit_layouts_cover_every_row_once(M, K, N, G, kind, extra, group_rows):
+  """Aligned tiles (`visit_table`) and group pieces (`visits.piece`, decoded per program)."""
   rng = np.random.default_rng(M + G)
   sizes = random_sizes(rng, G, M - extra, kind)
-  tile, grp, lo, hi = np.asarray(visit_table(jnp.asarray(sizes), M, 32, group_rows=group_rows))
+  tile, grp, lo, hi = (piece_table(sizes, M, 32) if group_rows
+                       else np.asarray(visit_table(jnp.asarray(sizes), M, 32)))
   cover = np.zeros(M, int)
   owner = np.repeat(np.arange(G + 1), list(sizes) + [extra])
   starts = np.r_[0, np.cumsum(list(sizes) + [extra])]

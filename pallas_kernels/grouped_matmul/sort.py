@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.grouped_matmul.kernel import _tile
+
 # The kernel's reach (the H100 figures above): at most MAX_IDS ids and MAX_READS = ids x groups.
 MAX_IDS, MAX_READS = 16384, 1 << 22
 
@@ -45,13 +47,14 @@ def _sort_kernel(ids_ref, order_ref, inverse_ref, sizes_ref, *, A: int, chunk: i
   g = pl.program_id(0)
   n = pl.cdiv(A, chunk)
 
-  def ids_at(c):
+  def ids_at(c):  # past A: an id above every group, so below none and matching none
     i = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    return i, plt.load(ids_ref.at[pl.ds(c * chunk, chunk)], mask=i < A, other=-1)
+    return i, plt.load(ids_ref.at[pl.ds(c * chunk, chunk)], mask=i < A,
+                       other=jnp.iinfo(jnp.int32).max)
 
   def count_below(c, below):
-    i, ids = ids_at(c)
-    return below + jnp.sum(((ids < g) & (i < A)).astype(jnp.int32))
+    _, ids = ids_at(c)
+    return below + jnp.sum((ids < g).astype(jnp.int32))
 
   first = lax.fori_loop(0, n, count_below, jnp.int32(0))
 
@@ -82,7 +85,7 @@ def sort_by_group(ids: jax.Array, num_groups: int, *, chunk: int = 4096, num_war
   if chunk < 16 or chunk & (chunk - 1):
     raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
   A = ids.shape[0]
-  chunk = min(chunk, max(16, 1 << max(A - 1, 1).bit_length()))  # a power of two, >= 16
+  chunk = _tile(A, chunk)  # no larger than A needs
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
   return pl.pallas_call(
       functools.partial(_sort_kernel, A=A, chunk=chunk), grid=(num_groups,),

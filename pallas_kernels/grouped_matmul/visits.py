@@ -2,8 +2,8 @@
 Mosaic GPU (mosaic.py) kernels: each group's row bounds and the visits of (row block, group)
 pairs (kernel.py's docstring explains visits).
 
-Two layouts. Aligned tiles (`visit_table`): bm-row tiles visited once for each group they hold
-rows of, a table built in XLA. Group pieces (`piece`, `Config.group_rows`): every group cut into
+Two layouts. Aligned tiles (`visit_table`, the Mosaic gmm's and `Config.group_rows=False`):
+bm-row tiles visited once for each group they hold rows of, a table built in XLA. Group pieces (`piece`, `Config.group_rows`): every group cut into
 bm-row pieces from its own first row, decoded inside the kernel from the group sizes alone, so
 no XLA op runs between the routing and the matmuls.
 """
@@ -32,6 +32,20 @@ def padded_groups(G: int) -> int:
   return 1 << G.bit_length()
 
 
+def _bounds(sizes: jax.Array, G: int, m: int):
+  """(index, starts, ends) [P] int32 of sizes [P > G] (entries past G ignored): each group's rows
+  clipped to m as in `group_bounds`, and at index G the pseudo-group [sum(sizes), m)."""
+  g = lax.broadcasted_iota(jnp.int32, sizes.shape, 0)
+  s = jnp.where(g < G, sizes.astype(jnp.int32), 0)
+  ends = jnp.cumsum(s)
+  return g, jnp.minimum(ends - s, m), jnp.where(g < G, jnp.minimum(ends, m), m)
+
+
+def _pick(g, i, a):
+  """a[i] of a vector as a scalar (a masked sum: a gather-free form Triton lowers)."""
+  return jnp.sum(jnp.where(g == i, a, 0))
+
+
 def piece(sizes: jax.Array, v, *, G: int, m: int, bm: int):
   """Visit v of the group-piece layout: (group, row lo, row hi), int32 scalars; lo >= hi when
   the slot is empty.
@@ -41,49 +55,31 @@ def piece(sizes: jax.Array, v, *, G: int, m: int, bm: int):
   slots first_g + p for p < cdiv(size_g, bm), first_g = start_g // bm + g: consecutive groups'
   slot ranges never overlap (first_{g+1} - first_g >= floor(size_g / bm) + 1 >= the pieces of g)
   and all fit in `pieces(m, bm, G)`. Plain jnp on a vector and a scalar: the kernels run it on
-  their program id (O(G) work, no table in HBM) and `visit_table` maps it over every v.
+  their program id (O(G) work, no table in HBM).
   """
-  P = sizes.shape[0]
-  g = lax.broadcasted_iota(jnp.int32, (P,), 0)
-  s = jnp.where(g < G, sizes.astype(jnp.int32), 0)
-  ends = jnp.cumsum(s)
-  starts = jnp.minimum(ends - s, m)  # group G: sum(sizes)
-  ends = jnp.where(g < G, jnp.minimum(ends, m), m)
+  g, starts, ends = _bounds(sizes, G, m)
   first = jnp.where(g <= G, lax.div(starts, jnp.int32(bm)) + g, jnp.iinfo(jnp.int32).max)
   grp = jnp.sum((first <= v).astype(jnp.int32)) - 1  # first[0] = 0 <= v
-  pick = lambda a: jnp.sum(jnp.where(g == grp, a, 0))
-  lo = pick(starts + (v - first) * bm)
-  return grp, lo, jnp.minimum(pick(ends), lo + bm)
+  lo = _pick(g, grp, starts + (v - first) * bm)
+  return grp, lo, jnp.minimum(_pick(g, grp, ends), lo + bm)
 
 
 def group_rows_of(sizes: jax.Array, g, *, G: int, m: int):
-  """Group g's rows [lo, hi) as int32 scalars, clipped to m, from sizes [P >= G] (entries past G
+  """Group g's rows [lo, hi) as int32 scalars, clipped to m, from sizes [P > G] (entries past G
   ignored): `group_bounds` for one group, in plain jnp for the kernels (O(G), no XLA op)."""
-  i = lax.broadcasted_iota(jnp.int32, (sizes.shape[0],), 0)
-  s = jnp.where(i < G, sizes.astype(jnp.int32), 0)
-  lo = jnp.sum(jnp.where(i < g, s, 0))
-  return jnp.minimum(lo, m), jnp.minimum(lo + jnp.sum(jnp.where(i == g, s, 0)), m)
+  i, starts, ends = _bounds(sizes, G, m)
+  return _pick(i, g, starts), _pick(i, g, ends)
 
 
-def visit_table(group_sizes: jax.Array, m: int, bm: int, *, group_rows: bool = False) -> jax.Array:
-  """[4, V] int32 rows: tile, group (G = past the last group), row lo, row hi.
+def visit_table(group_sizes: jax.Array, m: int, bm: int) -> jax.Array:
+  """[4, cdiv(m, bm) + G] int32 rows of the aligned-tile layout: tile, group (G = past the last
+  group), row lo, row hi.
 
-  Visits are ordered by group then tile, so consecutive programs share a group's weights.
-  By default visits are the (bm-row tile, group) pairs that overlap (V = cdiv(m, bm) + G): a
-  tile straddling k group boundaries is visited k + 1 times; unused entries come last, empty.
-  With `group_rows` the table is `piece` at every slot (V = cdiv(m, bm) + G; empty slots between
-  groups): no piece holds two groups' rows, so a group's weights are read once per piece rather
-  than once per tile it touches; tile is lo // bm (unaligned: kernels read from lo).
+  Visits are ordered by group then tile, so consecutive programs share a group's weights. They
+  are the (bm-row tile, group) pairs that overlap: a tile straddling k group boundaries is
+  visited k + 1 times; unused entries come last, empty.
   """
   G = group_sizes.shape[0]
-  if group_rows:
-    sizes = jnp.zeros((padded_groups(G),), jnp.int32).at[:G].set(group_sizes.astype(jnp.int32))
-    grp, lo, hi = jax.vmap(lambda v: piece(sizes, v, G=G, m=m, bm=bm))(
-        jnp.arange(pieces(m, bm, G), dtype=jnp.int32))
-    used = hi > lo
-    zero = jnp.zeros_like(lo)
-    return jnp.stack([jnp.where(used, lo // bm, zero), jnp.where(used, grp, G),
-                      jnp.where(used, lo, zero), jnp.where(used, hi, zero)])
   starts, ends = group_bounds(group_sizes, m)
   starts = jnp.concatenate([starts, ends[-1:]])             # + pseudo-group [total, m)
   ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
