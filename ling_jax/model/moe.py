@@ -236,8 +236,8 @@ def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, block: int = 64,
   expert_ids [A] in [0, E). order [A] lists the assignments expert by expert, in their original
   order within each (= a stable argsort); inverse [A] is each assignment's position in it; sizes
   [E] counts each expert's assignments. Where `config.sort_kernel` says so (by default on the
-  GPU, where `sort.fits`) one Pallas kernel does it (`sort_by_group`); otherwise
-  XLA, as follows. No sort: a position is the expert's start + the
+  GPU, where `sort.fits`) one Pallas kernel does it (`sort_by_group`); otherwise XLA, as
+  follows. No sort: a position is the expert's start + the
   assignments of that expert in earlier blocks of `block` + those before it in its own block,
   from two fused compare-and-count reductions (O(A (E + block))) and a small prefix sum over
   blocks. On a GPU this replaces a general sort, whose many passes dominated the routing at a

@@ -3,9 +3,10 @@ Mosaic GPU (mosaic.py) kernels: each group's row bounds and the visits of (row b
 pairs (kernel.py's docstring explains visits).
 
 Two layouts. Aligned tiles (`visit_table`, the Mosaic gmm's and `Config.group_rows=False`):
-bm-row tiles visited once for each group they hold rows of, a table built in XLA. Group pieces (`piece`, `Config.group_rows`): every group cut into
-bm-row pieces from its own first row, decoded inside the kernel from the group sizes alone, so
-no XLA op runs between the routing and the matmuls.
+bm-row tiles visited once for each group they hold rows of, a table built in XLA. Group pieces
+(`piece`, `Config.group_rows`): every group cut into bm-row pieces from its own first row,
+decoded inside the kernel from the group sizes alone, so no XLA op runs between the routing and
+the matmuls.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 
-def group_bounds(group_sizes: jax.Array, m: int):
-  """(starts, ends) [G] int32 of each group's rows, clipped to the m rows there are."""
-  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
-  return jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]]), ends
+def group_bounds(group_sizes: jax.Array, m: int, *, pseudo: bool = False):
+  """(starts, ends) [G] int32 of each group's rows, clipped to the m rows there are; [G + 1]
+  with `pseudo`, the last entry the pseudo-group of rows [sum(sizes), m)."""
+  G = group_sizes.shape[0]
+  _, starts, ends = _bounds(jnp.pad(group_sizes, (0, 1)), G, m)
+  return (starts, ends) if pseudo else (starts[:G], ends[:G])
 
 
 def pieces(m: int, bm: int, G: int) -> int:
@@ -80,9 +83,7 @@ def visit_table(group_sizes: jax.Array, m: int, bm: int) -> jax.Array:
   visited k + 1 times; unused entries come last, empty.
   """
   G = group_sizes.shape[0]
-  starts, ends = group_bounds(group_sizes, m)
-  starts = jnp.concatenate([starts, ends[-1:]])             # + pseudo-group [total, m)
-  ends = jnp.concatenate([ends, jnp.full((1,), m, jnp.int32)])
+  starts, ends = group_bounds(group_sizes, m, pseudo=True)
   n_tiles = jnp.where(ends > starts, (ends - 1) // bm - starts // bm + 1, 0)
   last = jnp.cumsum(n_tiles)
   first = last - n_tiles
