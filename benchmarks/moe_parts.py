@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.moe import SHAPES, case, fwd_and_fwdbwd, weights
-from benchmarks.profile_step import device_ops, hlo_sources
 from benchmarks.timing import time_jax
 from ling_jax.model import moe
+from ling_jax.profiling import device_ops, hlo_sources
 from pallas_kernels.grouped_matmul import sort_by_group
 
 

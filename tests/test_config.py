@@ -15,7 +15,7 @@ from ling_jax.hf_config import from_hf_config, read_hf_config, to_hf_config
 from ling_jax.model import LingForCausalLM, moe
 from ling_jax.train.step import lm_losses
 from flop_count import weight_matmul_flops
-from model_utils import random_tokens
+from testing import random_tokens
 
 
 def test_flash_layout_and_counts_match_spec():

@@ -29,7 +29,7 @@ from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.hf_io import CheckpointError
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from ling_jax.io.safetensors_writer import SafetensorsWriter
-from checks import rel
+from testing import rel
 
 SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
 # Layers 0-1 a prefix group, 2-5 two scanned groups (stacked axis of 2), 6 the MLA tail; MTP.

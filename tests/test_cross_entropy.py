@@ -14,7 +14,7 @@ import pytest
 from ling_jax.train.loss import head_ce
 from pallas_kernels.cross_entropy import (Config, cross_entropy, cross_entropy_pallas,
                                           cross_entropy_reference)
-from checks import gpu
+from testing import export_for_cuda, gpu
 
 
 def make(seed, C, V, scale=4.0):
@@ -125,7 +125,6 @@ def test_head_ce_kernel_matches_xla(dtype):
 def test_cross_entropy_kernel_lowers_for_sm90():
   """The Triton lowering (not run by interpret mode) at the head's shape with the default config
   and with the one-read config, the value-only kernel, and tails in rows and V."""
-  from tests.test_triton_lowering import export_for_cuda
   S = jax.ShapeDtypeStruct
   for C, V, cfg, grad_dtype in [
       (8192, 32768, Config(), jnp.bfloat16),

@@ -14,42 +14,10 @@ from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_
                                            gmm_pallas, gmm_reference, gmm_sum_pallas,
                                            grouped_matmul, sort_by_group, tgmm_pallas,
                                            visit_table, visits)
-from checks import ON_GPU, gpu, rel
+from testing import ON_GPU, gpu, np_gmm, np_tgmm, random_sizes, rel
 
 SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_n_sum=16, block_m_t=16,
                block_k_t=32, block_n_t=16, block_n_t2=16, interpret=True)
-
-
-def np_gmm(x, w, sizes, transpose_rhs=False):
-  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  out, start = np.zeros((x.shape[0], w.shape[1] if transpose_rhs else w.shape[2])), 0
-  for g, n in enumerate(np.asarray(sizes)):
-    out[start:start + n] = x[start:start + n] @ (w[g].T if transpose_rhs else w[g])
-    start += n
-  return out  # rows past sum(sizes) stay zero
-
-
-def np_tgmm(x, dy, sizes):
-  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-  out, start = np.zeros((len(sizes), x.shape[1], dy.shape[1])), 0
-  for g, n in enumerate(np.asarray(sizes)):
-    out[g] = x[start:start + n].T @ dy[start:start + n]
-    start += n
-  return out
-
-
-def random_sizes(rng, G, total, kind):
-  if kind == "uniform":
-    return np.bincount(rng.integers(0, G, total), minlength=G)
-  if kind == "one_group":  # everything in one group, every other group empty
-    s = np.zeros(G, int)
-    s[rng.integers(G)] = total
-    return s
-  if kind == "skewed":  # zipf-like, several empty groups
-    p = 1.0 / np.arange(1, G + 1) ** 2
-    s = np.bincount(rng.choice(G, total, p=p / p.sum()), minlength=G)
-    return rng.permutation(s)
-  raise ValueError(kind)
 
 
 CASES = [  # (M, K, N, G, kind, rows past the groups)

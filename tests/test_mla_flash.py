@@ -14,8 +14,7 @@ from flax import nnx
 
 from ling_jax.config import ling_tiny
 from ling_jax.model import mla
-from model_utils import random_model, random_tokens
-from checks import ON_GPU, gpu, rel
+from testing import ON_GPU, gpu, random_model, random_tokens, rel
 
 K, R, V = 16, 8, 16  # nope, rope and value head dims (ling_tiny's)
 

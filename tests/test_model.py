@@ -16,8 +16,7 @@ from ling_jax.hf_config import to_hf_config
 from ling_jax.hf_io import hf_tensors
 from ling_jax.model import moe
 from ling_jax.weights import all_maps
-from model_utils import random_model, random_tokens
-from checks import rel
+from testing import random_model, random_tokens, rel
 
 
 @functools.partial(nnx.jit, static_argnames=("scan",))

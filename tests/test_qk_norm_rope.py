@@ -18,8 +18,7 @@ from ling_jax.config import ling_small, ling_tiny
 from ling_jax.model import rope
 from pallas_kernels.qk_norm_rope import Config, qk_norm_rope, qk_norm_rope_reference
 from pallas_kernels.rms_norm.reference import rms_norm_reference, rms_normalize
-from tests.test_triton_lowering import export_for_cuda
-from checks import gpu, rel_max
+from testing import export_for_cuda, gpu, rel_max
 
 EPS = 1e-6
 

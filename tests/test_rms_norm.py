@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.rms_norm import Config, rms_norm, supported
-from checks import gpu, rel_max
+from testing import gpu, random_model, random_tokens, rel_max
 
 EPS = 1e-6
 
@@ -109,7 +109,6 @@ def test_model_with_pallas_norms_matches_xla():
 
   from ling_jax.config import ling_tiny
   from ling_jax.model.common import GroupRMSNorm, RMSNorm
-  from tests.model_utils import random_model, random_tokens
 
   cfg = ling_tiny()
   model = random_model(cfg, seed=3, dtype=jnp.bfloat16, gla_impl="chunked")

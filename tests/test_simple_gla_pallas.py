@@ -16,7 +16,7 @@ import pytest
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
 from pallas_kernels.simple_gla import mosaic
-from checks import gpu, rel
+from testing import gpu, rel
 
 SLOPES = np.array([0.84, 0.0039, 0.3, 0.05])  # Ling's steepest and shallowest heads first
 

@@ -12,7 +12,7 @@ import pytest
 
 from pallas_kernels.simple_gla import (IMPLS, simple_gla, simple_gla_chunked,
                                        simple_gla_recurrent, simple_gla_step)
-from checks import rel
+from testing import rel
 
 chunked = jax.jit(simple_gla_chunked, static_argnames=("chunk_size",))
 recurrent = jax.jit(simple_gla_recurrent)

@@ -29,7 +29,7 @@ from ling_jax.train.optim import decays, optimizer, schedule
 from ling_jax.train.report import read_metrics
 from ling_jax.train.step import (_losses, compute_copies, init_state, make_train_step,
                                   split_model)
-from model_utils import random_model
+from testing import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

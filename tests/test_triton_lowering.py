@@ -7,8 +7,6 @@ Triton MLIR lowering without a GPU; we pin the target to sm_90 and verify each m
 Uses two private JAX hooks; the test skips (never passes vacuously) if they move.
 """
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,41 +17,9 @@ from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_
 from pallas_kernels.rms_norm import Config as NormConfig, rms_norm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
+from testing import export_for_cuda
 
 S = jax.ShapeDtypeStruct
-
-
-@contextlib.contextmanager
-def lowering_for_sm90(verified):
-  try:
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
-  except ImportError as e:
-    pytest.skip(f"jax internals moved: {e}")
-  get_info, lower = reg.gpu_info_lib.get_gpu_info, reg.lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*a, **k):
-    result = lower(*a, **k)
-    assert result.module.operation.verify()
-    verified.append(result)
-    return result
-
-  reg.gpu_info_lib.get_gpu_info = lambda: gpu_info.GpuInfo(
-      gpu_version=None, arch_name="9.0", compute_capability=90)
-  reg.lowering.lower_jaxpr_to_triton_module = lower_and_verify
-  try:
-    yield
-  finally:
-    reg.gpu_info_lib.get_gpu_info, reg.lowering.lower_jaxpr_to_triton_module = get_info, lower
-
-
-def export_for_cuda(f, *args):
-  verified = []
-  with lowering_for_sm90(verified):
-    jax.export.export(
-        jax.jit(f), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
-  return len(verified)
 
 
 M, K, N, G = 512, 256, 128, 8
