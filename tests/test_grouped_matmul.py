@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.model import moe
+from ling_jax.model import moe, router
 from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_glu_reference,
                                            gmm_pallas, gmm_reference, gmm_sum_pallas,
                                            grouped_matmul, sort_by_group, tgmm_pallas,
@@ -304,7 +304,7 @@ def test_moe_gmm_dispatch_matches_dense_with_grads(skew, sort_kernel):
   bias = jnp.asarray(np.r_[skew, skew, np.zeros(E - 2)], jnp.float32)
   wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.2, jnp.float32)
               for s in ((E, D, F), (E, D, F), (E, F, D)))
-  idx, w = moe.route(x, wr, bias, top_k=X, n_group=1, topk_group=1, scale=2.5)
+  idx, w = router.route(x, wr, bias, top_k=X, n_group=1, topk_group=1, scale=2.5)
   if skew:  # every token on experts 0 and 1, six empty experts
     assert (np.bincount(np.asarray(idx).ravel(), minlength=E) == 0).sum() == E - 2
 

@@ -9,12 +9,11 @@ import pytest
 from flax import nnx
 
 import numpy_reference as ref
-from benchmarks.moe_parts import route_lax
 from ling_jax import axes as ax
 from ling_jax.config import ling_tiny
 from ling_jax.hf_config import to_hf_config
 from ling_jax.hf_io import hf_tensors
-from ling_jax.model import moe
+from ling_jax.model import moe, router
 from ling_jax.weights import all_maps
 from testing import random_model, random_tokens, rel
 
@@ -51,7 +50,7 @@ def _routing_case(seed, N=40, D=16, E=8, X=2, skew=0.0):
 
 
 def test_router_logits_of_bf16_activations_reach_fp32_accuracy():
-  """moe.router_logits runs bf16 matmuls on split operands for bf16 x: the logits and d weight
+  """router.router_logits runs bf16 matmuls on split operands for bf16 x: the logits and d weight
   within fp32 rounding of float64 (a plain bf16 or TF32 product is off by ~1e-3 / ~3e-4 of the
   largest), d x the float64 value rounded to bf16 (but for rare double-rounding ties), also
   jitted (a compiler folding the split's round trips would zero its later terms)."""
@@ -63,7 +62,7 @@ def test_router_logits_of_bf16_activations_reach_fp32_accuracy():
 
   @jax.jit
   def run(x, w, g):
-    out, vjp = jax.vjp(moe.router_logits, x, w)
+    out, vjp = jax.vjp(router.router_logits, x, w)
     return out, *vjp(g)
 
   out, dx, dw = run(x, w, g)
@@ -82,7 +81,7 @@ def test_router_matches_float64_spec(n_group, topk_group):
   x, wr, bias, _ = _routing_case(3)
   cfg = dict(num_experts=8, n_group=n_group, topk_group=topk_group, num_experts_per_tok=2,
              routed_scaling_factor=2.5)
-  idx, w = moe.route(x, wr, bias, top_k=2, n_group=n_group, topk_group=topk_group, scale=2.5)
+  idx, w = router.route(x, wr, bias, top_k=2, n_group=n_group, topk_group=topk_group, scale=2.5)
   W = {"m.gate.weight": np.asarray(wr, np.float64).T, "m.gate.expert_bias": np.asarray(bias, np.float64)}
   for t in range(x.shape[0]):
     ids, wt = ref.route(W, "m", np.asarray(x[t], np.float64), cfg)
@@ -98,11 +97,11 @@ def test_ranked_top_k_matches_lax_top_k_with_ties_and_masks(shape, k):
   masked = jnp.where(jax.random.bernoulli(jax.random.key(8), 0.5, shape), -jnp.inf, ties)
   odd = jnp.where(jax.random.bernoulli(jax.random.key(9), 0.2, shape), jnp.nan, masked)
   for v in (x, ties, masked, odd, ties.astype(jnp.bfloat16)):  # ties include -0 against +0
-    got, want = moe._top_k(v, k), jax.lax.top_k(v, k)
+    got, want = router._top_k(v, k), jax.lax.top_k(v, k)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     if v.dtype != jnp.bfloat16:  # the group score's top-2 sum, NaNs aside (both give NaN there)
-      np.testing.assert_array_equal(np.asarray(moe._top2_sum(v)),
+      np.testing.assert_array_equal(np.asarray(router._top2_sum(v)),
                                     np.asarray(jax.lax.top_k(v, 2)[0].sum(-1)))
 
 
@@ -110,14 +109,14 @@ def test_ranked_top_k_matches_lax_top_k_with_ties_and_masks(shape, k):
 def test_router_ranked_top_k_matches_sorting_top_k(monkeypatch, n_group, topk_group):
   x, wr, bias, _ = _routing_case(11, N=300, E=32)
   bias = jnp.round(bias * 20) / 20 - 0.5 * (jnp.arange(32) % 3 == 0)  # tied groups, skewed
-  a = moe.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
-  old = route_lax(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
-  monkeypatch.setattr(moe, "_RANKED_MAX", 0)  # lax.top_k for every width
-  b = moe.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  a = router.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  old = router.route_reference(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  monkeypatch.setattr(router, "_RANKED_MAX", 0)  # lax.top_k for every width
+  b = router.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
   for other in (old, b):
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(other[0]))
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(other[1]))
-  load = moe.expert_load(a[0], 32)
+  load = router.expert_load(a[0], 32)
   np.testing.assert_array_equal(np.asarray(load), np.bincount(np.asarray(a[0]).ravel(), minlength=32))
   assert load.dtype == jnp.int32 and int(load.sum()) == 300 * 4
 
@@ -125,7 +124,7 @@ def test_router_ranked_top_k_matches_sorting_top_k(monkeypatch, n_group, topk_gr
 @pytest.mark.parametrize("skew,block", [(0.0, 4), (0.0, 64), (10.0, 8)])
 def test_sorted_moe_matches_dense_reference_with_grads(skew, block):
   x, wr, bias, wts = _routing_case(5, skew=skew)
-  idx, w = moe.route(x, wr, bias, top_k=2, n_group=1, topk_group=1, scale=2.5)
+  idx, w = router.route(x, wr, bias, top_k=2, n_group=1, topk_group=1, scale=2.5)
   if skew:  # heavily imbalanced: every token goes to experts 0 and 1, the others are empty
     assert (np.asarray(idx) == 0).any(axis=1).all()
     assert (np.bincount(np.asarray(idx).ravel(), minlength=8) == 0).any()
