@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ling_jax.model.mla import _flash
+from pallas_kernels.attention import flash_attention
 from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_pallas,
                                            sort_by_group, tgmm_pallas)
 from pallas_kernels.rms_norm import Config as NormConfig, rms_norm_pallas
@@ -59,7 +59,8 @@ CASES = {
         3),
     "mla_flash_fwd_bwd_packed": (  # jax's Pallas flash attention at MLA's head dims (96 / 64)
         lambda qn, qp, kn, kp, v, seg: jax.vjp(
-            lambda *a: _flash(*a, seg, 0.1), qn, qp, kn, kp, v)[1](v),
+            lambda qn, qp, kn, kp, v: flash_attention(qn, kn, v, scale=0.1, q_rope=qp, k_rope=kp,
+                                                      segment_ids=seg), qn, qp, kn, kp, v)[1](v),
         (S((1, 256, 2, 64), jnp.bfloat16), S((1, 256, 2, 32), jnp.bfloat16),
          S((1, 256, 2, 64), jnp.bfloat16), S((1, 256, 32), jnp.bfloat16),
          S((1, 256, 2, 64), jnp.bfloat16), S((1, 256), jnp.int32)),
