@@ -4,7 +4,7 @@
       [--config '{"mosaic_tgmm": false}'] [--no-refs] [--router]
 
 For each shape and token count (benchmarks.moe's shapes and random routings) it traces
-`moe.experts_grouped` (the forward; with --grad the forward+backward too) with `jax.profiler` and
+`routed_experts_grouped` (the forward; with --grad the forward+backward too) with `jax.profiler` and
 prints each device op's microseconds per call with the source line that produced it, next to the
 time of the whole call; --config replaces fields of the layer's kernel Config (`tuned_config`'s
 choice for the shape) for an A/B. Then two references (--no-refs skips them):
@@ -31,11 +31,12 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.moe import SHAPES, case, fwd_and_fwdbwd, weights
+from benchmarks.moe import INTERPRET, SHAPES, case, fwd_and_fwdbwd, weights
 from benchmarks.timing import time_jax
-from ling_jax.model import moe, router as moe_router
+from ling_jax.model import router as moe_router
 from ling_jax.profiling import device_ops, hlo_sources
-from pallas_kernels.grouped_matmul import sort_by_group
+from pallas_kernels.grouped_matmul import sort_by_group, tuned_config
+from pallas_kernels.moe import routed_experts_grouped, sort_by_expert
 
 
 def per_op(fn, args, calls: int = 5):
@@ -64,15 +65,15 @@ def show(title, total_s, ops):
 
 
 def argsort_routing(e, E):
-  """The routing's bookkeeping before `moe.sort_by_expert`: stable argsort, inverse, bincount."""
+  """The routing's bookkeeping before `sort_by_expert`: stable argsort, inverse, bincount."""
   order = jnp.argsort(e, stable=True).astype(jnp.int32)
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(e.shape[0], dtype=jnp.int32))
   return order, inverse, jnp.bincount(e, length=E).astype(jnp.int32)
 
 
 SORTS = {"argsort + scatter + bincount": argsort_routing,
-         "XLA counting sort (block 64)": moe.sort_by_expert,
-         "XLA counting sort, block 256": lambda e, E: moe.sort_by_expert(e, E, block=256),
+         "XLA counting sort (block 64)": sort_by_expert,
+         "XLA counting sort, block 256": lambda e, E: sort_by_expert(e, E, block=256),
          "kernel (chunk 4096, 8 warps)": sort_by_group,
          "kernel, chunk 1024, 4 warps": lambda e, E: sort_by_group(e, E, chunk=1024, num_warps=4),
          "kernel, chunk 8192": lambda e, E: sort_by_group(e, E, chunk=8192)}
@@ -157,8 +158,9 @@ def main():
     s = SHAPES[name]
     for n in map(int, a.tokens.split(",")):
       x, idx, w, ws = case(s["E"], s["D"], s["F"], s["X"], n)
-      cfg = moe.tuned_config(s["D"], s["F"], n * s["X"] / s["E"])._replace(**replace)
-      fwd, grad = fwd_and_fwdbwd(lambda *args: moe.experts_grouped(*args, config=cfg))
+      cfg = tuned_config(s["D"], s["F"], n * s["X"] / s["E"])._replace(**replace)
+      fwd, grad = fwd_and_fwdbwd(lambda *args: routed_experts_grouped(*args, config=cfg,
+                                                                      interpret=INTERPRET))
       for kind, fn, args in [("fwd", fwd, (x, idx, w, *ws))] + (
           [("fwd+bwd", grad, (x, ws, idx, w))] if a.grad else []):
         total = time_jax(fn, *args)

@@ -12,8 +12,9 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.config import YarnScaling, alibi_slopes, ling_2_6_1t, ling_2_6_flash, ling_small, ling_tiny
 from ling_jax.hf_config import from_hf_config, read_hf_config, to_hf_config
-from ling_jax.model import LingForCausalLM, moe
+from ling_jax.model import LingForCausalLM
 from ling_jax.train.step import lm_losses
+from pallas_kernels.moe import grouped
 from flop_count import weight_matmul_flops
 from testing import random_tokens
 
@@ -46,8 +47,8 @@ def test_flops_per_token_counts_the_matmuls_the_forward_runs(overrides, monkeypa
   ragged_dot with a weight operand, counted off the jaxpr (tests/flop_count.py). With MTP that
   includes the MTP head's own matmul through the shared lm_head; norms and the expert bias are
   in no matmul."""
-  monkeypatch.setattr(moe, "experts_grouped",
-                      functools.partial(moe.experts_grouped, matmul=jax.lax.ragged_dot))
+  monkeypatch.setattr(grouped, "routed_experts_grouped",
+                      functools.partial(grouped.routed_experts_grouped, matmul=jax.lax.ragged_dot))
   cfg = ling_tiny(**overrides)
   graphdef, params, rest = nnx.split(LingForCausalLM(cfg, rngs=nnx.Rngs(0), moe_impl="gmm"),
                                      nnx.Param, ...)

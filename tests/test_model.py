@@ -13,8 +13,9 @@ from ling_jax import axes as ax
 from ling_jax.config import ling_tiny
 from ling_jax.hf_config import to_hf_config
 from ling_jax.hf_io import hf_tensors
-from ling_jax.model import moe, router
+from ling_jax.model import router
 from ling_jax.weights import all_maps
+from pallas_kernels.moe import routed_experts_blocked, routed_experts_reference
 from testing import random_model, random_tokens, rel
 
 
@@ -133,8 +134,8 @@ def test_sorted_moe_matches_dense_reference_with_grads(skew, block):
     y = fn(x, idx, w, *wts)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
 
-  dense = lambda *a: moe.experts_dense(*a)
-  srt = lambda *a: moe.experts_sorted(*a, block_size=block, blocks_per_step=3)
+  dense = routed_experts_reference
+  srt = lambda *a: routed_experts_blocked(*a, block_size=block, blocks_per_step=3)
   np.testing.assert_allclose(srt(x, idx, w, *wts), dense(x, idx, w, *wts), rtol=1e-5, atol=1e-5)
   gd = jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2))(x, w, wts)
   gs = jax.grad(lambda *a: loss(srt, *a), argnums=(0, 1, 2))(x, w, wts)
