@@ -43,10 +43,10 @@ def main():
   a = p.parse_args()
   exp = apply_overrides(importlib.import_module(f"experiments.{a.experiment}").config(), a.overrides)
   cfg, t, d = exp.model, exp.train, exp.data
-  graphdef, params, bias = split_model(build_model(exp))
+  graphdef, params, bias, constants = split_model(build_model(exp))
   tx = optimizer(t)
   state = init_state(params, bias, tx)
-  step = train_step(cfg, t, graphdef, tx)
+  step = train_step(cfg, t, graphdef, constants, tx)
   it = Data(d, cfg.vocab_size).train_iterator()
   batches = [next(it) for _ in range(a.warmup + a.steps)]
   t0 = time.perf_counter()

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from ling_jax.config import LingConfig
 from ling_jax.hf_config import read_hf_config, write_hf_config
 from ling_jax.io.safetensors import SafetensorsFile, write_safetensors
-from ling_jax.model.ling import LingForCausalLM
+from ling_jax.model.common import CHECKPOINTED, Constant
+from ling_jax.model.kernels import Kernels
+from ling_jax.model.ling import LingForCausalLM, build_constants
 from ling_jax.weights import TensorMap, all_maps, main_maps, mtp_maps
 
 INDEX = "model.safetensors.index.json"
@@ -39,11 +41,14 @@ class CheckpointError(ValueError):
   """A checkpoint folder that does not match the config or the layout of spec 4."""
 
 
-def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, **kwargs):
-  """(graphdef, abstract state) of a model, without allocating parameters."""
-  model = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                 param_dtype=dtype, **kwargs))
-  return nnx.split(model)
+def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels()):
+  """(graphdef, abstract state, constants) of a model, without allocating parameters: the state
+  of the variables a checkpoint holds (`CHECKPOINTED`) as shapes, and the model's `Constant`s,
+  which no checkpoint holds, computed (`build_constants`)."""
+  make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                 kernels=kernels)
+  graphdef, state, _ = nnx.split(nnx.eval_shape(make), CHECKPOINTED, Constant)
+  return graphdef, state, build_constants(make)
 
 
 def param_dtype_for(path: tuple, dtype) -> np.dtype:
@@ -99,16 +104,17 @@ def few_names(names: list[str], k: int = 5) -> str:
   return ", ".join(repr(n) for n in names[:k]) + (", ..." if len(names) > k else "")
 
 
-def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "auto",
-            gla_impl: str = "auto", progress: bool = True):
-  """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`."""
+def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels(),
+            progress: bool = True):
+  """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`,
+  running the ops `kernels` picks."""
   folder = os.fspath(folder)
   cfg = read_hf_config(folder)
   where = scan_folder(folder)
   maps = all_maps(cfg)
   check_names(maps, where, folder)
 
-  graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
+  graphdef, abstract, constants = abstract_model(cfg, dtype, kernels=kernels)
   flat = dict(nnx.to_flat_state(abstract))
   check_coverage(maps, {path: var.get_value().shape for path, var in flat.items()})
   arrays = {path: np.empty(var.get_value().shape, param_dtype_for(path, dtype))
@@ -133,7 +139,7 @@ def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "a
   bar.close()
   for path, var in flat.items():
     var.set_value(jnp.asarray(arrays.pop(path)))
-  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat), constants)
   return cfg, model
 
 

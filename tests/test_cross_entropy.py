@@ -82,7 +82,7 @@ def test_cross_entropy_kernel_interpreted(C, V, cfg, grad_dtype):
 
 def test_cross_entropy_op_dispatch():
   x, t, m = make(0, 10, 70)
-  got, want = jax.jit(lambda *a: (cross_entropy(*a, impl="pallas_interpret",
+  got, want = jax.jit(lambda *a: (cross_entropy(*a, impl="interpret",
                                                  config=Config(block_v=32)),
                                    cross_entropy(*a, impl="xla")))(x, t, m)
   for a, b in zip(got, want):
@@ -110,7 +110,7 @@ def test_head_ce_kernel_matches_xla(dtype):
         lambda h, w: (f(h, w), jax.value_and_grad(f, argnums=(0, 1))(h, w)))(h, w)
     return value, value_g, *grads
 
-  got, want = run("pallas_interpret"), run("xla")
+  got, want = run("interpret"), run("xla")
   close(got[0], got[1], 1e-6, 0)
   close(got[0], want[0], 1e-6, 0)
   close(got[1], want[1], 1e-6, 0)

@@ -1,19 +1,24 @@
-"""Model internals: scan vs unrolled, MoE dispatch paths, router, decode, MTP, sharded forward."""
+"""Model internals: scan vs unrolled, MoE dispatch paths, router, decode, MTP, sharded forward,
+kernel settings, stored constants, remat."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import numpy_reference as ref
 from ling_jax import axes as ax
-from ling_jax.config import ling_tiny
+from ling_jax.config import alibi_slopes, ling_tiny
 from ling_jax.hf_config import to_hf_config
 from ling_jax.hf_io import hf_tensors
-from ling_jax.model import router
+from ling_jax.generate import generate
+from ling_jax.model import Kernels, LingForCausalLM, Remat, router, with_kernels
+from ling_jax.model.common import CHECKPOINTED, Constant
+from ling_jax.train.step import init_state, split_model
 from ling_jax.weights import all_maps
 from pallas_kernels.moe import routed_experts_blocked, routed_experts_reference
 from testing import random_model, random_tokens, rel
@@ -145,8 +150,8 @@ def test_sorted_moe_matches_dense_reference_with_grads(skew, block):
 
 def test_model_moe_impls_agree():
   cfg = ling_tiny()
-  a = random_model(cfg, moe_impl="sorted")
-  b = random_model(cfg, moe_impl="dense")
+  a = random_model(cfg, kernels=Kernels(moe="xla"))
+  b = random_model(cfg, kernels=Kernels(moe="reference"))
   tokens = random_tokens(cfg, (2, 9))
   assert rel(_logits(a, tokens), _logits(b, tokens)) < 1e-5
 
@@ -240,8 +245,9 @@ def test_model_with_pallas_lightning_kernels_matches_reference():
   covered in test_simple_gla_pallas.py."""
   cfg = ling_tiny(num_hidden_layers=2, first_k_dense_replace=0)  # one Lightning layer: interpret is slow
   tokens = random_tokens(cfg, (1, 20))
-  want = _logits(random_model(cfg, gla_impl="chunked"), tokens)
-  got = _logits(random_model(cfg, gla_impl="pallas_interpret"), tokens)
+  want = _logits(random_model(cfg, kernels=Kernels(lightning="xla")), tokens)
+  got = _logits(random_model(cfg, kernels=Kernels(lightning="interpret",
+                                                  qk_norm_rope="interpret")), tokens)
   assert rel(got, want) < 1e-4
 
 
@@ -258,7 +264,7 @@ _REMATS = {
 
 
 def test_dots_no_scores_saves_deep_matmuls_not_attention_scores():
-  from ling_jax.model.common import dots_no_scores_saveable as save
+  from ling_jax.model.remat import dots_no_scores_saveable as save
   dot = lambda a, b, eq: jax.make_jaxpr(lambda x, y: jnp.einsum(eq, x, y))(
       jnp.zeros(a), jnp.zeros(b)).eqns[0]  # the dot_general (a transpose may follow)
   decide = lambda e: save(e.primitive, *[v.aval for v in e.invars], **e.params)
@@ -277,8 +283,8 @@ def test_remat_hook_keeps_loss_and_gradients(scan):
   tokens = random_tokens(cfg, (2, 12))
 
   def loss(state, remat, scope):
-    out = nnx.merge(graphdef, state).forward(tokens, mtp=True, scan=scan, remat=remat,
-                                             remat_scope=scope)
+    out = nnx.merge(graphdef, state).forward(tokens, mtp=True, scan=scan,
+                                             remat=Remat(remat, scope))
     lp = jax.nn.log_softmax(out.logits[:, :-1])
     mp = jax.nn.log_softmax(out.mtp_logits[:, :-2])
     return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
@@ -294,7 +300,7 @@ def test_remat_hook_keeps_loss_and_gradients(scan):
   for scope, n in counts.items():
     jaxpr = str(jax.make_jaxpr(functools.partial(loss, remat="full", scope=scope))(state))
     assert jaxpr.count("prevent_cse=") == n, scope
-  want_loss, want = value_and_grad(None, "layer")
+  want_loss, want = value_and_grad("none", "layer")
   want = dict(nnx.to_flat_state(want))
   for remat, scope in _REMATS[scan]:
     got_loss, got = value_and_grad(remat, scope)
@@ -303,3 +309,75 @@ def test_remat_hook_keeps_loss_and_gradients(scan):
       g, w = np.asarray(g.get_value()), np.asarray(want[path].get_value())
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
                                  err_msg=f"{remat} {scope} {path}")
+
+
+# ---------------------------------------------------------------------- settings, constants
+def test_kernel_settings_reach_every_layer_and_refuse_old_names():
+  """One Kernels object, passed once: each layer's modules hold its field for their op."""
+  cfg = ling_tiny(num_hidden_layers=5, layer_group_size=2)  # prefix, scanned groups, tail, MTP
+  k = Kernels(lightning="reference", qk_norm_rope="interpret", attention="cudnn", moe="xla",
+              rms_norm="pallas")
+  model = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), kernels=k))
+  seen = {}
+  for _, m in nnx.iter_graph(model):
+    for field in ("impl", "qk_impl"):
+      if isinstance(getattr(m, field, None), str):
+        seen.setdefault((type(m).__name__, field), set()).add(getattr(m, field))
+  assert seen == {("LightningAttention", "impl"): {"reference"},
+                  ("LightningAttention", "qk_impl"): {"interpret"},
+                  ("MultiLatentAttention", "impl"): {"cudnn"}, ("SparseMoE", "impl"): {"xla"},
+                  ("RMSNorm", "impl"): {"pallas"}, ("GroupRMSNorm", "impl"): {"pallas"}}
+  assert model.kernels == k
+  for old in (dict(moe="gmm"), dict(lightning="chunked"), dict(attention="flash_interpret"),
+              dict(rms_norm="pallas_interpret")):
+    with pytest.raises(ValueError, match=f"{next(iter(old))}='{next(iter(old.values()))}' not in"):
+      Kernels(**old)
+
+
+def test_other_kernel_settings_share_the_model_variables():
+  """with_kernels (and generate(kernels=)) run the same arrays under other settings."""
+  cfg = ling_tiny(num_hidden_layers=2)
+  model = random_model(cfg)
+  k = Kernels(moe="reference")
+  other = with_kernels(model, k)
+  assert other.kernels == k and other.prefix[0].layers[1].mlp.impl == "reference"
+  same = lambda a, b: all(x is y for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(nnx.state(other), nnx.state(model)) and len(jax.tree.leaves(nnx.state(model))) > 20
+  tokens = random_tokens(cfg, (2, 6))
+  assert rel(_logits(other, tokens), _logits(model, tokens)) < 1e-5
+  np.testing.assert_array_equal(generate(model, tokens, 2, kernels=k), generate(other, tokens, 2))
+
+
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_lightning_decay_is_a_constant_of_each_layer_and_never_saved(form):
+  """Each Lightning layer stores its log-decay g = -slope * (1 - l / (L - 1) + 1e-5) (form B: l
+  shifted down by one), stacked along `layers` in the scanned groups, as a Constant: not a
+  parameter, not in the checkpointed state, and apart from the optimizer's state."""
+  cfg = ling_tiny(num_hidden_layers=9, layer_group_size=3, decay_form=form)  # prefix + 2 scanned
+  model = LingForCausalLM(cfg, rngs=nnx.Rngs(0))
+  L, slopes = cfg.num_hidden_layers, np.asarray(alibi_slopes(cfg.num_attention_heads), np.float64)
+
+  def want(l):
+    l = max(l - 1, 0) if form == "B" else l
+    return -slopes * (1.0 - l / (L - 1) + 1e-5)
+
+  got = {}
+  for j in range(2):
+    first = model.prefix[0].layers[j].attention.decay
+    stacked = model.groups.layers[j].attention.decay
+    assert isinstance(first, Constant) and isinstance(stacked, Constant)
+    assert stacked.get_metadata()["out_sharding"] == (ax.LAYERS, ax.HEADS)
+    got[j] = first[...]
+    for g in range(2):
+      got[3 + 3 * g + j] = stacked[g]
+  assert sorted(got) == [l for l, kind in enumerate(cfg.layer_types()) if kind == "linear"]
+  for l, decay in got.items():
+    np.testing.assert_allclose(np.asarray(decay), want(l), rtol=1e-6, err_msg=str(l))
+  names = lambda state: {".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+  decays = {n for n in names(nnx.state(model)) if n.endswith("decay")}
+  assert len(decays) == 4 and not decays & names(nnx.state(model, CHECKPOINTED))
+  _, params, bias, constants = split_model(model)
+  assert names(constants) == decays and not decays & (names(params) | names(bias))
+  opt_state = init_state(params, bias, optax.adamw(1e-3)).opt_state  # what a run checkpoint holds
+  paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)}
+  assert any("gate_proj" in p for p in paths) and not any("decay" in p for p in paths)

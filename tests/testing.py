@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from ling_jax.model import LingForCausalLM
+from ling_jax.model.common import CHECKPOINTED
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 # Tests named *gpu* compile the kernels for real (benchmarks/gpu_run.sh tests runs them there).
@@ -31,10 +32,10 @@ def rel_max(a, b):
 
 # ----------------------------------------------------------------------------- random tiny models
 def random_model(cfg, seed=0, **kwargs) -> LingForCausalLM:
-  """A model with every variable drawn fresh (norm weights near 1, nonzero expert biases); kwargs
-  go to LingForCausalLM."""
+  """A model with every checkpointed variable drawn fresh (norm weights near 1, nonzero expert
+  biases); kwargs go to LingForCausalLM (dtype, kernels)."""
   model = LingForCausalLM(cfg, rngs=nnx.Rngs(seed), **kwargs)
-  flat = list(nnx.to_flat_state(nnx.state(model)))
+  flat = list(nnx.to_flat_state(nnx.state(model, CHECKPOINTED)))
   keys = jax.random.split(jax.random.key(seed + 1), len(flat))
 
   def perturb(path, x, k):

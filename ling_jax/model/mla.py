@@ -4,10 +4,11 @@ Two mathematically identical forms:
 * plain (training / prefill without a cache): expand the latent c_kv through kv_b_proj into
   per-head k_nope and v, then causal softmax attention over [k_nope | k_pe] with the shared RoPE
   key k_pe: `pallas_kernels.attention.causal_attention`, whose `impl` picks materialised scores,
-  jax's Pallas flash kernel or cuDNN's fused attention (and what "auto" picks). `impl` here is
-  "xla", "flash" (the op's "pallas"), "flash_interpret" (its "interpret"), "cudnn" or "auto";
+  jax's Pallas flash kernel or cuDNN's fused attention (and what "auto" picks);
 * absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs on the
-  576-value latent cache [c_kv (normed) 512 | k_pe (roped) 64] per token (spec 3.5, 5).
+  576-value latent cache [c_kv (normed) 512 | k_pe (roped) 64] per token (spec 3.5, 5). Cache
+  slot s holds position s: each row writes its new tokens' latents at their positions, so rows
+  may stand at different lengths.
 """
 
 from __future__ import annotations
@@ -21,20 +22,16 @@ from ling_jax.model import rope
 from ling_jax.model.common import RMSNorm, param
 from pallas_kernels.attention import causal_attention, masked_softmax
 
-IMPLS = ("auto", "xla", "flash", "flash_interpret", "cudnn")
-_OP_IMPL = {"auto": "auto", "xla": "xla", "flash": "pallas", "flash_interpret": "interpret",
-            "cudnn": "cudnn"}
 
 
 class MultiLatentAttention(nnx.Module):
-  """MLA with the checkpoint's names (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `dense`...)."""
+  """MLA with the checkpoint's names (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `dense`...).
+  impl and norm_impl are the `impl`s of pallas_kernels.attention and rms_norm."""
 
   def __init__(self, *, hidden: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int,
                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope_theta: float,
                rope_scaling, eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, impl: str = "auto"):
-    if impl not in IMPLS:
-      raise ValueError(f"unknown MLA impl {impl!r}; choose one of {IMPLS}")
+               param_dtype=jnp.float32, impl: str = "auto", norm_impl: str = "auto"):
     self.impl = impl
     self.heads, self.kv_lora_rank = heads, kv_lora_rank
     self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -42,18 +39,19 @@ class MultiLatentAttention(nnx.Module):
     self.scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5 * rope.yarn_softmax_scale(rope_scaling)
     qk = qk_nope_head_dim + qk_rope_head_dim
     mk = lambda *a, **k: param(rngs, *a, param_dtype, **k)
+    norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, impl=norm_impl)
     if q_lora_rank is None:
       self.q_proj = mk((hidden, heads, qk), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), fan_in=hidden)
       self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
     else:
       self.q_proj = None
       self.q_a_proj = mk((hidden, q_lora_rank), (ax.EMBED, ax.Q_LORA), fan_in=hidden)
-      self.q_a_layernorm = RMSNorm(q_lora_rank, eps=eps, dtype=dtype, param_dtype=param_dtype)
+      self.q_a_layernorm = RMSNorm(q_lora_rank, **norm)
       self.q_b_proj = mk((q_lora_rank, heads, qk), (ax.Q_LORA, ax.HEADS, ax.HEAD_DIM),
                          fan_in=q_lora_rank)
     self.kv_a_proj_with_mqa = mk((hidden, kv_lora_rank + qk_rope_head_dim), (ax.EMBED, ax.KV_LORA),
                                  fan_in=hidden)
-    self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps=eps, dtype=dtype, param_dtype=param_dtype)
+    self.kv_a_layernorm = RMSNorm(kv_lora_rank, **norm)
     self.kv_b_proj = mk((kv_lora_rank, heads, qk_nope_head_dim + v_head_dim),
                         (ax.KV_LORA, ax.HEADS, ax.HEAD_DIM), fan_in=kv_lora_rank)
     self.dense = mk((heads, v_head_dim, hidden), (ax.HEADS, ax.HEAD_DIM, ax.EMBED),
@@ -82,16 +80,17 @@ class MultiLatentAttention(nnx.Module):
     return q_nope, q_pe, c_kv, k_pe
 
   def __call__(self, a: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
-               cache: jax.Array | None = None, cache_index=None, layer_idx=None):
-    """a [B, T, D] -> (y [B, T, D], updated latent cache or None)."""
-    del layer_idx  # MLA has no layer-dependent parameters
+               cache: jax.Array | None = None):
+    """a [B, T, D] -> (y [B, T, D], updated latent cache or None). With a cache, row b's tokens
+    sit at positions[b, 0] onwards (consecutive) and segment_ids is ignored."""
     a = a.astype(self.dtype)
     q_nope, q_pe, c_kv, k_pe = self._project(a, positions)
     if cache is None:
       o = self._attend_plain(q_nope, q_pe, c_kv, k_pe, positions, segment_ids)
     else:
       latent = jnp.concatenate([c_kv, k_pe], axis=-1).astype(cache.dtype)
-      cache = jax.lax.dynamic_update_slice_in_dim(cache, latent, cache_index, axis=1)
+      write = lambda c, l, start: jax.lax.dynamic_update_slice_in_dim(c, l, start, axis=0)
+      cache = jax.vmap(write)(cache, latent, positions[:, 0])  # slot = position, row by row
       o = self._attend_absorbed(q_nope, q_pe, cache, positions)
     y = jnp.einsum("bthv,hvd->btd", o, self._w(self.dense))
     return y, cache
@@ -100,8 +99,7 @@ class MultiLatentAttention(nnx.Module):
     kv = jnp.einsum("btl,lhk->bthk", c_kv, self._w(self.kv_b_proj))  # [B, T, H, K + V]
     k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
     return causal_attention(q_nope, k_nope, v, scale=self.scale, q_rope=q_pe, k_rope=k_pe,
-                            segment_ids=segment_ids, positions=positions,
-                            impl=_OP_IMPL[self.impl])
+                            segment_ids=segment_ids, positions=positions, impl=self.impl)
 
   def _attend_absorbed(self, q_nope, q_pe, cache, positions):
     w = self._w(self.kv_b_proj)

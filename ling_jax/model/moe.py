@@ -3,8 +3,7 @@ one shared expert (spec 3.7).
 
 The router is router.py; the routed experts are one op, `pallas_kernels.moe.routed_experts`,
 whose `impl` picks the dispatch (all experts densely, sorted blocks in XLA, or the Pallas
-grouped-matmul kernels) and what "auto" picks. `impl` here is "dense" (the op's "reference"),
-"sorted" ("xla"), "gmm" ("pallas" on a GPU, "interpret" elsewhere) or "auto".
+grouped-matmul kernels) and what "auto" picks.
 """
 
 from __future__ import annotations
@@ -18,23 +17,6 @@ from ling_jax.model.common import SwiGLU, param
 from ling_jax.model.router import Router, expert_load, route
 from pallas_kernels.moe import routed_experts
 
-IMPLS = ("auto", "dense", "sorted", "gmm")
-
-
-def resolve_impl(impl: str) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"unknown MoE impl {impl!r}; choose one of {IMPLS}")
-  if impl == "auto":
-    return "gmm" if jax.default_backend() == "gpu" else "sorted"
-  return impl
-
-
-def _op_impl(impl: str) -> str:
-  if impl == "gmm":
-    return "pallas" if jax.default_backend() == "gpu" else "interpret"
-  return {"dense": "reference", "sorted": "xla"}[impl]
-
-
 class Experts(nnx.Module):
   """Routed experts stacked per layer: gate/up [E, D, F], down [E, F, D]."""
 
@@ -46,12 +28,12 @@ class Experts(nnx.Module):
 
 
 class SparseMoE(nnx.Module):
-  """Router + routed experts + shared expert; returns (y, per-expert token counts)."""
+  """Router + routed experts + shared expert; called as every MLP is, x -> (y, aux), its aux the
+  per-expert token counts. impl: pallas_kernels.moe's."""
 
   def __init__(self, *, hidden: int, num_experts: int, top_k: int, width: int, shared_width: int,
                n_group: int, topk_group: int, routed_scale: float, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto"):
-    impl = resolve_impl(impl)
     self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
     self.routed_scale, self.dtype, self.impl = routed_scale, dtype, impl
     self.gate = Router(hidden, num_experts, rngs=rngs)
@@ -59,7 +41,7 @@ class SparseMoE(nnx.Module):
     self.shared_experts = (SwiGLU(hidden, shared_width, rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype) if shared_width else None)
 
-  def __call__(self, x: jax.Array):
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> (y [B, T, D], load [E] = tokens routed to each expert)."""
     B, T, D = x.shape
     x = x.astype(self.dtype)
@@ -67,10 +49,10 @@ class SparseMoE(nnx.Module):
     idx, w = route(flat, self.gate.weight[...], self.gate.expert_bias[...], top_k=self.top_k,
                    n_group=self.n_group, topk_group=self.topk_group, scale=self.routed_scale)
     wts = [getattr(self.experts, n)[...].astype(self.dtype) for n in ("gate_proj", "up_proj", "down_proj")]
-    y = routed_experts(flat, idx, w, *wts, impl=_op_impl(self.impl))
+    y = routed_experts(flat, idx, w, *wts, impl=self.impl)
     # Routed outputs combine in fp32 and are cast back before the shared expert (spec 3.7.6).
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
-      y = y + self.shared_experts(x)
+      y = y + self.shared_experts(x)[0]
     load = expert_load(idx, self.gate.weight.shape[1])
     return y, load.astype(jnp.float32)

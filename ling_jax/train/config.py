@@ -10,13 +10,10 @@ import dataclasses
 
 from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import DataConfig
-from ling_jax.model.common import REMAT, REMAT_SCOPES
-from ling_jax.model.mla import IMPLS as MLA_IMPLS
-from ling_jax.model.moe import IMPLS as MOE_IMPLS
-from pallas_kernels.simple_gla import IMPLS as GLA_IMPLS
+from ling_jax.model.kernels import Kernels
+from ling_jax.model.remat import Remat
 
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = tuple(REMAT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +33,11 @@ class TrainConfig:
   grad_clip: float = 1.0           # global-norm clipping
   # Numerics: parameters are fp32 masters, matmuls run in compute_dtype, the router in fp32.
   compute_dtype: str = "bfloat16"
-  moe_impl: str = "auto"
-  gla_impl: str = "chunked"
-  attn_impl: str = "auto"          # MLA: "auto" (GPU: cuDNN or flash), "xla", "flash", "cudnn"
-  # Activation memory: jax.checkpoint each decoder layer ("layer") or hybrid group / scan body
-  # ("group") with policy `remat` (one of REMAT_POLICIES), and the head + cross-entropy in chunks
-  # of ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
-  remat: str = "none"
-  remat_scope: str = "layer"
+  kernels: Kernels = Kernels()     # which implementation each op runs (ling_jax.model.kernels)
+  # Activation memory: jax.checkpoint each decoder layer (remat.scope "layer") or hybrid group /
+  # scan body ("group") with the named remat.policy, and the head + cross-entropy in chunks of
+  # ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
+  remat: Remat = Remat()
   ce_chunk: int = 4096
   # Gradient accumulation: each batch runs as grad_accum equal micro-batches (one optimizer step;
   # activation memory of one micro-batch). data.batch_size must be a multiple of it.
@@ -69,13 +63,6 @@ class TrainConfig:
       errors.append(f"steps={self.steps} must be >= 1")
     if self.compute_dtype not in DTYPES:
       errors.append(f"compute_dtype={self.compute_dtype!r} not in {DTYPES}")
-    if self.remat not in REMAT_POLICIES:
-      errors.append(f"remat={self.remat!r} not in {REMAT_POLICIES}")
-    if self.remat_scope not in REMAT_SCOPES:
-      errors.append(f"remat_scope={self.remat_scope!r} not in {REMAT_SCOPES}")
-    for name, allowed in (("moe_impl", MOE_IMPLS), ("gla_impl", GLA_IMPLS), ("attn_impl", MLA_IMPLS)):
-      if getattr(self, name) not in allowed:
-        errors.append(f"{name}={getattr(self, name)!r} not in {allowed}")
     if self.ce_chunk < 0:
       errors.append(f"ce_chunk={self.ce_chunk} must be >= 0")
     if self.grad_accum < 1:
