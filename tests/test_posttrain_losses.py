@@ -23,12 +23,18 @@ def ref_policy_loss(logp, behav, adv, mask, *, prox=None, level="token", units=N
   used = np.zeros(logp.shape, bool)
   for b in range(logp.shape[0]):
     live = [t for t in range(logp.shape[1]) if mask[b, t] and (level != "unit" or units[b, t] >= 0)]
+    seg = (lambda t: 0) if segs is None else (lambda t: segs[b, t])
     if level == "token":
       pools = [[t] for t in live]
-    else:
-      key = (lambda t: units[b, t]) if level == "unit" else (
-          lambda t: 0 if segs is None else segs[b, t])
-      pools = [[t for t in live if key(t) == k] for k in sorted({key(t) for t in live})]
+    elif level == "sequence":
+      pools = [[t for t in live if seg(t) == k] for k in sorted({seg(t) for t in live})]
+    else:  # runs of consecutive live tokens with one unit id and segment
+      pools = []
+      for t in live:
+        if pools and pools[-1][-1] == t - 1 and (units[b, t], seg(t)) == (units[b, t - 1], seg(t - 1)):
+          pools[-1].append(t)
+        else:
+          pools.append([t])
     for pool in pools:
       r = np.exp(np.mean([logp[b, t] - prox[b, t] for t in pool]))
       w = np.exp(np.mean([prox[b, t] - behav[b, t] for t in pool]))
@@ -74,12 +80,14 @@ def _inputs(seed=0):
     segs[b, :cut], segs[b, cut:T - 1] = 1, 2  # the last token is padding
   mask = (segs > 0) & (rng.random((B, T)) > 0.2)
   units = np.full((B, T), -1, np.int32)
-  for b in range(B):
+  for b in range(B):  # numbered from 0 in each segment, as packed per-sequence unit ids are
     u, t = 0, 0
     while t < T:
       n = int(rng.integers(1, 5))
       units[b, t:t + n] = u
       u, t = u + 1, t + n
+      if t < T and segs[b, t] != segs[b, t - 1]:
+        u = 0
   units[~mask] = -1
   adv_tok = np.where(segs == 2, -adv[:, None], adv[:, None])  # one advantage per segment
   return dict(logp=logp, behav=behav, prox=prox, ref=ref, adv=adv_tok, mask=mask, segs=segs,
@@ -126,9 +134,10 @@ def test_policy_loss_matches_numpy_reference(case):
 
 def test_unit_level_reduces_to_token_and_sequence_levels():
   x = _inputs(1)
-  args = (jnp.asarray(x["logp"]), x["behav"], x["adv"], x["mask"])
-  per_token_units = np.where(x["mask"], np.arange(T)[None, :], -1)
-  one_unit_per_segment = np.where(x["mask"], x["segs"], -1)
+  mask = x["segs"] > 0  # no holes: one run per segment
+  args = (jnp.asarray(x["logp"]), x["behav"], x["adv"], mask)
+  per_token_units = np.where(mask, np.arange(T)[None, :] % 2, -1)  # alternating ids: 1-token runs
+  one_unit_per_segment = np.zeros((B, T), np.int32)  # the same id in both segments of a row
 
   @jax.jit
   def losses(logp, behav, adv, mask):

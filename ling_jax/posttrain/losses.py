@@ -130,18 +130,22 @@ def _group_mean(x, ids, valid, num: int):
   return jnp.where(valid, (s / jnp.maximum(n, 1))[flat].reshape(x.shape), 0.0)
 
 
-def _pool_ids(level: str, unit_ids, segment_ids, shape):
-  """(ids [B, T], their count): one id per (row, unit) or (row, segment), unique in the batch.
-  Unit ids are < T and segment ids <= T, so row * (T + 1) + id never collides."""
-  B, T = shape
-  rows = jnp.arange(B, dtype=jnp.int32)[:, None] * (T + 1)
-  if level == "unit":
-    local = jnp.clip(jnp.asarray(unit_ids, jnp.int32), 0, T - 1)
-  elif segment_ids is None:
-    local = jnp.zeros(shape, jnp.int32)
-  else:
-    local = jnp.clip(jnp.asarray(segment_ids, jnp.int32), 0, T)
-  return rows + local, B * (T + 1)
+def _pool_ids(level: str, unit_ids, segment_ids, mask):
+  """(ids [B, T], their count): the pool each token's ratio averages over, unique in the batch.
+
+  "sequence": one pool per (row, segment). "unit": one pool per maximal run of consecutive
+  trained tokens with the same unit id and segment, so the ids of a packed row's sequences may
+  each start from 0, and a masked-out token splits a unit.
+  """
+  B, T = mask.shape
+  seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+  if level == "sequence":
+    return jnp.arange(B, dtype=jnp.int32)[:, None] * (T + 1) + jnp.clip(seg, 0, T), B * (T + 1)
+  u = jnp.where(mask, jnp.asarray(unit_ids, jnp.int32), -1)
+  shift = lambda x: jnp.pad(x[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  start = mask & ((u != shift(u)) | (seg != shift(seg)))
+  run = jnp.clip(jnp.cumsum(start, axis=1, dtype=jnp.int32) - 1, 0, T - 1)  # [B, T]
+  return jnp.arange(B, dtype=jnp.int32)[:, None] * T + run, B * T
 
 
 def policy_loss(logp, behav_logp, advantages, mask, *, prox_logp=None, level: str = "token",
@@ -151,7 +155,8 @@ def policy_loss(logp, behav_logp, advantages, mask, *, prox_logp=None, level: st
   """(scalar loss, metrics) of the clipped decoupled surrogate of the module docstring.
 
   logp, behav_logp, prox_logp, ref_logp, mask, unit_ids, segment_ids: [B, T]; advantages: [B]
-  (one per row) or [B, T]. unit_ids (level "unit") number each row's units (< T; -1 outside the
+  (one per row) or [B, T]. unit_ids (level "unit"): a unit is a run of consecutive trained
+  tokens with one id in one segment (`units.masked_units` per sequence; -1 outside the
   response). Everything but logp is treated as a constant (stop_gradient). jit with the keyword
   options static.
   """
@@ -177,7 +182,7 @@ def policy_loss(logp, behav_logp, advantages, mask, *, prox_logp=None, level: st
   log_ratio = jnp.where(m, logp - prox, 0.0)
   log_w = jnp.where(m, prox - behav, 0.0)
   if level != "token":
-    ids, num = _pool_ids(level, unit_ids, segment_ids, logp.shape)
+    ids, num = _pool_ids(level, unit_ids, segment_ids, m)
     log_ratio = _group_mean(log_ratio, ids, m, num)
     log_w = _group_mean(log_w, ids, m, num)
   ratio = jnp.exp(log_ratio)
@@ -204,7 +209,7 @@ def _aggregate(aggregation: str, valid, segment_ids):
   v = valid.astype(jnp.float32)
   if aggregation == "token-mean":
     return lambda x: (x * v).sum() / jnp.maximum(v.sum(), 1.0)
-  ids, num = _pool_ids("sequence", None, segment_ids, valid.shape)
+  ids, num = _pool_ids("sequence", None, segment_ids, valid)
   flat = jnp.where(valid, ids, num).reshape(-1)
   n = jax.ops.segment_sum(v.reshape(-1), flat, num + 1)[:num]
   present = (n > 0).astype(jnp.float32)
