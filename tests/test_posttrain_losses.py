@@ -240,3 +240,31 @@ def test_bad_options():
     policy_loss(*args, level="word")
   with pytest.raises(ValueError, match="aggregation='sum'"):
     policy_loss(*args, aggregation="sum")
+
+
+def test_unit_loss_on_packed_task_rollouts():
+  """The pieces together: task references -> chat tokens and mask -> units -> packed rows -> loss."""
+  from ling_jax.data import ByteTokenizer
+  from ling_jax.posttrain.chat import encode_chat
+  from ling_jax.posttrain.sft_data import pack_sequences
+  from ling_jax.posttrain.tasks import make_task, reference_messages
+  from ling_jax.posttrain.units import masked_units
+
+  tok, rng = ByteTokenizer(), np.random.default_rng(3)
+  examples = []
+  for kind, v in [("arith", 2), ("tool", 1), ("list", 2), ("arith", 0)]:
+    tokens, mask = encode_chat(reference_messages(make_task(kind, 1, 2), v), tok)
+    n = len(tokens)
+    examples.append({"tokens": tokens, "loss_mask": mask, "unit_ids": masked_units(tokens, mask, tok),
+                     "behav": -rng.uniform(0.1, 2, n).astype(np.float32),
+                     "adv": np.full(n, rng.normal(), np.float32)})
+  batch, _ = pack_sequences(examples, 1024, pads={"unit_ids": -1})
+  assert (batch["unit_ids"][batch["loss_mask"] == 0] == -1).all()
+  assert (batch["unit_ids"][batch["loss_mask"] == 1] >= 0).all()
+  logp = jnp.asarray(batch["behav"] + rng.normal(0, 0.1, batch["behav"].shape), jnp.float32)
+  (loss, metrics), grad = jax.jit(jax.value_and_grad(unit_policy_loss, has_aux=True))(
+      logp, batch["behav"], batch["adv"], batch["loss_mask"], batch["unit_ids"],
+      segment_ids=batch["segment_ids"])
+  assert np.isfinite(float(loss)) and int(metrics["tokens"]) == batch["loss_mask"].sum()
+  grad = np.asarray(grad)
+  assert (grad[batch["loss_mask"] == 0] == 0).all() and np.abs(grad).sum() > 0
