@@ -268,3 +268,15 @@ def test_unit_loss_on_packed_task_rollouts():
   assert np.isfinite(float(loss)) and int(metrics["tokens"]) == batch["loss_mask"].sum()
   grad = np.asarray(grad)
   assert (grad[batch["loss_mask"] == 0] == 0).all() and np.abs(grad).sum() > 0
+
+
+def test_padding_with_infinite_logprobs_leaves_gradients_finite():
+  x = _inputs(4)
+  pad = ~x["mask"]
+  logp, behav, ref = (np.where(pad, -np.inf, x[k]) for k in ("logp", "behav", "ref"))
+  for level in ("token", "unit", "sequence"):
+    grad = jax.jit(jax.grad(lambda l: policy_loss(
+        l, behav, x["adv"], x["mask"], prox_logp=np.where(pad, -np.inf, x["prox"]), level=level,
+        unit_ids=x["units"], segment_ids=x["segs"], ref_logp=ref, kl_coef=0.1)[0]))(
+            jnp.asarray(logp, jnp.float32))
+    assert np.isfinite(np.asarray(grad)).all(), level

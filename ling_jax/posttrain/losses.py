@@ -193,8 +193,10 @@ def policy_loss(logp, behav_logp, advantages, mask, *, prox_logp=None, level: st
   per_token = -w * surrogate
   kl = jnp.zeros_like(logp)
   if kl_coef:
-    d = sg(jnp.asarray(ref_logp, jnp.float32)) - logp
-    kl = jnp.where(m, jnp.exp(d) - d - 1.0, 0.0)
+    # Masked before the exp: padding may hold -inf log-probabilities, and exp(inf) in the
+    # discarded branch of a where still poisons the gradient with 0 * inf.
+    d = jnp.where(m, sg(jnp.asarray(ref_logp, jnp.float32)) - logp, 0.0)
+    kl = jnp.exp(d) - d - 1.0
     per_token = per_token + kl_coef * kl
 
   agg = _aggregate(aggregation, m, segment_ids)
