@@ -47,7 +47,7 @@ def test_overrides_parse_typed_fields_and_refuse_unknown_ones():
       "modle.hidden_size=3": "unknown field 'modle.hidden_size'",
       "train.steps=many": "is not int",
       "train.mtp=maybe": "not a bool",
-      "model.num_hidden_layers=0": "num_hidden_layers=0 must be >= 1",
+      "model.num_hidden_layers=0": "num_hidden_layers=0 must be an integer >= 1",
       "model.rope_scaling.factor=2": "rope_scaling is None",
       "train": "expected key.sub=value",
       "data=1": "config section",

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from ling_jax.config import LingConfig
-from ling_jax.hf_config import from_hf_config, read_config_json
+from ling_jax.hf_config import ConfigError, from_hf_config, read_config_json
 from ling_jax.hf_io import CheckpointError, few_names, scan_folder
 from ling_jax.io.safetensors import ALIGN, SafetensorsFile
 from ling_jax.weights import TensorMap
@@ -51,9 +51,12 @@ def read_config(folder: str) -> tuple[dict, LingConfig, QuantScheme | None]:
   path = os.path.join(folder, "config.json")
   try:
     hf = read_config_json(folder)
+    cfg = from_hf_config({k: v for k, v in hf.items() if k != "quantization_config"}, source=path)
+  except ConfigError as e:  # names the file already
+    raise CheckpointError(str(e)) from None
+  try:
     scheme = quant_scheme(hf.get("quantization_config"))
-    cfg = from_hf_config({k: v for k, v in hf.items() if k != "quantization_config"})
-  except (ValueError, TypeError) as e:
+  except ValueError as e:
     raise CheckpointError(f"{path}: {e}") from None
   return hf, cfg, scheme
 
