@@ -4,8 +4,8 @@
       ...                               # write everything into dest.partial
       dest.commit({"format": "ling_jax.orbax/1", ...})
 
-The one protocol of `convert import` / `export`, `ling_jax.convert.save` and `save_hf` (README,
-"What --overwrite may delete"):
+The one protocol of `convert import` / `export`, `ling_jax.convert.save` and `save_hf`
+(docs/checkpoints.md, "Publishing a folder, and what --overwrite may delete"):
 
 - Paths are resolved first, symlinks followed: a link to a folder publishes into the folder it
   points to and stays a link. A destination that is, contains or lies inside a source is refused.
