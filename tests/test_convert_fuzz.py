@@ -1,9 +1,11 @@
 """Randomly corrupted safetensors headers and config.json files fed to `load_hf` and `import_hf`.
 
-Every case must end in a clean load or in one of the project's own error types, whose message
-names the corrupted file (a shard, or the index where the culprit is the disagreement between the
-two); no other exception, no hang, and nothing at the import's destination that looks complete
-unless it is. Seeded and bounded: a few hundred cases on a two-layer model, each under an alarm.
+A corrupted shard must be refused by our reader exactly when the reference `safetensors` library
+refuses it. Every case must end in a clean load or in one of the project's own error types, whose
+message names the corrupted file (a shard, or the index where the culprit is the disagreement
+between the two); no other exception, no hang, and nothing at the import's destination that looks
+complete unless it is. Seeded and bounded: a few hundred cases on a two-layer model, each under an
+alarm.
 """
 
 import contextlib
@@ -14,14 +16,14 @@ import shutil
 import signal
 import struct
 
-import numpy as np
 import pytest
+import safetensors
 
 from hf_fixtures import INDEX, MTP_FILE, tiny_hf_config, write_random_hf_checkpoint
 from ling_jax.convert import (CheckpointFormatError, ConversionError, DestinationError,
                               import_hf, store)
 from ling_jax.hf_io import CheckpointError, load_hf
-from ling_jax.io.safetensors import SafetensorsError, TensorNotFoundError
+from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, TensorNotFoundError
 
 PROJECT_ERRORS = (CheckpointError, SafetensorsError, TensorNotFoundError, CheckpointFormatError,
                   ConversionError, DestinationError)
@@ -144,6 +146,14 @@ def corrupt_shard(rng: random.Random, raw: bytes) -> bytes:
   return struct.pack("<Q", len(blob)) + blob + data
 
 
+def accepts(open_file) -> bool:
+  try:
+    with open_file():
+      return True
+  except (safetensors.SafetensorError, SafetensorsError):
+    return False
+
+
 def test_corrupted_safetensors_headers(pristine, tmp_path):
   rng = random.Random(1234)
   shards = sorted(f for f in os.listdir(pristine) if f.endswith(".safetensors"))
@@ -157,6 +167,9 @@ def test_corrupted_safetensors_headers(pristine, tmp_path):
     path.write_bytes(bad)
     try:
       what = f"case {case} ({fname})"
+      # The reference library is the judge of the header: it and we accept the same files.
+      assert accepts(lambda: safetensors.safe_open(path, "np")) == accepts(
+          lambda: SafetensorsFile(path)), what
       outcome = check_case(pristine, str(tmp_path / "ckpt"), (fname, INDEX), what)
     finally:
       path.write_bytes(raw)
