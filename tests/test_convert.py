@@ -31,7 +31,7 @@ from ling_jax.hf_io import CheckpointError
 from ling_jax.io.destination import DISCARD, DestinationError
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from ling_jax.io.safetensors_writer import SafetensorsWriter
-from checks import rel
+from checks import deadline, rel
 
 SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
 # Layers 0-1 a prefix group, 2-5 two scanned groups (stacked axis of 2), 6 the MLA tail; MTP.
@@ -266,6 +266,19 @@ def test_config_that_disagrees_with_the_tensors(hf, tmp_path):
   edit_config(hf, moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1)
   expect_failure(hf, tmp_path, CheckpointError, "missing tensor", "unexpected tensor",
                  "'model.layers.2.attention.query_key_value.weight' in " + SHARD)
+
+
+def test_a_config_asking_for_more_layers_or_experts_than_the_folder_fails_at_once(hf, tmp_path):
+  # The model and the name map enumerate layers and experts: without a look at the names first,
+  # a corrupt count would run for ever.
+  edit_config(hf, num_hidden_layers=10**12)
+  with deadline(60, "import_hf"):
+    expect_failure(hf, tmp_path, CheckpointError, "config.json: num_hidden_layers=1000000000000",
+                   "ask for 1000000000001 layers", "tensors of 5")
+  edit_config(hf, num_hidden_layers=4, num_experts=10**9, n_group=1, topk_group=1)
+  with deadline(60, "import_hf"):
+    expect_failure(hf, tmp_path, CheckpointError, "config.json: num_experts=1000000000",
+                   "tensors of 8 experts")
 
 
 def test_fp8_config_and_scales_must_agree(hf, tmp_path):

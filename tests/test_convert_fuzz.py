@@ -8,17 +8,16 @@ complete unless it is. Seeded and bounded: a few hundred cases on a two-layer mo
 alarm.
 """
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
 import struct
 
 import pytest
 import safetensors
 
+from checks import deadline
 from hf_fixtures import INDEX, MTP_FILE, tiny_hf_config, write_random_hf_checkpoint
 from ling_jax.convert import (CheckpointFormatError, ConversionError, DestinationError,
                               import_hf, store)
@@ -38,26 +37,13 @@ def pristine(tmp_path_factory):
   return root / "hf"
 
 
-@contextlib.contextmanager
-def alarm(seconds: int, what: str):
-  def hung(*_):
-    raise TimeoutError(f"{what} ran for more than {seconds} s")
-  previous = signal.signal(signal.SIGALRM, hung)
-  signal.alarm(seconds)
-  try:
-    yield
-  finally:
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
 def check_case(folder, ckpt, culprits: tuple[str, ...], what: str) -> str:
   """Run load_hf and import_hf on the corrupted folder -> "ok" / "error" (asserts the rules)."""
   outcomes = []
   for name, run in (("load_hf", lambda: load_hf(folder, progress=False)),
                     ("import_hf", lambda: import_hf(folder, ckpt, **SMALL))):
     try:
-      with alarm(CASE_SECONDS, f"{name} on {what}"):
+      with deadline(CASE_SECONDS, f"{name} on {what}"):
         run()
       outcomes.append("ok")
     except PROJECT_ERRORS as e:

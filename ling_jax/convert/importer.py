@@ -24,7 +24,8 @@ from flax import nnx
 
 from ling_jax.config import LingConfig
 from ling_jax.hf_config import to_hf_config
-from ling_jax.hf_io import CheckpointError, abstract_model, check_coverage, param_dtype_for
+from ling_jax.hf_io import (CheckpointError, abstract_model, check_coverage, param_dtype_for,
+                            scan_folder)
 from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
 from ling_jax.weights import TensorMap, all_maps
@@ -32,7 +33,7 @@ from ling_jax.convert import store
 from ling_jax.convert.pagecache import PageCacheRecycler
 from ling_jax.convert.pipeline import ConversionError, Pipeline  # noqa: F401 (re-exported)
 from ling_jax.convert.progress import Progress, Summary
-from ling_jax.convert.source import HFSource, SourceTensor, read_config
+from ling_jax.convert.source import HFSource, SourceTensor, check_counts, read_config
 
 MiB = 2**20
 
@@ -73,6 +74,7 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None
   hf_dir = os.path.abspath(os.fspath(hf_dir))
   dest = Destination(ckpt_dir, overwrite=overwrite, sources=[hf_dir])
   hf, cfg, scheme = read_config(hf_dir)
+  check_counts(cfg, scan_folder(hf_dir), hf_dir)
   maps, variables = state_layout(cfg, np.float32 if dtype is None else dtype)
   slice_shapes = {m.name: variables[m.path][0][len(m.index):] for m in maps}
   src = HFSource.open(hf_dir, maps, slice_shapes)
