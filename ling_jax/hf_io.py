@@ -102,10 +102,11 @@ def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "a
   `CheckpointError` naming the file and the tensor.
   """
   # Imported here: the converter builds on this module (CheckpointError, scan_folder).
-  from ling_jax.convert.source import HFSource, read_config
+  from ling_jax.convert.source import HFSource, check_counts, read_config
 
   folder = os.path.abspath(os.fspath(folder))
   _, cfg, _ = read_config(folder)
+  check_counts(cfg, scan_folder(folder), folder)  # before a model of 10^12 layers is described
   graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
   flat = dict(nnx.to_flat_state(abstract))
   shapes = {path: var.get_value().shape for path, var in flat.items()}
