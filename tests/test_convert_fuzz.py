@@ -200,6 +200,7 @@ def corrupt_config(rng: random.Random, config: dict) -> str:
   return json.dumps(c)
 
 
+@pytest.mark.filterwarnings("ignore::ling_jax.hf_config.ConfigDefaultsWarning")  # deleted fields
 def test_corrupted_config_json(pristine, tmp_path):
   """config.json fields deleted, of the wrong type or value, unknown, or not JSON at all."""
   rng = random.Random(4321)
