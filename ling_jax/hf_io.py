@@ -6,7 +6,7 @@ built abstractly, strictly: every checkpoint tensor is used exactly once and eve
 filled; a missing, unexpected, mis-shaped or non-float tensor is an error naming it. It validates
 and reads the folder as the streaming importer does (`ling_jax.convert.source.HFSource`), so the
 two accept the same folders. `save_hf` writes the same layout back, into a temporary folder
-renamed into place only once complete.
+renamed into place only once complete (`ling_jax.io.destination`).
 
 This path holds the whole model in host memory; the streaming Orbax converter is `ling_jax.convert`.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import defaultdict
 from typing import Iterable
 
@@ -27,12 +26,16 @@ from tqdm.auto import tqdm
 
 from ling_jax.config import LingConfig
 from ling_jax.hf_config import write_hf_config
+from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import SafetensorsFile, write_safetensors
 from ling_jax.model.ling import LingForCausalLM
 from ling_jax.weights import TensorMap, all_maps, main_maps, mtp_maps
 
 INDEX = "model.safetensors.index.json"
 MTP_FILE = "model-mtp-layer.safetensors"
+# The `format` of the ling_jax.json that lists the files of an HF folder ling_jax wrote (the
+# files that --overwrite may replace: `ling_jax.io.destination`).
+HF_FORMAT = "ling_jax.hf/1"
 # Kept in fp32 whatever the load dtype (spec 4.3: router and expert bias in fp32).
 FP32_PARAMS = (("gate", "weight"), ("gate", "expert_bias"))
 
@@ -99,10 +102,11 @@ def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "a
   `CheckpointError` naming the file and the tensor.
   """
   # Imported here: the converter builds on this module (CheckpointError, scan_folder).
-  from ling_jax.convert.source import HFSource, read_config
+  from ling_jax.convert.source import HFSource, check_counts, read_config
 
   folder = os.path.abspath(os.fspath(folder))
   _, cfg, _ = read_config(folder)
+  check_counts(cfg, scan_folder(folder), folder)  # before a model of 10^12 layers is described
   graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
   flat = dict(nnx.to_flat_state(abstract))
   shapes = {path: var.get_value().shape for path, var in flat.items()}
@@ -174,22 +178,18 @@ def save_hf(model: LingForCausalLM, config: LingConfig, folder: str | os.PathLik
             max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, progress: bool = True):
   """Write `model` as an HF folder (sharded main model, MTP file, index, config.json).
 
-  Everything goes to a sibling temporary folder first; only a complete folder is renamed into
-  place, so an interrupted save never leaves something that looks like a checkpoint.
+  Everything goes to `folder.partial` first; only a complete folder is renamed into place, so an
+  interrupted save never leaves something that looks like a checkpoint. `overwrite` replaces an
+  existing folder only if ling_jax wrote it or it is empty (`ling_jax.io.destination`).
   """
-  folder = os.path.abspath(os.fspath(folder))
-  if os.path.exists(folder) and os.listdir(folder) and not overwrite:
-    raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True)")
   if model.config != config:
     raise ValueError("save_hf: `config` differs from the config the model was built with")
-  tmp = f"{folder}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with Destination(folder, overwrite=overwrite) as dest:
+    tmp = dest.partial
     main = list(main_maps(config))
     mtp = list(mtp_maps(config))
-    bar = tqdm(total=len(main) + len(mtp), desc=f"save {os.path.basename(folder)}", unit="tensor",
-               disable=not progress)
+    bar = tqdm(total=len(main) + len(mtp), desc=f"save {os.path.basename(dest.path)}",
+               unit="tensor", disable=not progress)
     weight_map, total = {}, 0
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     shards = _plan_shards(flat, main, max_shard_bytes)
@@ -204,16 +204,7 @@ def save_hf(model: LingForCausalLM, config: LingConfig, folder: str | os.PathLik
     with open(os.path.join(tmp, INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     write_hf_config(config, tmp)
-    if os.path.exists(folder):
-      old = f"{folder}.old-{os.getpid()}"
-      os.replace(folder, old)
-      os.replace(tmp, folder)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    dest.commit({"format": HF_FORMAT})
 
 
 def _plan_shards(flat: dict, maps: list[TensorMap], max_bytes: int) -> list[list[TensorMap]]:

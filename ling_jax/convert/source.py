@@ -205,6 +205,30 @@ class HFSource:
                                math.prod(out_shape) * dtype.itemsize), compute)
 
 
+def check_counts(cfg: LingConfig, names, folder: str) -> None:
+  """Refuse a config.json that asks for more layers or experts than the folder's tensors name,
+  before anything is built from it: the model and the name map enumerate layers and experts, so
+  a corrupt `num_hidden_layers: 10**12` would otherwise run for ever instead of failing."""
+  layers, experts = set(), set()
+  for name in names:
+    parts = name.split(".")
+    if name.startswith("model.layers.") and parts[2].isdigit():
+      layers.add(int(parts[2]))
+      if parts[3:5] == ["mlp", "experts"] and len(parts) > 5 and parts[5].isdigit():
+        experts.add(int(parts[5]))
+  path = os.path.join(folder, "config.json")
+  want = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+  if want > len(layers):
+    raise CheckpointError(
+        f"{path}: num_hidden_layers={cfg.num_hidden_layers} and num_nextn_predict_layers="
+        f"{cfg.num_nextn_predict_layers} ask for {want} layers, but the safetensors files hold "
+        f"tensors of {len(layers)}")
+  moe = cfg.num_nextn_predict_layers > 0 or cfg.first_k_dense_replace < cfg.num_hidden_layers
+  if moe and cfg.num_experts > len(experts):
+    raise CheckpointError(f"{path}: num_experts={cfg.num_experts}, but the safetensors files hold "
+                          f"tensors of {len(experts)} experts")
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
   """One block of a source tensor: its bytes in the mapped file, and how to get the model layout.
@@ -359,5 +383,5 @@ def _pread_all(fd: int, buf: memoryview, offset: int, path: str, whole: memoryvi
     done += n
 
 
-__all__ = ["Block", "HFSource", "SourceTensor", "buffer_view", "read_buffer_bytes", "read_config",
-           "read_view", "transpose2d"]
+__all__ = ["Block", "HFSource", "SourceTensor", "buffer_view", "check_counts", "read_buffer_bytes",
+           "read_config", "read_view", "transpose2d"]
