@@ -489,6 +489,10 @@ def test_import_and_load_keep_the_source_dtype_by_default(hf, tmp_path, capsys):
   (hf / "config.json").write_text(json.dumps(config))
   summary = import_hf(hf, ckpt, **SMALL, overwrite=True)
   assert summary.dtype == "float32" and summary.dtype_from == "the source tensors' dtype"
+  edit_config(hf, torch_dtype="bfloat16")  # disagrees with the fp32 tensors: they win, losslessly
+  summary = import_hf(hf, ckpt, **SMALL, overwrite=True)
+  assert summary.dtype == "float32"
+  assert summary.dtype_from == "the source tensors' dtype; config.json torch_dtype says bfloat16"
   edit_config(hf, torch_dtype="int8")
   with pytest.raises(CheckpointError, match="config.json: torch_dtype 'int8' is not one of"):
     import_hf(hf, ckpt, **SMALL, overwrite=True)

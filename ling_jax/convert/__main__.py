@@ -27,8 +27,9 @@ def main(argv=None) -> int:
   imp.add_argument("ckpt_dir")
   imp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="parameter dtype (default: the source's: an FP8 source is dequantised to "
-                        "bfloat16, any other keeps config.json's torch_dtype, else the dtype of "
-                        "most of its tensors; the summary says which). The router weight and "
+                        "bfloat16, any other keeps the dtype of most of its tensors, even where "
+                        "config.json's torch_dtype says otherwise; the summary says which). "
+                        "The router weight and "
                         "expert bias stay float32")
   imp.add_argument("--verify-data", action="store_true",
                    help="read every block back and compare before committing")

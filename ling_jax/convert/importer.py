@@ -62,7 +62,7 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None
   """Convert the HF folder `hf_dir` into the checkpoint `ckpt_dir` with parameters in `dtype`.
 
   `dtype=None` keeps the source's (`source_dtype`): an FP8 source dequantises to bfloat16; else
-  config.json's `torch_dtype` (or `dtype`); else the dtype of most of the tensors' bytes.
+  the dtype of most of the tensors' bytes (config.json's `torch_dtype` names it when it agrees).
   The router weight and expert bias stay fp32 (spec 4.3); FP8 weights are dequantised (spec 4.4).
   Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: one per
   core, at most 8), at most `inflight_bytes` of them queued;
@@ -96,21 +96,28 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None
 
 
 def source_dtype(hf: dict, src: HFSource) -> tuple[np.dtype, str]:
-  """(parameter dtype, why) of an import that asks for none: the source's own."""
+  """(parameter dtype, why) of an import that asks for none: the source's own.
+
+  The tensors are the truth: a `torch_dtype` in config.json that disagrees with them (an fp32
+  folder whose config says bfloat16) would otherwise round every weight, silently. It names the
+  dtype when it agrees, and is reported beside the tensors' dtype when it does not."""
   if any(t.scale for t in src.tensors):
     return np.dtype(jnp.bfloat16), "FP8 source, dequantised to bfloat16"
+  nbytes = collections.Counter()
+  for t in src.tensors:
+    nbytes[t.dtype] += t.nbytes
+  tensors = nbytes.most_common(1)[0][0]
   for key in ("torch_dtype", "dtype"):
     name = hf.get(key)
     if name is None:
       continue
-    if isinstance(name, str) and name in _FLOATS:
-      return np.dtype(_FLOATS[name]), f"config.json {key}"
-    raise CheckpointError(f"{os.path.join(src.folder, 'config.json')}: {key} {name!r} is not "
-                          f"one of {', '.join(_FLOATS)}; pass the dtype to import in")
-  nbytes = collections.Counter()
-  for t in src.tensors:
-    nbytes[t.dtype] += t.nbytes
-  return nbytes.most_common(1)[0][0], "the source tensors' dtype"
+    if not (isinstance(name, str) and name in _FLOATS):
+      raise CheckpointError(f"{os.path.join(src.folder, 'config.json')}: {key} {name!r} is not "
+                            f"one of {', '.join(_FLOATS)}; pass the dtype to import in")
+    if np.dtype(_FLOATS[name]) == tensors:
+      return tensors, f"config.json {key}"
+    return tensors, f"the source tensors' dtype; config.json {key} says {name}"
+  return tensors, "the source tensors' dtype"
 
 
 _FLOATS = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
