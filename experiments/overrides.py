@@ -94,8 +94,18 @@ def apply_overrides(cfg, args: list[str]):
 def main(config_fn, argv: list[str]):
   """Entry point of `python -m experiments.<name> key=value ...`: override, then train.
 
+  `-h` / `--help` lists every field (experiments/usage.py) and exits without importing jax.
   Bad input (an override, the corpus, a checkpoint of another config) ends with a one-line
   error and exit status 2; anything else keeps its traceback."""
+  if "-h" in argv or "--help" in argv:
+    from experiments.usage import help_text, program_of
+    try:
+      exp = apply_overrides(config_fn(), [a for a in argv if a not in ("-h", "--help")])
+    except OverrideError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(help_text(exp, *program_of(config_fn)))
+    return None
   from ling_jax.data.sources import DataError  # here: parsing overrides needs no jax
   from ling_jax.train import run
   from ling_jax.train.checkpoint import ConfigMismatch

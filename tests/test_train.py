@@ -1,5 +1,5 @@
-"""Training: overrides, the optimizer's decay mask, the expert-bias rule, the train step, and
-exact resume after `kill -9` of a real training process."""
+"""Training: overrides and config validation, the optimizer's decay mask, the expert-bias rule,
+the train step, and exact resume after `kill -9` of a real training process."""
 
 import dataclasses
 import functools
@@ -64,6 +64,47 @@ def test_cli_refuses_unknown_override_without_writing(tmp_path):
                         env=_env(tmp_path))
   assert proc.returncode != 0 and "unknown field 'train.nope'" in proc.stderr
   assert not out.exists()
+
+
+def test_configs_refuse_bad_optimizer_and_data_numbers():
+  """Each bad number is refused before anything runs, with the field and the value named."""
+  bad = {
+      "train.learning_rate=nan": "learning_rate=nan must be a finite number > 0",
+      "train.learning_rate=0": "learning_rate=0.0 must be a finite number > 0",
+      "train.learning_rate=-1e-3": "learning_rate=-0.001 must be a finite number > 0",
+      "train.learning_rate=inf": "learning_rate=inf must be a finite number > 0",
+      "train.weight_decay=-0.1": "weight_decay=-0.1 must be a finite number >= 0",
+      "train.weight_decay=nan": "weight_decay=nan must be a finite number >= 0",
+      "train.b1=1": r"b1=1.0 must be in \[0, 1\)",
+      "train.b2=-0.5": r"b2=-0.5 must be in \[0, 1\)",
+      "train.b2=nan": r"b2=nan must be in \[0, 1\)",
+      "train.eps=0": "eps=0.0 must be a finite number > 0",
+      "train.grad_clip=-1": "grad_clip=-1.0 must be a finite number >= 0",
+      "train.min_lr_ratio=1.5": r"min_lr_ratio=1.5 must be in \[0, 1\]",
+      "train.log_every=0": "log_every=0 must be >= 1",
+      "data.batch_size=0": "data.batch_size=0: invalid DataConfig: batch_size=0 must be >= 1$",
+      "data.seq_len=2": "seq_len=2 must be >= 3$",
+  }
+  for arg, match in bad.items():
+    with pytest.raises(OverrideError, match=match):
+      apply_overrides(tiny_pretrain.config(), [arg])
+  # grad_clip=0 turns clipping off (documented), rather than zeroing every gradient.
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 100.0)}
+  for clip in (0.0, 1.0):
+    tx = optimizer(TrainConfig(grad_clip=clip, warmup_steps=0, learning_rate=0.1, weight_decay=0))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1, rtol=1e-5)  # Adam's first step: -lr * sign
+
+
+def test_the_configs_name_choices_as_the_model_does():
+  """train/config.py copies the model's choice names (so a config imports no jax)."""
+  from ling_jax.model.common import REMAT, REMAT_SCOPES
+  from ling_jax.model.mla import IMPLS as MLA
+  from ling_jax.model.moe import IMPLS as MOE
+  from ling_jax.train import config
+  from pallas_kernels.simple_gla import IMPLS as GLA
+  assert config.REMAT_POLICIES == tuple(REMAT) and config.REMAT_SCOPES == REMAT_SCOPES
+  assert (config.MLA_IMPLS, config.MOE_IMPLS, config.GLA_IMPLS) == (MLA, MOE, GLA)
 
 
 # ---------------------------------------------------------------------- optimizer
