@@ -1,13 +1,17 @@
-"""The experiments' command line: `--help` lists every field an override can set."""
+"""The experiments' command line: `--help` lists every field an override can set, and the
+README's override examples run beside the main job."""
 
 import dataclasses
 import importlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+from experiments import tiny_pretrain
 from experiments.overrides import apply_overrides
+from ling_jax.train.checkpoint import config_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,3 +49,17 @@ print("jax imported:", "jax" in sys.modules)
                         env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0 and "OUT_DIR/hf" in proc.stdout, proc.stdout + proc.stderr
   assert "/ling_jax_quickstart" in proc.stdout and not (pathlib.Path(ROOT) / "--help").exists()
+
+
+def test_the_readme_override_example_runs_after_the_main_job():
+  """The README's override examples change the model or data config, which a checkpoint refuses,
+  or train.steps below the main job's: each must name its own train.out_dir."""
+  readme = open(os.path.join(ROOT, "README.md")).read().replace("\n", " ")
+  examples = re.findall(r"`python -m experiments\.tiny_pretrain ([^`]+)`", readme)
+  assert examples
+  main_job = tiny_pretrain.config()
+  for example in examples:
+    exp = apply_overrides(main_job, example.split())
+    resumable = (config_meta(exp) == config_meta(main_job)
+                 and exp.train.steps >= main_job.train.steps)
+    assert resumable or exp.train.out_dir != main_job.train.out_dir, example
