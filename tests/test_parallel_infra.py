@@ -1,6 +1,7 @@
 """Meshes, their checks, strict parameter shardings, per-device memory, and the distributed
 helpers in one process (ling_jax.parallel.{mesh, memory, distributed}, ling_jax.axes)."""
 
+import json
 import os
 
 import jax
@@ -105,7 +106,8 @@ def test_restore_onto_an_impossible_mesh_fails_before_reading(tmp_path):
   """The marker alone: were load to reach Orbax, it would fail on the missing state instead."""
   ckpt = tmp_path / "ckpt"
   ckpt.mkdir()
-  store.write_marker(str(ckpt), {"config": to_hf_config(ling_tiny()), "dtype": "float32"})
+  (ckpt / store.MARKER).write_text(json.dumps(
+      {"format": store.FORMAT, "config": to_hf_config(ling_tiny()), "dtype": "float32"}))
   before = sorted(os.listdir(ckpt))
   with pytest.raises(ValueError, match="'tensor' of size 8 does not divide num_attention_heads=4"):
     load(ckpt, _mesh(8, tensor=8))
