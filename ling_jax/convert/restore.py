@@ -19,6 +19,7 @@ from ling_jax.hf_config import from_hf_config, to_hf_config
 from ling_jax.hf_io import abstract_model
 from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
+from ling_jax.parallel.mesh import check_mesh
 from ling_jax.weights import all_maps
 from ling_jax.convert import store
 
@@ -46,6 +47,8 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
   cfg = from_hf_config(marker["config"])
   if dtype is None:
     dtype = np.dtype(marker["dtype"])
+  if mesh is not None:  # an impossible mesh is refused before anything is read
+    check_mesh(cfg, mesh, rules=rules)
   graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
