@@ -31,7 +31,7 @@ from ling_jax.train.checkpoint import Checkpointer, ConfigMismatch, committed_st
 from ling_jax.train.errors import NonFiniteError, RunRefused
 from ling_jax.train.loop import _train
 from ling_jax.train.optim import decays, optimizer, schedule
-from ling_jax.train.report import MetricsLog, read_metrics
+from ling_jax.train.report import MetricsLog, read_metrics, write_loss_curve
 from ling_jax.train.step import (_losses, compute_copies, init_state, make_train_step,
                                   split_model)
 from model_utils import random_model
@@ -399,6 +399,23 @@ def test_a_non_finite_loss_stops_the_run_before_its_state_is_saved(tmp_path):
   restored, _ = ckpt.restore(6, state)  # the finite one before it restores
   assert int(restored["step"]) == 6
   ckpt.close()
+
+
+# ---------------------------------------------------------------------- reports
+def test_loss_curve_leaves_the_matplotlib_backend_alone(tmp_path):
+  """The PNG is drawn on a Figure of its own: switching the process to Agg, as the run once did,
+  silenced every later inline figure of a notebook that had trained (notebooks/04_training_run)."""
+  import matplotlib
+
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")  # any backend but Agg stands for a notebook's inline one
+  try:
+    records = [{"step": i, "ce": 5.0 - 0.1 * i, "mtp": 5.2 - 0.1 * i} for i in range(1, 9)]
+    assert write_loss_curve(str(tmp_path / "curve.png"), records, eval_loss=4.4, unigram=5.0)
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
+  assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---------------------------------------------------------------------- whole runs
