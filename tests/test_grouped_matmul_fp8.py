@@ -6,6 +6,10 @@ The float64 reference dequantises values x scale exactly and multiplies in float
 the kernels run in interpret mode; the `gpu` test compiles them (skipped without a GPU).
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,17 +180,29 @@ def test_bad_fp8_weights_are_refused():
   assert rel(out, np_grouped(x, np_weight(small), [8, 8])) < 5e-3
 
 
+def test_the_benchmark_runs_tiny_in_interpret_mode():
+  """benchmarks/fp8_experts.py --tiny: the same code the GPU runs, at a toy shape, on the CPU."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+  res = subprocess.run([sys.executable, "-m", "benchmarks.fp8_experts", "--tiny"], cwd=root,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [l for l in res.stdout.splitlines() if l.startswith("| ") and "tokens" not in l]
+  assert len(rows) == 3 and all("nan" not in l for l in rows), res.stdout
+
+
 # ----------------------------------------------------------------------------- on the GPU
 
 
 @gpu
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_gpu_fp8_experts_match_the_dequantised_bf16_kernels(scheme):
-  """Compiled at Ling-2.6-flash's expert widths (D 4096, F 1024), 16 experts, decode-sized and
-  larger groups: gate/up and down with FP8 weights against float64 and the bf16 kernels."""
+  """Compiled at Ling-2.6-flash's expert widths (D 4096, F 1024), 8 experts, under the decode
+  tiles and the default ones: gate/up and down with FP8 weights against float64 and against the
+  bf16 kernels on the dequantised weights."""
   from pallas_kernels.grouped_matmul import tuned_config
   rng = np.random.default_rng(12)
-  T, X, K, F, G = 512, 8, 4096, 1024, 16
+  T, X, K, F, G = 256, 8, 4096, 1024, 8
   M = T * X
   sizes = routing(rng, M, G, past=0)
   gs = jnp.asarray(sizes, jnp.int32)
