@@ -1,5 +1,5 @@
 """FP8 expert weights for the grouped matmul: the stored form, its dequantisation, and how a kernel
-reads one tile of it (docs/kernels.md, "FP8 weights").
+reads one tile of it (docs/kernels.md#grouped_matmul, "FP8 weights").
 
 An `Fp8Weight` is float8_e4m3fn values [G, K, N] (the model's [in, out] layout: a PyTorch
 [out, in] weight transposed per group) and fp32 scales in one of the FP8 releases' two schemes
