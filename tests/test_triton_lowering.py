@@ -90,7 +90,8 @@ CASES = {
     "gmm_fp8_block": (lambda x, v, sc, s: gmm_pallas(x, Fp8Weight(v, sc, (128, 128)), s, Config()),
                       (S((M, K), jnp.bfloat16), S((G, K, 200), jnp.float8_e4m3fn),
                        S((G, 2, 2), jnp.float32), S((G,), jnp.int32)), 1),
-    "gmm_fp8_channel": (lambda x, v, sc, s: gmm_pallas(x, Fp8Weight(v, sc), s, tuned_config(K, N, 8)),
+    "gmm_fp8_channel": (lambda x, v, sc, s: gmm_pallas(x, Fp8Weight(v, sc), s,
+                                                       tuned_config(K, N, 8)),
                         (S((M, K), jnp.bfloat16), S((G, K, 200), jnp.float8_e4m3fn),
                          S((G, 200), jnp.float32), S((G,), jnp.int32)), 1),
     "gmm_glu_fp8_block": (

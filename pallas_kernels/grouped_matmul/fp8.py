@@ -83,7 +83,8 @@ def check(w: Fp8Weight, where: str = "rhs") -> None:
                      f"one scale block in the [K, N] layout, e.g. (128, 128)")
   want = scale_shape(w.values.shape, b)
   if tuple(w.scale.shape) != want or not jnp.issubdtype(w.scale.dtype, jnp.floating):
-    scheme = "channel-wise: [G, N]" if b is None else f"{b} blocks: [G, ceil(K/{b[0]}), ceil(N/{b[1]})]"
+    scheme = ("channel-wise: [G, N]" if b is None
+              else f"{b} blocks: [G, ceil(K/{b[0]}), ceil(N/{b[1]})]")
     raise ValueError(f"{where}.scale is {w.scale.dtype}{list(w.scale.shape)}; for values "
                      f"{list(w.values.shape)} ({scheme}) it must be float {list(want)}")
 
