@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile [args]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -51,5 +51,9 @@ case "$part" in
     # (command buffers off: a CUDA graph shows in the trace as one op, hiding its kernels)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile)"; exit 2 ;;
+  fp8)        # FP8 expert weights: the compiled kernels against float64 and the dequantised bf16
+              # ones, then the experts' forward with bf16 / FP8 block / FP8 channel weights
+    timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
+        tests/test_grouped_matmul_fp8.py 2>&1 | tail -3 && python3 -m benchmarks.fp8_experts "$@"' _ "$@" ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8)"; exit 2 ;;
 esac

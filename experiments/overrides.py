@@ -11,6 +11,7 @@ before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -94,14 +95,36 @@ def apply_overrides(cfg, args: list[str]):
 def main(config_fn, argv: list[str]):
   """Entry point of `python -m experiments.<name> key=value ...`: override, then train.
 
-  Bad input (an override, the corpus, a checkpoint of another config) ends with a one-line
-  error and exit status 2; anything else keeps its traceback."""
+  `-h` / `--help` lists every field (experiments/usage.py) and exits without importing jax.
+  Exit status: 2 for bad input (an override, the corpus, a checkpoint of another config or
+  past train.steps), 1 when training diverges (a non-finite loss or gradient), 130 when
+  interrupted (Ctrl-C), each with a one-line message; anything else keeps its traceback."""
+  if "-h" in argv or "--help" in argv:
+    from experiments.usage import help_text, program_of
+    try:
+      exp = apply_overrides(config_fn(), [a for a in argv if a not in ("-h", "--help")])
+    except OverrideError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    print(help_text(exp, *program_of(config_fn)))
+    return None
   from ling_jax.data.sources import DataError  # here: parsing overrides needs no jax
   from ling_jax.train import run
-  from ling_jax.train.checkpoint import ConfigMismatch
+  from ling_jax.train.errors import NonFiniteError, RunRefused
 
   try:
     return run(apply_overrides(config_fn(), argv))
-  except (OverrideError, DataError, ConfigMismatch) as e:
+  except (OverrideError, DataError, RunRefused) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt as e:  # TrainingInterrupted says where to resume; a bare one does not
+    print(str(e) or "interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No interpreter teardown: after a second Ctrl-C an abandoned save's native writer threads
+    # may still run, and tearing down under them aborts the process (std::terminate, exit 134).
+    # Every file a run writes is closed by now or written atomically (checkpoints by rename).
+    os._exit(130)

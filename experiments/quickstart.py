@@ -3,29 +3,35 @@
     python -m experiments.quickstart [OUT_DIR]
 
 Exercises the whole inference path on CPU in under a minute: the hybrid stack (Lightning + MLA +
-MoE), the strict HF-layout writer and reader, and prefill + cached decode.
+MoE), the strict HF-layout writer and reader, and prefill + cached decode. The checkpoint goes to
+OUT_DIR/hf (default: ling_jax_quickstart/hf under the system's temporary directory, e.g. /tmp),
+replacing any earlier one there.
 """
 
+import argparse
 import os
 import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-from flax import nnx
-
-import ling_jax
-from ling_jax.generate import generate
+DEFAULT_OUT = os.path.join(tempfile.gettempdir(), "ling_jax_quickstart")
 
 
 def config():
+  import ling_jax
   return ling_jax.ling_tiny()
 
 
 def main(out_dir: str | None = None) -> None:
+  import jax  # here, not at the top: --help stays instant
+  import numpy as np
+  from flax import nnx
+
+  import ling_jax
+  from ling_jax.generate import generate
+
   cfg = config()
-  out_dir = out_dir or os.path.join(tempfile.gettempdir(), "ling_jax_quickstart")
+  out_dir = out_dir or DEFAULT_OUT
   print(f"tiny Ling: {cfg.param_count(include_mtp=True):,} parameters, layers {cfg.layer_types()}")
   model = ling_jax.LingForCausalLM(cfg, rngs=nnx.Rngs(0))
   ckpt = os.path.join(out_dir, "hf")
@@ -47,4 +53,8 @@ def main(out_dir: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main(*sys.argv[1:2])
+  parser = argparse.ArgumentParser(prog="python -m experiments.quickstart", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("out_dir", nargs="?", default=DEFAULT_OUT,
+                      help=f"the HF checkpoint goes to OUT_DIR/hf (default: {DEFAULT_OUT})")
+  main(parser.parse_args(sys.argv[1:]).out_dir)

@@ -34,8 +34,7 @@ import sys
 from experiments.overrides import main
 from ling_jax.config import ling_small
 from ling_jax.data import DataConfig
-from ling_jax.model.kernels import Kernels
-from ling_jax.model.remat import Remat
+from ling_jax.model.settings import Kernels, Remat
 from ling_jax.train import Experiment, TrainConfig
 
 

@@ -12,7 +12,7 @@ import sys
 from experiments.overrides import main
 from ling_jax.config import ling_tiny
 from ling_jax.data import DataConfig
-from ling_jax.model.kernels import Kernels
+from ling_jax.model.settings import Kernels
 from ling_jax.train import Experiment, TrainConfig
 
 

@@ -3,11 +3,14 @@
 from ling_jax.config import (LingConfig, YarnScaling, ling_2_6_1t, ling_2_6_flash, ling_small,
                              ling_tiny)
 from ling_jax.hf_config import from_hf_config, to_hf_config
-from ling_jax.model import LingForCausalLM, LingOutput
 
 
 def __getattr__(name):
-  # Checkpoint I/O pulls in more modules; import it on first use.
+  # The model and checkpoint I/O import jax: on first use, so that configs (and an experiment's
+  # `--help`) build without it.
+  if name in ("LingForCausalLM", "LingOutput"):
+    from ling_jax import model
+    return getattr(model, name)
   if name in ("load_hf", "save_hf"):
     from ling_jax import hf_io
     return getattr(hf_io, name)

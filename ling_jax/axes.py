@@ -12,9 +12,12 @@ parallelism preset maps them to mesh axes (MaxText's logical_axis_rules).
 
 from __future__ import annotations
 
+import fnmatch
+import math
 from typing import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 
 # Logical parameter axes.
@@ -40,8 +43,8 @@ RULES_FSDP_TP_EP: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (HEADS, "tensor"),
     (HEAD_DIM, None),
     (QKV, None),
-    (Q_LORA, None),
-    (KV_LORA, None),
+    (Q_LORA, "fsdp"),   # q_b_proj / kv_b_proj: their only dimension FSDP can split (MaxText
+    (KV_LORA, "fsdp"),  # does the same); in q_a / kv_a_proj `embed` has taken fsdp first
     (MLP, "tensor"),
     (EXPERT, "expert"),
     (NORM, None),
@@ -94,29 +97,67 @@ def logical_axes(state: nnx.State) -> nnx.State:
   return nnx.map_state(names, state)
 
 
-def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=RULES_FSDP_TP_EP):
+# A parameter below this size may stay whole along a dimension its mesh axis does not divide
+# (norms, biases, router bias, the tiny test models): replicating it costs at most this much per
+# device. Anything larger must divide, or be named in `allow_replicated`.
+REPLICATE_BELOW_BYTES = 1 << 20
+
+
+def _path(path) -> str:
+  return ".".join(map(str, path))
+
+
+def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=RULES_FSDP_TP_EP, *,
+                    allow_replicated: Sequence[str] = (),
+                    replicate_below_bytes: int = REPLICATE_BELOW_BYTES):
   """NamedShardings for every variable of `state` under `rules` on `mesh`.
 
-  A logical axis whose mesh axis does not divide the dimension falls back to replication, so the
-  same rules serve tiny test models and the real presets.
+  A mesh axis that does not divide the dimension its rule gives it would leave that dimension
+  whole on every device. That is allowed only for a parameter of fewer than
+  `replicate_below_bytes` bytes, or one whose dotted path (`groups.layers.1.mlp.gate.weight`)
+  matches an fnmatch pattern of `allow_replicated`; any other is a ValueError naming each such
+  parameter, its shape, the logical axis, the mesh axis and both sizes, raised before anything
+  is placed (at scale a silently replicated weight is an out-of-memory or a slowdown).
   """
   table = dict(rules)
+  problems = []
 
   def spec(path, var):
     axes = var.get_metadata().get("out_sharding")
     if axes is None:
-      raise ValueError(f"parameter {'.'.join(map(str, path))} has no logical axes")
+      raise ValueError(f"parameter {_path(path)} has no logical axes")
+    value = var.get_value()
     out = []
     used = set()
-    for dim, name in zip(var.get_value().shape, axes):
+    for dim, name in zip(value.shape, axes):
       if name not in table:
-        raise ValueError(f"logical axis {name!r} of {'.'.join(map(str, path))} has no rule")
+        raise ValueError(f"logical axis {name!r} of {_path(path)} has no rule")
       mesh_axis = table[name]
-      if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis]:
+      if mesh_axis is None or mesh_axis in used:
+        out.append(None)
+        continue
+      size = math.prod(mesh.shape[a] for a in
+                       (mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)))
+      if dim % size:
+        nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+        if nbytes >= replicate_below_bytes and not any(
+            fnmatch.fnmatchcase(_path(path), p) for p in allow_replicated):
+          problems.append(f"{_path(path)} {list(value.shape)} ({nbytes / 2**20:.1f} MiB): mesh "
+                          f"axis {mesh_axis!r} of size {size} does not divide its logical axis "
+                          f"{name!r} of size {dim}")
         out.append(None)
       else:
         out.append(mesh_axis)
         used.add(mesh_axis)
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
 
-  return nnx.map_state(spec, state)
+  shardings = nnx.map_state(spec, state)
+  if problems:
+    more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+    raise ValueError(
+        f"{len(problems)} parameter dimension(s) would stay whole on every device, their mesh axis "
+        f"not dividing them (mesh {dict(mesh.shape)}): {'; '.join(problems[:6])}{more}. Choose "
+        f"axis sizes that divide them, or "
+        f"pass allow_replicated=[path patterns] to replicate them on purpose "
+        f"(parameters under {replicate_below_bytes} bytes are always allowed).")
+  return shardings

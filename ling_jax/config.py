@@ -27,10 +27,21 @@ class YarnScaling:
   mscale: float = 1.0
   mscale_all_dim: float = 0.0
 
+  def __post_init__(self):
+    errors = _check(self, ("factor",), _finite(lambda v: v > 0), "a finite number > 0")
+    errors += _check(self, ("original_max_position_embeddings",), _int_at_least(1),
+                     "an integer >= 1")
+    errors += _check(self, ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"),
+                     _finite(lambda v: True), "a finite number")
+    if errors:
+      raise ValueError("invalid YarnScaling: " + "; ".join(errors))
+
 
 @dataclasses.dataclass(frozen=True)
 class LingConfig:
-  """Architecture of a Ling-2.6 model (spec sections 1-3). Defaults are Ling-2.6-flash's."""
+  """Architecture of a Ling-2.6 model (spec sections 1-3). Defaults are Ling-2.6-flash's, for
+  the presets; a config.json is read without them: `from_hf_config` fills an absent field with
+  the reference's own default (docs/config.md)."""
 
   vocab_size: int = 157184
   hidden_size: int = 4096
@@ -75,11 +86,9 @@ class LingConfig:
   pad_token_id: int | None = 156892
 
   def __post_init__(self):
-    errors = []
-    if self.num_hidden_layers < 1:
-      errors.append(f"num_hidden_layers={self.num_hidden_layers} must be >= 1")
-    if self.layer_group_size < 1:
-      errors.append(f"layer_group_size={self.layer_group_size} must be >= 1")
+    errors = _field_errors(self)
+    if errors:  # the checks below assume every field has a valid type and range
+      raise ValueError("invalid LingConfig: " + "; ".join(errors))
     if (self.num_attention_heads * self.head_dim) % self.group_norm_size:
       errors.append(
           f"group_norm_size={self.group_norm_size} must divide num_attention_heads * head_dim"
@@ -98,10 +107,6 @@ class LingConfig:
     elif self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
       errors.append(f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in the"
                     f" {self.topk_group} kept groups")
-    if self.decay_form not in ("A", "B"):
-      errors.append(f"decay_form={self.decay_form!r} must be 'A' or 'B'")
-    if self.num_nextn_predict_layers not in (0, 1):
-      errors.append(f"num_nextn_predict_layers={self.num_nextn_predict_layers}: only 0 or 1 supported")
     if errors:
       raise ValueError("invalid LingConfig: " + "; ".join(errors))
 
@@ -241,6 +246,65 @@ class LingConfig:
     lin = 2 * H * (2 * self.head_dim * (chunk / 2) + 2 * self.head_dim * self.head_dim)
     flops += (mult // 2) * (n_mla * mla + n_lin * lin)
     return float(flops)
+
+
+# ---------------------------------------------------------------------- field checks
+# Each field's type and range, checked before anything computes with it: a wrong type or a
+# non-finite or negative float would otherwise surface as a raw TypeError deep in the model, or
+# as NaN logits (a negative rms_norm_eps puts a NaN in every rsqrt, a NaN routed_scaling_factor
+# in every MoE output).
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "head_dim", "max_position_embeddings", "layer_group_size", "group_norm_size", "kv_lora_rank",
+    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "n_group", "topk_group")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_at_least(low: int):
+  return lambda v: _is_int(v) and v >= low
+
+
+def _finite(ok):
+  """A predicate for a float field (ints accepted): finite, and `ok` of the value."""
+  return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and ok(v))
+
+
+def _token_id(v) -> bool:
+  return v is None or _int_at_least(0)(v)
+
+
+def _check(obj, names, ok, what: str) -> list[str]:
+  return [f"{n}={getattr(obj, n)!r} must be {what}" for n in names if not ok(getattr(obj, n))]
+
+
+def _field_errors(cfg: LingConfig) -> list[str]:
+  errors = _check(cfg, _POSITIVE_INTS, _int_at_least(1), "an integer >= 1")
+  errors += _check(cfg, ("num_shared_experts", "first_k_dense_replace"), _int_at_least(0),
+                   "an integer >= 0")
+  errors += _check(cfg, ("q_lora_rank",), lambda v: v is None or _int_at_least(1)(v),
+                   "None or an integer >= 1")
+  errors += _check(cfg, ("rms_norm_eps", "rope_theta", "routed_scaling_factor"),
+                   _finite(lambda v: v > 0), "a finite number > 0")
+  errors += _check(cfg, ("partial_rotary_factor",), _finite(lambda v: 0 < v <= 1),
+                   "a number in (0, 1]")
+  errors += _check(cfg, ("mtp_loss_scaling_factor",), _finite(lambda v: v >= 0),
+                   "a finite number >= 0")
+  errors += _check(cfg, ("use_qk_norm",), lambda v: isinstance(v, bool), "True or False")
+  errors += _check(cfg, ("decay_form",), lambda v: v in ("A", "B"), "'A' or 'B'")
+  errors += _check(cfg, ("num_nextn_predict_layers",), lambda v: _is_int(v) and v in (0, 1),
+                   "0 or 1 (only one MTP layer is supported)")
+  errors += _check(cfg, ("rope_scaling",), lambda v: v is None or isinstance(v, YarnScaling),
+                   "None or a YarnScaling")
+  errors += _check(cfg, ("bos_token_id", "pad_token_id"), _token_id, "None or an integer >= 0")
+  errors += _check(cfg, ("eos_token_id",), lambda v: _token_id(v) or (
+      isinstance(v, tuple) and len(v) > 0 and all(_int_at_least(0)(i) for i in v)),
+      "None, an integer >= 0 or a non-empty tuple of them")
+  return errors
 
 
 # ---------------------------------------------------------------------- presets

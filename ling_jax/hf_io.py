@@ -3,8 +3,10 @@
 `load_hf(folder)` reads config.json and every `*.safetensors` file of an HF folder (the headers are
 the truth; `model.safetensors.index.json`, when present, must agree with them) and fills a model
 built abstractly, strictly: every checkpoint tensor is used exactly once and every parameter is
-filled; a missing, unexpected or mis-shaped tensor is an error naming it. `save_hf` writes the same
-layout back, into a temporary folder renamed into place only once complete.
+filled; a missing, unexpected, mis-shaped or non-float tensor is an error naming it. It validates
+and reads the folder as the streaming importer does (`ling_jax.convert.source.HFSource`), so the
+two accept the same folders. `save_hf` writes the same layout back, into a temporary folder
+renamed into place only once complete (`ling_jax.io.destination`).
 
 This path holds the whole model in host memory; the streaming Orbax converter is `ling_jax.convert`.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections import defaultdict
 from typing import Iterable
 
@@ -24,15 +25,19 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from ling_jax.config import LingConfig
-from ling_jax.hf_config import read_hf_config, write_hf_config
+from ling_jax.hf_config import write_hf_config
+from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import SafetensorsFile, write_safetensors
 from ling_jax.model.common import CHECKPOINTED, Constant
-from ling_jax.model.kernels import Kernels
+from ling_jax.model.settings import Kernels
 from ling_jax.model.ling import LingForCausalLM, build_constants
 from ling_jax.weights import TensorMap, all_maps, main_maps, mtp_maps
 
 INDEX = "model.safetensors.index.json"
 MTP_FILE = "model-mtp-layer.safetensors"
+# The `format` of the ling_jax.json that lists the files of an HF folder ling_jax wrote (the
+# files that --overwrite may replace: `ling_jax.io.destination`).
+HF_FORMAT = "ling_jax.hf/1"
 # Kept in fp32 whatever the load dtype (spec 4.3: router and expert bias in fp32).
 FP32_PARAMS = (("gate", "weight"), ("gate", "expert_bias"))
 
@@ -86,19 +91,6 @@ def scan_folder(folder: str | os.PathLike) -> dict[str, str]:
   return where
 
 
-def check_names(maps: Iterable[TensorMap], found: Iterable[str], folder) -> None:
-  expected = {m.name for m in maps}
-  found = set(found)
-  missing, unexpected = sorted(expected - found), sorted(found - expected)
-  msgs = []
-  if missing:
-    msgs.append(f"{len(missing)} missing tensor(s): {few_names(missing)}")
-  if unexpected:
-    msgs.append(f"{len(unexpected)} unexpected tensor(s): {few_names(unexpected)}")
-  if msgs:
-    raise CheckpointError(f"{folder} does not match its config.json: " + "; ".join(msgs))
-
-
 def few_names(names: list[str], k: int = 5) -> str:
   """The first k names, quoted, for error messages."""
   return ", ".join(repr(n) for n in names[:k]) + (", ..." if len(names) > k else "")
@@ -107,36 +99,40 @@ def few_names(names: list[str], k: int = 5) -> str:
 def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels(),
             progress: bool = True):
   """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`,
-  running the ops `kernels` picks."""
-  folder = os.fspath(folder)
-  cfg = read_hf_config(folder)
-  where = scan_folder(folder)
-  maps = all_maps(cfg)
-  check_names(maps, where, folder)
+  running the ops `kernels` picks.
 
+  The folder is validated as `python -m ling_jax.convert import` validates it (`HFSource.open`),
+  and each tensor is read as the importer reads it, so both paths accept and refuse the same
+  folders: float32 / float16 / bfloat16 tensors are cast to `dtype`, FP8 ones dequantised with
+  their scale tensor, and any other dtype (integers, bool, FP8 without a scale) is a
+  `CheckpointError` naming the file and the tensor.
+  """
+  # Imported here: the converter builds on this module (CheckpointError, scan_folder).
+  from ling_jax.convert.source import HFSource, check_counts, read_config
+
+  folder = os.path.abspath(os.fspath(folder))
+  _, cfg, _ = read_config(folder)
+  check_counts(cfg, scan_folder(folder), folder)  # before a model of 10^12 layers is described
   graphdef, abstract, constants = abstract_model(cfg, dtype, kernels=kernels)
   flat = dict(nnx.to_flat_state(abstract))
-  check_coverage(maps, {path: var.get_value().shape for path, var in flat.items()})
-  arrays = {path: np.empty(var.get_value().shape, param_dtype_for(path, dtype))
-            for path, var in flat.items()}
-  by_file: dict[str, list[TensorMap]] = defaultdict(list)
-  for m in maps:
-    by_file[where[m.name]].append(m)
-  bar = tqdm(total=len(maps), desc=f"load {os.path.basename(folder)}", unit="tensor",
+  shapes = {path: var.get_value().shape for path, var in flat.items()}
+  maps = all_maps(cfg)
+  check_coverage(maps, shapes)
+  src = HFSource.open(folder, maps, {m.name: shapes[m.path][len(m.index):] for m in maps})
+  arrays = {path: np.empty(shape, param_dtype_for(path, dtype)) for path, shape in shapes.items()}
+  bar = tqdm(total=len(src.tensors), desc=f"load {os.path.basename(folder)}", unit="tensor",
              disable=not progress)
-  for fname, fmaps in by_file.items():
-    with SafetensorsFile(os.path.join(folder, fname)) as st:
-      for m in fmaps:
-        target = arrays[m.path]
-        slice_shape = target.shape[len(m.index):]
-        want = m.hf_shape(slice_shape)
-        _, shape = st.info(m.name)
-        if tuple(shape) != want:
-          raise CheckpointError(f"{fname}: tensor {m.name!r} has shape {list(shape)}, the config "
-                                f"expects {list(want)}")
-        target[m.index] = m.to_model(st.get(m.name), slice_shape).astype(target.dtype)
-        bar.update()
-  bar.close()
+  try:
+    for t in src.tensors:
+      target = arrays[t.map.path]
+      slice_shape = target.shape[len(t.map.index):]
+      rows = slice_shape[src.block_axis(t)]  # the whole tensor in one block
+      for block in src.blocks(t, slice_shape, target.dtype, rows):
+        target[t.map.index] = block.compute()
+      bar.update()
+  finally:
+    bar.close()
+    src.close()
   for path, var in flat.items():
     var.set_value(jnp.asarray(arrays.pop(path)))
   model = nnx.merge(graphdef, nnx.from_flat_state(flat), constants)
@@ -188,22 +184,18 @@ def save_hf(model: LingForCausalLM, config: LingConfig, folder: str | os.PathLik
             max_shard_bytes: int = 5 * 2**30, overwrite: bool = False, progress: bool = True):
   """Write `model` as an HF folder (sharded main model, MTP file, index, config.json).
 
-  Everything goes to a sibling temporary folder first; only a complete folder is renamed into
-  place, so an interrupted save never leaves something that looks like a checkpoint.
+  Everything goes to `folder.partial` first; only a complete folder is renamed into place, so an
+  interrupted save never leaves something that looks like a checkpoint. `overwrite` replaces an
+  existing folder only if ling_jax wrote it or it is empty (`ling_jax.io.destination`).
   """
-  folder = os.path.abspath(os.fspath(folder))
-  if os.path.exists(folder) and os.listdir(folder) and not overwrite:
-    raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True)")
   if model.config != config:
     raise ValueError("save_hf: `config` differs from the config the model was built with")
-  tmp = f"{folder}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  try:
+  with Destination(folder, overwrite=overwrite) as dest:
+    tmp = dest.partial
     main = list(main_maps(config))
     mtp = list(mtp_maps(config))
-    bar = tqdm(total=len(main) + len(mtp), desc=f"save {os.path.basename(folder)}", unit="tensor",
-               disable=not progress)
+    bar = tqdm(total=len(main) + len(mtp), desc=f"save {os.path.basename(dest.path)}",
+               unit="tensor", disable=not progress)
     weight_map, total = {}, 0
     flat = dict(nnx.to_flat_state(nnx.state(model)))
     shards = _plan_shards(flat, main, max_shard_bytes)
@@ -218,16 +210,7 @@ def save_hf(model: LingForCausalLM, config: LingConfig, folder: str | os.PathLik
     with open(os.path.join(tmp, INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     write_hf_config(config, tmp)
-    if os.path.exists(folder):
-      old = f"{folder}.old-{os.getpid()}"
-      os.replace(folder, old)
-      os.replace(tmp, folder)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    dest.commit({"format": HF_FORMAT})
 
 
 def _plan_shards(flat: dict, maps: list[TensorMap], max_bytes: int) -> list[list[TensorMap]]:

@@ -39,10 +39,6 @@ class TensorMap:
       return (math.prod(slice_shape),) if self.flat else slice_shape
     return (math.prod(slice_shape[self.n_in:]), math.prod(slice_shape[: self.n_in]))
 
-  def to_model(self, hf: np.ndarray, slice_shape: tuple[int, ...]) -> np.ndarray:
-    """PyTorch-layout tensor -> the model slice (a view where possible)."""
-    return (hf if self.n_in == 0 else hf.T).reshape(slice_shape)
-
   def to_hf(self, value: np.ndarray) -> np.ndarray:
     if self.n_in == 0:
       return value.reshape(-1) if self.flat else value

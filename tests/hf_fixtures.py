@@ -30,7 +30,8 @@ _TORCH_DTYPE = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"
 
 
 def tiny_hf_config(**overrides) -> dict[str, Any]:
-  """A complete tiny `config.json` dict (every spec 1.1 field the network depends on).
+  """A complete tiny `config.json` dict (every field the network depends on, so nothing is left
+  to the reference's defaults; docs/config.md).
 
   Same structure as Ling-2.6-flash at toy sizes: MLA every `layer_group_size`-th layer, layer 0
   dense, sigmoid router with expert bias and group-limited top-k, one MTP layer. `overrides`
@@ -76,6 +77,7 @@ def tiny_hf_config(**overrides) -> dict[str, Any]:
       "moe_router_enable_expert_bias": True,
       "first_k_dense_replace": 1,
       "num_nextn_predict_layers": 1,
+      "mtp_loss_scaling_factor": 0.3,
       "bos_token_id": 1,
       "eos_token_id": 2,
       "pad_token_id": 0,

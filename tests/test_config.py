@@ -94,6 +94,28 @@ def test_bad_configs_are_refused():
     ling_tiny(decay_form="C")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("rms_norm_eps", -1e-6, "rms_norm_eps=-1e-06 must be a finite number > 0"),
+    ("routed_scaling_factor", float("nan"), "routed_scaling_factor=nan must be a finite number"),
+    ("rope_theta", 0.0, "rope_theta=0.0 must be a finite number > 0"),
+    ("hidden_size", "64", "hidden_size='64' must be an integer >= 1"),
+    ("num_experts", 8.0, "num_experts=8.0 must be an integer >= 1"),
+    ("n_group", 0, "n_group=0 must be an integer >= 1"),
+    ("use_qk_norm", 1, "use_qk_norm=1 must be True or False"),
+    ("partial_rotary_factor", float("nan"), "partial_rotary_factor=nan must be a number in"),
+    ("q_lora_rank", 0, "q_lora_rank=0 must be None or an integer >= 1"),
+    ("eos_token_id", (), r"eos_token_id=\(\) must be None, an integer >= 0 or a non-empty tuple"),
+    ("rope_scaling", {"factor": 2.0}, "rope_scaling=.* must be None or a YarnScaling"),
+])
+def test_presets_refuse_bad_field_types_and_values(field, value, message):
+  """Checked where the config is built, so presets are protected as well as config.json: these
+  would otherwise fail as a raw TypeError in the model, or run and give NaN logits."""
+  with pytest.raises(ValueError, match="invalid LingConfig: " + message):
+    ling_tiny(**{field: value})
+  with pytest.raises(ValueError, match=r"invalid YarnScaling: original_max_position_embeddings=64.0"):
+    YarnScaling(factor=2.0, original_max_position_embeddings=64.0)
+
+
 def test_hf_config_round_trip():
   for cfg in (ling_2_6_flash(), ling_tiny(q_lora_rank=None),
               ling_tiny(rope_scaling=YarnScaling(factor=2.0, original_max_position_embeddings=256))):

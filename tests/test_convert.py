@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,12 @@ from ling_jax.convert import (CheckpointFormatError, ConversionError, export_hf,
 from ling_jax.convert import store
 from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.hf_io import CheckpointError
+from ling_jax.io.destination import DISCARD, DestinationError
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from ling_jax.io.safetensors_writer import SafetensorsWriter
 from ling_jax.model import LingForCausalLM
 from ling_jax.model.common import Constant
-from testing import rel
+from testing import deadline, rel
 
 SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
 # Layers 0-1 a prefix group, 2-5 two scanned groups (stacked axis of 2), 6 the MLA tail; MTP.
@@ -85,7 +87,11 @@ def test_import_then_export_is_bit_exact(converted):
   shards = sorted({f for f in index.values() if f != MTP_FILE})
   assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
   assert json.loads((out / "config.json").read_text())["model_type"] == "bailing_hybrid"
-  assert sorted(p.name for p in out.iterdir()) == sorted(shards + [MTP_FILE, INDEX, "config.json"])
+  written = sorted(shards + [MTP_FILE, INDEX, "config.json"])
+  assert sorted(p.name for p in out.iterdir()) == sorted(written + [store.MARKER])
+  # The marker lists what --overwrite may replace: every file of the folder, and only those.
+  assert json.loads((out / store.MARKER).read_text()) == {"format": "ling_jax.hf/1",
+                                                          "files": written}
 
 
 def test_mlx_gives_identical_logits_on_the_exported_folder(converted):
@@ -192,8 +198,10 @@ def test_fp8_is_dequantised_on_import(kind, tmp_path):
       "quantization"] == scheme.description
   export_hf(tmp_path / "ckpt", tmp_path / "out", progress=False)
   assert_bit_exact(read_folder(tmp_path / "out"), expected)
-  # bf16: one rounding of the fp32 product (dequantised tensors export in the import dtype).
-  import_hf(tmp_path / "hf", tmp_path / "ckpt16", ml_dtypes.bfloat16, **SMALL)
+  # bf16, the default for an FP8 source: one rounding of the fp32 product (dequantised tensors
+  # export in the import dtype).
+  summary = import_hf(tmp_path / "hf", tmp_path / "ckpt16", **SMALL)
+  assert summary.dtype == "bfloat16" and "FP8 source, dequantised to bfloat16" in str(summary)
   export_hf(tmp_path / "ckpt16", tmp_path / "out16", progress=False)
   got = read_folder(tmp_path / "out16")
   quantised = [n for n, a in expected.items() if _is_quantised(n, a)]
@@ -279,6 +287,19 @@ def test_config_that_disagrees_with_the_tensors(hf, tmp_path):
                  "'model.layers.2.attention.query_key_value.weight' in " + SHARD)
 
 
+def test_a_config_asking_for_more_layers_or_experts_than_the_folder_fails_at_once(hf, tmp_path):
+  # The model and the name map enumerate layers and experts: without a look at the names first,
+  # a corrupt count would run for ever.
+  edit_config(hf, num_hidden_layers=10**12)
+  with deadline(60, "import_hf"):
+    expect_failure(hf, tmp_path, CheckpointError, "config.json: num_hidden_layers=1000000000000",
+                   "ask for 1000000000001 layers", "tensors of 5")
+  edit_config(hf, num_hidden_layers=4, num_experts=10**9, n_group=1, topk_group=1)
+  with deadline(60, "import_hf"):
+    expect_failure(hf, tmp_path, CheckpointError, "config.json: num_experts=1000000000",
+                   "tensors of 8 experts")
+
+
 def test_fp8_config_and_scales_must_agree(hf, tmp_path):
   scheme, qc = FP8_SCHEMES["channel"]
   w = "model.layers.2.attention.g_proj.weight"
@@ -323,9 +344,11 @@ def test_interrupted_import_leaves_nothing_that_looks_complete(hf, tmp_path, mon
   assert not (tmp_path / "ckpt").exists()
   monkeypatch.undo()
 
-  # A killed run leaves only `.partial`: not loadable, and the next run starts from scratch.
+  # A killed run leaves only `.partial` (marked unfinished from its creation): not loadable, and
+  # the next run starts from scratch.
   (tmp_path / "ckpt.partial" / "state").mkdir(parents=True)
   (tmp_path / "ckpt.partial" / "state" / "junk").write_text("half a checkpoint")
+  (tmp_path / "ckpt.partial" / DISCARD).touch()
   with pytest.raises(CheckpointFormatError, match="unfinished conversion"):
     load(tmp_path / "ckpt")
   import_hf(hf, tmp_path / "ckpt", np.float32, **SMALL)
@@ -371,6 +394,136 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(hf, tmp_path, mon
   assert_bit_exact(read_folder(tmp_path / "out"), read_folder(hf))
 
 
+# -------------------------------------------------------- what --overwrite may delete; locks
+def test_overwrite_never_deletes_a_source_or_anything_ling_jax_did_not_write(hf, pristine,
+                                                                            tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(DestinationError, match="contains the source"):
+    import_hf(hf, tmp_path, np.float32, **SMALL, overwrite=True)
+  with pytest.raises(DestinationError, match="lies inside the source"):
+    import_hf(hf, hf / "ckpt", np.float32, **SMALL)
+  assert (tmp_path / "notes.txt").read_text() == "mine" and (hf / SHARD).exists()
+  ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+  import_hf(hf, ckpt, np.float32, **SMALL)
+  with pytest.raises(DestinationError, match="is the source itself"):
+    export_hf(ckpt, ckpt, overwrite=True, progress=False)
+  with pytest.raises(DestinationError, match="no valid ling_jax.json"):
+    export_hf(ckpt, hf, overwrite=True, progress=False)  # a folder ling_jax did not write
+  export_hf(ckpt, out, progress=False)
+  (out / "tokenizer.json").write_text("{}")  # the user completes the exported folder
+  with pytest.raises(DestinationError, match="'tokenizer.json'"):
+    export_hf(ckpt, out, overwrite=True, progress=False)
+  with pytest.raises(DestinationError, match="'tokenizer.json'"):
+    import_hf(hf, out, np.float32, **SMALL, overwrite=True)
+  (out / "tokenizer.json").unlink()
+  import_hf(hf, out, np.float32, **SMALL, overwrite=True)  # ours: may be replaced, by any kind
+  assert sorted(os.listdir(out)) == [store.MARKER, store.STATE]
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "notes.txt", "out"]
+  assert_bit_exact(read_folder(hf), read_folder(pristine))  # the source is untouched
+
+
+def test_overwrite_through_a_symlink_replaces_the_folder_it_points_to(hf, tmp_path):
+  import_hf(hf, tmp_path / "real", np.float32, **SMALL)
+  (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+  import_hf(hf, tmp_path / "link", np.float32, **SMALL, overwrite=True)
+  assert (tmp_path / "link").is_symlink()
+  assert sorted(os.listdir(tmp_path)) == ["hf", "link", "real"]
+  assert sorted(os.listdir(tmp_path / "link")) == [store.MARKER, store.STATE]
+  store.read_marker(tmp_path / "link")
+
+
+KILLED_BETWEEN_RENAMES = r"""
+import os, sys
+import numpy as np
+from ling_jax.convert import import_hf
+real = os.replace
+
+def replace(src, dst):
+  if src.endswith(".partial"):
+    os._exit(17)  # killed after moving the old checkpoint aside, before the new one moves in
+  return real(src, dst)
+
+os.replace = replace
+import_hf(sys.argv[1], sys.argv[2], np.float32, overwrite=True, progress=False)
+"""
+
+
+def test_a_rerun_repairs_an_overwrite_killed_between_its_renames(hf, tmp_path):
+  ckpt = tmp_path / "ckpt"
+  import_hf(hf, ckpt, np.float32, **SMALL)
+  r = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(hf), str(ckpt)],
+                     capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 17, r.stderr
+  import_hf(hf, ckpt, np.float32, **SMALL, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # no full-size ckpt.old left behind
+  assert sorted(os.listdir(ckpt)) == [store.MARKER, store.STATE]
+
+
+def test_two_imports_into_one_destination_at_once(hf, tmp_path, monkeypatch):
+  ckpt = tmp_path / "ckpt"
+  started, release, errors = threading.Event(), threading.Event(), []
+  write = store.StateWriter.write
+
+  def paused(self, *args):
+    started.set()
+    release.wait(20)
+    return write(self, *args)
+
+  def first():
+    try:
+      import_hf(hf, ckpt, np.float32, **SMALL)
+    except BaseException as e:  # reported below
+      errors.append(e)
+
+  monkeypatch.setattr(store.StateWriter, "write", paused)
+  thread = threading.Thread(target=first)
+  thread.start()
+  try:
+    assert started.wait(20)
+    with pytest.raises(DestinationError, match=f"another ling_jax process \\(pid {os.getpid()}"
+                                               f"\\) is writing {ckpt}"):
+      import_hf(hf, ckpt, np.float32, **SMALL)
+  finally:
+    release.set()
+    thread.join(60)
+  assert errors == []
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # the lock file is gone too
+  store.read_marker(ckpt)
+
+
+# ------------------------------------------------------------------------ dtype defaults
+def test_import_and_load_keep_the_source_dtype_by_default(hf, tmp_path, capsys):
+  ckpt = tmp_path / "ckpt"
+  summary = import_hf(hf, ckpt, **SMALL)  # float32 tensors, config.json torch_dtype float32
+  assert summary.dtype == "float32" and "(config.json torch_dtype)" in str(summary)
+  assert json.loads((ckpt / store.MARKER).read_text())["dtype"] == "float32"
+  export_hf(ckpt, tmp_path / "out", progress=False)
+  assert_bit_exact(read_folder(tmp_path / "out"), read_folder(hf))  # lossless
+  _, model = load(ckpt)  # the stored dtype
+  assert model.word_embeddings.get_value().dtype == jnp.float32
+  assert model.groups.layers[0].mlp.experts.gate_proj.get_value().dtype == jnp.float32
+
+  config = json.loads((hf / "config.json").read_text())
+  del config["torch_dtype"]
+  (hf / "config.json").write_text(json.dumps(config))
+  summary = import_hf(hf, ckpt, **SMALL, overwrite=True)
+  assert summary.dtype == "float32" and summary.dtype_from == "the source tensors' dtype"
+  edit_config(hf, torch_dtype="bfloat16")  # disagrees with the fp32 tensors: they win, losslessly
+  summary = import_hf(hf, ckpt, **SMALL, overwrite=True)
+  assert summary.dtype == "float32"
+  assert summary.dtype_from == "the source tensors' dtype; config.json torch_dtype says bfloat16"
+  edit_config(hf, torch_dtype="int8")
+  with pytest.raises(CheckpointError, match="config.json: torch_dtype 'int8' is not one of"):
+    import_hf(hf, ckpt, **SMALL, overwrite=True)
+  import_hf(hf, ckpt, ml_dtypes.bfloat16, **SMALL, overwrite=True)  # asked for: no config read
+  assert load(ckpt)[1].word_embeddings.get_value().dtype == jnp.bfloat16
+
+  from ling_jax.convert.__main__ import main
+  with pytest.raises(SystemExit):
+    main(["import", "--help"])
+  assert "default: the source's" in " ".join(capsys.readouterr().out.split())
+
+
 class _done:
   """A write future that is already complete (the write it stands for never happened)."""
 
@@ -391,6 +544,9 @@ def test_cli(hf, tmp_path):
   r = run("export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--no-progress")
   assert r.returncode == 0, r.stderr
   assert_bit_exact(read_folder(tmp_path / "out"), read_folder(hf))
+  r = run("import", str(hf), str(tmp_path), "--overwrite")  # the source's parent
+  assert r.returncode == 1 and "contains the source" in r.stderr
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "out", "stats.json"]
   os.remove(hf / SHARD)
   r = run("import", str(hf), str(tmp_path / "ckpt2"))
   assert r.returncode == 1 and r.stderr.startswith("error: ") and SHARD in r.stderr

@@ -3,6 +3,7 @@ isolation of packed documents."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -94,6 +95,44 @@ def test_empty_corpus_is_a_clear_error(tmp_path, kind):
     source, match = str(tmp_path / "e.jsonl"), "corpus is empty"
   with pytest.raises(DataError, match=match):
     Data(DataConfig(source=source, eval_docs=0), vocab_size=256)
+
+
+def test_unreadable_directories_and_files_fail_when_the_data_is_set_up(tmp_path, monkeypatch):
+  """A directory that cannot be listed, or a file that cannot be opened, is a DataError naming it
+  and the OS error when `Data` is built (before any training), not "matches no files", a silently
+  smaller corpus or a failure steps into training. Simulated with the OS call raising, as for a
+  non-root user without permission (root may read everything)."""
+  import errno
+  from ling_jax.data import sources
+  source = _write_texts(tmp_path, DOCS)
+  sub = os.path.join(source, "sub")
+  os.mkdir(sub)
+  with open(os.path.join(sub, "more.txt"), "w") as f:
+    f.write("more text")
+  denied = lambda path: PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+  scandir = os.scandir
+
+  def no_listing(path="."):
+    if os.path.abspath(os.fspath(path)) == sub:
+      raise denied(os.fspath(path))
+    return scandir(path)
+
+  with monkeypatch.context() as m:
+    m.setattr(os, "scandir", no_listing)
+    for src in (source, os.path.join(sub, "*.txt")):
+      with pytest.raises(DataError, match=f"cannot list {re.escape(sub)}: Permission denied"):
+        Data(DataConfig(source=src, eval_docs=0), vocab_size=256)
+  victim = os.path.join(sub, "more.txt")
+
+  def no_reading(path, *args, **kwargs):
+    if os.fspath(path) == victim:
+      raise denied(path)
+    return open(path, *args, **kwargs)
+
+  monkeypatch.setattr(sources, "open", no_reading, raising=False)
+  for src in (source, victim):
+    with pytest.raises(DataError, match=f"cannot read {re.escape(victim)}: Permission denied"):
+      Data(DataConfig(source=src, eval_docs=0), vocab_size=256)
 
 
 def test_tokenizer_larger_than_vocab_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -12,6 +13,8 @@ from flax import nnx
 import ling_jax
 from hf_fixtures import INDEX, MTP_FILE, mlx_logits, tiny_hf_config, write_random_hf_checkpoint
 from ling_jax import hf_io
+from ling_jax.convert import import_hf
+from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from testing import rel
 
@@ -181,3 +184,61 @@ def test_save_is_atomic_and_refuses_to_clobber(tmp_path, monkeypatch):
     hf_io.save_hf(model, cfg, out, progress=False)
   with pytest.raises(ValueError, match="config"):
     hf_io.save_hf(model, ling_jax.ling_tiny(vocab_size=300), tmp_path / "x", progress=False)
+
+
+# ------------------------------------------------------------ dtypes: the policy of convert import
+# Bit patterns that a cast would turn into weights: int16 codes, booleans, and FP8 with no scale
+# (the stored values are W / scale, off by the scale's factor).
+NON_FLOAT = {"int16": lambda a: (a * 1000).astype(np.int16), "bool": lambda a: a > 0,
+             "float8_e4m3fn": lambda a: a.astype(ml_dtypes.float8_e4m3fn)}
+
+
+@pytest.mark.parametrize("dtype", sorted(NON_FLOAT))
+def test_non_float_tensors_are_refused_as_by_convert_import(ckpt, tmp_path, dtype):
+  name = "model.layers.1.attention.kv_b_proj.weight"
+  fname = json.loads((ckpt / INDEX).read_text())["weight_map"][name]
+  _rewrite(ckpt, fname, lambda t: t.update({name: NON_FLOAT[dtype](t[name])}))
+  with pytest.raises(hf_io.CheckpointError) as loaded:
+    ling_jax.load_hf(ckpt, progress=False)
+  for part in (str(ckpt / fname), repr(name), dtype):
+    assert part in str(loaded.value)
+  with pytest.raises(hf_io.CheckpointError) as imported:
+    import_hf(ckpt, tmp_path / "out", np.float32, progress=False)
+  assert str(loaded.value) == str(imported.value)
+
+
+def test_fp8_weights_are_dequantised_with_their_scales(tmp_path):
+  """An FP8 folder (per-channel scales) loads as the fp32 folder of its dequantised weights."""
+  fp8, ref = tmp_path / "fp8", tmp_path / "ref"
+  write_random_hf_checkpoint(fp8, tiny_hf_config(), seed=3)
+  shutil.copytree(fp8, ref)
+  index = json.loads((fp8 / INDEX).read_text())
+  quantised = 0
+  for fname in sorted(set(index["weight_map"].values())):
+    with SafetensorsFile(fp8 / fname) as st:
+      tensors = {n: np.array(st.get(n)) for n in st.keys()}
+    stored, dequantised = {}, {}
+    for n, a in tensors.items():
+      stored[n] = dequantised[n] = a
+      if a.ndim == 2 and not n.endswith(("word_embeddings.weight", "lm_head.weight",
+                                         "mlp.gate.weight")):
+        q, scale = quantize(a, QuantScheme("channel"))  # scale: [out, 1]
+        stored[n], stored[n + "_scale"] = q, scale
+        dequantised[n] = q.astype(np.float32) * scale
+        index["weight_map"][n + "_scale"] = fname
+        quantised += 1
+    write_safetensors(fp8 / fname, stored)
+    write_safetensors(ref / fname, dequantised)
+  assert quantised > 50
+  (fp8 / INDEX).write_text(json.dumps(index))
+  config = json.loads((fp8 / "config.json").read_text())
+  config["quantization_config"] = {
+      "quant_method": "compressed-tensors", "format": "float-quantized",
+      "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+          "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}}}
+  (fp8 / "config.json").write_text(json.dumps(config))
+  _, got = ling_jax.load_hf(fp8, dtype=jnp.float32, progress=False)
+  _, want = ling_jax.load_hf(ref, dtype=jnp.float32, progress=False)
+  for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(got)), nnx.to_flat_state(nnx.state(want))):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                  err_msg=str(p))

@@ -217,3 +217,46 @@ def test_big_endian_input_is_written_little_endian(tmp_path):
     np.testing.assert_array_equal(st.get("a"), a)
     assert st.get("a").dtype == np.dtype("<i4")
   assert os.path.getsize(path) % 4 == 0
+
+
+F32 = lambda shape, begin, end: {"dtype": "F32", "shape": shape, "data_offsets": [begin, end]}
+
+
+@pytest.mark.parametrize("header, data, expect", [
+    ({"a": F32([1], 0, 4), "b": F32([1], 8, 12)}, 12, "'b' starts at byte 8.*gap of 4 bytes after "
+                                                      "tensor 'a'"),
+    ({"a": F32([1], 4, 8)}, 8, "'a' starts at byte 4.*gap of 4 bytes before it"),
+    ({"a": F32([1], 0, 4)}, 8, "last 4 bytes, after the last tensor \\('a'\\), belong to no"),
+    ({}, 4, "last 4 bytes, after the header, belong to no tensor"),
+    ({"a": F32([2**32, 2**32], 0, 0)}, 0, "'a': F32\\[4294967296, 4294967296\\] overflows"),
+    ({"a": F32([2**40, 2**40, 0], 0, 0)}, 0, "'a': F32.* overflows"),
+    ({"a": F32([2**62], 0, 0)}, 0, "'a': F32.* overflows"),
+    ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, 4, "unsupported dtype"),
+    ({"__metadata__": [], "a": F32([1], 0, 4)}, 4, "__metadata__ must map strings"),
+])
+def test_headers_the_reference_library_refuses_are_refused(tmp_path, header, data, expect):
+  """The data buffer must be covered exactly, and sizes computed without overflow, as the
+  `safetensors` package requires; each case is checked against it."""
+  path = tmp_path / "gap.safetensors"
+  write_raw(path, header, b"\1" * data)
+  with pytest.raises(Exception):
+    safetensors.numpy.load_file(path)
+  with pytest.raises(SafetensorsError, match=expect) as err:
+    SafetensorsFile(path)
+  assert "gap.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("header, data", [
+    ({"a": F32([1], 0, 4), "z": F32([0, 3], 4, 4), "b": F32([2], 4, 12)}, 12),
+    ({"z": F32([0], 0, 0)}, 0),
+    ({"__metadata__": None, "a": F32([1], 0, 4)}, 4),
+    ({}, 0),
+])
+def test_headers_the_reference_library_accepts_are_accepted(tmp_path, header, data):
+  path = tmp_path / "ok.safetensors"
+  write_raw(path, header, np.arange(data // 4, dtype=np.float32).tobytes())
+  want = safetensors.numpy.load_file(path)
+  with SafetensorsFile(path) as st:
+    assert sorted(st.keys()) == sorted(want)
+    for name, w in want.items():
+      np.testing.assert_array_equal(st.get(name), w)

@@ -1,13 +1,16 @@
-"""Training: overrides, the optimizer's decay mask, the expert-bias rule, the train step, and
-exact resume after `kill -9` of a real training process."""
+"""Training: overrides and config validation, the optimizer's decay mask, the expert-bias rule,
+the train step, exact resume after `kill -9` of a real training process, a clean stop on Ctrl-C,
+and no non-finite state saved or resumed."""
 
 import dataclasses
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -24,9 +27,11 @@ from ling_jax.data import SyntheticIterator
 from ling_jax.model import Kernels, LingForCausalLM, Remat
 from ling_jax.train import TrainConfig, build_model, run
 from ling_jax.train.balance import moe_rows, update_expert_bias
-from ling_jax.train.checkpoint import ConfigMismatch
+from ling_jax.train.checkpoint import Checkpointer, ConfigMismatch, committed_steps, config_meta
+from ling_jax.train.errors import NonFiniteError, RunRefused
+from ling_jax.train.loop import _train
 from ling_jax.train.optim import decays, optimizer, schedule
-from ling_jax.train.report import read_metrics
+from ling_jax.train.report import MetricsLog, read_metrics, write_loss_curve
 from ling_jax.train.step import (_losses, compute_copies, init_state, make_train_step,
                                   split_model)
 from testing import random_model
@@ -48,7 +53,7 @@ def test_overrides_parse_typed_fields_and_refuse_unknown_ones():
       "modle.hidden_size=3": "unknown field 'modle.hidden_size'",
       "train.steps=many": "is not int",
       "train.mtp=maybe": "not a bool",
-      "model.num_hidden_layers=0": "num_hidden_layers=0 must be >= 1",
+      "model.num_hidden_layers=0": "num_hidden_layers=0 must be an integer >= 1",
       "model.rope_scaling.factor=2": "rope_scaling is None",
       "train": "expected key.sub=value",
       "data=1": "config section",
@@ -83,6 +88,52 @@ def test_kernel_and_remat_settings_override_as_sections():
   for arg, match in bad.items():
     with pytest.raises(OverrideError, match=match):
       apply_overrides(tiny_pretrain.config(), [arg])
+
+
+def test_configs_refuse_bad_optimizer_and_data_numbers():
+  """Each bad number is refused before anything runs, with the field and the value named."""
+  bad = {
+      "train.learning_rate=nan": "learning_rate=nan must be a finite number > 0",
+      "train.learning_rate=0": "learning_rate=0.0 must be a finite number > 0",
+      "train.learning_rate=-1e-3": "learning_rate=-0.001 must be a finite number > 0",
+      "train.learning_rate=inf": "learning_rate=inf must be a finite number > 0",
+      "train.weight_decay=-0.1": "weight_decay=-0.1 must be a finite number >= 0",
+      "train.weight_decay=nan": "weight_decay=nan must be a finite number >= 0",
+      "train.b1=1": r"b1=1.0 must be in \[0, 1\)",
+      "train.b2=-0.5": r"b2=-0.5 must be in \[0, 1\)",
+      "train.b2=nan": r"b2=nan must be in \[0, 1\)",
+      "train.eps=0": "eps=0.0 must be a finite number > 0",
+      "train.grad_clip=-1": "grad_clip=-1.0 must be a finite number >= 0",
+      "train.min_lr_ratio=1.5": r"min_lr_ratio=1.5 must be in \[0, 1\]",
+      "train.log_every=0": "log_every=0 must be >= 1",
+      "data.batch_size=0": "data.batch_size=0: invalid DataConfig: batch_size=0 must be >= 1$",
+      "data.seq_len=2": "seq_len=2 must be >= 3$",
+  }
+  for arg, match in bad.items():
+    with pytest.raises(OverrideError, match=match):
+      apply_overrides(tiny_pretrain.config(), [arg])
+  # grad_clip=0 turns clipping off (documented), rather than zeroing every gradient.
+  params, grads = {"w": jnp.ones(3)}, {"w": jnp.full(3, 100.0)}
+  for clip in (0.0, 1.0):
+    tx = optimizer(TrainConfig(grad_clip=clip, warmup_steps=0, learning_rate=0.1, weight_decay=0))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1, rtol=1e-5)  # Adam's first step: -lr * sign
+
+
+def test_the_settings_name_choices_as_the_ops_do():
+  """model/settings.py copies the ops' impl names and the remat policies' (so a config imports no
+  jax): each Kernels field takes exactly its op's IMPLS."""
+  from ling_jax.model import settings
+  from ling_jax.model.remat import REMAT
+  from pallas_kernels import (attention, cross_entropy, grouped_matmul, moe, qk_norm_rope,
+                              rms_norm, simple_gla)
+  ops = {"lightning": simple_gla, "qk_norm_rope": qk_norm_rope, "attention": attention,
+         "moe": moe, "rms_norm": rms_norm, "cross_entropy": cross_entropy}
+  assert {f.name for f in dataclasses.fields(Kernels)} == set(ops)
+  for name, op in ops.items():
+    assert op.IMPLS == (settings.ATTENTION_IMPLS if name == "attention" else settings.IMPLS), name
+  assert grouped_matmul.IMPLS == settings.IMPLS
+  assert settings.REMAT_POLICIES == tuple(REMAT)
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -321,6 +372,78 @@ def test_chunked_head_cross_entropy_matches_full_logits(dtype):
       assert err < tol, (chunk, path, err)
 
 
+# ---------------------------------------------------------------------- non-finite states
+def _fake_step(bad_step: int):
+  """A train step that counts, with a NaN loss and NaN weights from step `bad_step` on."""
+  def step(state, batch):
+    n = int(state["step"]) + 1
+    nan = n >= bad_step
+    metrics = {"loss": jnp.float32(np.nan if nan else 1.0 / n), "ce": jnp.float32(1.0 / n),
+               "grad_norm": jnp.float32(np.inf if nan else 1.0), "lr": jnp.float32(0.1),
+               "load_max_mean": jnp.ones(1)}
+    return {"step": state["step"] + 1, "w": state["w"] * (np.nan if nan else 1.0)}, metrics
+  return step
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_state_is_saved(tmp_path):
+  """Step 7 of 10 goes NaN; metrics are fetched every 5 steps and at every save (every 2): the
+  loop stops at the save of step 8, which is not written, and says which checkpoint (6) is kept.
+  A non-finite state is refused by `save` and, written by an older version, by `restore`."""
+  exp = apply_overrides(tiny_pretrain.config(), [
+      "train.steps=10", "train.log_every=5", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+      "train.progress=false", f"train.out_dir={tmp_path}"])
+  ckpt_dir = str(tmp_path / "checkpoints")
+  ckpt = Checkpointer(ckpt_dir, every=2, keep=2)
+  log = MetricsLog(str(tmp_path / "metrics.jsonl"), 0)
+  it = SyntheticIterator(batch_size=1, seq_len=4, vocab_size=8, seed=0)
+  state = {"step": jnp.zeros((), jnp.int32), "w": jnp.arange(3.0)}
+  meta = config_meta(exp)
+  with pytest.raises(NonFiniteError, match=r"diverged at step 7: loss nan, gradient norm inf; "
+                     r"stopped without saving it. The last checkpoint, step 6 under "):
+    _train(_fake_step(7), state, it, ckpt, log, exp, 0, meta, lambda tps: None,
+           threading.Event())
+  ckpt.close()
+  assert committed_steps(ckpt_dir) == [4, 6]
+  records = read_metrics(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records] == list(range(1, 8)) and np.isnan(records[-1]["loss"])
+
+  bad = {"step": jnp.array(8, jnp.int32), "w": jnp.array([0.0, np.inf, 1.0])}
+  ckpt = Checkpointer(ckpt_dir, every=2, keep=3)
+  with pytest.raises(NonFiniteError,
+                     match=r"refusing to checkpoint step 8: non-finite values in \['w'\]"):
+    ckpt.save(8, bad, it.get_state(), meta)
+  # What the old loop wrote: a NaN state under a step directory. Restoring it is refused.
+  import orbax.checkpoint as ocp
+  ckpt.manager.save(8, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(bad), data=ocp.args.JsonSave(it.get_state()),
+      meta=ocp.args.JsonSave(meta)), force=True)
+  ckpt.close()
+  ckpt = Checkpointer(ckpt_dir, every=2, keep=3)
+  with pytest.raises(NonFiniteError, match=r"step 8 holds non-finite values \(\['w'\]\).*Delete "
+                     + re.escape(os.path.join(ckpt_dir, "8")) + " to resume from step 6"):
+    ckpt.restore(8, state)
+  restored, _ = ckpt.restore(6, state)  # the finite one before it restores
+  assert int(restored["step"]) == 6
+  ckpt.close()
+
+
+# ---------------------------------------------------------------------- reports
+def test_loss_curve_leaves_the_matplotlib_backend_alone(tmp_path):
+  """The PNG is drawn on a Figure of its own: switching the process to Agg, as the run once did,
+  silenced every later inline figure of a notebook that had trained (notebooks/04_training_run)."""
+  import matplotlib
+
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")  # any backend but Agg stands for a notebook's inline one
+  try:
+    records = [{"step": i, "ce": 5.0 - 0.1 * i, "mtp": 5.2 - 0.1 * i} for i in range(1, 9)]
+    assert write_loss_curve(str(tmp_path / "curve.png"), records, eval_loss=4.4, unigram=5.0)
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
+  assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ---------------------------------------------------------------------- whole runs
 def _env(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -350,10 +473,11 @@ def _snapshot(root):
                 for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path):
+def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path, capsys):
   """Kill -9 a training process after its first checkpoint; rerunning the same command resumes
   from the last complete checkpoint and logs exactly the losses of an uninterrupted run. The
-  finished run then refuses a different config without touching its directory."""
+  finished run then refuses a different config or a smaller train.steps without touching its
+  directory, and at the same train.steps says there is nothing to train."""
   env = _env(tmp_path)
   cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN]
   full_dir, kill_dir = tmp_path / "full", tmp_path / "killed"
@@ -393,7 +517,63 @@ def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path):
     run(apply_overrides(exp, ["model.hidden_size=32"]))
   with pytest.raises(ConfigMismatch, match="data.seq_len: checkpoint 32, now 16"):
     run(apply_overrides(exp, ["data.seq_len=16"]))
+  # So is a train.steps below the checkpoint's step: nothing would be trained.
+  with pytest.raises(RunRefused, match=f"checkpoint at step {STEPS} under .* > train.steps=5: "
+                     "nothing to train; use another train.out_dir"):
+    run(apply_overrides(exp, ["train.steps=5"]))
   assert _snapshot(full_dir) == before
+  # At train.steps, the run says it trains nothing and evaluates the checkpoint again.
+  again = run(exp)
+  assert f"checkpoint at step {STEPS} = train.steps: nothing to train" in capsys.readouterr().out
+  assert again["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-4)
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
+  """SIGINT after the first checkpoint: the run finishes its step and the save in flight, says
+  where it can resume and exits with 130, without a traceback or an abort; the same command then
+  resumes from that checkpoint and finishes. Before the first step, the run says it compiles."""
+  env, out, steps = _env(tmp_path), tmp_path / "run", 40
+  cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN, f"train.steps={steps}",
+         f"train.out_dir={out}"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not _committed(out / "checkpoints") and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, stdout + stderr
+  last = _committed(out / "checkpoints")[-1]
+  stopped = re.search(r"interrupted at step (\d+); the last checkpoint is step (\d+) under "
+                      + re.escape(str(out / "checkpoints")) + "; re-run the same command to resume",
+                      stderr)
+  assert stopped and int(stopped[2]) == last <= int(stopped[1]) < steps, stderr
+  assert "Traceback" not in stderr and "terminate called" not in stderr, stderr
+  lines = stdout.splitlines()
+  first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
+  assert "compiling the train step..." in lines[:first_step], stdout
+
+  resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert f"resumed from {out / 'checkpoints'} step {last}\n" in resumed.stdout
+  assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, steps + 1))
+
+
+def test_a_diverging_run_exits_non_zero_and_keeps_its_last_finite_checkpoint(tmp_path, capsys):
+  """A learning rate of 1e30 makes step 2's gradient NaN: the entry point stops with a one-line
+  error and exit status 1; step 1's checkpoint is kept, and step 2 is never saved."""
+  from experiments.overrides import main
+  argv = RUN + ["train.steps=3", "train.checkpoint_every=1", "train.log_every=3",
+                "train.warmup_steps=0", "train.learning_rate=1e30", "model.num_hidden_layers=2",
+                "data.seq_len=16", "data.batch_size=2", f"train.out_dir={tmp_path}"]
+  with pytest.raises(SystemExit) as exit_:
+    main(tiny_pretrain.config, argv)
+  assert exit_.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: training diverged at step 2: loss ") and err.count("\n") == 1
+  assert "gradient norm nan; stopped without saving it. The last checkpoint, step 1" in err
+  assert _committed(tmp_path / "checkpoints") == [1]
 
 
 def test_empty_corpus_fails_before_writing(tmp_path):

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.attention import flash_attention
-from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_pallas,
-                                           sort_by_group, tgmm_pallas)
+from pallas_kernels.grouped_matmul import (Config, Fp8Weight, gmm_glu, gmm_glu_pallas, gmm_pallas,
+                                           sort_by_group, tgmm_pallas, tuned_config)
 from pallas_kernels.rms_norm import Config as NormConfig, rms_norm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
@@ -52,6 +52,27 @@ CASES = {
                           (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16), S((G,), jnp.int32)),
                           1),
     "sort_by_group": (lambda ids: sort_by_group(ids, 256), (S((2048,), jnp.int32),), 1),
+    # FP8 weights dequantised in the kernel, both scale schemes (fp8.py); decode tiles, N tails
+    "gmm_fp8_block": (lambda x, v, sc, s: gmm_pallas(x, Fp8Weight(v, sc, (128, 128)), s, Config()),
+                      (S((M, K), jnp.bfloat16), S((G, K, 200), jnp.float8_e4m3fn),
+                       S((G, 2, 2), jnp.float32), S((G,), jnp.int32)), 1),
+    "gmm_fp8_channel": (lambda x, v, sc, s: gmm_pallas(x, Fp8Weight(v, sc), s,
+                                                       tuned_config(K, N, 8)),
+                        (S((M, K), jnp.bfloat16), S((G, K, 200), jnp.float8_e4m3fn),
+                         S((G, 200), jnp.float32), S((G,), jnp.int32)), 1),
+    "gmm_glu_fp8_block": (
+        lambda x, r, vg, vu, sg, su, s: gmm_glu_pallas(
+            x, Fp8Weight(vg, sg, (128, 128)), Fp8Weight(vu, su, (128, 128)), s,
+            tuned_config(K, 192, 8), lhs_rows=r),
+        (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 192), jnp.float8_e4m3fn),
+         S((G, K, 192), jnp.float8_e4m3fn), S((G, 2, 2), jnp.float32), S((G, 2, 2), jnp.float32),
+         S((G,), jnp.int32)), 1),
+    "gmm_glu_fp8_channel": (
+        lambda x, r, vg, vu, sg, su, s: gmm_glu(x, r, None, Fp8Weight(vg, sg), Fp8Weight(vu, su), s,
+                                                Config()),
+        (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 72), jnp.float8_e4m3fn),
+         S((G, K, 72), jnp.float8_e4m3fn), S((G, 72), jnp.float32), S((G, 72), jnp.float32),
+         S((G,), jnp.int32)), 1),
     "simple_gla_fwd_bwd_packed": (
         lambda q, k, v, g, seg: jax.vjp(
             lambda q, k, v: simple_gla_pallas(q, k, v, g, segment_ids=seg)[0], q, k, v)[1](q),

@@ -1,8 +1,9 @@
-"""What the test files share: relative errors, the GPU-only marker, random tiny models, float64
-grouped-matmul references and the H100 lowering check. (The float64 spec of the model layers is
-numpy_reference.py; the HF checkpoint fixtures are hf_fixtures.py.)"""
+"""What the test files share: relative errors, the GPU-only marker, a deadline, random tiny
+models, float64 grouped-matmul references and the H100 lowering check. (The float64 spec of the
+model layers is numpy_reference.py; the HF checkpoint fixtures are hf_fixtures.py.)"""
 
 import contextlib
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,20 @@ def rel_max(a, b):
   """max |a - b| / max |b| in float64: the worst element against the largest magnitude."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.abs(a - b).max() / np.abs(b).max()
+
+
+@contextlib.contextmanager
+def deadline(seconds: int, what: str):
+  """Raise TimeoutError in the main thread if the block runs longer: a hang fails the test."""
+  def hung(*_):
+    raise TimeoutError(f"{what} ran for more than {seconds} s")
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 # ----------------------------------------------------------------------------- random tiny models

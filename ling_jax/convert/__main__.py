@@ -25,8 +25,12 @@ def main(argv=None) -> int:
   imp = sub.add_parser("import", help="HF safetensors folder -> Orbax checkpoint")
   imp.add_argument("hf_dir")
   imp.add_argument("ckpt_dir")
-  imp.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="parameter dtype (router and expert bias stay float32)")
+  imp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter dtype (default: the source's: an FP8 source is dequantised to "
+                        "bfloat16, any other keeps the dtype of most of its tensors, even where "
+                        "config.json's torch_dtype says otherwise; the summary says which). "
+                        "The router weight and "
+                        "expert bias stay float32")
   imp.add_argument("--verify-data", action="store_true",
                    help="read every block back and compare before committing")
   exp = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors folder")
@@ -37,7 +41,10 @@ def main(argv=None) -> int:
   exp.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
                    help="largest main-model shard, e.g. 5GiB (default)")
   for s in (imp, exp):
-    s.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing destination, only if it is empty or ling_jax wrote "
+                        "it (its ling_jax.json lists every entry in it); never one that is, "
+                        "contains or lies inside the source")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--no-fsync", action="store_true",
                    help="skip fsync before the final rename (faster, not crash-safe)")
@@ -52,7 +59,8 @@ def main(argv=None) -> int:
                 durable=not args.no_fsync)
   try:
     if args.command == "import":
-      summary = import_hf(args.hf_dir, args.ckpt_dir, DTYPES[args.dtype],
+      summary = import_hf(args.hf_dir, args.ckpt_dir,
+                          None if args.dtype is None else DTYPES[args.dtype],
                           verify_data=args.verify_data, **common)
     else:
       summary = export_hf(args.ckpt_dir, args.hf_dir,

@@ -7,14 +7,14 @@ stored variable, a cast to the dtype the source checkpoint had, a transpose back
 (`pipeline.Pipeline`), so host memory is a few blocks, not a tensor (the 1.2 GiB embedding).
 Main-model tensors fill `model-0000k-of-0000N.safetensors` in checkpoint order up to
 `max_shard_bytes`; the MTP layer goes to `model-mtp-layer.safetensors`; the index lists both.
-The folder is built in `HF_DIR.partial`, each file checked complete, then renamed into place.
+The folder is built in `HF_DIR.partial`, each file checked complete, then renamed into place with
+a `ling_jax.json` that lists what it holds (`ling_jax.io.destination`: what --overwrite may delete).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import numpy as np
@@ -22,7 +22,8 @@ import tensorstore as ts
 from flax import nnx
 
 from ling_jax.hf_config import from_hf_config, to_hf_config
-from ling_jax.hf_io import INDEX, MTP_FILE, abstract_model
+from ling_jax.hf_io import HF_FORMAT, INDEX, MTP_FILE, abstract_model
+from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import ALIGN, DTYPES
 from ling_jax.io.safetensors_writer import SafetensorsWriter, phased
 from ling_jax.weights import TensorMap, main_maps, mtp_maps
@@ -45,7 +46,8 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
   Blocks of at most `block_bytes` are read, transposed and written on `workers` threads (default:
   two per core, as writes that bypass the page cache wait for the disk), at most `inflight_bytes`
   of them at once; `durable` fsyncs the folder before the rename that publishes it."""
-  ckpt_dir, hf_dir = os.path.abspath(os.fspath(ckpt_dir)), os.path.abspath(os.fspath(hf_dir))
+  ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+  dest = Destination(hf_dir, overwrite=overwrite, sources=[ckpt_dir])
   marker = store.read_marker(ckpt_dir)
   cfg = from_hf_config(marker["config"])
   reader = store.StateReader(os.path.join(ckpt_dir, store.STATE))
@@ -71,18 +73,28 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
   if mtp:
     files.append((MTP_FILE, mtp))
 
-  partial = store.start_partial(hf_dir, overwrite)
-  bar = Progress(f"export {os.path.basename(hf_dir)}", sum(sizes.values()), len(sizes), progress)
+  with dest:
+    return _write(reader, dest, cfg, files, expected, sizes, out_dtype, codes, dtype,
+                  os.path.join(ckpt_dir, store.STATE), block_bytes=block_bytes,
+                  inflight_bytes=inflight_bytes, workers=workers, progress=progress,
+                  durable=durable)
+
+
+def _write(reader, dest: Destination, cfg, files, expected, sizes, out_dtype, codes, dtype,
+           state_dir, *, block_bytes, inflight_bytes, workers, progress, durable) -> Summary:
+  partial = dest.partial
+  bar = Progress(f"export {os.path.basename(dest.path)}", sum(sizes.values()), len(sizes),
+                 progress)
   workers = workers or 2 * (os.cpu_count() or 1)
   pipe = Pipeline(workers, inflight_bytes, bar)
   writers = []
-  recycler = PageCacheRecycler(os.path.join(ckpt_dir, store.STATE))  # each chunk is read once
+  recycler = PageCacheRecycler(state_dir)  # each chunk is read once
   try:
     weight_map = {}
     streams = []
     for fname, maps in files:
       specs = {m.name: (m.hf_shape(expected[m.path][len(m.index):]), out_dtype(m)) for m in maps}
-      # Not fsynced file by file: commit_partial syncs the whole folder before publishing it.
+      # Not fsynced file by file: the commit syncs the whole folder before publishing it.
       w = SafetensorsWriter(os.path.join(partial, fname), specs, metadata={"format": "pt"},
                             durable=False)
       writers.append(w)
@@ -110,14 +122,13 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
       f.write("\n")
     bar.close()
     sync = time.perf_counter()
-    store.commit_partial(partial, hf_dir, durable=durable)
+    dest.commit({"format": HF_FORMAT}, durable=durable)
     sync = time.perf_counter() - sync
   except BaseException:
     bar.close()
     pipe.abort()  # no job may still write to a file
     for w in writers:
       w.abort()
-    shutil.rmtree(partial, ignore_errors=True)
     raise
   finally:
     recycler.close()

@@ -51,26 +51,33 @@ class QuantScheme:
                        f"({self.description}) it must be {want}")
 
 
+def _mapping(value, where: str) -> dict:
+  if not isinstance(value, dict):
+    raise ValueError(f"{where} must be a JSON object, got {value!r}")
+  return value
+
+
 def quant_scheme(qc: dict | None) -> QuantScheme | None:
   """The scheme declared by config.json's `quantization_config` (None: not quantised)."""
   if qc is None:
     return None
-  method = qc.get("quant_method")
+  method = _mapping(qc, "quantization_config").get("quant_method")
   if method == "fp8":
     block = qc.get("weight_block_size")
     if not (isinstance(block, (list, tuple)) and len(block) == 2
-            and all(isinstance(b, int) and b > 0 for b in block)):
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
       raise ValueError(f"quantization_config.weight_block_size must be [rows, cols], got {block!r}"
                        " (only block-scaled fp8 is supported)")
     if qc.get("fmt", "e4m3") != "e4m3":
       raise ValueError(f"quantization_config.fmt {qc.get('fmt')!r} not supported (only e4m3)")
     return QuantScheme("block", tuple(block))
   if method == "compressed-tensors":
-    groups = qc.get("config_groups") or {}
+    groups = _mapping(qc.get("config_groups") or {}, "quantization_config.config_groups")
     if not groups:
       raise ValueError("quantization_config (compressed-tensors) has no config_groups")
     for name, g in groups.items():
-      w = g.get("weights") or {}
+      where = f"quantization_config.config_groups.{name}"
+      w = _mapping(_mapping(g, where).get("weights") or {}, f"{where}.weights")
       if (w.get("num_bits"), w.get("type"), w.get("strategy")) not in (
           (8, "float", "channel"), (8, "float", "tensor")):
         raise ValueError(f"quantization_config.config_groups.{name}.weights = {w!r}: only 8-bit "

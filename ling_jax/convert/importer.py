@@ -8,13 +8,14 @@ transposed into the model layout, and written straight into its slice of the sta
 checkpoint is dropped from the page cache as it reaches the disk (`pagecache`): nothing reads it
 back, and on a VM fresh page-cache pages cost more than the copy into them.
 Nothing is written before the whole folder has been validated (`HFSource.open`); the checkpoint is
-built in `CKPT_DIR.partial`, checked chunk by chunk, and only then renamed into place.
+built in `CKPT_DIR.partial`, checked chunk by chunk, and only then renamed into place, under a
+lock, replacing only what ling_jax wrote (`ling_jax.io.destination`).
 """
 
 from __future__ import annotations
 
+import collections
 import os
-import shutil
 import time
 
 import jax.numpy as jnp
@@ -23,14 +24,16 @@ from flax import nnx
 
 from ling_jax.config import LingConfig
 from ling_jax.hf_config import to_hf_config
-from ling_jax.hf_io import CheckpointError, abstract_model, check_coverage, param_dtype_for
+from ling_jax.hf_io import (CheckpointError, abstract_model, check_coverage, param_dtype_for,
+                            scan_folder)
+from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
 from ling_jax.weights import TensorMap, all_maps
 from ling_jax.convert import store
 from ling_jax.convert.pagecache import PageCacheRecycler
 from ling_jax.convert.pipeline import ConversionError, Pipeline  # noqa: F401 (re-exported)
 from ling_jax.convert.progress import Progress, Summary
-from ling_jax.convert.source import HFSource, SourceTensor, read_config
+from ling_jax.convert.source import HFSource, SourceTensor, check_counts, read_config
 
 MiB = 2**20
 
@@ -51,29 +54,80 @@ def block_rows(slice_shape: tuple, axis: int, chunk: int, itemsize: int, block_b
   return max(chunk, block_bytes // max(1, per_index) // chunk * chunk)
 
 
-def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=jnp.bfloat16, *,
+def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None, *,
               overwrite: bool = False, progress: bool = True, block_bytes: int = 32 * MiB,
               chunk_bytes: int = 16 * MiB, inflight_bytes: int = 128 * MiB,
               workers: int | None = None,
               verify_data: bool = False, durable: bool = True) -> Summary:
   """Convert the HF folder `hf_dir` into the checkpoint `ckpt_dir` with parameters in `dtype`.
 
+  `dtype=None` keeps the source's (`source_dtype`): an FP8 source dequantises to bfloat16; else
+  the dtype of most of the tensors' bytes (config.json's `torch_dtype` names it when it agrees).
   The router weight and expert bias stay fp32 (spec 4.3); FP8 weights are dequantised (spec 4.4).
   Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: one per
   core, at most 8), at most `inflight_bytes` of them queued;
   checkpoint chunks are at most `chunk_bytes`. `verify_data` reads every written block back and
   compares it before committing; `durable` fsyncs the checkpoint before the rename that publishes
-  it.
+  it. `overwrite` replaces an existing checkpoint, only if ling_jax wrote it or it is empty
+  (`ling_jax.io.destination`).
   """
-  hf_dir, ckpt_dir = os.path.abspath(os.fspath(hf_dir)), os.path.abspath(os.fspath(ckpt_dir))
-  dtype = np.dtype(dtype)
-  _, cfg, scheme = read_config(hf_dir)
-  maps, variables = state_layout(cfg, dtype)
+  hf_dir = os.path.abspath(os.fspath(hf_dir))
+  dest = Destination(ckpt_dir, overwrite=overwrite, sources=[hf_dir])
+  hf, cfg, scheme = read_config(hf_dir)
+  check_counts(cfg, scan_folder(hf_dir), hf_dir)
+  maps, variables = state_layout(cfg, np.float32 if dtype is None else dtype)
   slice_shapes = {m.name: variables[m.path][0][len(m.index):] for m in maps}
   src = HFSource.open(hf_dir, maps, slice_shapes)
+  try:
+    if dtype is None:
+      dtype, dtype_from = source_dtype(hf, src)
+    else:
+      dtype, dtype_from = np.dtype(dtype), "asked for"
+    variables = {p: (s, param_dtype_for(p, dtype), n) for p, (s, _, n) in variables.items()}
+    with dest:
+      summary = _convert(src, dest, variables, cfg, dtype, scheme, progress=progress,
+                         block_bytes=block_bytes, chunk_bytes=chunk_bytes,
+                         inflight_bytes=inflight_bytes, workers=workers,
+                         verify_data=verify_data, durable=durable)
+  finally:
+    src.close()
+  summary.dtype, summary.dtype_from = dtype.name, dtype_from
+  return summary
 
-  partial = store.start_partial(ckpt_dir, overwrite)
-  bar = Progress(f"import {os.path.basename(hf_dir)}", src.nbytes, len(src.tensors), progress)
+
+def source_dtype(hf: dict, src: HFSource) -> tuple[np.dtype, str]:
+  """(parameter dtype, why) of an import that asks for none: the source's own.
+
+  The tensors are the truth: a `torch_dtype` in config.json that disagrees with them (an fp32
+  folder whose config says bfloat16) would otherwise round every weight, silently. It names the
+  dtype when it agrees, and is reported beside the tensors' dtype when it does not."""
+  if any(t.scale for t in src.tensors):
+    return np.dtype(jnp.bfloat16), "FP8 source, dequantised to bfloat16"
+  nbytes = collections.Counter()
+  for t in src.tensors:
+    nbytes[t.dtype] += t.nbytes
+  tensors = nbytes.most_common(1)[0][0]
+  for key in ("torch_dtype", "dtype"):
+    name = hf.get(key)
+    if name is None:
+      continue
+    if not (isinstance(name, str) and name in _FLOATS):
+      raise CheckpointError(f"{os.path.join(src.folder, 'config.json')}: {key} {name!r} is not "
+                            f"one of {', '.join(_FLOATS)}; pass the dtype to import in")
+    if np.dtype(_FLOATS[name]) == tensors:
+      return tensors, f"config.json {key}"
+    return tensors, f"the source tensors' dtype; config.json {key} says {name}"
+  return tensors, "the source tensors' dtype"
+
+
+_FLOATS = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
+
+
+def _convert(src: HFSource, dest: Destination, variables: dict, cfg: LingConfig, dtype, scheme,
+             *, progress, block_bytes, chunk_bytes, inflight_bytes, workers, verify_data,
+             durable) -> Summary:
+  partial = dest.partial
+  bar = Progress(f"import {os.path.basename(src.folder)}", src.nbytes, len(src.tensors), progress)
   pipe = None
   recycler = PageCacheRecycler(partial)  # the checkpoint is not read back: keep it uncached
   try:
@@ -93,24 +147,22 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=jnp.
     writer.finish()
     if verify_data:
       _verify_data(src, variables, writer.chunks, os.path.join(partial, store.STATE), block_bytes)
-    store.write_marker(partial, {
-        "config": to_hf_config(cfg), "dtype": dtype.name,
-        "hf_dtypes": _hf_dtypes(src, dtype),
-        "source": {"folder": hf_dir, "quantization": scheme.description if scheme else None,
-                   "dropped": src.dropped}})
     bar.close()
     sync = time.perf_counter()
-    store.commit_partial(partial, ckpt_dir, durable=durable)
+    dest.commit({
+        "format": store.FORMAT, "config": to_hf_config(cfg), "dtype": dtype.name,
+        "hf_dtypes": _hf_dtypes(src, dtype),
+        "source": {"folder": src.folder,
+                   "quantization": scheme.description if scheme else None,
+                   "dropped": src.dropped}}, durable=durable)
     sync = time.perf_counter() - sync
   except BaseException:
     bar.close()
     if pipe is not None:
-      pipe.abort()
-    shutil.rmtree(partial, ignore_errors=True)
+      pipe.abort()  # no job may still write into the folder that is about to be removed
     raise
   finally:
     recycler.close()
-    src.close()
   return bar.summary("import", sync)
 
 

@@ -30,6 +30,8 @@ class Summary:
   seconds: float         # wall time, everything included
   sync_seconds: float    # of which: waiting for the data to reach the disk (fsync) at the end
   peak_rss_bytes: int
+  dtype: str | None = None       # import: the parameter dtype written
+  dtype_from: str | None = None  # ... and why ("asked for", "config.json torch_dtype", ...)
 
   @property
   def gb_per_s(self) -> float:
@@ -38,7 +40,8 @@ class Summary:
   def __str__(self) -> str:
     return (f"{self.action}: {self.tensors} tensors, {self.bytes / 2**30:.2f} GiB in "
             f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s; fsync {self.sync_seconds:.1f} s), "
-            f"peak host memory {self.peak_rss_bytes / 2**30:.2f} GiB")
+            f"peak host memory {self.peak_rss_bytes / 2**30:.2f} GiB"
+            + (f"; parameters in {self.dtype} ({self.dtype_from})" if self.dtype else ""))
 
   def to_json(self) -> str:
     return json.dumps({**dataclasses.asdict(self), "gb_per_s": self.gb_per_s})

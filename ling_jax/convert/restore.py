@@ -8,10 +8,8 @@ reads only the chunks of its own shard, whatever mesh (if any) the checkpoint wa
 from __future__ import annotations
 
 import os
-import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -19,9 +17,11 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.hf_config import from_hf_config, to_hf_config
 from ling_jax.hf_io import abstract_model
+from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
 from ling_jax.model.common import CHECKPOINTED
-from ling_jax.model.kernels import Kernels
+from ling_jax.model.settings import Kernels
+from ling_jax.parallel.mesh import check_mesh
 from ling_jax.weights import all_maps
 from ling_jax.convert import store
 
@@ -36,10 +36,11 @@ def _nest(flat: dict) -> dict:
   return out
 
 
-def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=jnp.bfloat16,
+def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=None,
          *, rules=ax.RULES_FSDP_TP_EP, kernels: Kernels = Kernels()):
-  """Restore `ckpt_dir` -> (config, model) with parameters (and compute) in `dtype`, running the
-  ops `kernels` picks.
+  """Restore `ckpt_dir` -> (config, model) with parameters (and compute) in `dtype`, by default
+  the dtype the checkpoint stores (its marker's); another dtype is cast to by Orbax on restore.
+  The model runs the ops `kernels` picks.
 
   mesh=None puts every parameter on the default device; otherwise parameters are sharded over
   `mesh` by `rules` (router weight and expert bias stay fp32, as the model builds them), and so
@@ -48,6 +49,10 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
   ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
   marker = store.read_marker(ckpt_dir)
   cfg = from_hf_config(marker["config"])
+  if dtype is None:
+    dtype = np.dtype(marker["dtype"])
+  if mesh is not None:  # an impossible mesh is refused before anything is read
+    check_mesh(cfg, mesh, rules=rules)
   graphdef, abstract, constants = abstract_model(cfg, dtype, kernels=kernels)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -72,23 +77,18 @@ def save(model, ckpt_dir: str | os.PathLike, *, overwrite: bool = False) -> None
   """Write a live (possibly sharded) model as a checkpoint `load` and `export_hf` read.
 
   Orbax writes the arrays (each process its own shards); the same `.partial` + rename protocol as
-  the importer makes the result appear only once complete.
+  the importer (`ling_jax.io.destination`) makes the result appear only once complete, and
+  `overwrite` replaces only a checkpoint ling_jax wrote, or an empty folder.
   """
-  ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
-  partial = store.start_partial(ckpt_dir, overwrite)
-  try:
+  with Destination(ckpt_dir, overwrite=overwrite) as dest:
     pure = nnx.to_pure_dict(nnx.state(model, CHECKPOINTED))
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(partial, store.STATE), pure)
+      ckptr.save(os.path.join(dest.partial, store.STATE), pure)
       ckptr.wait_until_finished()
     cfg = model.config
     dtype = np.dtype(model.word_embeddings.get_value().dtype)
     codes = {m.name: "F32" for m in all_maps(cfg) if m.name.endswith("gate.expert_bias")}
-    store.write_marker(partial, {
-        "config": to_hf_config(cfg), "dtype": dtype.name,
+    dest.commit({
+        "format": store.FORMAT, "config": to_hf_config(cfg), "dtype": dtype.name,
         "hf_dtypes": {"default": dtype_code(dtype), "other": codes},
         "source": {"folder": None, "quantization": None, "dropped": []}})
-    store.commit_partial(partial, ckpt_dir)
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise

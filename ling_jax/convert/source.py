@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from ling_jax.config import LingConfig
-from ling_jax.hf_config import from_hf_config, read_config_json
+from ling_jax.hf_config import ConfigError, from_hf_config, read_config_json
 from ling_jax.hf_io import CheckpointError, few_names, scan_folder
 from ling_jax.io.safetensors import ALIGN, SafetensorsFile
 from ling_jax.weights import TensorMap
@@ -51,9 +51,12 @@ def read_config(folder: str) -> tuple[dict, LingConfig, QuantScheme | None]:
   path = os.path.join(folder, "config.json")
   try:
     hf = read_config_json(folder)
+    cfg = from_hf_config({k: v for k, v in hf.items() if k != "quantization_config"}, source=path)
+  except ConfigError as e:  # names the file already
+    raise CheckpointError(str(e)) from None
+  try:
     scheme = quant_scheme(hf.get("quantization_config"))
-    cfg = from_hf_config({k: v for k, v in hf.items() if k != "quantization_config"})
-  except (ValueError, TypeError) as e:
+  except ValueError as e:
     raise CheckpointError(f"{path}: {e}") from None
   return hf, cfg, scheme
 
@@ -200,6 +203,30 @@ class HFSource:
           return transpose2d(_cast(x, dtype), buffer_view(out, out_shape, dtype)).reshape(shape)
         yield Block(o0, view, (read_buffer_bytes(view.nbytes),
                                math.prod(out_shape) * dtype.itemsize), compute)
+
+
+def check_counts(cfg: LingConfig, names, folder: str) -> None:
+  """Refuse a config.json that asks for more layers or experts than the folder's tensors name,
+  before anything is built from it: the model and the name map enumerate layers and experts, so
+  a corrupt `num_hidden_layers: 10**12` would otherwise run for ever instead of failing."""
+  layers, experts = set(), set()
+  for name in names:
+    parts = name.split(".")
+    if name.startswith("model.layers.") and parts[2].isdigit():
+      layers.add(int(parts[2]))
+      if parts[3:5] == ["mlp", "experts"] and len(parts) > 5 and parts[5].isdigit():
+        experts.add(int(parts[5]))
+  path = os.path.join(folder, "config.json")
+  want = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+  if want > len(layers):
+    raise CheckpointError(
+        f"{path}: num_hidden_layers={cfg.num_hidden_layers} and num_nextn_predict_layers="
+        f"{cfg.num_nextn_predict_layers} ask for {want} layers, but the safetensors files hold "
+        f"tensors of {len(layers)}")
+  moe = cfg.num_nextn_predict_layers > 0 or cfg.first_k_dense_replace < cfg.num_hidden_layers
+  if moe and cfg.num_experts > len(experts):
+    raise CheckpointError(f"{path}: num_experts={cfg.num_experts}, but the safetensors files hold "
+                          f"tensors of {len(experts)} experts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,5 +383,5 @@ def _pread_all(fd: int, buf: memoryview, offset: int, path: str, whole: memoryvi
     done += n
 
 
-__all__ = ["Block", "HFSource", "SourceTensor", "buffer_view", "read_buffer_bytes", "read_config",
-           "read_view", "transpose2d"]
+__all__ = ["Block", "HFSource", "SourceTensor", "buffer_view", "check_counts", "read_buffer_bytes",
+           "read_config", "read_view", "transpose2d"]

@@ -4,14 +4,23 @@
       state/          Orbax `StandardCheckpointer` layout of `nnx.to_pure_dict(state)`: an OCDBT
                       key-value store of zarr v2 arrays, one per variable, named by its state path
                       ("groups.layers.0.mlp.experts.gate_proj"), plus `_METADATA` (the tree).
-      ling_jax.json   the model's config.json, the parameter dtype and the HF dtype of every
-                      source tensor; written last, so its presence means "complete".
+      ling_jax.json   FORMAT, the model's config.json, the parameter dtype, the HF dtype of every
+                      source tensor and the entries written; written last, so its presence means
+                      "complete" (`ling_jax.io.destination`).
 
 The streaming importer does not hold arrays for Orbax to save: `StateWriter` writes `state/`
 itself through tensorstore, one slice at a time, in exactly the layout Orbax 0.12 writes (same
 kvstore spec, zarr v2 metadata, `_METADATA` format), uncompressed, with chunks that are whole
-stacked / per-expert slices so every write covers whole chunks. `ling_jax.convert.load` restores it
-through Orbax itself. A checkpoint is built in `CKPT_DIR.partial`, verified, and renamed into place.
+stacked / per-expert slices so every write covers whole chunks. Why not Orbax's own save: its
+public API saves whole arrays, and a stacked variable (the experts of a group of layers) is
+filled by many checkpoint tensors from several shards; holding it whole would cost tens of GiB of
+host memory for the released models. The price is a hand-kept layout, pinned three ways: the Orbax
+version is pinned in pyproject.toml, FORMAT names this layout (a checkpoint of another FORMAT is
+refused with the versions this code reads), and tests/test_convert_format.py checks that Orbax's
+own `StandardCheckpointer` restores what `StateWriter` writes bit-exactly and that our metadata
+matches what Orbax writes for the same state. `ling_jax.convert.load` restores through Orbax, and
+`StateReader` reads Orbax's own saves (`ling_jax.convert.save`). A checkpoint is built in
+`CKPT_DIR.partial`, verified, and renamed into place (`ling_jax.io.destination`).
 """
 
 from __future__ import annotations
@@ -20,18 +29,18 @@ import collections
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
-from ling_jax.io.safetensors import fsync_dir
+from ling_jax.io.destination import MARKER, PARTIAL, read_json
 
 STATE = "state"
-MARKER = "ling_jax.json"
+# The layout above, as Orbax 0.12 writes it. A new layout gets a new version here, and
+# `read_marker` keeps reading the versions listed in KNOWN_FORMATS.
 FORMAT = "ling_jax.orbax/1"
-PARTIAL = ".partial"
+KNOWN_FORMATS = (FORMAT,)
 
 Path = tuple
 
@@ -75,8 +84,8 @@ def _kvstore_spec(state_dir: str) -> dict:
 
 
 def _context() -> ts.Context:
-  # No fsync per data file (tensorstore's default): `commit_partial` fsyncs the finished tree once
-  # before publishing it, which is what makes it durable; per-file syncs only slow the writes.
+  # No fsync per data file (tensorstore's default): `Destination.commit` fsyncs the finished tree
+  # once before publishing it, which is what makes it durable; per-file syncs only slow the writes.
   return ts.Context({"file_io_concurrency": {"limit": 64}, "file_io_sync": False,
                      "cache_pool": {"total_bytes_limit": 0},  # no chunk cache: streaming
                      "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
@@ -199,7 +208,7 @@ class StateReader:
     return self.array(path)[region].read().result()
 
 
-# ---------------------------------------------------------------------------- marker and commit
+# ---------------------------------------------------------------------------- marker
 def _write_json(path: str, obj: Any) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=1, sort_keys=True)
@@ -208,11 +217,9 @@ def _write_json(path: str, obj: Any) -> None:
     os.fsync(f.fileno())
 
 
-def write_marker(ckpt_dir: str, marker: dict) -> None:
-  _write_json(os.path.join(ckpt_dir, MARKER), {"format": FORMAT, **marker})
-
-
 def read_marker(ckpt_dir: str | os.PathLike) -> dict:
+  """The marker of a complete converted checkpoint; `CheckpointFormatError` naming the file if
+  it is missing, unreadable, or of a format this version does not read."""
   ckpt_dir = os.fspath(ckpt_dir)
   path = os.path.join(ckpt_dir, MARKER)
   if not os.path.exists(path):
@@ -220,51 +227,14 @@ def read_marker(ckpt_dir: str | os.PathLike) -> dict:
             if os.path.exists(ckpt_dir + PARTIAL) else "")
     raise CheckpointFormatError(f"{ckpt_dir} is not a complete ling_jax checkpoint: {MARKER} "
                                 f"is missing{hint}")
-  with open(path) as f:
-    marker = json.load(f)
-  if marker.get("format") != FORMAT:
-    raise CheckpointFormatError(f"{path}: format {marker.get('format')!r}, expected {FORMAT!r}")
+  marker = read_json(path)
+  if not isinstance(marker, dict):
+    raise CheckpointFormatError(f"{path} is unreadable or not a JSON object")
+  fmt = marker.get("format")
+  if fmt not in KNOWN_FORMATS:
+    hint = (": it marks an HF folder that ling_jax wrote; convert it with `python -m "
+            "ling_jax.convert import`, or read it with `ling_jax.load_hf`"
+            if isinstance(fmt, str) and fmt.startswith("ling_jax.hf/") else "")
+    raise CheckpointFormatError(f"{path}: unknown checkpoint format {fmt!r}; this version of "
+                                f"ling_jax reads {', '.join(map(repr, KNOWN_FORMATS))}{hint}")
   return marker
-
-
-def start_partial(final: str, overwrite: bool) -> str:
-  """A fresh `final + .partial` directory (an earlier interrupted run's is deleted)."""
-  final = os.path.abspath(final)
-  if os.path.exists(final) and os.listdir(final) and not overwrite:
-    raise FileExistsError(f"{final} exists and is not empty (pass overwrite=True / --overwrite)")
-  partial = final + PARTIAL
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
-  return partial
-
-
-def commit_partial(partial: str, final: str, durable: bool = True) -> None:
-  """Publish a finished `.partial` directory as `final` with renames (atomic on one filesystem).
-
-  `durable`: fsync every file first, so that after a crash the renamed directory never refers to
-  data that did not reach the disk.
-  """
-  if durable:
-    _fsync_tree(partial)
-  final = os.path.abspath(final)
-  if os.path.exists(final):
-    old = final + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    os.replace(partial, final)
-    shutil.rmtree(old)
-  else:
-    os.replace(partial, final)
-  fsync_dir(os.path.dirname(final))
-
-
-def _fsync_tree(root: str) -> None:
-  # The rename must not become visible before the data it publishes is durable.
-  for folder, _, files in os.walk(root):
-    for name in files:
-      fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-      try:
-        os.fsync(fd)
-      finally:
-        os.close(fd)
-    fsync_dir(folder)

@@ -33,18 +33,27 @@ class DataConfig:
   format: str = "auto"          # one of sources.FORMATS
   text_field: str = "text"      # the JSONL field holding the document
   tokenizer: str | None = None  # an HF tokenizer.json; None = UTF-8 bytes (ids < 256)
-  seq_len: int = 128
-  batch_size: int = 16
-  seed: int = 0
+  seq_len: int = 128            # tokens a row (>= 3: MTP predicts token t+2)
+  batch_size: int = 16          # rows a step
+  seed: int = 0                 # document order and the eval split
   eval_docs: int = 16           # documents held out for the eval loss (0: evaluate on train docs)
-  eval_batches: int = 8
+  eval_batches: int = 8         # batches of the eval loss
 
   def __post_init__(self):
+    errors = []
     if self.format not in FORMATS:
-      raise ValueError(f"data.format={self.format!r}; choose one of {FORMATS}")
-    if self.seq_len < 3 or self.batch_size < 1 or self.eval_batches < 1:
-      raise ValueError(f"data.seq_len={self.seq_len} must be >= 3, data.batch_size="
-                       f"{self.batch_size} and data.eval_batches={self.eval_batches} >= 1")
+      errors.append(f"format={self.format!r}; choose one of {FORMATS}")
+    if self.seq_len < 3:  # the MTP loss predicts token t+2
+      errors.append(f"seq_len={self.seq_len} must be >= 3")
+    for name in ("batch_size", "eval_batches"):
+      if getattr(self, name) < 1:
+        errors.append(f"{name}={getattr(self, name)} must be >= 1")
+    if self.eval_docs < 0:
+      errors.append(f"eval_docs={self.eval_docs} must be >= 0")
+    if not self.text_field:
+      errors.append("text_field must not be empty")
+    if errors:
+      raise ValueError("invalid DataConfig: " + "; ".join(errors))
 
 
 def _packed_rows(docs, tokenizer, *, seq_len: int, seed: int):

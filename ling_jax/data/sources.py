@@ -7,7 +7,9 @@ Formats (chosen by `format`, or by extension when "auto"):
   stdlib      - the default corpus: the top-level Python standard library sources on this machine
                 (~550 files, ~10 MB), so the main job needs no download.
 An empty corpus is an error here, before any training state exists: an infinite packed stream
-over zero tokens would otherwise spin forever.
+over zero tokens would otherwise spin forever. So is a directory that cannot be listed or a file
+that cannot be opened (each named with the OS error): found now rather than when the pipeline
+first reads it, steps into training.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ class FileDocuments:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> str:
-    with open(self.paths[i], "rb") as f:
-      return f.read().decode("utf-8", errors="replace")
+    try:
+      with open(self.paths[i], "rb") as f:
+        return f.read().decode("utf-8", errors="replace")
+    except OSError as e:  # e.g. deleted or made unreadable after the run started
+      raise DataError(f"cannot read {self.paths[i]}: {e.strerror}") from None
 
 
 class RecordDocuments:
@@ -83,15 +88,53 @@ def stdlib_files() -> list[str]:
   return sorted(out)
 
 
+def _walk(directory: str) -> list[str]:
+  """The files under `directory`, recursively, without hidden ones (as glob's "**" does); a
+  directory that cannot be listed is an error, where glob would silently skip it."""
+
+  def fail(e: OSError):
+    raise DataError(f"data.source: cannot list {e.filename}: {e.strerror}")
+
+  paths = []
+  for root, dirs, files in os.walk(directory, onerror=fail, followlinks=True):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    paths += [os.path.join(root, f) for f in files if not f.startswith(".")]
+  return [p for p in paths if os.path.isfile(p)]
+
+
+def _unlistable_parent(pattern: str) -> str | None:
+  """Why a glob that matched nothing may have: its deepest existing fixed directory cannot be
+  listed (the OS error), or None."""
+  parent = os.path.dirname(pattern.split("*")[0].split("?")[0].split("[")[0]) or "."
+  while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+    parent = os.path.dirname(parent)
+  try:
+    with os.scandir(parent):
+      pass
+  except OSError as e:
+    return f"cannot list {parent}: {e.strerror}"
+  return None
+
+
 def _match(source: str) -> list[str]:
   if os.path.isdir(source):
-    paths = [p for p in glob.glob(os.path.join(source, "**", "*"), recursive=True)
-             if os.path.isfile(p)]
+    paths = _walk(source)
   else:
     paths = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
   if not paths:
-    raise DataError(f"data.source={source!r} matches no files")
+    why = None if os.path.isdir(source) else _unlistable_parent(source)
+    raise DataError(f"data.source={source!r} matches no files" + (f" ({why})" if why else ""))
   return sorted(paths)
+
+
+def _check_readable(paths: list[str]) -> None:
+  """Open (and close) every file now: an unreadable one fails before training, not during it."""
+  for path in paths:
+    try:
+      with open(path, "rb"):
+        pass
+    except OSError as e:
+      raise DataError(f"data.source: cannot read {path}: {e.strerror}") from None
 
 
 def _format_of(paths: list[str], fmt: str) -> str:
@@ -140,6 +183,7 @@ def load_documents(source: str, fmt: str = "auto", text_field: str = "text"):
   else:
     paths = _match(source)
     kind = _format_of(paths, fmt)
+  _check_readable(paths)
   if kind == "text":
     docs = FileDocuments([p for p in paths if os.path.getsize(p) > 0])
   elif kind == "jsonl":

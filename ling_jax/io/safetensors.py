@@ -52,6 +52,7 @@ _CODES: dict[np.dtype, str] = {dt: code for code, dt in DTYPES.items()}
 
 # The reference implementation refuses headers above 100 MB; a larger N means a corrupt length.
 MAX_HEADER_BYTES = 100 * 2**20
+_MAX_BYTES = 2**63 - 1
 # O_DIRECT alignment of file offsets, lengths and memory, whatever the disk's logical block size
 # (the converter reads and writes these files bypassing the page cache where it can).
 ALIGN = 4096
@@ -169,7 +170,8 @@ def _parse_header(raw: bytes, path: str, data_start: int, file_size: int):
   if not isinstance(header, dict):
     raise SafetensorsError(f"{path} has a corrupt header: expected a JSON object, "
                            f"got {type(header).__name__}")
-  metadata = header.pop("__metadata__", None) or {}
+  metadata = header.pop("__metadata__", None)
+  metadata = {} if metadata is None else metadata
   if not isinstance(metadata, dict) or not all(
       isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
     raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
@@ -179,7 +181,7 @@ def _parse_header(raw: bytes, path: str, data_start: int, file_size: int):
     where = f"{path}: tensor {name!r}"
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
       raise SafetensorsError(f"{where} needs dtype, shape and data_offsets, got {e!r}")
-    if e["dtype"] not in DTYPES:
+    if not isinstance(e["dtype"], str) or e["dtype"] not in DTYPES:
       raise SafetensorsError(f"{where} has unsupported dtype {e['dtype']!r} "
                              f"(known: {', '.join(DTYPES)})")
     shape, offsets = e["shape"], e["data_offsets"]
@@ -191,12 +193,22 @@ def _parse_header(raw: bytes, path: str, data_start: int, file_size: int):
     if end < begin:
       raise SafetensorsError(f"{where} has data_offsets out of order: {offsets}")
     dtype = DTYPES[e["dtype"]]
-    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Exact integers: numpy's int64 product wraps, so [2**32, 2**32] would pass as 0 bytes. Like
+    # the reference library, a size past int64 is refused even when a zero dimension follows.
+    want, size = 1, dtype.itemsize
+    for d in shape:
+      size *= max(d, 1)
+      want *= d
+    if size > _MAX_BYTES:
+      raise SafetensorsError(f"{where}: {e['dtype']}{shape} overflows a 64-bit byte count")
+    want *= dtype.itemsize
     if end - begin != want:
       raise SafetensorsError(f"{where} spans {end - begin} bytes but {e['dtype']}{shape} "
                              f"needs {want}")
     entries[name] = (dtype, tuple(shape), begin, end)
 
+  # The tensors must tile the data buffer exactly, in offset order, as the reference library
+  # requires: no overlap, no gap (before the first tensor, between two, or after the last).
   ordered = dict(sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])))
   prev_name, prev_end = None, 0
   for name, (_, _, begin, end) in ordered.items():
@@ -208,8 +220,16 @@ def _parse_header(raw: bytes, path: str, data_start: int, file_size: int):
       raise SafetensorsError(
           f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file "
           f"has {file_size} bytes")
-    if end > begin:
+    if begin > prev_end:
+      after = f"after tensor {prev_name!r}" if prev_name is not None else "before it"
+      raise SafetensorsError(f"{path}: tensor {name!r} starts at byte {begin} of the data, "
+                             f"leaving a gap of {begin - prev_end} bytes {after}")
+    if end > begin or prev_name is None:
       prev_name, prev_end = name, end
+  if data_start + prev_end != file_size:
+    last = f"the last tensor ({prev_name!r})" if prev_name is not None else "the header"
+    raise SafetensorsError(f"{path} is corrupt: its last {file_size - data_start - prev_end} "
+                           f"bytes, after {last}, belong to no tensor")
   return dict(metadata), ordered
 
 

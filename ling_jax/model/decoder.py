@@ -15,11 +15,11 @@ from flax import nnx
 
 from ling_jax.config import LingConfig
 from ling_jax.model.common import RMSNorm, SwiGLU
-from ling_jax.model.kernels import Kernels
 from ling_jax.model.lightning import LightningAttention
 from ling_jax.model.mla import MultiLatentAttention
 from ling_jax.model.moe import SparseMoE
 from ling_jax.model.remat import checkpointed
+from ling_jax.model.settings import Kernels
 
 
 class DecoderLayer(nnx.Module):

@@ -30,9 +30,9 @@ from ling_jax import axes as ax
 from ling_jax.config import LingConfig
 from ling_jax.model.common import Constant, RMSNorm, param
 from ling_jax.model.decoder import HybridGroup, make_layer
-from ling_jax.model.kernels import Kernels
 from ling_jax.model.mtp import MTPLayer
-from ling_jax.model.remat import REMAT, Remat, checkpointed
+from ling_jax.model.remat import REMAT, checkpointed
+from ling_jax.model.settings import Kernels, Remat
 
 
 @flax.struct.dataclass

@@ -1,15 +1,12 @@
-"""Rematerialisation: which blocks of the forward run under `jax.checkpoint`, with what policy.
+"""Rematerialisation: the named `jax.checkpoint` policies and the checkpoint of one block.
 
-`Remat(policy, scope)` is the setting (TrainConfig carries one): a named policy of `REMAT` and
-the block it applies to, each decoder layer ("layer") or each hybrid group / scan body and each
-layer outside the groups ("group"); the MTP layer is a block either way. The backward pass then
-keeps only the blocks' inputs plus what the policy saves, and recomputes the rest one block at a
-time.
+The setting is `settings.Remat(policy, scope)`: a name of `REMAT` and the blocks it applies to.
+The backward pass then keeps only the blocks' inputs plus what the policy saves, and recomputes
+the rest one block at a time.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -46,27 +43,6 @@ REMAT = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_no_scores": dots_no_scores_saveable,
 }
-REMAT_SCOPES = ("layer", "group")
-
-
-@dataclasses.dataclass(frozen=True)
-class Remat:
-  """Checkpoint each block of `scope` with the named `policy` ("none": no checkpoint)."""
-
-  policy: str = "none"
-  scope: str = "layer"
-
-  def __post_init__(self):
-    if self.policy not in REMAT:
-      raise ValueError(f"unknown remat policy {self.policy!r}; choose one of {tuple(REMAT)}")
-    if self.scope not in REMAT_SCOPES:
-      raise ValueError(f"unknown remat scope {self.scope!r}; choose one of {REMAT_SCOPES}")
-
-  def at(self, scope: str) -> str:
-    """The policy for blocks of `scope`: `policy` there, "none" elsewhere."""
-    return self.policy if scope == self.scope else "none"
-
-
 def checkpointed(module: nnx.Module, *args, policy: str, prevent_cse: bool = True, **kwargs):
   """`module(*args, **kwargs)`, under `jax.checkpoint` with the named `policy` unless it is
   "none". `args` and `kwargs` are pytrees of arrays (or None); the module's state goes in as an

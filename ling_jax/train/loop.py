@@ -1,14 +1,24 @@
 """`run(experiment)`: train, checkpoint, evaluate, sample and plot one run.
 
-Order matters for bad input: the data (an empty corpus, a tokenizer larger than the vocabulary)
-and an existing checkpoint's config are checked before anything is written, so a refused run
-leaves its output directory as it found it.
+Order matters for bad input: the data (an empty corpus, an unreadable file, a tokenizer larger
+than the vocabulary) and an existing checkpoint (its config, its step against train.steps) are
+checked before anything is written, so a refused run leaves its output directory as it found it.
+
+A run stops short with an error of train/errors.py: a non-finite loss or gradient norm stops it
+before the state is saved (`NonFiniteError`), and Ctrl-C stops it between two steps once the
+checkpoint being written is complete (`TrainingInterrupted`); either way the checkpoints on disk
+are complete and finite, and re-running the same command resumes from the last one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import signal
+import sys
+import threading
 import time
 
 import jax
@@ -21,8 +31,10 @@ from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import Data
 from ling_jax.generate import generate
 from ling_jax.model.ling import LingForCausalLM
-from ling_jax.train.checkpoint import Checkpointer, check_compatible, config_meta
+from ling_jax.train.checkpoint import (Checkpointer, check_compatible, committed_steps,
+                                       config_meta)
 from ling_jax.train.config import Experiment, TrainConfig
+from ling_jax.train.errors import NonFiniteError, RunRefused, TrainingInterrupted
 from ling_jax.train.optim import optimizer, schedule
 from ling_jax.train.report import (MetricsLog, peak_flops, read_metrics, unigram_baseline,
                                    write_loss_curve)
@@ -105,6 +117,46 @@ def train_step(cfg: LingConfig, t: TrainConfig, graphdef, constants, tx):
                          compute_dtype=t.compute_dtype)
 
 
+@contextlib.contextmanager
+def _sigint_sets(stop: threading.Event):
+  """Within the block, Ctrl-C (SIGINT) sets `stop` instead of raising KeyboardInterrupt wherever
+  the main thread happens to be (inside an Orbax save, that left a half-run save and its writer
+  threads alive at exit, where the process could abort). The training loop reads `stop` between
+  steps. A second Ctrl-C gets the previous handler back: KeyboardInterrupt at once."""
+  if threading.current_thread() is not threading.main_thread():  # signals reach the main thread
+    yield
+    return
+  previous = signal.getsignal(signal.SIGINT)
+  if previous in (signal.SIG_IGN, None):  # ignored (e.g. a background job), or not Python's
+    yield
+    return
+
+  def handler(signum, frame):
+    stop.set()
+    signal.signal(signal.SIGINT, previous)
+    print("\nCtrl-C: stopping after this step, once the checkpoint being written is complete "
+          "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+  signal.signal(signal.SIGINT, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _last(ckpt_dir: str) -> int | None:
+  steps = committed_steps(ckpt_dir)
+  return steps[-1] if steps else None
+
+
+def _resume_hint(ckpt_dir: str, t: TrainConfig) -> str:
+  last = _last(ckpt_dir)
+  if last is None:
+    return (f"no checkpoint was written yet (train.checkpoint_every={t.checkpoint_every}): "
+            "re-running the same command starts over")
+  return f"the last checkpoint is step {last} under {ckpt_dir}; re-run the same command to resume"
+
+
 def run(exp: Experiment) -> dict:
   """Train `exp` (resuming from its out_dir's last checkpoint), then evaluate and report."""
   cfg, t, d = exp.model, exp.train, exp.data
@@ -112,6 +164,15 @@ def run(exp: Experiment) -> dict:
   meta = config_meta(exp)
   ckpt_dir = os.path.abspath(os.path.join(t.out_dir, "checkpoints"))
   start = check_compatible(ckpt_dir, meta) or 0
+  if start > t.steps:
+    # Evaluating the checkpoint under a summary that says train.steps would report a model of
+    # start steps as one of t.steps: refused, before anything is built or written.
+    raise RunRefused(f"checkpoint at step {start} under {ckpt_dir} > train.steps={t.steps}: "
+                     "nothing to train; use another train.out_dir for a new run, or a "
+                     f"train.steps above {start} to train on")
+  if start == t.steps:
+    print(f"checkpoint at step {start} = train.steps: nothing to train; evaluating it (a larger "
+          "train.steps trains on, another train.out_dir starts a new run)")
 
   t0 = time.perf_counter()
   graphdef, params, expert_bias, constants = split_model(build_model(exp))
@@ -131,17 +192,33 @@ def run(exp: Experiment) -> dict:
   os.makedirs(t.out_dir, exist_ok=True)
   ckpt = Checkpointer(ckpt_dir, every=t.checkpoint_every, keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
+  stop = threading.Event()
   try:
-    if start:
-      state, data_state = ckpt.restore(start, state)
-      it.set_state(data_state)
-      print(f"resumed from {ckpt_dir} step {start}")
-    log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), start)
-    step_fn = train_step(cfg, t, graphdef, constants, tx)
-    state, tps = _train(step_fn, state, it, ckpt, log, exp, start, meta,
-                        lambda tps: flops_per_token * tps / peak if peak else None)
-  finally:
-    ckpt.close()  # waits for the last asynchronous save
+    with _sigint_sets(stop):
+      try:
+        if start:
+          state, data_state = ckpt.restore(start, state)
+          it.set_state(data_state)
+          print(f"resumed from {ckpt_dir} step {start}")
+        log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), start)
+        step_fn = train_step(cfg, t, graphdef, constants, tx)
+        state, tps, done = _train(step_fn, state, it, ckpt, log, exp, start, meta,
+                                  lambda tps: flops_per_token * tps / peak if peak else None,
+                                  stop)
+      except KeyboardInterrupt:
+        raise
+      except BaseException:
+        ckpt.close()
+        raise
+      ckpt.close()  # waits for the last asynchronous save
+  except KeyboardInterrupt:
+    # A second Ctrl-C: no waiting for a save in flight (Orbax renames a step's directory only
+    # once it is complete; the next run removes the temporary one).
+    raise TrainingInterrupted("interrupted again: a checkpoint being written was abandoned; "
+                              + _resume_hint(ckpt_dir, t), None, _last(ckpt_dir)) from None
+  if stop.is_set():
+    raise TrainingInterrupted(f"interrupted at step {done}; " + _resume_hint(ckpt_dir, t), done,
+                              _last(ckpt_dir))
 
   eval_batches = data.eval_batches()
   eval_loss = evaluate(graphdef, constants, state.params, state.expert_bias, eval_batches,
@@ -175,38 +252,83 @@ def run(exp: Experiment) -> dict:
 
 
 def _train(step_fn, state, it, ckpt: Checkpointer, log: MetricsLog, exp: Experiment, start: int,
-           meta: dict, mfu):
-  """Steps start..train.steps; returns the final state and the median steady tokens/s."""
+           meta: dict, mfu, stop: threading.Event):
+  """Steps start..train.steps, or until `stop` is set; returns the state, the median steady
+  tokens/s and the number of steps done."""
   t, d = exp.train, exp.data
   tokens_per_step = d.batch_size * d.seq_len
-  pending, steady = [], []
-  t_last = time.perf_counter()
-  bar = tqdm(total=t.steps, initial=start, disable=not t.progress, dynamic_ncols=True)
-  for step in range(start, t.steps):
-    state, metrics = step_fn(state, next(it))
-    done = step + 1
-    pending.append(metrics)
-    if done % t.log_every and done != t.steps:
-      ckpt.save(done, state, it.get_state(), meta)
-      continue
-    # Fetching the metrics is the only host sync: steps in between are dispatched back to back.
-    host = jax.device_get(pending)
-    tps = len(pending) * tokens_per_step / (time.perf_counter() - t_last)
-    if done - len(pending) > start:  # a process's first interval includes compilation
-      steady.append(tps)
-    records = [{"step": done - len(host) + 1 + i, **jax.tree.map(lambda v: np.asarray(v).tolist(), m),
-                "tokens_per_s": tps, "mfu": mfu(tps)} for i, m in enumerate(host)]
-    log.write(records)
-    bar.update(len(pending))
-    bar.set_postfix_str(f"loss {records[-1]['ce']:.3f}, {tps:,.0f} tok/s")
-    if not t.progress:
-      print(_log_line(records[-1]), flush=True)
-    pending, t_last = [], time.perf_counter()
-    # Saved after the interval is timed: the final (forced, blocking) save is not training time;
-    # a save at any other log step is counted in the next interval.
-    ckpt.save(done, state, it.get_state(), meta, force=done == t.steps)
-  bar.close()
-  return state, (float(np.median(steady)) if steady else None)
+  pending, steady, tps, done = [], [], None, start
+  if start >= t.steps:
+    return state, None, start
+  with tqdm(total=t.steps, initial=start, disable=not t.progress, dynamic_ncols=True) as bar:
+    t_last = time.perf_counter()
+    for step in range(start, t.steps):
+      if stop.is_set():
+        break
+      if step == start:
+        # The first call traces and compiles the step (tens of seconds, minutes for large
+        # models): said before it starts, so that a still terminal is not taken for a hang.
+        _say(bar, "compiling the train step...")
+        bar.set_description_str("compiling")
+      state, metrics = step_fn(state, next(it))
+      done = step + 1
+      if step == start:
+        bar.set_description_str("")
+        _say(bar, f"compiled the train step in {time.perf_counter() - t_last:.1f} s")
+      pending.append(metrics)
+      save = ckpt.due(done) or done == t.steps
+      if done % t.log_every and not save:
+        continue
+      # Fetching the metrics is the only host sync besides saving: steps in between are dispatched
+      # back to back. They are fetched at every save too (which syncs anyway), so each step's loss
+      # and gradient norm is checked before any state after it is saved.
+      tps = len(pending) * tokens_per_step / (time.perf_counter() - t_last)
+      if done - len(pending) > start:  # a process's first interval includes compilation
+        steady.append(tps)
+      records = _records(pending, done, tps, mfu)
+      _log_checked(records, log, ckpt, t)
+      bar.update(len(pending))
+      bar.set_postfix_str(f"loss {records[-1]['ce']:.3f}, {tps:,.0f} tok/s")
+      if not t.progress and (done % t.log_every == 0 or done == t.steps):
+        print(_log_line(records[-1]), flush=True)
+      pending, t_last = [], time.perf_counter()
+      # Saved after the interval is timed: the final (forced, blocking) save is not training time;
+      # a save at any other step is counted in the next interval.
+      if save:
+        ckpt.save(done, state, it.get_state(), meta, force=done == t.steps)
+    if pending:  # stopped by Ctrl-C: the steps run since the last fetch still go into the log
+      _log_checked(_records(pending, done, None, mfu), log, ckpt, t)
+  return state, (float(np.median(steady)) if steady else None), done
+
+
+def _say(bar, line: str) -> None:
+  """Print `line` above the progress bar (if any), now."""
+  bar.write(line, file=sys.stdout)
+  sys.stdout.flush()
+
+
+def _records(pending: list, done: int, tps, mfu) -> list[dict]:
+  """The metrics of the steps up to `done` (fetched from the device), as metrics.jsonl records."""
+  host = jax.device_get(pending)
+  return [{"step": done - len(host) + 1 + i, **jax.tree.map(lambda v: np.asarray(v).tolist(), m),
+           "tokens_per_s": tps, "mfu": mfu(tps) if tps else None} for i, m in enumerate(host)]
+
+
+def _log_checked(records: list[dict], log: MetricsLog, ckpt: Checkpointer, t: TrainConfig):
+  """Append `records` to the log, up to the first with a non-finite loss or gradient norm, and
+  then raise `NonFiniteError`: the state after that step must not be saved or trained on."""
+  bad = next((r for r in records if not (math.isfinite(r["loss"]) and
+                                         math.isfinite(r["grad_norm"]))), None)
+  log.write(records if bad is None else records[:records.index(bad) + 1])
+  if bad is None:
+    return
+  last = ckpt.wait()
+  where = (f"The last checkpoint, step {last} under {ckpt.directory}, is kept: re-run with a lower "
+           f"train.learning_rate (now {t.learning_rate}) or more train.warmup_steps to resume from "
+           "it (if that diverges at once too, the checkpoint was already far off: use another "
+           "train.out_dir)" if last is not None else "No checkpoint was written")
+  raise NonFiniteError(f"training diverged at step {bad['step']}: loss {bad['loss']}, gradient "
+                       f"norm {bad['grad_norm']}; stopped without saving it. {where}")
 
 
 def _sample(model: LingForCausalLM, data: Data, batch, t) -> str:

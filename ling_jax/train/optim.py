@@ -33,8 +33,11 @@ def decay_mask(params):
 
 
 def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  # grad_clip 0 is "off": identity keeps the chain's state structure (both states are empty),
+  # so a checkpoint restores whichever way the flag is set.
+  clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
   return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
+      clip,
       optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                   weight_decay=cfg.weight_decay, mask=decay_mask),
   )

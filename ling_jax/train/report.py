@@ -79,15 +79,15 @@ def write_loss_curve(path: str, records: list[dict], *, eval_loss: float | None,
                      unigram: float | None) -> bool:
   """The training (and MTP) loss per step with the final eval loss and the unigram baseline."""
   try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure of its own, drawn by the Agg canvas savefig picks for a PNG: no pyplot, so the
+    # process's backend is left alone (switching it to Agg silenced a notebook's inline figures).
+    from matplotlib.figure import Figure
   except ImportError:
     print("matplotlib is not installed: no loss curve written")
     return False
   steps = [r["step"] for r in records]
-  fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+  fig = Figure(figsize=(7, 4), dpi=100)
+  ax = fig.subplots()
   ax.plot(steps, [r["ce"] for r in records], lw=1, label="train cross-entropy")
   if records and "mtp" in records[0]:
     ax.plot(steps, [r["mtp"] for r in records], lw=1, alpha=0.6, label="train MTP (token t+2)")
@@ -101,5 +101,4 @@ def write_loss_curve(path: str, records: list[dict], *, eval_loss: float | None,
   ax.legend()
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return True

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 
 from ling_jax.model.common import Constant, ExpertBias
-from ling_jax.model.remat import Remat
+from ling_jax.model.settings import Remat
 from ling_jax.train.balance import update_expert_bias
 from ling_jax.train.loss import head_ce
 

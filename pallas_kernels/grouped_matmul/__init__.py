@@ -12,6 +12,10 @@ Mosaic GPU kernel: persistent, warp-specialized (a TMA producer, two wgmma consu
 it ran 4-29% faster than the Triton gmm at 4096-16384 tokens (BENCHMARKS.md, session 8); at 256
 tokens, timed by device time in session 16, it was 12-32% slower.
 
+FP8 expert weights (`Fp8Weight`, fp8.py: float8_e4m3fn values with block or channel scales) go
+wherever a weight array goes in `grouped_matmul`, `gmm` and `gmm_glu`: dequantised tile by tile
+inside the Triton kernels, forward only.
+
 `sort_by_group` (sort.py) orders the MoE's routed assignments by expert in one kernel: the
 dispatch's (order, inverse, sizes), where XLA takes a handful of launches.
 """
@@ -22,6 +26,7 @@ import jax
 
 from pallas_kernels.grouped_matmul.kernel import (Config, gmm, gmm_glu, gmm_glu_pallas, gmm_pallas,
                                                   gmm_sum_pallas, tgmm_pallas, tuned_config)
+from pallas_kernels.grouped_matmul.fp8 import Fp8Weight, dequantize
 from pallas_kernels.grouped_matmul.sort import sort_by_group
 from pallas_kernels.grouped_matmul.visits import visit_table
 from pallas_kernels.grouped_matmul.reference import (gmm_glu_reference, gmm_reference, row_groups,
@@ -31,7 +36,8 @@ IMPLS = ("auto", "reference", "xla", "pallas", "interpret")
 
 __all__ = ["Config", "IMPLS", "gmm", "gmm_glu", "gmm_glu_pallas", "gmm_glu_reference", "gmm_pallas",
            "gmm_reference", "gmm_sum_pallas", "grouped_matmul", "row_groups", "sort_by_group",
-           "tgmm_pallas", "tgmm_reference", "tuned_config", "visit_table"]
+           "tgmm_pallas", "tgmm_reference", "tuned_config", "visit_table",
+           "Fp8Weight", "dequantize"]  # FP8 weights (fp8.py)
 
 
 def resolve_impl(impl: str) -> str:
@@ -47,6 +53,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", config: Config 
   """out [M, N] = lhs [M, K] @ rhs[g] ([G, K, N]) for the rows of each group g.
 
   group_sizes [G] (int) counts the rows of each group in order; rows past their sum give 0.
+  rhs may be an Fp8Weight (no gradient then).
   """
   if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],):
     raise ValueError(f"want lhs [M, K], rhs [G, K, N], group_sizes [G]; got {lhs.shape}, "

@@ -43,7 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.grouped_matmul import mosaic, mosaic_tgmm
+from pallas_kernels.grouped_matmul import fp8, mosaic, mosaic_tgmm
+from pallas_kernels.grouped_matmul.fp8 import Fp8Weight
 from pallas_kernels.grouped_matmul.visits import (group_rows_of, padded_groups, piece, pieces,
                                                   visit_table)
 
@@ -159,7 +160,8 @@ def _tail_mask(start, size: int, limit: int):
 
 def _load(ref, mask):
   """A block load, masked (zeros outside) when there is a mask."""
-  return plt.load(ref, mask=mask, other=None if mask is None else 0)
+  zero = fp8.ZERO if ref.dtype == fp8.FP8_DTYPE else 0  # (Triton lowering: no int -> fp8 cast)
+  return plt.load(ref, mask=mask, other=None if mask is None else zero)
 
 
 def _mask2(rows, cols):
@@ -193,7 +195,7 @@ def _load_sizes(sizes_ref, G: int):
 
 
 def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpose_rhs, n_inner,
-                group_rows=False, copy_rows=False):
+                group_rows=False, copy_rows=False, fp8_block=False):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
     "mm"  [rows], x, w, out:              out = x @ w[g]
     "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
@@ -201,10 +203,14 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
   `rows` (with `gathered`) makes row r of x be x[rows[r]]; copy_rows adds a last output, x[rows]
   [M, K], written by each visit's first N-block from the blocks it loads anyway. With
   `group_rows` the visits are group pieces, decoded from the group sizes in meta_ref
-  (visits.piece): a visit's block starts at its row lo. Otherwise meta_ref is visit_table's."""
+  (visits.piece): a visit's block starts at its row lo. Otherwise meta_ref is visit_table's.
+  Unless fp8_block is False, the w refs are float8 and their scale refs follow them: block-scaled
+  (fp8_block the (rows, cols) of a scale block) or channel-wise (None), as fp8.py explains."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
   x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
+  if fp8_block is not False:
+    s_refs, out_refs = out_refs[:n_w], out_refs[n_w:]
   copy_ref, out_refs = (out_refs[-1], out_refs[:-1]) if copy_rows else (None, out_refs)
   v, j = (pl.program_id(1), pl.program_id(0)) if n_inner else (pl.program_id(0), pl.program_id(1))
   if group_rows:  # meta_ref: the G group sizes; the visit is decoded here (visits.piece)
@@ -235,6 +241,12 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
           plt.store(copy_ref.at[pl.ds(r0, bm), pl.ds(kk * bk, bk)], xs[0],
                     mask=_mask2(mine, kmask))
       ws = [load_w(w_ref, kk * bk, kmask) for w_ref in w_refs]
+      if fp8_block:  # block-scaled: each tile scaled and rounded before the dot
+        cols = j * bn + jnp.arange(bn, dtype=jnp.int32)
+        ws = [fp8.scale_tile(w, s_ref, g, kk * bk, cols, cmask, fp8_block, xs[0].dtype)
+              for w, s_ref in zip(ws, s_refs)]
+      elif fp8_block is None:  # channel-wise: exact in the compute dtype, scaled after the loop
+        ws = [w.astype(xs[0].dtype) for w in ws]
       if mode == "sum":
         return (accs[0] + _dot(xs[0], ws[0], tb=transpose_rhs) + _dot(xs[1], ws[1], tb=transpose_rhs),)
       return tuple(acc + _dot(xs[0], w, tb=transpose_rhs) for acc, w in zip(accs, ws))
@@ -242,6 +254,8 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
     steps = (grp < G).astype(jnp.int32) * pl.cdiv(K, bk)  # (a jnp.where here lowers to mistyped scf.for bounds)
     n_acc = 2 if mode == "glu" else 1
     accs = lax.fori_loop(0, steps, step, (jnp.zeros((bm, bn), jnp.float32),) * n_acc)
+    if fp8_block is None:
+      accs = tuple(fp8.scale_columns(a, s, g, j * bn, bn, cmask) for a, s in zip(accs, s_refs))
     if mode == "glu":
       gate, up = accs
       outs = (gate * jax.nn.sigmoid(gate) * up, gate, up)[:len(out_refs)]
@@ -294,6 +308,7 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
               bn_want, name, copy_rows=False):
   lhs = lhs_list[0]
   M, K = _check_rows(lhs, lhs_rows), lhs.shape[1]
+  rhs_list, scales, fp8_block = _split_fp8(rhs_list, transpose_rhs)
   rhs = rhs_list[0]
   G = rhs.shape[0]
   N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -303,6 +318,8 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
                        f"(transpose_rhs={transpose_rhs})")
   bm = cfg.block_m  # rows need not divide: loads and stores are masked per visit
   bn, bk = _tile(N, bn_want), _tile(K, _per_bytes(cfg.block_k, lhs.dtype))
+  if fp8_block:
+    fp8.check_k_tile(fp8_block, bk)
   if cfg.group_rows:  # the kernel decodes its visit from the sizes: no table, no XLA op
     meta, V = group_sizes.astype(jnp.int32), pieces(M, bm, G)
   else:
@@ -310,7 +327,8 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
     V = meta.shape[1]
   kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, M=M, K=K, N=N, G=G, mode=mode,
                              gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
-                             n_inner=cfg.n_inner, group_rows=cfg.group_rows, copy_rows=copy_rows)
+                             n_inner=cfg.n_inner, group_rows=cfg.group_rows, copy_rows=copy_rows,
+                             fp8_block=fp8_block)
   nb = pl.cdiv(N, bn)
   grid = (nb, V) if cfg.n_inner else (V, nb)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)
@@ -319,14 +337,33 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
       out_shape=[jax.ShapeDtypeStruct((M, N), lhs.dtype)] * n_out
       + [jax.ShapeDtypeStruct((M, K), lhs.dtype)] * copy_rows,
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-      interpret=cfg.interpret, name=name)(meta, *rows, *lhs_list, *rhs_list)
+      interpret=cfg.interpret, name=name)(meta, *rows, *lhs_list, *rhs_list, *(scales or ()))
   return out
+
+
+def _split_fp8(rhs_list, transpose_rhs):
+  """(weights, scales, block) of a call's weights: (rhs_list, None, False) for arrays; FP8 ones
+  (fp8.Fp8Weight, forward products only) unwrapped, their scales in fp32."""
+  fp8s = [isinstance(r, Fp8Weight) for r in rhs_list]
+  if not any(fp8s):
+    return rhs_list, None, False
+  for i, r in enumerate(rhs_list):
+    if not fp8s[i] or r.block != rhs_list[0].block:
+      raise ValueError(f"weight {i} is {f'FP8 with block {r.block}' if fp8s[i] else 'not FP8'}; "
+                       f"a kernel's weights are all FP8 of one scheme or none (weight 0: FP8 "
+                       f"with block {rhs_list[0].block})")
+    fp8.check(r, f"weight {i}")
+  if transpose_rhs:
+    raise ValueError("FP8 weights are read untransposed only (forward products; no backward)")
+  return ([r.values for r in rhs_list], [r.scale.astype(jnp.float32) for r in rhs_list],
+          rhs_list[0].block)
 
 
 def gmm_pallas(lhs, rhs, group_sizes, cfg: Config = Config(), *, transpose_rhs: bool = False,
                lhs_rows=None):
   """out [M, N] = lhs [M, K] @ rhs[g] ([G, K, N]; [G, N, K] if transpose_rhs) per row group.
-  With lhs_rows [M] (int), row r of lhs is lhs[lhs_rows[r]] (gathered in the kernel)."""
+  With lhs_rows [M] (int), row r of lhs is lhs[lhs_rows[r]] (gathered in the kernel). rhs may be
+  an fp8.Fp8Weight (not transposed), dequantised in the kernel."""
   return _gmm_call("mm", [lhs], [rhs], group_sizes, cfg, lhs_rows=lhs_rows,
                    transpose_rhs=transpose_rhs, n_out=1, bn_want=cfg.block_n, name="gmm")[0]
 
@@ -344,9 +381,10 @@ def gmm_sum_pallas(lhs0, lhs1, rhs0, rhs1, group_sizes, cfg: Config = Config(), 
 def gmm_glu_pallas(lhs, w_gate, w_up, group_sizes, cfg: Config = Config(), *, lhs_rows=None,
                    save_gate_up: bool = False, save_rows: bool = False):
   """h = silu(lhs @ w_gate[g]) * (lhs @ w_up[g]) per row group, the SwiGLU computed from the
-  fp32 accumulators (w_* [G, K, N]); with save_gate_up also returns the two products
-  (h, gate, up) for the backward pass. lhs_rows as in gmm_pallas; save_rows (with lhs_rows)
-  appends lhs[lhs_rows] [M, K] to the outputs, its rows past sum(group_sizes) unwritten."""
+  fp32 accumulators (w_* [G, K, N], or both fp8.Fp8Weight of one scheme); with save_gate_up
+  also returns the two products (h, gate, up) for the backward pass. lhs_rows as in gmm_pallas;
+  save_rows (with lhs_rows) appends lhs[lhs_rows] [M, K] to the outputs, its rows past
+  sum(group_sizes) unwritten."""
   if save_rows and lhs_rows is None:
     raise ValueError("save_rows copies gathered rows: it needs lhs_rows")
   out = _gmm_call("glu", [lhs], [w_gate, w_up], group_sizes, cfg, lhs_rows=lhs_rows,
@@ -418,11 +456,21 @@ def _product(lhs, rhs, group_sizes, cfg: Config, *, transpose_rhs: bool = False)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def gmm(lhs, rhs, group_sizes, cfg: Config):
-  """Differentiable grouped matmul (lhs, rhs); group_sizes gets no gradient."""
+  """Differentiable grouped matmul (lhs, rhs); group_sizes gets no gradient. An fp8.Fp8Weight
+  rhs runs on the Triton kernel only, and has no gradient."""
+  if isinstance(rhs, Fp8Weight):
+    return gmm_pallas(lhs, rhs, group_sizes, cfg)
   return _product(lhs, rhs, group_sizes, cfg)
 
 
+def _no_fp8_grad(op: str):
+  return ValueError(f"{op} with FP8 weights (Fp8Weight) is for inference and has no gradient; "
+                    f"differentiate a model whose weights are dequantised (fp8.dequantize)")
+
+
 def _gmm_fwd(lhs, rhs, group_sizes, cfg):
+  if isinstance(rhs, Fp8Weight):
+    raise _no_fp8_grad("gmm")
   return _product(lhs, rhs, group_sizes, cfg), (lhs, rhs, group_sizes)
 
 
@@ -448,7 +496,8 @@ def gmm_glu(x, rows, token_rows, w_gate, w_up, group_sizes, cfg: Config):
   to a scatter-add over `rows`. The backward: d gate and d up elementwise from the saved
   products, d x = one gmm over both (`gmm_sum_pallas`; where `Config.mosaic` applies, the
   Mosaic kernel over [d gate, d up] and the weights concatenated), d w_gate and d w_up from one
-  tgmm that gathers x's rows and shares each block between the two.
+  tgmm that gathers x's rows and shares each block between the two. With FP8 weights
+  (fp8.Fp8Weight, both of one scheme): forward only, on the dequantised products.
   """
   return gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows)
 
@@ -464,6 +513,8 @@ def _glu_tgmm_tiles(cfg: Config, x, F: int) -> dict | None:
 
 
 def _gmm_glu_fwd(x, rows, token_rows, w_gate, w_up, group_sizes, cfg):
+  if isinstance(w_gate, Fp8Weight) or isinstance(w_up, Fp8Weight):
+    raise _no_fp8_grad("gmm_glu")
   save_rows = _glu_tgmm_tiles(cfg, x, w_gate.shape[2]) is not None
   h, gate, up, *xr = gmm_glu_pallas(x, w_gate, w_up, group_sizes, cfg, lhs_rows=rows,
                                     save_gate_up=True, save_rows=save_rows)

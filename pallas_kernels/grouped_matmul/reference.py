@@ -6,6 +6,7 @@ Rows of `lhs` are sorted by group: group g owns rows [start_g, end_g) with end =
   tgmm: out[g] = lhs[rows of g].T @ dout[rows of g]    ([G, K, N], the weight gradient)
 Rows past sum(sizes) belong to no group: gmm gives zeros there and tgmm ignores them. Both
 accumulate in fp32 and return the input dtype. O(G M K N): for tests, not for speed.
+FP8 weights (fp8.Fp8Weight) are dequantised in fp32 first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.grouped_matmul.fp8 import Fp8Weight, as_f32, dequantize
 
 
 def row_groups(group_sizes: jax.Array, m: int) -> jax.Array:
@@ -22,6 +25,8 @@ def row_groups(group_sizes: jax.Array, m: int) -> jax.Array:
 
 
 def gmm_reference(lhs, rhs, group_sizes, *, transpose_rhs: bool = False):
+  if isinstance(rhs, Fp8Weight):
+    rhs = dequantize(rhs)
   G = rhs.shape[0]
   w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs  # [G, K, N]
   owner = row_groups(group_sizes, lhs.shape[0])
@@ -43,6 +48,6 @@ def tgmm_reference(lhs, dout, group_sizes, *, out_dtype=None):
 def gmm_glu_reference(x, rows, w_gate, w_up, group_sizes):
   """silu(x[rows] @ w_gate[g]) * (x[rows] @ w_up[g]) per row group, products in fp32."""
   xs = x[rows]
-  g = gmm_reference(xs.astype(jnp.float32), w_gate.astype(jnp.float32), group_sizes)
-  u = gmm_reference(xs.astype(jnp.float32), w_up.astype(jnp.float32), group_sizes)
+  g = gmm_reference(xs.astype(jnp.float32), as_f32(w_gate), group_sizes)
+  u = gmm_reference(xs.astype(jnp.float32), as_f32(w_up), group_sizes)
   return (jax.nn.silu(g) * u).astype(x.dtype)

@@ -1,0 +1,1 @@
+"""Explicit (shard_map) parallelism for the layers GSPMD cannot partition: the Pallas kernels."""
