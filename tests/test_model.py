@@ -183,6 +183,27 @@ def test_prefill_then_decode_matches_full_forward(overrides, T):
     assert rel(dec[:, t], full[:, t]) < 1e-5, t
 
 
+def test_mla_cache_writes_each_row_at_its_own_position():
+  """Rows of a batch may stand at different lengths: a one-token step at positions [5, 8] writes
+  each row's latent at its own slot and attends to its own prefix, as the same rows without a
+  cache (the prefix prefilled, slots past a row's position masked)."""
+  cfg = ling_tiny()
+  mla = random_model(cfg, seed=6).prefix[0].layers[1].attention
+  x = jax.random.normal(jax.random.key(7), (2, 9, cfg.hidden_size))  # 8 prefilled, then a step
+  pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+  _, cache = mla(x[:, :8], positions=pos, cache=mla.init_cache(2, 12))
+  step = jnp.stack([x[0, 8], x[1, 8]])[:, None]  # row 0's token at position 5, row 1's at 8
+  got, cache = mla(step, positions=jnp.array([[5], [8]], jnp.int32), cache=cache)
+  for b, p in ((0, 5), (1, 8)):
+    row = jnp.concatenate([x[b, :p], x[b, 8:9]])[None]  # [1, p + 1, D]
+    want, _ = mla(row, positions=jnp.arange(p + 1, dtype=jnp.int32)[None])
+    assert rel(got[b, 0], want[0, -1]) < 1e-5, b
+  _, alone = mla(step, positions=jnp.array([[5], [8]], jnp.int32), cache=mla.init_cache(2, 12))
+  np.testing.assert_array_equal(cache[0, 5], alone[0, 5])  # each row wrote its own slot only
+  np.testing.assert_array_equal(cache[1, 8], alone[1, 8])
+  assert not np.asarray(cache[0, 8]).any() and np.asarray(cache[1, 5]).any()
+
+
 def test_mtp_matches_float64_spec():
   cfg = ling_tiny(q_lora_rank=None)
   model = random_model(cfg, seed=4)

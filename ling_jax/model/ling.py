@@ -13,7 +13,7 @@ pass keeps only the blocks' inputs plus what the policy saves, and recomputes th
 at a time. Remat of the whole loss instead recomputes the whole forward and then needs every
 residual at once: no saving.
 
-`kernels` (model/kernels.py) says which implementation each op runs; the model hands each layer
+`kernels` (model/settings.py) says which implementation each op runs; the model hands each layer
 its part when it is built.
 """
 
