@@ -10,14 +10,15 @@ reference.py's value:
 * "interpret": the same kernels in Pallas interpret mode, XLA's counting sort (CPU tests);
 * "auto": "pallas" on a GPU, "xla" elsewhere.
 `config` replaces the grouped-matmul tiles `tuned_config` picks for the shape ("pallas",
-"interpret").
+"interpret"). The weights may be `Fp8Weight`s (pallas_kernels/grouped_matmul/fp8.py): the kernels
+read them as they are, "reference" and "xla" dequantise them to x's dtype first.
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.grouped_matmul import Config
+from pallas_kernels.grouped_matmul import Config, Fp8Weight, dequantize
 from pallas_kernels.moe import grouped
 from pallas_kernels.moe.blocked import routed_experts_blocked
 from pallas_kernels.moe.grouped import routed_experts_grouped, sort_by_expert
@@ -51,6 +52,9 @@ def routed_experts(x, expert_ids, weights, w_gate, w_up, w_down, *, impl: str = 
     raise ValueError(f"w_gate {w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} must be "
                      f"[E, D, F], [E, D, F], [E, F, D] with D = {D}")
   impl = resolve_impl(impl)
+  if impl in ("reference", "xla"):
+    w_gate, w_up, w_down = (dequantize(w, x.dtype) if isinstance(w, Fp8Weight) else w
+                            for w in (w_gate, w_up, w_down))
   args = (x, expert_ids, weights, w_gate, w_up, w_down)
   if impl == "reference":
     return routed_experts_reference(*args)
