@@ -19,7 +19,7 @@ from ling_jax.model.lightning import LightningAttention
 from ling_jax.model.mla import MultiLatentAttention
 from ling_jax.model.moe import SparseMoE
 from ling_jax.model.remat import checkpointed
-from ling_jax.model.settings import Kernels
+from ling_jax.model.settings import ExpertWeights, Kernels
 
 
 class DecoderLayer(nnx.Module):
@@ -46,7 +46,8 @@ class DecoderLayer(nnx.Module):
 
 
 def make_layer(cfg: LingConfig, layer_idx, mixer: str, mlp: str, *, rngs: nnx.Rngs, dtype,
-               param_dtype, kernels: Kernels) -> DecoderLayer:
+               param_dtype, kernels: Kernels,
+               expert_weights: ExpertWeights = ExpertWeights()) -> DecoderLayer:
   """Build decoder layer `layer_idx` (its global index: an int, or traced inside the stacked
   groups' nnx.vmap) of the given kinds from the config (the only place that reads it)."""
   common = dict(dtype=dtype, param_dtype=param_dtype)
@@ -72,7 +73,7 @@ def make_layer(cfg: LingConfig, layer_idx, mixer: str, mlp: str, *, rngs: nnx.Rn
         hidden=D, num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
         width=cfg.moe_intermediate_size, shared_width=cfg.shared_expert_intermediate_size,
         n_group=cfg.n_group, topk_group=cfg.topk_group, routed_scale=cfg.routed_scaling_factor,
-        rngs=rngs, impl=kernels.moe, **common)
+        rngs=rngs, impl=kernels.moe, expert_weights=expert_weights, **common)
   return DecoderLayer(attention, ffn, D, eps=eps, norm_impl=norm_impl, **common)
 
 

@@ -32,7 +32,8 @@ from ling_jax.model.common import Constant, RMSNorm, param
 from ling_jax.model.decoder import HybridGroup, make_layer
 from ling_jax.model.mtp import MTPLayer
 from ling_jax.model.remat import REMAT, checkpointed
-from ling_jax.model.settings import Kernels, Remat
+from ling_jax.model.settings import ExpertWeights, Kernels, Remat
+from pallas_kernels.grouped_matmul.fp8 import quantize
 
 
 @flax.struct.dataclass
@@ -50,12 +51,14 @@ class LingForCausalLM(nnx.Module):
   """Ling-2.6 (BailingMoeV2_5ForCausalLM). `model(tokens [B, T] int32) -> logits [B, T, vocab]`."""
 
   def __init__(self, config: LingConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, kernels: Kernels = Kernels()):
+               param_dtype=jnp.float32, kernels: Kernels = Kernels(),
+               expert_weights: ExpertWeights = ExpertWeights()):
     cfg = self.config = config
-    self.dtype, self.kernels = dtype, kernels
+    self.dtype, self.kernels, self.expert_weights = dtype, kernels, expert_weights
     D, V, G = cfg.hidden_size, cfg.vocab_size, cfg.layer_group_size
     types, mlps = cfg.layer_types(), cfg.mlp_types()
-    build = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels)
+    build = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels,
+                 expert_weights=expert_weights)
 
     def layers(start: int, stop: int, rngs, first=None):
       """Layers start..stop-1; `first`: the global index of the first (traced in the stack)."""
@@ -216,8 +219,34 @@ def build_constants(make: Callable[[], nnx.Module]) -> nnx.State:
 def with_kernels(model: LingForCausalLM, kernels: Kernels) -> LingForCausalLM:
   """`model`'s variables (the same arrays) under other kernel settings."""
   make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
-                                 kernels=kernels)
+                                 kernels=kernels, expert_weights=model.expert_weights)
   return nnx.merge(nnx.graphdef(nnx.eval_shape(make)), nnx.state(model))
+
+
+def with_fp8_experts(model: LingForCausalLM, expert_weights: ExpertWeights) -> LingForCausalLM:
+  """`model` with its routed experts quantised to FP8 (`pallas_kernels.grouped_matmul.fp8
+  .quantize`: the scale of each block or column is its largest magnitude over e4m3's 448), every
+  other variable shared. For tests and benchmarks; a released FP8 checkpoint keeps its own
+  scales (`convert import --keep-fp8`)."""
+  make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                 kernels=model.kernels, expert_weights=expert_weights)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  old = dict(nnx.to_flat_state(nnx.state(model)))
+  block = expert_weights.block if expert_weights.format == "fp8-block" else None
+  flat = []
+  for path, var in nnx.to_flat_state(abstract):
+    name = path[-1]
+    if path[-2:-1] == ("experts",) and name.endswith("_scale"):
+      continue  # set with its weight
+    if path[-2:-1] == ("experts",):
+      w = quantize(old[path].get_value(), block)
+      scale = w.scale if block is not None else w.scale[..., None, :]
+      flat.append((path, var.replace(w.values)))
+      scale_path = path[:-1] + (f"{name}_scale",)
+      flat.append((scale_path, dict(nnx.to_flat_state(abstract))[scale_path].replace(scale)))
+    else:
+      flat.append((path, old[path]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _group(group: HybridGroup, h, *, positions, segment_ids, cache, remat: Remat):

@@ -1,5 +1,6 @@
-"""How the model runs, as two small frozen settings: which implementation each op runs
-(`Kernels`) and which blocks of the forward are rematerialised (`Remat`).
+"""How the model runs, as small frozen settings: which implementation each op runs (`Kernels`),
+which blocks of the forward are rematerialised (`Remat`), and how the routed experts' weights are
+held (`ExpertWeights`: the parameter dtype, or FP8 for serving).
 
 `LingForCausalLM(cfg, rngs=..., kernels=Kernels(moe="xla"))` hands each `Kernels` field to the
 modules that call that op; `forward(..., remat=Remat("dots"))` checkpoints its blocks. Training
@@ -28,6 +29,7 @@ IMPLS = ("auto", "reference", "xla", "pallas", "interpret")
 ATTENTION_IMPLS = IMPLS + ("cudnn",)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_scores")
 REMAT_SCOPES = ("layer", "group")
+EXPERT_FORMATS = ("dense", "fp8-block", "fp8-channel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +71,36 @@ class Remat:
   def at(self, scope: str) -> str:
     """The policy for blocks of `scope`: `policy` there, "none" elsewhere."""
     return self.policy if scope == self.scope else "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+  """How the routed experts' weights are held (docs/checkpoints.md, "FP8"):
+    "dense"        arrays in the model's param_dtype (the default; training needs it)
+    "fp8-block"    float8_e4m3fn values with one fp32 scale per `block` = (rows, cols) tile of
+                   the [in, out] weight (the "fp8" release's 128 x 128 blocks)
+    "fp8-channel"  float8_e4m3fn values with one fp32 scale per output column
+                   (compressed-tensors' channel strategy)
+  The FP8 forms are read by the grouped-matmul kernels as they are (the XLA paths dequantise
+  them first) and are forward only."""
+
+  format: str = "dense"
+  block: tuple[int, int] = (128, 128)
+
+  def __post_init__(self):
+    if isinstance(self.block, list):  # from JSON
+      object.__setattr__(self, "block", tuple(self.block))
+    if self.format not in EXPERT_FORMATS:
+      raise ValueError(f"unknown expert weight format {self.format!r}; choose one of "
+                       f"{EXPERT_FORMATS}")
+    b = self.block
+    if not (isinstance(b, tuple) and len(b) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in b)):
+      raise ValueError(f"ExpertWeights.block={b!r} must be (rows, cols), two ints > 0")
+
+  @property
+  def fp8(self) -> bool:
+    return self.format != "dense"
+
+  def to_json(self) -> dict:
+    return {"format": self.format, "block": list(self.block)}
