@@ -336,11 +336,11 @@ def _sample(model: LingForCausalLM, data: Data, batch, t) -> str:
   seg = batch["segment_ids"][0]
   n = int(min(32, np.argmax(seg != seg[0]) or len(seg)))
   prompt = batch["tokens"][:1, :n]
-  out = np.asarray(generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
-                            seed=t.seed))
+  new = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
+                 seed=t.seed).sequences()[0]
   if data.cfg.source == "synthetic":  # ids, not text
-    text = f"{out[0, :n].tolist()}\u2502{out[0, n:].tolist()}"
+    text = f"{prompt[0].tolist()}\u2502{new}"
   else:
-    text = data.tokenizer.decode(out[0, :n]) + "\u2502" + data.tokenizer.decode(out[0, n:])
+    text = data.tokenizer.decode(prompt[0]) + "\u2502" + data.tokenizer.decode(new)
   print("sample (prompt\u2502continuation):\n" + text)
   return text
