@@ -133,7 +133,7 @@ def main():
   ap.add_argument("--interpret", action="store_true",
                   help="kernel rows in interpret mode (CPU smoke test)")
   a = ap.parse_args()
-  kernel_impl = ("pallas_interpret" if a.interpret else
+  kernel_impl = ("interpret" if a.interpret else
                  "pallas" if jax.default_backend() == "gpu" else None)
   print(f"# {jax.devices()[0].device_kind}: {a.tokens} tokens, hidden {a.hidden}, vocab {a.vocab}, "
         f"chunk {a.chunk}, bf16" + ("" if kernel_impl else " (no GPU: no kernel rows)"))

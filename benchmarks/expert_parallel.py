@@ -70,15 +70,18 @@ import numpy as np
 
 from benchmarks.timing import guarded, time_jax
 from ling_jax import axes as ax
-from ling_jax.model.moe import experts_dense, experts_grouped, experts_sorted
 from ling_jax.parallel.expert import expert_parallel_experts, fill_empty
+from pallas_kernels.moe import (routed_experts_blocked, routed_experts_grouped,
+                                routed_experts_reference)
 
 
 def local_fn(name):
   if name == "auto":
     name = "grouped" if jax.default_backend() == "gpu" else "sorted"
-  return name, fill_empty({"grouped": experts_grouped, "sorted": experts_sorted,
-                           "dense": experts_dense}[name])
+  interpret = jax.default_backend() != "gpu"  # the kernels interpreted: a CPU run of the script
+  grouped = lambda *a: routed_experts_grouped(*a, interpret=interpret)
+  return name, fill_empty({"grouped": grouped, "sorted": routed_experts_blocked,
+                           "dense": routed_experts_reference}[name])
 
 
 def problem(E, D, F, X, G, K, N, routing, dtype, seed=0):

@@ -3,10 +3,11 @@
   python -m benchmarks.mla_attention [--shapes small,flash] [--docs 4,16] [--no-xla]
 
 bf16, packed rows (`--docs` equal documents per row, segment ids), forward and forward+backward
-(grads of q, k, v). "xla" is `mla.attend_xla`, the fp32 [B, H, T, S] scores path; "flash" is
-jax's Pallas flash-attention kernel as `mla._flash` calls it, under a few block sizes (the first
-is `mla.FLASH_BLOCKS`; jax's own default backward blocks are 32 x 32); "cudnn packed" is
-`mla._cudnn` (cuDNN's packed layout, its capacity M from `mla.CUDNN_SEGMENT_LADDER`, or fixed
+(grads of q, k, v), through `pallas_kernels.attention` as MLA calls it (a shared RoPE key).
+"xla" is `attention_reference`, the fp32 [B, H, T, S] scores path; "flash" is jax's Pallas
+flash-attention kernel (`flash_attention`) under a few block sizes (the first is `FLASH_BLOCKS`;
+jax's own default backward blocks are 32 x 32); "cudnn packed" is `cudnn_attention` (cuDNN's
+packed layout, its capacity M from `CUDNN_SEGMENT_LADDER`, or fixed
 with `--max-segments`); "cudnn unpacked" is one causal sequence a row, segment ids ignored (the
 work of an unpacked row). TFLOP/s counts every causal pair of the row, as the MFU numerator does
 (forward+backward = 3x the forward), whether or not a path skips pairs across documents
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import guarded, time_jax
-from ling_jax.model import mla
+from pallas_kernels.attention import (FLASH_BLOCKS, attention_reference, cudnn_attention,
+                                      flash_attention)
 
 SHAPES = {"small": dict(B=8, T=4096, H=8, K=64, R=32, V=64),    # ling_small
           "flash": dict(B=1, T=8192, H=32, K=128, R=64, V=128)}  # Ling-2.6-flash's MLA
@@ -56,13 +58,18 @@ def main():
     seg = jnp.asarray(np.repeat(np.arange(docs), T // docs)[None].repeat(B, 0) + 1, jnp.int32)
     pos = jnp.asarray(np.tile(np.arange(T // docs), docs)[None].repeat(B, 0), jnp.int32)
     scale = (K + R) ** -0.5
-    fns = {} if a.no_xla else {"xla": lambda *x: mla.attend_xla(*x, pos, seg, scale)}
+
+    def op(fn, segment_ids=seg, **kw):  # (q_nope, q_pe, k_nope, k_pe, v) -> fn's output
+      return lambda qn, qp, kn, kp, v: fn(qn, kn, v, scale=scale, q_rope=qp, k_rope=kp,
+                                          segment_ids=segment_ids, **kw)
+
+    fns = {} if a.no_xla else {"xla": op(attention_reference, positions=pos)}
     for i, blk in enumerate(BWD_BLOCKS):
-      fns[f"flash{i}"] = lambda *x, blk=blk: mla._flash(*x, seg, scale, blocks=blk)
-    fns["cudnn packed"] = lambda *x: mla._cudnn(*x, seg, scale)  # M from the ladder
+      fns[f"flash{i}"] = op(flash_attention, blocks=blk)
+    fns["cudnn packed"] = op(cudnn_attention)  # M from the ladder
     for m in filter(None, a.max_segments.split(",")):
-      fns[f"cudnn packed, M={m}"] = lambda *x, m=int(m): mla._cudnn(*x, seg, scale, ladder=(m,))
-    fns["cudnn unpacked"] = lambda *x: mla._cudnn(*x, None, scale)
+      fns[f"cudnn packed, M={m}"] = op(cudnn_attention, ladder=(int(m),))
+    fns["cudnn unpacked"] = op(cudnn_attention, segment_ids=None)
     # QK^T and PV over the causal half of [T, T] (2 FLOPs a multiply-add, T^2 / 2 pairs): the
     # forward's count as the MFU numerator has it (config.flops_per_token); x 3 for f+b.
     causal_flops = B * H * T * T * (K + R + V)
@@ -70,7 +77,7 @@ def main():
       fwd = guarded(time_jax, jax.jit(f), *args)
       loss = lambda *x, f=f: jnp.sum(f(*x).astype(jnp.float32) ** 2)
       fb = guarded(time_jax, jax.jit(jax.grad(loss, argnums=range(5))), *args)
-      base = mla.FLASH_BLOCKS[max(128, 1 << (K + R - 1).bit_length())]
+      base = FLASH_BLOCKS[max(128, 1 << (K + R - 1).bit_length())]
       blocks = {**base, **BWD_BLOCKS[int(impl[5:])]} if impl.startswith("flash") else None
       rows.append(dict(shape=name, docs=docs, impl=impl, blocks=blocks, fwd_s=fwd, fwdbwd_s=fb,
                        causal_flops=causal_flops))

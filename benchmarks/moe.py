@@ -5,9 +5,9 @@
 At Ling-2.6-flash's expert shape (256 experts, hidden 4096, width 1024, top-8) and ling_small's
 (32 experts, hidden 1024, width 576, top-4), bf16, random top-k routings, for 256 .. 16384
 tokens, forward and forward+backward (d x and d weights), it times:
-* ours: `moe.experts_grouped`: sort by expert, the fused gather + gate/up + SwiGLU kernel, the down
-  grouped matmul, inverse
-  gather, weighted combine (the whole routed path; a few kernel configurations, best kept);
+* ours: `pallas_kernels.moe.routed_experts_grouped`: sort by expert, the fused gather + gate/up +
+  SwiGLU kernel, the down grouped matmul, inverse gather, weighted combine (the whole routed
+  path; a few kernel configurations, best kept);
 * einsum: the capacity-padded batched einsum [E, C, D] x [E, D, F] with C = N X / E (capacity
   factor 1.0, a perfectly balanced routing; expert matmuls only, no dispatch or combine: the
   best case of the XLA token-dropping path);
@@ -35,12 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import guarded, time_jax
-from ling_jax.model import moe
 from pallas_kernels.grouped_matmul import Config, tuned_config
+from pallas_kernels.moe import routed_experts_grouped
 
 HBM_BYTES_PER_S = 3.35e12
 SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8), "small": dict(E=32, D=1024, F=576, X=4)}
 TOKENS = [256, 1024, 4096, 16384]
+INTERPRET = jax.default_backend() != "gpu"  # no GPU: the kernels interpreted (a smoke run)
+
 def configs_for(D, F, rows_per_group):
   """The model's choice for the shape and routed rows (`tuned_config`); the same with the other
   Triton visits (`Config.group_rows`); with the Triton tgmm where it uses the Mosaic one; with
@@ -83,7 +85,8 @@ def fwd_and_fwdbwd(fn):
 
 
 def ours(cfg):
-  return lambda x, idx, w, wg, wu, wd: moe.experts_grouped(x, idx, w, wg, wu, wd, config=cfg)
+  return lambda x, idx, w, wg, wu, wd: routed_experts_grouped(x, idx, w, wg, wu, wd, config=cfg,
+                                                              interpret=INTERPRET)
 
 
 def padded_einsum(x, idx, w, wg, wu, wd):
@@ -104,12 +107,12 @@ def dense(x, idx, w, wg, wu, wd):
 
 
 def mgpu_layer():
-  """`experts_grouped` with jax's Mosaic GPU ragged_dot as the grouped matmul."""
+  """`routed_experts_grouped` with jax's Mosaic GPU ragged_dot as the grouped matmul."""
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as rd
 
   mm = lambda a, b, s: rd.ragged_dot(a, b, group_sizes=s, block_m=128, block_n=128, block_k=64,
                                      max_concurrent_steps=4, grid_block_n=1)
-  return functools.partial(moe.experts_grouped, matmul=mm)
+  return functools.partial(routed_experts_grouped, matmul=mm)
 
 
 def bench(name, E, D, F, X, N, use_mgpu, configs):

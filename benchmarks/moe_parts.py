@@ -4,7 +4,7 @@
       [--config '{"mosaic_tgmm": false}'] [--no-refs] [--router]
 
 For each shape and token count (benchmarks.moe's shapes and random routings) it traces
-`moe.experts_grouped` (the forward; with --grad the forward+backward too) with `jax.profiler` and
+`routed_experts_grouped` (the forward; with --grad the forward+backward too) with `jax.profiler` and
 prints each device op's microseconds per call with the source line that produced it, next to the
 time of the whole call; --config replaces fields of the layer's kernel Config (`tuned_config`'s
 choice for the shape) for an A/B. Then two references (--no-refs skips them):
@@ -13,8 +13,8 @@ choice for the shape) for an A/B. Then two references (--no-refs skips them):
   and the stable argsort it replaced;
 * HBM: the achievable read rate (XLA summing the flash experts' 6.4 GB of weights, and
   ling_small's 113 MB, wall and device time), which bounds the layer at small token counts.
---router times only the router and the expert load (moe.route and expert_load against the
-lax.top_k and bincount code they replaced). Raw rows go to $OUT/moe_parts_N.json when OUT is set.
+--router times only the router and the expert load (router.route and expert_load against
+`router.route_reference`, the lax.top_k form they replaced, and bincount). Raw rows go to $OUT/moe_parts_N.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.moe import SHAPES, case, fwd_and_fwdbwd, weights
-from benchmarks.profile_step import device_ops, hlo_sources
+from benchmarks.moe import INTERPRET, SHAPES, case, fwd_and_fwdbwd, weights
 from benchmarks.timing import time_jax
-from ling_jax.model import moe
-from pallas_kernels.grouped_matmul import sort_by_group
+from ling_jax.model import router as moe_router
+from ling_jax.profiling import device_ops, hlo_sources
+from pallas_kernels.grouped_matmul import sort_by_group, tuned_config
+from pallas_kernels.moe import routed_experts_grouped, sort_by_expert
 
 
 def per_op(fn, args, calls: int = 5):
@@ -64,15 +65,15 @@ def show(title, total_s, ops):
 
 
 def argsort_routing(e, E):
-  """The routing's bookkeeping before `moe.sort_by_expert`: stable argsort, inverse, bincount."""
+  """The routing's bookkeeping before `sort_by_expert`: stable argsort, inverse, bincount."""
   order = jnp.argsort(e, stable=True).astype(jnp.int32)
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(e.shape[0], dtype=jnp.int32))
   return order, inverse, jnp.bincount(e, length=E).astype(jnp.int32)
 
 
 SORTS = {"argsort + scatter + bincount": argsort_routing,
-         "XLA counting sort (block 64)": moe.sort_by_expert,
-         "XLA counting sort, block 256": lambda e, E: moe.sort_by_expert(e, E, block=256),
+         "XLA counting sort (block 64)": sort_by_expert,
+         "XLA counting sort, block 256": lambda e, E: sort_by_expert(e, E, block=256),
          "kernel (chunk 4096, 8 warps)": sort_by_group,
          "kernel, chunk 1024, 4 warps": lambda e, E: sort_by_group(e, E, chunk=1024, num_warps=4),
          "kernel, chunk 8192": lambda e, E: sort_by_group(e, E, chunk=8192)}
@@ -88,24 +89,9 @@ def sorts(n: int, E: int):
 ROUTER = {"flash": dict(n_group=8, topk_group=4), "small": dict(n_group=4, topk_group=2)}
 
 
-def route_lax(x, weight, bias, *, top_k, n_group, topk_group, scale):
-  """moe.route before 2026-11-24 (session 11): lax.top_k for the groups' top-2, the kept groups
-  (scattered into a mask) and the experts. Its fp32 router matmul at HIGHEST precision, as
-  moe.route's now (it ran at the GPU's default, TF32, before)."""
-  scores = jax.nn.sigmoid(jnp.matmul(x.astype(jnp.float32), weight,
-                                     precision=jax.lax.Precision.HIGHEST))
-  N, E = scores.shape
-  grouped = (scores + bias).reshape(N, n_group, E // n_group)
-  kept = jax.lax.top_k(jax.lax.top_k(grouped, 2)[0].sum(-1), topk_group)[1]
-  keep = jnp.zeros((N, n_group), bool).at[jnp.arange(N)[:, None], kept].set(True)
-  idx = jax.lax.top_k(jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E), top_k)[1]
-  w = jnp.take_along_axis(scores, idx, axis=-1)
-  return idx.astype(jnp.int32), w / (w.sum(-1, keepdims=True) + 1e-20) * scale
-
-
 def router(name: str, n: int, ranked: bool) -> float:
-  """Device microseconds (trace) of the router and the expert load for n tokens: moe.route and
-  `expert_load`, or `route_lax` and bincount (the code they replaced)."""
+  """Device microseconds (trace) of the router and the expert load for n tokens: router.route
+  and `expert_load`, or `route_reference` and bincount (the code they replaced)."""
   s = SHAPES[name]
   k = jax.random.split(jax.random.key(2), 3)
   x = jax.random.normal(k[0], (n, s["D"]), jnp.bfloat16)
@@ -113,9 +99,9 @@ def router(name: str, n: int, ranked: bool) -> float:
   bias = 0.01 * jax.random.normal(k[2], (s["E"],), jnp.float32)
 
   def fn(x, wr, bias):
-    idx, w = (moe.route if ranked else route_lax)(x, wr, bias, top_k=s["X"], scale=2.5,
-                                                   **ROUTER[name])
-    load = moe.expert_load(idx, s["E"]) if ranked else jnp.bincount(idx.reshape(-1), length=s["E"])
+    route = moe_router.route if ranked else moe_router.route_reference
+    idx, w = route(x, wr, bias, top_k=s["X"], scale=2.5, **ROUTER[name])
+    load = moe_router.expert_load(idx, s["E"]) if ranked else jnp.bincount(idx.reshape(-1), length=s["E"])
     return idx, w, load
   return sum(t for t, *_ in per_op(jax.jit(fn), (x, wr, bias)))
 
@@ -160,7 +146,7 @@ def main():
   print(f"# device: {jax.devices()[0].device_kind}")
   rows = []
   if a.router:
-    print("\n| shape | tokens | before (lax.top_k, bincount), us | moe.route + expert_load, us |")
+    print("\n| shape | tokens | before (lax.top_k, bincount), us | route + expert_load, us |")
     print("|---|---|---|---|")
     for name in a.shapes.split(","):
       for n in map(int, a.tokens.split(",")):
@@ -172,8 +158,9 @@ def main():
     s = SHAPES[name]
     for n in map(int, a.tokens.split(",")):
       x, idx, w, ws = case(s["E"], s["D"], s["F"], s["X"], n)
-      cfg = moe.tuned_config(s["D"], s["F"], n * s["X"] / s["E"])._replace(**replace)
-      fwd, grad = fwd_and_fwdbwd(lambda *args: moe.experts_grouped(*args, config=cfg))
+      cfg = tuned_config(s["D"], s["F"], n * s["X"] / s["E"])._replace(**replace)
+      fwd, grad = fwd_and_fwdbwd(lambda *args: routed_experts_grouped(*args, config=cfg,
+                                                                      interpret=INTERPRET))
       for kind, fn, args in [("fwd", fwd, (x, idx, w, *ws))] + (
           [("fwd+bwd", grad, (x, ws, idx, w))] if a.grad else []):
         total = time_jax(fn, *args)

@@ -2,13 +2,13 @@
 
   python -m benchmarks.router_precision [--tokens 32768]
 
-`moe.route` computes x [N, D] @ w [D, E] in fp32, as the reference's F.linear in float32 does; on
-a GPU a plain fp32 dot runs at the default precision (TF32), whose error flips near-tied experts.
-For ling_small's (D 1024, E 32) and Ling-2.6-flash's (D 4096, E 256) router at 32768 tokens, with
-x in bf16 as under bf16 compute, it prints the forward's and the forward+backward's device
-microseconds (from a trace) and the largest error relative to the largest |logit|, for
-`moe.router_logits` (what the model runs: bf16 matmuls on split operands), and for one dot of the
-fp32-cast x at HIGHEST (true fp32), the split-operand algorithms (3 TF32 or 3 / 6 bf16 products)
+`router.route` computes x [N, D] @ w [D, E] in fp32, as the reference's F.linear in float32
+does; on a GPU a plain fp32 dot runs at the default precision (TF32), whose error flips near-tied
+experts. For ling_small's (D 1024, E 32) and Ling-2.6-flash's (D 4096, E 256) router at 32768
+tokens, with x in bf16 as under bf16 compute, it prints the forward's and the forward+backward's
+device microseconds (from a trace) and the largest error relative to the largest |logit|, for
+`router.router_logits` (what the model runs: bf16 matmuls on split operands), and for one dot of
+the fp32-cast x at HIGHEST (true fp32), the split-operand algorithms (3 TF32 or 3 / 6 bf16 products)
 and DEFAULT.
 """
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.moe_parts import per_op
-from ling_jax.model.moe import router_logits
+from ling_jax.model.router import router_logits
 
 PRECISIONS = {"router_logits": "ours", "HIGHEST": jax.lax.Precision.HIGHEST,
               "TF32_X3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,

@@ -67,7 +67,7 @@ def xla_ops():
   except ImportError as e:
     print(f"# XLA reference unavailable: {e}")
     return None, None
-  return functools.partial(simple_gla, impl="chunked"), simple_gla_step
+  return functools.partial(simple_gla, impl="xla"), simple_gla_step
 
 
 def fla_ops():

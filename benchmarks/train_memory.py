@@ -2,7 +2,7 @@
 
   python -m benchmarks.train_memory [--seq 4096] [--batch 4] [--remat none full dots]
                                     [--scope layer group] [--ce-chunk 0 4096] [--no-mtp]
-                                    [--gla chunked] [--moe sorted] [--model small]
+                                    [--gla xla] [--moe xla] [--model small]
 
 Builds the same jitted step as `ling_jax.train.loop.run` on abstract arguments
 (`jax.ShapeDtypeStruct`s from `nnx.eval_shape` / `jax.eval_shape`), lowers and compiles it for
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax.config import ling_small, ling_tiny
-from ling_jax.model.ling import LingForCausalLM
+from ling_jax.model import Kernels, LingForCausalLM, Remat
+from ling_jax.model.ling import build_constants
 from ling_jax.train.config import TrainConfig
 from ling_jax.train.loop import train_step
 from ling_jax.train.optim import optimizer
@@ -45,13 +46,12 @@ def abstract_step(cfg, t: TrainConfig, batch: int, seq: int, *, mtp: bool = True
   """(jitted train step, abstract state, abstract batch) for `cfg` under `t`."""
   def make():
     return LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(t.compute_dtype),
-                           param_dtype=jnp.float32, moe_impl=t.moe_impl, gla_impl=t.gla_impl,
-                           attn_impl=t.attn_impl)
+                           param_dtype=jnp.float32, kernels=t.kernels)
 
-  graphdef, params, bias = split_model(nnx.eval_shape(make))
+  graphdef, params, bias, _ = split_model(nnx.eval_shape(make))
   tx = optimizer(t)
   state = jax.eval_shape(lambda p, b: init_state(p, b, tx), params, bias)
-  step = train_step(cfg, dataclasses.replace(t, mtp=mtp), graphdef, tx)
+  step = train_step(cfg, dataclasses.replace(t, mtp=mtp), graphdef, build_constants(make), tx)
   i32 = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
   return step, state, {"tokens": i32, "positions": i32, "segment_ids": i32}
 
@@ -71,8 +71,8 @@ def main():
   p.add_argument("--seq", type=int, nargs="+", default=[4096])
   p.add_argument("--batch", type=int, nargs="+", default=[4])
   p.add_argument("--remat", nargs="+", default=["none", "full", "dots"])
-  p.add_argument("--gla", default="chunked")
-  p.add_argument("--moe", default="sorted")
+  p.add_argument("--gla", default="xla", help="the Lightning layers' impl (Kernels.lightning)")
+  p.add_argument("--moe", default="xla", help="the routed experts' impl (Kernels.moe)")
   p.add_argument("--scope", nargs="+", default=["layer"], help="remat scope: layer, group")
   p.add_argument("--ce-chunk", type=int, nargs="+", default=[4096], help="0: full logits")
   p.add_argument("--no-mtp", action="store_true")
@@ -88,8 +88,9 @@ def main():
         f" {'temp GiB':>8} | {'args GiB':>8} | {'compile s':>9} |", flush=True)
   for remat, scope, seq, batch, ce in itertools.product(a.remat, a.scope, a.seq, a.batch,
                                                         a.ce_chunk):
-    t = dataclasses.replace(TrainConfig(), remat=remat, remat_scope=scope, ce_chunk=ce,
-                            gla_impl=a.gla, moe_impl=a.moe, compute_dtype="bfloat16")
+    t = dataclasses.replace(TrainConfig(), remat=Remat(remat, scope), ce_chunk=ce,
+                            kernels=Kernels(lightning=a.gla, moe=a.moe, qk_norm_rope="xla"),
+                            compute_dtype="bfloat16")
     r = measure(cfg, t, batch, seq, mtp=not a.no_mtp, compiler_options=opts)
     print(f"| {remat:>13} | {scope:>5} | {batch:>5} | {seq:>5} | {ce:>8} | {r['temp']:>8.2f} |"
           f" {r['args']:>8.2f} | {r['compile_s']:>9.1f} |", flush=True)

@@ -7,19 +7,19 @@
 once a step) cost ~18 ms each time they run, and running them once per 8 micro-batches rather
 than once per 8 x 4096 is 4.9% more tokens/s (192.8k against 183.9k on an H100, BENCHMARKS.md
 session 13; the same update as one pass over the 64 rows up to summation order). No
-rematerialisation (`remat=none`): on an H100 with the GPU kernels (fused MLA attention keeps no
-[T, T] scores, the fused MoE kernel no dispatched copy of the tokens) a micro-batch's residuals
-fit (peak 52.0 GiB), and not recomputing the forward is 8% faster than `remat=dots_no_scores`
+rematerialisation (`remat.policy=none`): on an H100 with the GPU kernels (fused MLA attention
+keeps no [T, T] scores, the fused MoE kernel no dispatched copy of the tokens) a micro-batch's
+residuals fit (peak 52.0 GiB), and not recomputing the forward is 8% faster than `dots_no_scores`
 (158k against 146k tokens/s, session 4). The head + cross-entropy go 8192 tokens at a time
 (`ce_chunk`: 13.5 ms a head's value and gradient against 14.2 at 4096, 16.4 at 1024; `python -m
-benchmarks.ce_head --chunk N`). On a smaller GPU, `train.remat=dots_no_scores` keeps only each
-layer's deep matmuls (XLA's temp estimate, benchmarks/train_memory.py on the CPU paths: 39 GiB at
-a micro-batch of 8) and `train.remat=full` keeps nothing but the layer inputs; a larger
-`train.grad_accum` shrinks the micro-batch.
+benchmarks.ce_head --chunk N`). On a smaller GPU, `train.remat.policy=dots_no_scores` keeps only
+each layer's deep matmuls (XLA's temp estimate, benchmarks/train_memory.py on the CPU paths:
+39 GiB at a micro-batch of 8) and `train.remat.policy=full` keeps nothing but the layer inputs;
+a larger `train.grad_accum` shrinks the micro-batch.
 
 bf16 matmuls over fp32 master weights (router in fp32); on the GPU the MoE runs the grouped-
 matmul kernels, Lightning attention the Pallas kernels and MLA cuDNN's fused attention
-(`moe_impl` / `gla_impl` / `attn_impl` "auto"; the memory estimates above used the CPU paths,
+(`train.kernels` all "auto"; the memory estimates above used the CPU paths,
 sorted experts, the chunked reference and materialised scores); on the GPU the head's
 cross-entropy and Lightning's QK norms + RoPE run fused Pallas kernels. On an H100: 195.8k
 tokens/s, 36.95% MFU with the MTP head's matmul counted (BENCHMARKS.md, session 15; micro-batches
@@ -34,6 +34,7 @@ import sys
 from experiments.overrides import main
 from ling_jax.config import ling_small
 from ling_jax.data import DataConfig
+from ling_jax.model.settings import Kernels, Remat
 from ling_jax.train import Experiment, TrainConfig
 
 
@@ -42,8 +43,8 @@ def config() -> Experiment:
       model=ling_small(),
       data=DataConfig(source="synthetic", seq_len=4096, batch_size=64, eval_batches=1),
       train=TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10, compute_dtype="bfloat16",
-                        moe_impl="auto", gla_impl="auto", attn_impl="auto", remat="none",
-                        remat_scope="layer", ce_chunk=8192, grad_accum=8,
+                        kernels=Kernels(), remat=Remat(policy="none", scope="layer"),
+                        ce_chunk=8192, grad_accum=8,
                         out_dir="runs/small_pretrain", checkpoint_every=50, keep_checkpoints=2,
                         log_every=5, sample_tokens=32, unigram_batches=1),
   )

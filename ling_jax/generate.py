@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ling_jax.model import LingForCausalLM
+from ling_jax.model import Kernels, LingForCausalLM, with_kernels
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len"))
@@ -41,13 +41,16 @@ def _generate(graphdef, state, prompt, key, temperature, *, max_new_tokens: int,
 
 
 def generate(model: LingForCausalLM, prompt: jax.Array, max_new_tokens: int, *,
-             temperature: float = 0.0, seed: int = 0) -> jax.Array:
-  """prompt [B, T] int32 -> [B, T + max_new_tokens] int32 (greedy unless temperature > 0)."""
+             temperature: float = 0.0, seed: int = 0, kernels: Kernels | None = None) -> jax.Array:
+  """prompt [B, T] int32 -> [B, T + max_new_tokens] int32 (greedy unless temperature > 0).
+  kernels: the ops to run, if not those the model was built with."""
   prompt = jnp.asarray(prompt, jnp.int32)
   if prompt.ndim != 2:
     raise ValueError(f"prompt must be [batch, time] token ids, got shape {prompt.shape}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if kernels is not None:
+    model = with_kernels(model, kernels)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt, jax.random.key(seed), jnp.float32(temperature),
                    max_new_tokens=max_new_tokens, max_len=prompt.shape[1] + max_new_tokens)

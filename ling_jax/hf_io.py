@@ -28,7 +28,9 @@ from ling_jax.config import LingConfig
 from ling_jax.hf_config import write_hf_config
 from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import SafetensorsFile, write_safetensors
-from ling_jax.model.ling import LingForCausalLM
+from ling_jax.model.common import CHECKPOINTED, Constant
+from ling_jax.model.settings import Kernels
+from ling_jax.model.ling import LingForCausalLM, build_constants
 from ling_jax.weights import TensorMap, all_maps, main_maps, mtp_maps
 
 INDEX = "model.safetensors.index.json"
@@ -44,11 +46,14 @@ class CheckpointError(ValueError):
   """A checkpoint folder that does not match the config or the layout of spec 4."""
 
 
-def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, **kwargs):
-  """(graphdef, abstract state) of a model, without allocating parameters."""
-  model = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                                 param_dtype=dtype, **kwargs))
-  return nnx.split(model)
+def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels()):
+  """(graphdef, abstract state, constants) of a model, without allocating parameters: the state
+  of the variables a checkpoint holds (`CHECKPOINTED`) as shapes, and the model's `Constant`s,
+  which no checkpoint holds, computed (`build_constants`)."""
+  make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                 kernels=kernels)
+  graphdef, state, _ = nnx.split(nnx.eval_shape(make), CHECKPOINTED, Constant)
+  return graphdef, state, build_constants(make)
 
 
 def param_dtype_for(path: tuple, dtype) -> np.dtype:
@@ -91,9 +96,10 @@ def few_names(names: list[str], k: int = 5) -> str:
   return ", ".join(repr(n) for n in names[:k]) + (", ..." if len(names) > k else "")
 
 
-def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "auto",
-            gla_impl: str = "auto", progress: bool = True):
-  """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`.
+def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels(),
+            progress: bool = True):
+  """Read an HF Ling-2.6 folder -> (config, model) with parameters (and compute) in `dtype`,
+  running the ops `kernels` picks.
 
   The folder is validated as `python -m ling_jax.convert import` validates it (`HFSource.open`),
   and each tensor is read as the importer reads it, so both paths accept and refuse the same
@@ -107,7 +113,7 @@ def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "a
   folder = os.path.abspath(os.fspath(folder))
   _, cfg, _ = read_config(folder)
   check_counts(cfg, scan_folder(folder), folder)  # before a model of 10^12 layers is described
-  graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
+  graphdef, abstract, constants = abstract_model(cfg, dtype, kernels=kernels)
   flat = dict(nnx.to_flat_state(abstract))
   shapes = {path: var.get_value().shape for path, var in flat.items()}
   maps = all_maps(cfg)
@@ -129,7 +135,7 @@ def load_hf(folder: str | os.PathLike, dtype=jnp.bfloat16, *, moe_impl: str = "a
     src.close()
   for path, var in flat.items():
     var.set_value(jnp.asarray(arrays.pop(path)))
-  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat), constants)
   return cfg, model
 
 

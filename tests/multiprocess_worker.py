@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ling_jax import axes as ax
 from ling_jax.config import ling_tiny
 from ling_jax.model import LingForCausalLM
+from ling_jax.model.common import Constant, ExpertBias
+from ling_jax.model.ling import build_constants
 from ling_jax.parallel import distributed
 from ling_jax.parallel.mesh import MeshConfig, build_mesh, check_mesh
 
@@ -37,8 +39,11 @@ def step() -> dict:
   cfg = ling_tiny(num_hidden_layers=2)  # one Lightning (dense MLP) and one MLA (MoE) layer
   mesh = build_mesh(MeshConfig(**MESH))
   check_mesh(cfg, mesh, BATCH)
-  abstract = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)  # rest: the expert bias
+  make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0))
+  graphdef, params, rest, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ExpertBias, Constant)
+  # The Lightning decays, computed (the same in every process), as host arrays.
+  constants = nnx.map_state(lambda _, v: v.replace(np.asarray(v.get_value())),
+                            build_constants(make))
   # Every process draws the same weights, on the host: eager jax ops would compile one small
   # program per parameter shape, longer than the test's whole step.
   rng = np.random.default_rng(3)
@@ -50,14 +55,15 @@ def step() -> dict:
       return var.replace(1.0 + 0.1 * x)
     return var.replace((0.05 if name == "expert_bias" else 0.1) * x)
 
-  params, rest = (jax.device_put(s, ax.state_shardings(s, mesh))
-                  for s in (nnx.map_state(draw, params), nnx.map_state(draw, rest)))
+  params, rest, constants = (jax.device_put(s, ax.state_shardings(s, mesh))
+                             for s in (nnx.map_state(draw, params), nnx.map_state(draw, rest),
+                                       constants))
   tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ), dtype=np.int32)
   tokens = distributed.global_batch(tokens[distributed.process_batch_slice(BATCH, mesh)], mesh,
                                     BATCH)
 
-  def loss_fn(params, rest, tokens):  # next-token and MTP cross-entropy: every Param's gradient
-    out = nnx.merge(graphdef, params, rest).forward(tokens, mtp=True)
+  def loss_fn(params, rest, constants, tokens):  # next-token and MTP CE: every Param's gradient
+    out = nnx.merge(graphdef, params, rest, constants).forward(tokens, mtp=True)
     lp = jax.nn.log_softmax(out.logits[:, :-1])
     mp = jax.nn.log_softmax(out.mtp_logits[:, :-2])
     return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
@@ -66,8 +72,8 @@ def step() -> dict:
   # Replicated outputs: every process can read the whole result.
   step = jax.jit(jax.value_and_grad(loss_fn), out_shardings=NamedSharding(mesh, P()))
   # Unoptimised: compiling dominates the test's time.
-  step = step.lower(params, rest, tokens).compile({"xla_backend_optimization_level": 0})
-  loss, grads = step(params, rest, tokens)
+  step = step.lower(params, rest, constants, tokens).compile({"xla_backend_optimization_level": 0})
+  loss, grads = step(params, rest, constants, tokens)
   out = {"loss": np.asarray(loss)}
   for path, g in nnx.to_flat_state(grads):
     out["grad." + ".".join(map(str, path))] = np.asarray(g.get_value())

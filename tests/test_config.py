@@ -12,10 +12,12 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.config import YarnScaling, alibi_slopes, ling_2_6_1t, ling_2_6_flash, ling_small, ling_tiny
 from ling_jax.hf_config import from_hf_config, read_hf_config, to_hf_config
-from ling_jax.model import LingForCausalLM, moe
+from ling_jax.model import Kernels, LingForCausalLM
+from ling_jax.model.common import CHECKPOINTED
 from ling_jax.train.step import lm_losses
+from pallas_kernels.moe import grouped
 from flop_count import weight_matmul_flops
-from model_utils import random_tokens
+from testing import random_tokens
 
 
 def test_flash_layout_and_counts_match_spec():
@@ -46,10 +48,11 @@ def test_flops_per_token_counts_the_matmuls_the_forward_runs(overrides, monkeypa
   ragged_dot with a weight operand, counted off the jaxpr (tests/flop_count.py). With MTP that
   includes the MTP head's own matmul through the shared lm_head; norms and the expert bias are
   in no matmul."""
-  monkeypatch.setattr(moe, "experts_grouped",
-                      functools.partial(moe.experts_grouped, matmul=jax.lax.ragged_dot))
+  monkeypatch.setattr(grouped, "routed_experts_grouped",
+                      functools.partial(grouped.routed_experts_grouped, matmul=jax.lax.ragged_dot))
   cfg = ling_tiny(**overrides)
-  graphdef, params, rest = nnx.split(LingForCausalLM(cfg, rngs=nnx.Rngs(0), moe_impl="gmm"),
+  graphdef, params, rest = nnx.split(LingForCausalLM(cfg, rngs=nnx.Rngs(0),
+                                                     kernels=Kernels(moe="interpret")),
                                      nnx.Param, ...)
   B, T = 2, 96
   batch = {"tokens": random_tokens(cfg, (B, T)),
@@ -146,13 +149,14 @@ def test_real_presets_eval_shape_counts_and_shardings(preset):
   cfg = preset()
   model = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0)))
   state = nnx.state(model)
-  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, CHECKPOINTED)))
   assert n == cfg.param_count(include_mtp=True)
   mtp = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.mtp)))
   assert n - mtp == cfg.param_count()
   if preset is ling_2_6_flash:
     assert mtp == 3_307_493_632
-  # Every parameter has logical axes, and they resolve on a fake 8-device mesh.
+  # Every variable (the Lightning decays too) has logical axes; they resolve on a fake 8-device
+  # mesh.
   ax.logical_axes(state)
   mesh = ax.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
   shardings = ax.state_shardings(state, mesh)

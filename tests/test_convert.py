@@ -31,7 +31,9 @@ from ling_jax.hf_io import CheckpointError
 from ling_jax.io.destination import DISCARD, DestinationError
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from ling_jax.io.safetensors_writer import SafetensorsWriter
-from checks import deadline, rel
+from ling_jax.model import LingForCausalLM
+from ling_jax.model.common import Constant
+from testing import deadline, rel
 
 SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
 # Layers 0-1 a prefix group, 2-5 two scanned groups (stacked axis of 2), 6 the MLA tail; MTP.
@@ -123,6 +125,23 @@ def test_restored_model_matches_mlx_and_any_mesh(converted, tmp_path):
   # ... and what Orbax saved from a sharded model exports to the same bytes.
   export_hf(tmp_path / "resaved", tmp_path / "out", progress=False)
   assert_bit_exact(read_folder(tmp_path / "out"), tensors)
+
+
+def test_constants_are_rebuilt_not_stored(converted, tmp_path):
+  """The Lightning decays (`Constant`s) are in no converted checkpoint, imported or saved from a
+  live model; a restored model computes them as a freshly built one does."""
+  _, _, ckpt, _ = converted
+  cfg, model = load(ckpt, dtype=jnp.float32)
+  save(model, tmp_path / "resaved")
+  for folder in (ckpt, tmp_path / "resaved"):
+    tree = (folder / store.STATE / "_METADATA").read_text()
+    assert "gate_proj" in tree and "decay" not in tree, folder
+  fresh = nnx.state(LingForCausalLM(cfg, rngs=nnx.Rngs(1)), Constant)
+  restored = dict(nnx.to_flat_state(nnx.state(model, Constant)))
+  assert len(restored) == 2  # prefix layer 0's, the scanned groups' (layers 2 and 4, stacked)
+  for path, var in nnx.to_flat_state(fresh):
+    np.testing.assert_array_equal(np.asarray(restored[path].get_value()),
+                                  np.asarray(var.get_value()), err_msg=str(path))
 
 
 # ---------------------------------------------------------------------------------------- FP8

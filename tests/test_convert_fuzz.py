@@ -17,7 +17,7 @@ import struct
 import pytest
 import safetensors
 
-from checks import deadline
+from testing import deadline
 from hf_fixtures import INDEX, MTP_FILE, tiny_hf_config, write_random_hf_checkpoint
 from ling_jax.convert import (CheckpointFormatError, ConversionError, DestinationError,
                               import_hf, store)

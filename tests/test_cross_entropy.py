@@ -14,7 +14,7 @@ import pytest
 from ling_jax.train.loss import head_ce
 from pallas_kernels.cross_entropy import (Config, cross_entropy, cross_entropy_pallas,
                                           cross_entropy_reference)
-from checks import gpu
+from testing import export_for_cuda, gpu
 
 
 def make(seed, C, V, scale=4.0):
@@ -82,7 +82,7 @@ def test_cross_entropy_kernel_interpreted(C, V, cfg, grad_dtype):
 
 def test_cross_entropy_op_dispatch():
   x, t, m = make(0, 10, 70)
-  got, want = jax.jit(lambda *a: (cross_entropy(*a, impl="pallas_interpret",
+  got, want = jax.jit(lambda *a: (cross_entropy(*a, impl="interpret",
                                                  config=Config(block_v=32)),
                                    cross_entropy(*a, impl="xla")))(x, t, m)
   for a, b in zip(got, want):
@@ -110,7 +110,7 @@ def test_head_ce_kernel_matches_xla(dtype):
         lambda h, w: (f(h, w), jax.value_and_grad(f, argnums=(0, 1))(h, w)))(h, w)
     return value, value_g, *grads
 
-  got, want = run("pallas_interpret"), run("xla")
+  got, want = run("interpret"), run("xla")
   close(got[0], got[1], 1e-6, 0)
   close(got[0], want[0], 1e-6, 0)
   close(got[1], want[1], 1e-6, 0)
@@ -125,7 +125,6 @@ def test_head_ce_kernel_matches_xla(dtype):
 def test_cross_entropy_kernel_lowers_for_sm90():
   """The Triton lowering (not run by interpret mode) at the head's shape with the default config
   and with the one-read config, the value-only kernel, and tails in rows and V."""
-  from tests.test_triton_lowering import export_for_cuda
   S = jax.ShapeDtypeStruct
   for C, V, cfg, grad_dtype in [
       (8192, 32768, Config(), jnp.bfloat16),

@@ -17,7 +17,7 @@ from ling_jax.data import (ByteTokenizer, Data, DataConfig, DataError, HFTokeniz
                            SyntheticIterator, load_documents, packed_dataset, split_documents,
                            stdlib_files)
 from ling_jax.data.pipeline import json_state
-from model_utils import random_model
+from testing import random_model
 
 DOCS = ["alpha beta gamma", "x" * 70, "def f():\n    return 1\n", "é ü ß 漢字", "short", "z" * 5,
         "the quick brown fox jumps over the lazy dog " * 3]

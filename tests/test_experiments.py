@@ -39,7 +39,9 @@ print("jax imported:", "jax" in sys.modules)
     for section in ("model", "data", "train"):
       cfg = getattr(exp, section)
       for f in dataclasses.fields(cfg):
-        line = f"  {section}.{f.name}: {f.type} = {getattr(cfg, f.name)!r}"
+        value = getattr(cfg, f.name)  # a section (train.kernels) heads its own fields' lines
+        line = f"  {section}.{f.name}: {f.type}" + (
+            "" if dataclasses.is_dataclass(value) else f" = {value!r}")
         assert any(l.startswith(line) for l in out.splitlines()), line
     assert "  model.hidden_size: int = 32\n" in out
     assert "  train.seed: int = 0  # parameter init\n" in out

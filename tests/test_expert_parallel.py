@@ -14,10 +14,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ling_jax import axes as ax
-from ling_jax.model.moe import expert_load, experts_dense, experts_grouped, experts_sorted
+from ling_jax.model.router import expert_load
 from ling_jax.parallel.exchange import ragged_all_to_all
 from ling_jax.parallel.expert import expert_parallel_experts, fill_empty
-from checks import ON_GPU, rel
+from pallas_kernels.moe import (routed_experts_blocked, routed_experts_grouped,
+                                routed_experts_reference)
+from testing import ON_GPU, rel
 
 E, D, F, N, X = 8, 32, 16, 64, 2
 
@@ -62,7 +64,7 @@ def value_and_grads(experts, p):
 
 
 def reference(x, ids, w, wg, wu, wd):
-  return experts_dense(x, ids, w, wg, wu, wd), expert_load(ids, E)
+  return routed_experts_reference(x, ids, w, wg, wu, wd), expert_load(ids, E)
 
 
 def single_device(p):
@@ -71,7 +73,8 @@ def single_device(p):
 
 MESHES = {"fsdp2_expert4": {"fsdp": 2, "expert": 4}, "expert2_tensor4": {"expert": 2, "tensor": 4},
           "expert8": {"expert": 8}, "data2_fsdp2_expert2": {"data": 2, "fsdp": 2, "expert": 2}}
-DENSE = fill_empty(experts_dense)
+DENSE = fill_empty(routed_experts_reference)
+GROUPED = functools.partial(routed_experts_grouped, interpret=not ON_GPU)
 CASES = [  # (mesh, strategy, local (None: the default, the XLA sorted path), skewed routing)
     ("fsdp2_expert4", "all_gather", None, False),
     ("expert2_tensor4", "all_gather", onehot_experts, False),
@@ -103,7 +106,7 @@ def test_grouped_local_in_interpret_mode():
   p = problem(seed=3)
   mesh = ax.make_mesh({"fsdp": 4, "expert": 2})
   y, load, grads = value_and_grads(lambda *a: expert_parallel_experts(
-      *a, mesh=mesh, strategy="all_to_all", local=fill_empty(experts_grouped)), p)
+      *a, mesh=mesh, strategy="all_to_all", local=fill_empty(GROUPED)), p)
   y0, load0, grads0 = single_device(p)
   assert rel(y, y0) < 1e-5
   np.testing.assert_array_equal(load, load0)
@@ -162,7 +165,7 @@ def _capacity_run(slack):
   y, _ = jax.jit(lambda *a: expert_parallel_experts(
       *a, mesh=mesh, strategy="all_to_all", capacity=_fullest_device(p) + slack,
       local=onehot_experts))(*args)
-  return y, experts_dense(*args)
+  return y, routed_experts_reference(*args)
 
 
 def test_capacity_that_fits_the_fullest_device_is_exact():
@@ -216,7 +219,7 @@ def test_ragged_all_to_all_gpu_matches_single_device():
   mesh = ax.make_mesh({"expert": 2}, devices=jax.devices()[:2])
   with jax.default_matmul_precision("highest"):  # fp32 dots, not TF32, on both sides
     y, load, grads = value_and_grads(lambda *a: expert_parallel_experts(
-        *a, mesh=mesh, strategy="ragged_all_to_all", local=fill_empty(experts_sorted)), p)
+        *a, mesh=mesh, strategy="ragged_all_to_all", local=fill_empty(routed_experts_blocked)), p)
     y0, load0, grads0 = single_device(p)
   assert rel(y, y0) < 1e-5
   np.testing.assert_array_equal(load, load0)

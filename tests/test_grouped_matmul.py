@@ -1,4 +1,4 @@
-"""Pallas grouped matmul (gmm, tgmm, the custom_vjp op) and the MoE "gmm" dispatch.
+"""Pallas grouped matmul (gmm, tgmm, the custom_vjp op) and the routed-experts op on it.
 
 The independent reference is a float64 NumPy loop over groups. On CPU the kernels run in Pallas
 interpret mode; the `gpu` tests run the compiled Triton kernels (skipped without a GPU).
@@ -9,47 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ling_jax.model import moe
+from ling_jax.model import router
 from pallas_kernels.grouped_matmul import (Config, gmm_glu, gmm_glu_pallas, gmm_glu_reference,
                                            gmm_pallas, gmm_reference, gmm_sum_pallas,
                                            grouped_matmul, sort_by_group, tgmm_pallas,
-                                           visit_table, visits)
-from checks import ON_GPU, gpu, rel
+                                           tuned_config, visit_table, visits)
+from pallas_kernels.moe import (resolve_impl, routed_experts, routed_experts_grouped,
+                                routed_experts_reference, sort_by_expert)
+from testing import ON_GPU, gpu, np_gmm, np_tgmm, random_sizes, rel
 
 SMALL = Config(block_m=32, block_n=16, block_k=32, block_n_glu=16, block_n_sum=16, block_m_t=16,
                block_k_t=32, block_n_t=16, block_n_t2=16, interpret=True)
-
-
-def np_gmm(x, w, sizes, transpose_rhs=False):
-  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  out, start = np.zeros((x.shape[0], w.shape[1] if transpose_rhs else w.shape[2])), 0
-  for g, n in enumerate(np.asarray(sizes)):
-    out[start:start + n] = x[start:start + n] @ (w[g].T if transpose_rhs else w[g])
-    start += n
-  return out  # rows past sum(sizes) stay zero
-
-
-def np_tgmm(x, dy, sizes):
-  x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
-  out, start = np.zeros((len(sizes), x.shape[1], dy.shape[1])), 0
-  for g, n in enumerate(np.asarray(sizes)):
-    out[g] = x[start:start + n].T @ dy[start:start + n]
-    start += n
-  return out
-
-
-def random_sizes(rng, G, total, kind):
-  if kind == "uniform":
-    return np.bincount(rng.integers(0, G, total), minlength=G)
-  if kind == "one_group":  # everything in one group, every other group empty
-    s = np.zeros(G, int)
-    s[rng.integers(G)] = total
-    return s
-  if kind == "skewed":  # zipf-like, several empty groups
-    p = 1.0 / np.arange(1, G + 1) ** 2
-    s = np.bincount(rng.choice(G, total, p=p / p.sum()), minlength=G)
-    return rng.permutation(s)
-  raise ValueError(kind)
 
 
 CASES = [  # (M, K, N, G, kind, rows past the groups)
@@ -159,7 +129,7 @@ def test_grouped_matmul_gradients(kind):
   def loss(impl, x, w):
     return jnp.sum(jnp.tanh(grouped_matmul(x, w, sizes, impl=impl, config=SMALL)) * proj)
 
-  got = jax.value_and_grad(lambda *a: loss("pallas_interpret", *a), argnums=(0, 1))(x, w)
+  got = jax.value_and_grad(lambda *a: loss("interpret", *a), argnums=(0, 1))(x, w)
   want = jax.value_and_grad(lambda *a: loss("reference", *a), argnums=(0, 1))(x, w)
   assert rel(got[0], want[0]) < 1e-5
   for a, b in zip(got[1], want[1]):
@@ -336,7 +306,7 @@ def test_moe_gmm_dispatch_matches_dense_with_grads(skew, sort_kernel):
   bias = jnp.asarray(np.r_[skew, skew, np.zeros(E - 2)], jnp.float32)
   wts = tuple(jnp.asarray(rng.standard_normal(s) * 0.2, jnp.float32)
               for s in ((E, D, F), (E, D, F), (E, F, D)))
-  idx, w = moe.route(x, wr, bias, top_k=X, n_group=1, topk_group=1, scale=2.5)
+  idx, w = router.route(x, wr, bias, top_k=X, n_group=1, topk_group=1, scale=2.5)
   if skew:  # every token on experts 0 and 1, six empty experts
     assert (np.bincount(np.asarray(idx).ravel(), minlength=E) == 0).sum() == E - 2
 
@@ -344,12 +314,13 @@ def test_moe_gmm_dispatch_matches_dense_with_grads(skew, sort_kernel):
     y = fn(x, idx, w, *wts)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
 
-  cfg = SMALL._replace(group_rows=bool(skew), sort_kernel=sort_kernel)
-  grouped = lambda *a: moe.experts_grouped(*a, config=cfg)
+  cfg = SMALL._replace(group_rows=bool(skew))
+  grouped = lambda *a: routed_experts_grouped(*a, config=cfg, interpret=True,
+                                              sort_kernel=sort_kernel)
   assert ("name=sort_by_group" in str(jax.make_jaxpr(grouped)(x, idx, w, *wts))) == sort_kernel
-  np.testing.assert_allclose(grouped(x, idx, w, *wts), moe.experts_dense(x, idx, w, *wts),
+  np.testing.assert_allclose(grouped(x, idx, w, *wts), routed_experts_reference(x, idx, w, *wts),
                              rtol=1e-5, atol=1e-5)
-  gd = jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1, 2))(x, w, wts)
+  gd = jax.grad(lambda *a: loss(routed_experts_reference, *a), argnums=(0, 1, 2))(x, w, wts)
   gg = jax.grad(lambda *a: loss(grouped, *a), argnums=(0, 1, 2))(x, w, wts)
   for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gd)):
     assert rel(a, b) < 1e-5
@@ -362,7 +333,7 @@ def test_sort_by_expert_is_a_stable_argsort(A, E, block, kind):
   every assignment on one expert, fewer assignments than a block."""
   rng = np.random.default_rng(A)
   ids = rng.permutation(np.repeat(np.arange(E), random_sizes(rng, E, A, kind)))
-  order, inverse, sizes = jax.jit(moe.sort_by_expert, static_argnums=1, static_argnames="block")(
+  order, inverse, sizes = jax.jit(sort_by_expert, static_argnums=1, static_argnames="block")(
       jnp.asarray(ids), E, block=block)
   want = np.argsort(ids, kind="stable")
   np.testing.assert_array_equal(order, want)
@@ -410,27 +381,36 @@ def test_sort_kernel_refuses_bad_input():
 def test_tuned_config_tiles_by_rows_per_expert():
   """64-row tiles when groups are short (decode, short prefills), the 128-row default otherwise;
   the expert shape picks the fused kernels' widths either way."""
-  assert moe.tuned_config(1024, 576, rows_per_group=32).block_m == 64
-  assert moe.tuned_config(1024, 576, rows_per_group=512).block_m == 128
-  assert moe.tuned_config(4096, 1024).block_m == 128
-  assert moe.tuned_config(4096, 1024, 8).block_n_glu == 128
-  assert moe.tuned_config(4096, 1024).block_n_glu == 128
+  assert tuned_config(1024, 576, rows_per_group=32).block_m == 64
+  assert tuned_config(1024, 576, rows_per_group=512).block_m == 128
+  assert tuned_config(4096, 1024).block_m == 128
+  assert tuned_config(4096, 1024, 8).block_n_glu == 128
+  assert tuned_config(4096, 1024).block_n_glu == 128
   # The Mosaic kernel at ling_small's shape and 513+ rows per expert; the stacked glu backward
   # from 2048 rows per expert; neither at the flash shape.
-  assert [moe.tuned_config(1024, 576, r).mosaic for r in (32, 512, 1024)] == [False, False, None]
-  assert [moe.tuned_config(1024, 576, r).stacked_backward for r in (512, 4096)] == [False, True]
-  flash = moe.tuned_config(4096, 1024, 4096)
+  assert [tuned_config(1024, 576, r).mosaic for r in (32, 512, 1024)] == [False, False, None]
+  assert [tuned_config(1024, 576, r).stacked_backward for r in (512, 4096)] == [False, True]
+  flash = tuned_config(4096, 1024, 4096)
   assert (flash.mosaic, flash.stacked_backward, flash.mosaic_tgmm) == (False, False, False)
-  assert [moe.tuned_config(1024, 576, r).mosaic_tgmm for r in (512, 4096)] == [False, True]
+  assert [tuned_config(1024, 576, r).mosaic_tgmm for r in (512, 4096)] == [False, True]
   # Visits as group pieces except where the stacked backward runs (aligned tiles measured better)
-  assert [moe.tuned_config(1024, 576, r).group_rows for r in (32, 512, 4096)] == [True, True, False]
+  assert [tuned_config(1024, 576, r).group_rows for r in (32, 512, 4096)] == [True, True, False]
   assert flash.group_rows
 
 
 def test_moe_impl_switch():
-  assert moe.resolve_impl("auto") == ("gmm" if ON_GPU else "sorted")
-  with pytest.raises(ValueError, match="unknown MoE impl"):
-    moe.resolve_impl("megablocks")
+  assert resolve_impl("auto") == ("pallas" if ON_GPU else "xla")
+  x, idx, w, wts = moe_case(np.random.default_rng(12), 6, 8, 4, 4, 2, jnp.float32)
+  want = routed_experts(x, idx, w, *wts, impl="reference")
+  for impl in ("auto", "xla", "interpret"):
+    np.testing.assert_allclose(routed_experts(x, idx, w, *wts, impl=impl), want, rtol=1e-5,
+                               atol=1e-6, err_msg=impl)
+  with pytest.raises(ValueError, match="unknown MoE impl 'gmm'"):
+    routed_experts(x, idx, w, *wts, impl="gmm")
+  with pytest.raises(ValueError, match=r"expert_ids \(6, 2\) and weights \(6, 1\)"):
+    routed_experts(x, idx, w[:, :1], *wts)
+  with pytest.raises(ValueError, match=r"w_down \(4, 8, 4\)"):
+    routed_experts(x, idx, w, wts[0], wts[1], wts[1])
 
 
 # ----------------------------------------------------------------------------- on the GPU
@@ -478,9 +458,9 @@ def test_gpu_moe_gmm_matches_dense_with_grads():
   x, idx, w, wts = moe_case(np.random.default_rng(6), 512, 256, 128, 16, 4, jnp.float32)
   loss = lambda fn, x, wts: jnp.sum(jnp.sin(fn(x, idx, w, *wts)))
   with jax.default_matmul_precision("highest"):  # XLA's fp32 GPU default is TF32-like (~1e-3)
-    gg = jax.jit(jax.grad(lambda *a: loss(moe.experts_grouped, *a), argnums=(0, 1)))(x, wts)
-    assert "name=sort_by_group" in str(jax.make_jaxpr(moe.experts_grouped)(x, idx, w, *wts))
-    gd = jax.jit(jax.grad(lambda *a: loss(moe.experts_dense, *a), argnums=(0, 1)))(x, wts)
+    gg = jax.jit(jax.grad(lambda *a: loss(routed_experts_grouped, *a), argnums=(0, 1)))(x, wts)
+    assert "name=sort_by_group" in str(jax.make_jaxpr(routed_experts_grouped)(x, idx, w, *wts))
+    gd = jax.jit(jax.grad(lambda *a: loss(routed_experts_reference, *a), argnums=(0, 1)))(x, wts)
   for a, b in zip(jax.tree.leaves(gg), jax.tree.leaves(gd)):
     assert rel(a, b) < 1e-4
 
@@ -496,7 +476,7 @@ def test_gpu_moe_on_the_mosaic_kernel_matches_triton_bf16(mosaic_tgmm):
   N, D, F, E, X = 2048, 256, 192, 16, 4
   x, idx, w, wts = moe_case(rng, N, D, F, E, X, jnp.bfloat16)
   proj = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
-  loss = lambda cfg, x, wts: jnp.sum(moe.experts_grouped(x, idx, w, *wts, config=cfg) * proj)
+  loss = lambda cfg, x, wts: jnp.sum(routed_experts_grouped(x, idx, w, *wts, config=cfg) * proj)
   from pallas_kernels.grouped_matmul import mosaic
   assert mosaic.tiles_for(F, D) and mosaic.tiles_for(D, F)  # down's forward; its d input
   cfg = Config(block_n_glu=64, stacked_backward=True, mosaic_tgmm=mosaic_tgmm)

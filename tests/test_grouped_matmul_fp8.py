@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels.grouped_matmul import (Config, Fp8Weight, dequantize, gmm, gmm_glu,
                                            gmm_glu_pallas, gmm_glu_reference, gmm_pallas,
                                            grouped_matmul)
-from checks import gpu, rel, rel_max
+from testing import gpu, rel, rel_max
 
 CFG = Config(block_m=32, block_n=64, block_k=64, block_n_glu=64, interpret=True)
 SCHEMES = {"block": (128, 128), "channel": None}
@@ -92,7 +92,7 @@ def test_fp8_gmm_matches_float64_and_the_dequantised_bf16_kernel(scheme, dtype, 
   ref = grouped_matmul(x, w, gs, impl="reference")
   assert rel(ref, want) < (1e-6 if dtype == jnp.float32 else 5e-3)
   np.testing.assert_array_equal(
-      np.asarray(grouped_matmul(x, w, gs, impl="pallas_interpret", config=cfg), np.float32),
+      np.asarray(grouped_matmul(x, w, gs, impl="interpret", config=cfg), np.float32),
       np.asarray(out, np.float32))
 
 
@@ -143,7 +143,7 @@ def test_fp8_weights_refuse_gradients():
   with pytest.raises(ValueError, match="gmm_glu with FP8 weights .* no gradient"):
     jax.grad(lambda x: gmm_glu(x, r, None, w, w, gs, CFG).sum())(x)
   with pytest.raises(ValueError, match="no gradient"):
-    jax.grad(lambda x: grouped_matmul(x, w, gs, impl="pallas_interpret", config=CFG).sum())(x)
+    jax.grad(lambda x: grouped_matmul(x, w, gs, impl="interpret", config=CFG).sum())(x)
   out = jax.jit(lambda x, w: gmm(x, w, gs, CFG))(x, w)  # Fp8Weight is a pytree: jit takes it
   assert rel(out, np_grouped(x, np_weight(w), [20, 0, 12])) < 1e-6
   c = jnp.float32(2.0)

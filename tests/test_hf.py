@@ -16,7 +16,7 @@ from ling_jax import hf_io
 from ling_jax.convert import import_hf
 from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
-from checks import rel
+from testing import rel
 
 # Config families of issue 2: head counts (power of two and the ALiBi fallback), layer_group_size
 # 2-8 with and without tail layers, first_k_dense_replace 0-2, q-LoRA on/off, n_group/topk_group,

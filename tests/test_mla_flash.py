@@ -1,21 +1,23 @@
-"""MLA through jax's Pallas flash-attention kernel (`impl="flash"`) against the materialised path.
+"""The causal attention op (pallas_kernels.attention) that MLA calls: jax's Pallas flash kernel
+(`impl="pallas"`) and cuDNN against the materialised reference, and the MLA layer on each.
 
 The independent reference for the forward is a float64 NumPy softmax attention with the position
-and segment masks; gradients are checked against the XLA path ("xla", fp32 at highest precision),
-which shares no code with the kernel. On CPU the kernel runs in interpret mode; the `gpu` test
-runs the compiled Triton kernels.
+and segment masks; gradients are checked against the reference ("xla", fp32 at highest
+precision), which shares no code with the kernels. On CPU the flash kernel runs in interpret
+mode; the `gpu` tests run the compiled Triton and cuDNN kernels.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ling_jax.config import ling_tiny
-from ling_jax.model import mla
-from model_utils import random_model, random_tokens
-from checks import ON_GPU, gpu, rel
+from ling_jax.model import Kernels
+from pallas_kernels.attention import (CUDNN_SEGMENT_LADDER, attention_reference, causal_attention,
+                                      cudnn_attention, cudnn_available, flash_attention,
+                                      ladder_rung, resolve_impl, segment_offsets)
+from testing import ON_GPU, gpu, random_model, random_tokens, rel
 
 K, R, V = 16, 8, 16  # nope, rope and value head dims (ling_tiny's)
 
@@ -47,10 +49,16 @@ def np_attention(qn, qp, kn, kp, v, seg, pos, scale):
 
 
 def xla_attention(qn, qp, kn, kp, v, seg, pos, scale):
-  s = (jnp.einsum("bthk,bshk->bhts", qn, kn, preferred_element_type=jnp.float32)
-       + jnp.einsum("bthr,bsr->bhts", qp, kp, preferred_element_type=jnp.float32))
-  mask = (pos[:, :, None] >= pos[:, None, :]) & (seg[:, :, None] == seg[:, None, :])
-  return jnp.einsum("bhts,bshv->bthv", mla._masked_softmax(s * scale, mask[:, None]), v)
+  return attention_reference(qn, kn, v, scale=scale, q_rope=qp, k_rope=kp, segment_ids=seg,
+                             positions=pos)
+
+
+def flash(qn, qp, kn, kp, v, seg, scale, **kw):
+  return flash_attention(qn, kn, v, scale=scale, q_rope=qp, k_rope=kp, segment_ids=seg, **kw)
+
+
+def cudnn(qn, qp, kn, kp, v, seg, scale, **kw):
+  return cudnn_attention(qn, kn, v, scale=scale, q_rope=qp, k_rope=kp, segment_ids=seg, **kw)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -58,7 +66,7 @@ def test_flash_matches_float64_on_packed_rows(dtype, tol):
   rng = np.random.default_rng(0)
   seg, pos = packed(rng, 2, 64)
   args = inputs(rng, 2, 64, 2, dtype)
-  got = mla._flash(*args, seg, 0.2, interpret=True)
+  got = flash(*args, seg, 0.2, interpret=True)
   assert got.shape == (2, 64, 2, V) and got.dtype == dtype
   assert rel(got, np_attention(*args, seg, pos, 0.2)) < tol
 
@@ -70,7 +78,7 @@ def test_flash_gradients_match_xla_path():
   loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
   with jax.default_matmul_precision("highest"):
     want = jax.grad(loss(lambda *a: xla_attention(*a, seg, pos, 0.2)), argnums=range(5))(*args)
-    got = jax.grad(loss(lambda *a: mla._flash(*a, seg, 0.2, interpret=True)), argnums=range(5))(*args)
+    got = jax.grad(loss(lambda *a: flash(*a, seg, 0.2, interpret=True)), argnums=range(5))(*args)
   for name, g, w in zip(("q_nope", "q_pe", "k_nope", "k_pe", "v"), got, want):
     assert np.isfinite(np.asarray(g)).all(), name
     assert rel(g, w) < 1e-5, name
@@ -81,33 +89,36 @@ def test_model_with_flash_mla_matches_xla_on_packed_rows():
   B, T = 2, 32
   seg, pos = packed(np.random.default_rng(2), B, T)
   tokens = random_tokens(cfg, (B, T))
-  run = lambda impl: random_model(cfg, attn_impl=impl).forward(
+  run = lambda impl: random_model(cfg, kernels=Kernels(attention=impl)).forward(
       tokens, positions=pos, segment_ids=seg, scan=False).logits
-  assert rel(run("flash_interpret"), run("xla")) < 1e-5
+  assert rel(run("interpret"), run("xla")) < 1e-5
 
 
 def test_auto_and_bad_input():
-  model = random_model(ling_tiny(), attn_impl="auto")
-  attn = next(m for _, m in nnx.iter_graph(model) if isinstance(m, mla.MultiLatentAttention))
   bf16 = jnp.bfloat16
-  assert attn._plain_impl(4096, bf16) == ("cudnn" if ON_GPU and mla.cudnn_available() else
-                                          "flash" if ON_GPU else "xla")
-  assert attn._plain_impl(4096, jnp.float32) == ("flash" if ON_GPU else "xla")
-  assert attn._plain_impl(100, bf16) == "xla"
-  wide = random_model(ling_tiny(qk_nope_head_dim=128, qk_rope_head_dim=64), attn_impl="auto")
-  attn = next(m for _, m in nnx.iter_graph(wide) if isinstance(m, mla.MultiLatentAttention))
-  assert attn._plain_impl(4096, jnp.float32) == ("flash" if ON_GPU else "xla")  # 192: smaller blocks
-  with pytest.raises(ValueError, match="unknown MLA impl"):
-    random_model(ling_tiny(), attn_impl="cudnn9")
+  auto = lambda T, qk, v, dtype: resolve_impl("auto", T, qk, v, dtype)
+  assert auto(4096, 24, 16, bf16) == ("cudnn" if ON_GPU and cudnn_available() else
+                                      "pallas" if ON_GPU else "xla")
+  assert auto(4096, 24, 16, jnp.float32) == ("pallas" if ON_GPU else "xla")
+  assert auto(100, 24, 16, bf16) == "xla"
+  assert auto(4096, 192, 128, jnp.float32) == ("pallas" if ON_GPU else "xla")  # smaller blocks
+  assert auto(4096, 320, 128, jnp.float32) == "xla"
   with pytest.raises(ValueError, match="bf16 / fp16"):
-    mla._cudnn(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32), None, 0.2)
+    cudnn(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32), None, 0.2)
   with pytest.raises(ValueError, match="divisible by 128 .*got 96"):
-    mla._cudnn(*inputs(np.random.default_rng(3), 1, 96, 2, jnp.bfloat16), jnp.ones((1, 96)), 0.2)
+    cudnn(*inputs(np.random.default_rng(3), 1, 96, 2, jnp.bfloat16), jnp.ones((1, 96)), 0.2)
   with pytest.raises(ValueError, match="head dims up to 256"):
-    mla._flash(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32, (200, 64, 64)), None, 0.2,
-               interpret=True)
+    flash(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32, (200, 64, 64)), None, 0.2,
+          interpret=True)
   with pytest.raises(ValueError, match="divide the sequence length 48"):
-    mla._flash(*inputs(np.random.default_rng(3), 1, 48, 2, jnp.float32), None, 0.2, interpret=True)
+    flash(*inputs(np.random.default_rng(3), 1, 48, 2, jnp.float32), None, 0.2, interpret=True)
+  q = jnp.ones((1, 8, 2, 4))
+  with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+    causal_attention(q, q, q, scale=1.0, impl="flash")
+  with pytest.raises(ValueError, match=r"v must be \[B, T, H, V\]"):
+    causal_attention(q, q, q[:, :4], scale=1.0)
+  with pytest.raises(ValueError, match="both be given"):
+    causal_attention(q, q, q, scale=1.0, q_rope=q)
 
 
 @gpu
@@ -118,7 +129,7 @@ def test_gpu_flash_matches_xla_bf16_with_grads(dims):
   args = inputs(rng, 2, 1024, 4, jnp.bfloat16, dims)
   loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
   f_xla = lambda *a: xla_attention(*a, seg, pos, 0.2)
-  f_flash = lambda *a: mla._flash(*a, seg, 0.2)
+  f_flash = lambda *a: flash(*a, seg, 0.2)
   assert rel(jax.jit(f_flash)(*args), np_attention(*args, seg, pos, 0.2)) < 2e-2
   want = jax.jit(jax.grad(loss(f_xla), argnums=range(5)))(*args)
   got = jax.jit(jax.grad(loss(f_flash), argnums=range(5)))(*args)
@@ -131,7 +142,7 @@ def test_segment_offsets_against_python_runs():
   B, T = 3, 50
   seg = np.cumsum(rng.random((B, T)) < 0.2, axis=1) + 7  # random runs, ids not starting at 0
   seg[2] = 3  # one document
-  offsets, lengths, count = mla.segment_offsets(jnp.asarray(seg, jnp.int32), 12)
+  offsets, lengths, count = segment_offsets(jnp.asarray(seg, jnp.int32), 12)
   for b in range(B):
     starts = [t for t in range(T) if t == 0 or seg[b, t] != seg[b, t - 1]]
     runs = [e - s for s, e in zip(starts, [*starts[1:], T])]
@@ -140,7 +151,7 @@ def test_segment_offsets_against_python_runs():
     assert list(offsets[b]) == (starts + [-1] * 13)[:13]
     assert list(lengths[b, :n]) == runs[:n] and (len(starts) > 12 or list(lengths[b, n:]) == [-1] * (12 - n))
 
-  rung = lambda *c: int(mla.ladder_rung(jnp.asarray(c), (8, 16, 32)))
+  rung = lambda *c: int(ladder_rung(jnp.asarray(c), (8, 16, 32)))
   assert [rung(1, 8), rung(9, 2), rung(3, 16), rung(17), rung(32, 1), rung(33, 1)] == [0, 1, 1, 2, 2, 3]
 
 
@@ -156,8 +167,8 @@ def test_gpu_cudnn_matches_float64_and_xla_grads(dims, docs):
   if docs == "none":
     seg, pos = None, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
   args = inputs(rng, 2, T, 4, jnp.bfloat16, dims)
-  ladder = (2,) if docs == "too_many" else mla.CUDNN_SEGMENT_LADDER
-  f_cudnn = lambda *a: mla._cudnn(*a, seg, 0.2, ladder=ladder)
+  ladder = (2,) if docs == "too_many" else CUDNN_SEGMENT_LADDER
+  f_cudnn = lambda *a: cudnn(*a, seg, 0.2, ladder=ladder)
   ids = jnp.ones((2, T), jnp.int32) if seg is None else seg
   assert rel(jax.jit(f_cudnn)(*args), np_attention(*args, ids, pos, 0.2)) < 2e-2
   loss = lambda fn: lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)

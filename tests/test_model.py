@@ -1,23 +1,27 @@
-"""Model internals: scan vs unrolled, MoE dispatch paths, router, decode, MTP, sharded forward."""
+"""Model internals: scan vs unrolled, MoE dispatch paths, router, decode, MTP, sharded forward,
+kernel settings, stored constants, remat."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import numpy_reference as ref
-from benchmarks.moe_parts import route_lax
 from ling_jax import axes as ax
-from ling_jax.config import ling_tiny
+from ling_jax.config import alibi_slopes, ling_tiny
 from ling_jax.hf_config import to_hf_config
 from ling_jax.hf_io import hf_tensors
-from ling_jax.model import moe
+from ling_jax.generate import generate
+from ling_jax.model import Kernels, LingForCausalLM, Remat, router, with_kernels
+from ling_jax.model.common import CHECKPOINTED, Constant
+from ling_jax.train.step import init_state, split_model
 from ling_jax.weights import all_maps
-from model_utils import random_model, random_tokens
-from checks import rel
+from pallas_kernels.moe import routed_experts_blocked, routed_experts_reference
+from testing import random_model, random_tokens, rel
 
 
 @functools.partial(nnx.jit, static_argnames=("scan",))
@@ -52,7 +56,7 @@ def _routing_case(seed, N=40, D=16, E=8, X=2, skew=0.0):
 
 
 def test_router_logits_of_bf16_activations_reach_fp32_accuracy():
-  """moe.router_logits runs bf16 matmuls on split operands for bf16 x: the logits and d weight
+  """router.router_logits runs bf16 matmuls on split operands for bf16 x: the logits and d weight
   within fp32 rounding of float64 (a plain bf16 or TF32 product is off by ~1e-3 / ~3e-4 of the
   largest), d x the float64 value rounded to bf16 (but for rare double-rounding ties), also
   jitted (a compiler folding the split's round trips would zero its later terms)."""
@@ -64,7 +68,7 @@ def test_router_logits_of_bf16_activations_reach_fp32_accuracy():
 
   @jax.jit
   def run(x, w, g):
-    out, vjp = jax.vjp(moe.router_logits, x, w)
+    out, vjp = jax.vjp(router.router_logits, x, w)
     return out, *vjp(g)
 
   out, dx, dw = run(x, w, g)
@@ -83,7 +87,7 @@ def test_router_matches_float64_spec(n_group, topk_group):
   x, wr, bias, _ = _routing_case(3)
   cfg = dict(num_experts=8, n_group=n_group, topk_group=topk_group, num_experts_per_tok=2,
              routed_scaling_factor=2.5)
-  idx, w = moe.route(x, wr, bias, top_k=2, n_group=n_group, topk_group=topk_group, scale=2.5)
+  idx, w = router.route(x, wr, bias, top_k=2, n_group=n_group, topk_group=topk_group, scale=2.5)
   W = {"m.gate.weight": np.asarray(wr, np.float64).T, "m.gate.expert_bias": np.asarray(bias, np.float64)}
   for t in range(x.shape[0]):
     ids, wt = ref.route(W, "m", np.asarray(x[t], np.float64), cfg)
@@ -99,11 +103,11 @@ def test_ranked_top_k_matches_lax_top_k_with_ties_and_masks(shape, k):
   masked = jnp.where(jax.random.bernoulli(jax.random.key(8), 0.5, shape), -jnp.inf, ties)
   odd = jnp.where(jax.random.bernoulli(jax.random.key(9), 0.2, shape), jnp.nan, masked)
   for v in (x, ties, masked, odd, ties.astype(jnp.bfloat16)):  # ties include -0 against +0
-    got, want = moe._top_k(v, k), jax.lax.top_k(v, k)
+    got, want = router._top_k(v, k), jax.lax.top_k(v, k)
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     if v.dtype != jnp.bfloat16:  # the group score's top-2 sum, NaNs aside (both give NaN there)
-      np.testing.assert_array_equal(np.asarray(moe._top2_sum(v)),
+      np.testing.assert_array_equal(np.asarray(router._top2_sum(v)),
                                     np.asarray(jax.lax.top_k(v, 2)[0].sum(-1)))
 
 
@@ -111,14 +115,14 @@ def test_ranked_top_k_matches_lax_top_k_with_ties_and_masks(shape, k):
 def test_router_ranked_top_k_matches_sorting_top_k(monkeypatch, n_group, topk_group):
   x, wr, bias, _ = _routing_case(11, N=300, E=32)
   bias = jnp.round(bias * 20) / 20 - 0.5 * (jnp.arange(32) % 3 == 0)  # tied groups, skewed
-  a = moe.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
-  old = route_lax(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
-  monkeypatch.setattr(moe, "_RANKED_MAX", 0)  # lax.top_k for every width
-  b = moe.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  a = router.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  old = router.route_reference(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
+  monkeypatch.setattr(router, "_RANKED_MAX", 0)  # lax.top_k for every width
+  b = router.route(x, wr, bias, top_k=4, n_group=n_group, topk_group=topk_group, scale=2.5)
   for other in (old, b):
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(other[0]))
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(other[1]))
-  load = moe.expert_load(a[0], 32)
+  load = router.expert_load(a[0], 32)
   np.testing.assert_array_equal(np.asarray(load), np.bincount(np.asarray(a[0]).ravel(), minlength=32))
   assert load.dtype == jnp.int32 and int(load.sum()) == 300 * 4
 
@@ -126,7 +130,7 @@ def test_router_ranked_top_k_matches_sorting_top_k(monkeypatch, n_group, topk_gr
 @pytest.mark.parametrize("skew,block", [(0.0, 4), (0.0, 64), (10.0, 8)])
 def test_sorted_moe_matches_dense_reference_with_grads(skew, block):
   x, wr, bias, wts = _routing_case(5, skew=skew)
-  idx, w = moe.route(x, wr, bias, top_k=2, n_group=1, topk_group=1, scale=2.5)
+  idx, w = router.route(x, wr, bias, top_k=2, n_group=1, topk_group=1, scale=2.5)
   if skew:  # heavily imbalanced: every token goes to experts 0 and 1, the others are empty
     assert (np.asarray(idx) == 0).any(axis=1).all()
     assert (np.bincount(np.asarray(idx).ravel(), minlength=8) == 0).any()
@@ -135,8 +139,8 @@ def test_sorted_moe_matches_dense_reference_with_grads(skew, block):
     y = fn(x, idx, w, *wts)
     return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
 
-  dense = lambda *a: moe.experts_dense(*a)
-  srt = lambda *a: moe.experts_sorted(*a, block_size=block, blocks_per_step=3)
+  dense = routed_experts_reference
+  srt = lambda *a: routed_experts_blocked(*a, block_size=block, blocks_per_step=3)
   np.testing.assert_allclose(srt(x, idx, w, *wts), dense(x, idx, w, *wts), rtol=1e-5, atol=1e-5)
   gd = jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2))(x, w, wts)
   gs = jax.grad(lambda *a: loss(srt, *a), argnums=(0, 1, 2))(x, w, wts)
@@ -146,8 +150,8 @@ def test_sorted_moe_matches_dense_reference_with_grads(skew, block):
 
 def test_model_moe_impls_agree():
   cfg = ling_tiny()
-  a = random_model(cfg, moe_impl="sorted")
-  b = random_model(cfg, moe_impl="dense")
+  a = random_model(cfg, kernels=Kernels(moe="xla"))
+  b = random_model(cfg, kernels=Kernels(moe="reference"))
   tokens = random_tokens(cfg, (2, 9))
   assert rel(_logits(a, tokens), _logits(b, tokens)) < 1e-5
 
@@ -177,6 +181,27 @@ def test_prefill_then_decode_matches_full_forward(overrides, T):
   assert int(cache["index"]) == T
   for t in range(T):
     assert rel(dec[:, t], full[:, t]) < 1e-5, t
+
+
+def test_mla_cache_writes_each_row_at_its_own_position():
+  """Rows of a batch may stand at different lengths: a one-token step at positions [5, 8] writes
+  each row's latent at its own slot and attends to its own prefix, as the same rows without a
+  cache (the prefix prefilled, slots past a row's position masked)."""
+  cfg = ling_tiny()
+  mla = random_model(cfg, seed=6).prefix[0].layers[1].attention
+  x = jax.random.normal(jax.random.key(7), (2, 9, cfg.hidden_size))  # 8 prefilled, then a step
+  pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+  _, cache = mla(x[:, :8], positions=pos, cache=mla.init_cache(2, 12))
+  step = jnp.stack([x[0, 8], x[1, 8]])[:, None]  # row 0's token at position 5, row 1's at 8
+  got, cache = mla(step, positions=jnp.array([[5], [8]], jnp.int32), cache=cache)
+  for b, p in ((0, 5), (1, 8)):
+    row = jnp.concatenate([x[b, :p], x[b, 8:9]])[None]  # [1, p + 1, D]
+    want, _ = mla(row, positions=jnp.arange(p + 1, dtype=jnp.int32)[None])
+    assert rel(got[b, 0], want[0, -1]) < 1e-5, b
+  _, alone = mla(step, positions=jnp.array([[5], [8]], jnp.int32), cache=mla.init_cache(2, 12))
+  np.testing.assert_array_equal(cache[0, 5], alone[0, 5])  # each row wrote its own slot only
+  np.testing.assert_array_equal(cache[1, 8], alone[1, 8])
+  assert not np.asarray(cache[0, 8]).any() and np.asarray(cache[1, 5]).any()
 
 
 def test_mtp_matches_float64_spec():
@@ -241,8 +266,9 @@ def test_model_with_pallas_lightning_kernels_matches_reference():
   covered in test_simple_gla_pallas.py."""
   cfg = ling_tiny(num_hidden_layers=2, first_k_dense_replace=0)  # one Lightning layer: interpret is slow
   tokens = random_tokens(cfg, (1, 20))
-  want = _logits(random_model(cfg, gla_impl="chunked"), tokens)
-  got = _logits(random_model(cfg, gla_impl="pallas_interpret"), tokens)
+  want = _logits(random_model(cfg, kernels=Kernels(lightning="xla")), tokens)
+  got = _logits(random_model(cfg, kernels=Kernels(lightning="interpret",
+                                                  qk_norm_rope="interpret")), tokens)
   assert rel(got, want) < 1e-4
 
 
@@ -259,7 +285,7 @@ _REMATS = {
 
 
 def test_dots_no_scores_saves_deep_matmuls_not_attention_scores():
-  from ling_jax.model.common import dots_no_scores_saveable as save
+  from ling_jax.model.remat import dots_no_scores_saveable as save
   dot = lambda a, b, eq: jax.make_jaxpr(lambda x, y: jnp.einsum(eq, x, y))(
       jnp.zeros(a), jnp.zeros(b)).eqns[0]  # the dot_general (a transpose may follow)
   decide = lambda e: save(e.primitive, *[v.aval for v in e.invars], **e.params)
@@ -278,8 +304,8 @@ def test_remat_hook_keeps_loss_and_gradients(scan):
   tokens = random_tokens(cfg, (2, 12))
 
   def loss(state, remat, scope):
-    out = nnx.merge(graphdef, state).forward(tokens, mtp=True, scan=scan, remat=remat,
-                                             remat_scope=scope)
+    out = nnx.merge(graphdef, state).forward(tokens, mtp=True, scan=scan,
+                                             remat=Remat(remat, scope))
     lp = jax.nn.log_softmax(out.logits[:, :-1])
     mp = jax.nn.log_softmax(out.mtp_logits[:, :-2])
     return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
@@ -295,7 +321,7 @@ def test_remat_hook_keeps_loss_and_gradients(scan):
   for scope, n in counts.items():
     jaxpr = str(jax.make_jaxpr(functools.partial(loss, remat="full", scope=scope))(state))
     assert jaxpr.count("prevent_cse=") == n, scope
-  want_loss, want = value_and_grad(None, "layer")
+  want_loss, want = value_and_grad("none", "layer")
   want = dict(nnx.to_flat_state(want))
   for remat, scope in _REMATS[scan]:
     got_loss, got = value_and_grad(remat, scope)
@@ -304,3 +330,75 @@ def test_remat_hook_keeps_loss_and_gradients(scan):
       g, w = np.asarray(g.get_value()), np.asarray(want[path].get_value())
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
                                  err_msg=f"{remat} {scope} {path}")
+
+
+# ---------------------------------------------------------------------- settings, constants
+def test_kernel_settings_reach_every_layer_and_refuse_old_names():
+  """One Kernels object, passed once: each layer's modules hold its field for their op."""
+  cfg = ling_tiny(num_hidden_layers=5, layer_group_size=2)  # prefix, scanned groups, tail, MTP
+  k = Kernels(lightning="reference", qk_norm_rope="interpret", attention="cudnn", moe="xla",
+              rms_norm="pallas")
+  model = nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), kernels=k))
+  seen = {}
+  for _, m in nnx.iter_graph(model):
+    for field in ("impl", "qk_impl"):
+      if isinstance(getattr(m, field, None), str):
+        seen.setdefault((type(m).__name__, field), set()).add(getattr(m, field))
+  assert seen == {("LightningAttention", "impl"): {"reference"},
+                  ("LightningAttention", "qk_impl"): {"interpret"},
+                  ("MultiLatentAttention", "impl"): {"cudnn"}, ("SparseMoE", "impl"): {"xla"},
+                  ("RMSNorm", "impl"): {"pallas"}, ("GroupRMSNorm", "impl"): {"pallas"}}
+  assert model.kernels == k
+  for old in (dict(moe="gmm"), dict(lightning="chunked"), dict(attention="flash_interpret"),
+              dict(rms_norm="pallas_interpret")):
+    with pytest.raises(ValueError, match=f"{next(iter(old))}='{next(iter(old.values()))}' not in"):
+      Kernels(**old)
+
+
+def test_other_kernel_settings_share_the_model_variables():
+  """with_kernels (and generate(kernels=)) run the same arrays under other settings."""
+  cfg = ling_tiny(num_hidden_layers=2)
+  model = random_model(cfg)
+  k = Kernels(moe="reference")
+  other = with_kernels(model, k)
+  assert other.kernels == k and other.prefix[0].layers[1].mlp.impl == "reference"
+  same = lambda a, b: all(x is y for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert same(nnx.state(other), nnx.state(model)) and len(jax.tree.leaves(nnx.state(model))) > 20
+  tokens = random_tokens(cfg, (2, 6))
+  assert rel(_logits(other, tokens), _logits(model, tokens)) < 1e-5
+  np.testing.assert_array_equal(generate(model, tokens, 2, kernels=k), generate(other, tokens, 2))
+
+
+@pytest.mark.parametrize("form", ["A", "B"])
+def test_lightning_decay_is_a_constant_of_each_layer_and_never_saved(form):
+  """Each Lightning layer stores its log-decay g = -slope * (1 - l / (L - 1) + 1e-5) (form B: l
+  shifted down by one), stacked along `layers` in the scanned groups, as a Constant: not a
+  parameter, not in the checkpointed state, and apart from the optimizer's state."""
+  cfg = ling_tiny(num_hidden_layers=9, layer_group_size=3, decay_form=form)  # prefix + 2 scanned
+  model = LingForCausalLM(cfg, rngs=nnx.Rngs(0))
+  L, slopes = cfg.num_hidden_layers, np.asarray(alibi_slopes(cfg.num_attention_heads), np.float64)
+
+  def want(l):
+    l = max(l - 1, 0) if form == "B" else l
+    return -slopes * (1.0 - l / (L - 1) + 1e-5)
+
+  got = {}
+  for j in range(2):
+    first = model.prefix[0].layers[j].attention.decay
+    stacked = model.groups.layers[j].attention.decay
+    assert isinstance(first, Constant) and isinstance(stacked, Constant)
+    assert stacked.get_metadata()["out_sharding"] == (ax.LAYERS, ax.HEADS)
+    got[j] = first[...]
+    for g in range(2):
+      got[3 + 3 * g + j] = stacked[g]
+  assert sorted(got) == [l for l, kind in enumerate(cfg.layer_types()) if kind == "linear"]
+  for l, decay in got.items():
+    np.testing.assert_allclose(np.asarray(decay), want(l), rtol=1e-6, err_msg=str(l))
+  names = lambda state: {".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+  decays = {n for n in names(nnx.state(model)) if n.endswith("decay")}
+  assert len(decays) == 4 and not decays & names(nnx.state(model, CHECKPOINTED))
+  _, params, bias, constants = split_model(model)
+  assert names(constants) == decays and not decays & (names(params) | names(bias))
+  opt_state = init_state(params, bias, optax.adamw(1e-3)).opt_state  # what a run checkpoint holds
+  paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)}
+  assert any("gate_proj" in p for p in paths) and not any("decay" in p for p in paths)

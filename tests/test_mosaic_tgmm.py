@@ -1,7 +1,7 @@
 """The Mosaic GPU weight-gradient kernel (pallas_kernels/grouped_matmul/mosaic_tgmm.py) on CPU.
 
 The kernel runs in jax's Mosaic GPU interpreter (race detector on) against the float64 NumPy
-reference of test_grouped_matmul.py; its lowering for an H100 is checked with jax.export.
+reference of testing.py; its lowering for an H100 is checked with jax.export.
 """
 
 import jax
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul.mosaic_tgmm import tgmm
-from test_grouped_matmul import np_tgmm, random_sizes, rel
+from testing import np_tgmm, random_sizes, rel
 
 CASES = [  # (M, K, N, group sizes: a random_sizes kind with G or a list; rows past them; tiles)
     # uniform groups; 2 x 2 output tiles a group, so the K- and N-block offsets matter

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import multiprocess_worker as worker
-from checks import rel
+from testing import rel
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 90

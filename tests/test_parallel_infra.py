@@ -17,14 +17,15 @@ from ling_jax.config import ling_2_6_flash, ling_tiny
 from ling_jax.convert import load, store
 from ling_jax.hf_config import to_hf_config
 from ling_jax.model import LingForCausalLM
+from ling_jax.model.common import CHECKPOINTED
 from ling_jax.parallel import distributed, memory
 from ling_jax.parallel.mesh import MeshConfig, build_mesh, check_mesh
 
 N = len(jax.devices())  # 8 (tests/conftest.py)
 
 
-def _abstract(cfg):
-  return nnx.state(nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0))))
+def _abstract(cfg):  # the checkpointed variables, without the Lightning decays (constants)
+  return nnx.state(nnx.eval_shape(lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0))), CHECKPOINTED)
 
 
 def _flat(tree):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checks import rel
+from testing import rel
 from ling_jax.posttrain.losses import (check_staleness, group_advantages, grpo_loss,
                                        length_shaped_rewards, policy_loss, unit_policy_loss)
 

@@ -1,12 +1,13 @@
-"""benchmarks/profile_step.py's trace and HLO parsing, on a real CPU trace (the GPU run uses the
-same code): device time must land on the source lines that produced it."""
+"""ling_jax.profiling's trace and HLO parsing (benchmarks/profile_step.py's table), on a real CPU
+trace (the GPU run uses the same code): device time must land on the source lines that produced
+it."""
 
 import os
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks.profile_step import device_ops, hlo_sources, summarise
+from ling_jax.profiling import device_ops, hlo_sources, summarise
 
 
 def _model(a, b):

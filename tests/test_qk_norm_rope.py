@@ -18,8 +18,7 @@ from ling_jax.config import ling_small, ling_tiny
 from ling_jax.model import rope
 from pallas_kernels.qk_norm_rope import Config, qk_norm_rope, qk_norm_rope_reference
 from pallas_kernels.rms_norm.reference import rms_norm_reference, rms_normalize
-from tests.test_triton_lowering import export_for_cuda
-from checks import gpu, rel_max
+from testing import export_for_cuda, gpu, rel_max
 
 EPS = 1e-6
 
@@ -106,7 +105,7 @@ def test_kernel_interpreted_matches_reference(B, T, H, K, R, dtype, bt):
   qkv, wq, wk, cos, sin, cts = make(K + R + T, B, T, H, K, R, dtype)
   cfg = Config(eps=0.0, dtype=dtype, block_t=bt)
   (q, k, v), (dqkv, dwq, dwk) = run(
-      lambda *a: qk_norm_rope(*a, cos, sin, eps=EPS, dtype=dtype, impl="pallas_interpret",
+      lambda *a: qk_norm_rope(*a, cos, sin, eps=EPS, dtype=dtype, impl="interpret",
                               config=cfg), qkv, wq, wk, cts)
   (q_r, k_r, v_r), (dqkv_r, dwq_r, dwk_r) = run(lambda *a: qkv_ref(*a, cos, sin, dtype),
                                                 qkv, wq, wk, cts)
@@ -127,7 +126,7 @@ def test_kernel_with_fp32_qkv_and_bf16_weights_under_bf16_compute():
   qkv, wq, wk, cos, sin, cts = make(5, 1, 13, 4, 16, 8, jnp.float32, w_dtype=jnp.bfloat16)
   cts = tuple(c.astype(jnp.bfloat16) for c in cts)
   f = lambda impl: lambda *a: qk_norm_rope(*a, cos, sin, eps=EPS, dtype=jnp.bfloat16, impl=impl)
-  got, want = run(f("pallas_interpret"), qkv, wq, wk, cts), run(f("xla"), qkv, wq, wk, cts)
+  got, want = run(f("interpret"), qkv, wq, wk, cts), run(f("xla"), qkv, wq, wk, cts)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype
   assert all(rel_max(a, b) < 8e-3 for a, b in zip(jax.tree.leaves(got)[:4], jax.tree.leaves(want)[:4]))

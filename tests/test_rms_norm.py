@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.rms_norm import Config, rms_norm, supported
-from checks import gpu, rel_max
+from testing import gpu, random_model, random_tokens, rel_max
 
 EPS = 1e-6
 
@@ -55,7 +55,7 @@ CASES = [  # lead, D, groups, x dtype, compute dtype
 @pytest.mark.parametrize("lead,D,G,x_dtype,dtype", CASES)
 def test_rms_norm_kernel_interpreted(lead, D, G, x_dtype, dtype):
   x, w, dy = make(D + G, lead, D, G, x_dtype, dtype)
-  y, dx, dw = run("pallas_interpret", x, w, dy, G, dtype)
+  y, dx, dw = run("interpret", x, w, dy, G, dtype)
   y_ref, dx_ref, dw_ref = run("xla", x, w, dy, G, dtype)
   assert y.dtype == dtype and dx.dtype == x_dtype and dw.dtype == w.dtype and dw.shape == w.shape
   # the same roundings as the reference: at most an ulp apart where fp32 sums differ in order
@@ -75,7 +75,7 @@ def test_rms_norm_falls_back_where_the_kernel_does_not_apply():
   for lead, D in (((64,), 384), ((5,), 256)):
     x, w, dy = make(1, lead, D, 1, jnp.bfloat16, jnp.bfloat16)
     assert not supported(int(np.prod(lead)), D, Config(eps=EPS, dtype=jnp.bfloat16))
-    for a, b in zip(run("pallas_interpret", x, w, dy, 1, jnp.bfloat16),
+    for a, b in zip(run("interpret", x, w, dy, 1, jnp.bfloat16),
                     run("xla", x, w, dy, 1, jnp.bfloat16)):
       assert rel_max(a, b) == 0.0
 
@@ -108,11 +108,11 @@ def test_model_with_pallas_norms_matches_xla():
   from flax import nnx
 
   from ling_jax.config import ling_tiny
+  from ling_jax.model import Kernels
   from ling_jax.model.common import GroupRMSNorm, RMSNorm
-  from tests.model_utils import random_model, random_tokens
 
   cfg = ling_tiny()
-  model = random_model(cfg, seed=3, dtype=jnp.bfloat16, gla_impl="chunked")
+  model = random_model(cfg, seed=3, dtype=jnp.bfloat16, kernels=Kernels(lightning="xla"))
   tokens = random_tokens(cfg, (2, 64), seed=4)
 
   def loss_and_grads(impl):
@@ -128,7 +128,7 @@ def test_model_with_pallas_norms_matches_xla():
     (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return len(norms), logits, jax.tree.leaves(grads)
 
-  n, logits, grads = loss_and_grads("pallas_interpret")
+  n, logits, grads = loss_and_grads("interpret")
   n_ref, logits_ref, grads_ref = loss_and_grads("xla")
   assert n == n_ref > 10
   assert rel_max(logits, logits_ref) < 2e-2

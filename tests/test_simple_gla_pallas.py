@@ -16,7 +16,7 @@ import pytest
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
 from pallas_kernels.simple_gla import mosaic
-from checks import gpu, rel
+from testing import gpu, rel
 
 SLOPES = np.array([0.84, 0.0039, 0.3, 0.05])  # Ling's steepest and shallowest heads first
 
@@ -143,12 +143,12 @@ def test_packed_segments(dtype, tol):
 
 
 def test_matches_the_package_reference():
-  # The op's own jnp reference (pallas_kernels.simple_gla, impl="chunked"): same semantics for
+  # The op's own jnp reference (pallas_kernels.simple_gla, impl="xla": the chunked form): same semantics for
   # packed segments and the initial state.
   from pallas_kernels.simple_gla import simple_gla
   q, k, v, g, h0, seg, _, _ = make_inputs(4, 2, 100, 2, 64, jnp.float32, segments=True)
   got = simple_gla_pallas(q, k, v, g, initial_state=h0, segment_ids=seg, interpret=True)
-  want = simple_gla(q, k, v, g, initial_state=h0, segment_ids=seg, impl="chunked")
+  want = simple_gla(q, k, v, g, initial_state=h0, segment_ids=seg, impl="xla")
   assert rel(got[0], want[0]) < 1e-4 and rel(got[1], want[1]) < 1e-4
 
 

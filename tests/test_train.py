@@ -24,7 +24,7 @@ from experiments import tiny_pretrain
 from experiments.overrides import OverrideError, apply_overrides
 from ling_jax.config import ling_tiny
 from ling_jax.data import SyntheticIterator
-from ling_jax.model import LingForCausalLM
+from ling_jax.model import Kernels, LingForCausalLM, Remat
 from ling_jax.train import TrainConfig, build_model, run
 from ling_jax.train.balance import moe_rows, update_expert_bias
 from ling_jax.train.checkpoint import Checkpointer, ConfigMismatch, committed_steps, config_meta
@@ -34,9 +34,10 @@ from ling_jax.train.optim import decays, optimizer, schedule
 from ling_jax.train.report import MetricsLog, read_metrics, write_loss_curve
 from ling_jax.train.step import (_losses, compute_copies, init_state, make_train_step,
                                   split_model)
-from model_utils import random_model
+from testing import random_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DENSE = Kernels(moe="reference")  # every expert on every token, as tiny_pretrain runs it
 
 
 # ---------------------------------------------------------------------- overrides
@@ -71,6 +72,24 @@ def test_cli_refuses_unknown_override_without_writing(tmp_path):
   assert not out.exists()
 
 
+def test_kernel_and_remat_settings_override_as_sections():
+  """train.kernels and train.remat are frozen sections: their fields override one by one, a
+  value outside an op's vocabulary (the old names included) is refused naming field and value."""
+  exp = apply_overrides(tiny_pretrain.config(), ["train.kernels.moe=xla",
+                                                 "train.kernels.attention=cudnn",
+                                                 "train.remat.policy=dots", "train.remat.scope=group"])
+  assert exp.train.kernels == Kernels(moe="xla", lightning="xla", qk_norm_rope="xla",
+                                      attention="cudnn")
+  assert exp.train.remat == Remat("dots", "group")
+  bad = {"train.kernels.moe=gmm": "moe='gmm' not in", "train.kernels.lightning=chunked":
+         "lightning='chunked' not in", "train.kernels.moe_impl=dense": "unknown field",
+         "train.remat=full": "config section", "train.remat.policy=most": "unknown remat policy",
+         "train.remat.scope=model": "unknown remat scope"}
+  for arg, match in bad.items():
+    with pytest.raises(OverrideError, match=match):
+      apply_overrides(tiny_pretrain.config(), [arg])
+
+
 def test_configs_refuse_bad_optimizer_and_data_numbers():
   """Each bad number is refused before anything runs, with the field and the value named."""
   bad = {
@@ -101,21 +120,26 @@ def test_configs_refuse_bad_optimizer_and_data_numbers():
     np.testing.assert_allclose(updates["w"], -0.1, rtol=1e-5)  # Adam's first step: -lr * sign
 
 
-def test_the_configs_name_choices_as_the_model_does():
-  """train/config.py copies the model's choice names (so a config imports no jax)."""
-  from ling_jax.model.common import REMAT, REMAT_SCOPES
-  from ling_jax.model.mla import IMPLS as MLA
-  from ling_jax.model.moe import IMPLS as MOE
-  from ling_jax.train import config
-  from pallas_kernels.simple_gla import IMPLS as GLA
-  assert config.REMAT_POLICIES == tuple(REMAT) and config.REMAT_SCOPES == REMAT_SCOPES
-  assert (config.MLA_IMPLS, config.MOE_IMPLS, config.GLA_IMPLS) == (MLA, MOE, GLA)
+def test_the_settings_name_choices_as_the_ops_do():
+  """model/settings.py copies the ops' impl names and the remat policies' (so a config imports no
+  jax): each Kernels field takes exactly its op's IMPLS."""
+  from ling_jax.model import settings
+  from ling_jax.model.remat import REMAT
+  from pallas_kernels import (attention, cross_entropy, grouped_matmul, moe, qk_norm_rope,
+                              rms_norm, simple_gla)
+  ops = {"lightning": simple_gla, "qk_norm_rope": qk_norm_rope, "attention": attention,
+         "moe": moe, "rms_norm": rms_norm, "cross_entropy": cross_entropy}
+  assert {f.name for f in dataclasses.fields(Kernels)} == set(ops)
+  for name, op in ops.items():
+    assert op.IMPLS == (settings.ATTENTION_IMPLS if name == "attention" else settings.IMPLS), name
+  assert grouped_matmul.IMPLS == settings.IMPLS
+  assert settings.REMAT_POLICIES == tuple(REMAT)
 
 
 # ---------------------------------------------------------------------- optimizer
 def test_no_weight_decay_on_norms_and_biases():
   model = nnx.eval_shape(lambda: LingForCausalLM(ling_tiny(), rngs=nnx.Rngs(0)))
-  _, params, _ = split_model(model)
+  _, params, _, _ = split_model(model)
   flat = {".".join(map(str, p)): p for p, _ in nnx.to_flat_state(params)}
   path = lambda name: [jax.tree_util.DictKey(k) for k in flat[name]]
   for name in ("norm.weight", "prefix.0.layers.0.attention.g_norm.weight",
@@ -147,12 +171,11 @@ def test_build_model_initialises_like_the_module_with_uncommitted_arrays():
   accelerator): the same weights as the module's own eager init from the same seed, and arrays
   left uncommitted (committed ones made the jitted steps of these tests ~2x slower to run)."""
   cfg = ling_tiny(num_hidden_layers=2)
-  t = TrainConfig(moe_impl="dense", compute_dtype="float32", seed=3)
+  t = TrainConfig(kernels=DENSE, compute_dtype="float32", seed=3)
   built = nnx.state(build_model(type(tiny_pretrain.config())(cfg, tiny_pretrain.config().data, t)),
                     nnx.Param)
   eager = nnx.state(LingForCausalLM(cfg, rngs=nnx.Rngs(3), param_dtype=jnp.float32,
-                                    moe_impl="dense", gla_impl=t.gla_impl,
-                                    attn_impl=t.attn_impl), nnx.Param)
+                                    kernels=t.kernels), nnx.Param)
   a, b = jax.tree.leaves(built), jax.tree.leaves(eager)
   assert len(a) == len(b) > 20
   for x, y in zip(a, b):
@@ -166,13 +189,13 @@ def test_expert_bias_pairs_with_its_load_row_and_moves_toward_balance():
   # (layers 2-5), a tail MLA layer and MTP: every place an expert bias lives.
   cfg = ling_tiny(num_hidden_layers=7)
   exp = tiny_pretrain.config()
-  model = build_model(type(exp)(cfg, exp.data, TrainConfig(moe_impl="dense")))
-  graphdef, params, bias = split_model(model)
+  model = build_model(type(exp)(cfg, exp.data, TrainConfig(kernels=DENSE)))
+  graphdef, params, bias, constants = split_model(model)
   tokens = jax.random.randint(jax.random.key(0), (4, 32), 0, cfg.vocab_size)
 
   @functools.partial(jax.jit, compiler_options=O0)
   def loads(bias):
-    out = nnx.merge(graphdef, params, bias).forward(tokens, mtp=True)
+    out = nnx.merge(graphdef, params, bias, constants).forward(tokens, mtp=True)
     return out.expert_load, out.mtp_expert_load
 
   update = jax.jit(update_expert_bias, static_argnums=3, compiler_options=O0)
@@ -211,13 +234,14 @@ def test_expert_bias_pairs_with_its_load_row_and_moves_toward_balance():
 def test_train_step_learns_and_moves_only_what_it_should():
   cfg = ling_tiny(num_hidden_layers=2)  # one (linear, MLA-MoE) group + MTP: a quick compile
   tcfg = TrainConfig(steps=20, learning_rate=1e-2, warmup_steps=3, compute_dtype="float32",
-                     moe_impl="dense")
+                     kernels=DENSE)
   exp = tiny_pretrain.config()
-  graphdef, params, bias = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
+  graphdef, params, bias, constants = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
   tx = optimizer(tcfg)
   state = init_state(params, bias, tx)
-  step = make_train_step(graphdef, tx, schedule(tcfg), mtp_weight=cfg.mtp_loss_scaling_factor,
-                         bias_rate=1e-3, remat="dots")
+  step = make_train_step(graphdef, constants, tx, schedule(tcfg),
+                         mtp_weight=cfg.mtp_loss_scaling_factor, bias_rate=1e-3,
+                         remat=Remat("dots"))
   # One batch over and over: memorising it is the quickest proof that the step learns.
   batch = next(SyntheticIterator(batch_size=2, seq_len=32, vocab_size=cfg.vocab_size, seed=0))
   bias0 = jax.tree.map(np.asarray, bias)
@@ -239,9 +263,9 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
   different target counts per micro-batch check the loss is normalised by the whole batch."""
   cfg = ling_tiny(num_hidden_layers=2)
   tcfg = TrainConfig(steps=2, learning_rate=1e-2, warmup_steps=0, compute_dtype="float32",
-                     moe_impl="dense")
+                     kernels=DENSE)
   exp = tiny_pretrain.config()
-  graphdef, params, bias = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
+  graphdef, params, bias, constants = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
   # Plain SGD: the new parameters are linear in the gradients (AdamW's m / sqrt(v) would magnify
   # summation-order noise wherever a gradient is near zero).
   tx = optax.sgd(0.1)
@@ -250,8 +274,9 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
   batch["segment_ids"][0, 20:] = 0  # padding in the first micro-batch only
   results = []
   for accum in (1, 2):
-    step = make_train_step(graphdef, tx, schedule(tcfg), mtp_weight=cfg.mtp_loss_scaling_factor,
-                           bias_rate=1e-3, grad_accum=accum)
+    step = make_train_step(graphdef, constants, tx, schedule(tcfg),
+                           mtp_weight=cfg.mtp_loss_scaling_factor, bias_rate=1e-3,
+                           grad_accum=accum)
     state = init_state(jax.tree.map(jnp.array, params), jax.tree.map(jnp.array, bias), tx)
     for _ in range(2):
       state, m = step(state, batch)
@@ -274,9 +299,9 @@ def test_accumulation_casts_the_weights_once_with_the_same_update():
   head stay fp32."""
   cfg = ling_tiny(num_hidden_layers=2)
   tcfg = TrainConfig(steps=2, learning_rate=1e-2, warmup_steps=0, compute_dtype="bfloat16",
-                     moe_impl="dense")
+                     kernels=DENSE)
   exp = tiny_pretrain.config()
-  graphdef, params, bias = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
+  graphdef, params, bias, constants = split_model(build_model(type(exp)(cfg, exp.data, tcfg)))
   copies = compute_copies(params, jnp.bfloat16)
   kept = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(copies)
           if x.dtype == jnp.float32}
@@ -286,9 +311,9 @@ def test_accumulation_casts_the_weights_once_with_the_same_update():
   batch = next(SyntheticIterator(batch_size=4, seq_len=32, vocab_size=cfg.vocab_size, seed=2))
   results = []
   for cast_once in (False, True):
-    step = make_train_step(graphdef, tx, schedule(tcfg), mtp_weight=cfg.mtp_loss_scaling_factor,
-                           bias_rate=1e-3, grad_accum=2, compute_dtype="bfloat16",
-                           cast_once=cast_once)
+    step = make_train_step(graphdef, constants, tx, schedule(tcfg),
+                           mtp_weight=cfg.mtp_loss_scaling_factor, bias_rate=1e-3, grad_accum=2,
+                           compute_dtype="bfloat16", cast_once=cast_once)
     state = init_state(jax.tree.map(jnp.array, params), jax.tree.map(jnp.array, bias), tx)
     for _ in range(2):
       state, m = step(state, batch)
@@ -320,11 +345,12 @@ def test_chunked_head_cross_entropy_matches_full_logits(dtype):
   rounds softmax - onehot to bf16 before its two matmuls (the autodiff of the full logits runs
   them in fp32): ~0.3% on the head's gradients, ~1-2% once through the bf16 backward pass."""
   cfg = ling_tiny(num_hidden_layers=2)
-  graphdef, params, bias = split_model(random_model(cfg, dtype=jnp.dtype(dtype), moe_impl="dense"))
+  graphdef, params, bias, constants = split_model(random_model(cfg, dtype=jnp.dtype(dtype),
+                                                               kernels=DENSE))
   batch = next(SyntheticIterator(batch_size=2, seq_len=32, vocab_size=cfg.vocab_size, seed=0))
 
   def loss(params, ce_chunk):
-    _, s = _losses(graphdef, params, bias, batch, mtp=True, ce_chunk=ce_chunk)
+    _, s = _losses(graphdef, constants, params, bias, batch, mtp=True, ce_chunk=ce_chunk)
     return s["ce_sum"] / s["n"] + 0.3 * s["mtp_sum"] / s["n_mtp"], s
 
   def value_and_grad(ce_chunk):

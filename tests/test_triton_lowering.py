@@ -7,53 +7,19 @@ Triton MLIR lowering without a GPU; we pin the target to sm_90 and verify each m
 Uses two private JAX hooks; the test skips (never passes vacuously) if they move.
 """
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import pytest
 
-from ling_jax.model.mla import _flash
+from pallas_kernels.attention import flash_attention
 from pallas_kernels.grouped_matmul import (Config, Fp8Weight, gmm_glu, gmm_glu_pallas, gmm_pallas,
                                            sort_by_group, tgmm_pallas, tuned_config)
 from pallas_kernels.rms_norm import Config as NormConfig, rms_norm_pallas
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
+from testing import export_for_cuda
 
 S = jax.ShapeDtypeStruct
-
-
-@contextlib.contextmanager
-def lowering_for_sm90(verified):
-  try:
-    from jax._src.pallas.triton import gpu_info, pallas_call_registration as reg
-  except ImportError as e:
-    pytest.skip(f"jax internals moved: {e}")
-  get_info, lower = reg.gpu_info_lib.get_gpu_info, reg.lowering.lower_jaxpr_to_triton_module
-
-  def lower_and_verify(*a, **k):
-    result = lower(*a, **k)
-    assert result.module.operation.verify()
-    verified.append(result)
-    return result
-
-  reg.gpu_info_lib.get_gpu_info = lambda: gpu_info.GpuInfo(
-      gpu_version=None, arch_name="9.0", compute_capability=90)
-  reg.lowering.lower_jaxpr_to_triton_module = lower_and_verify
-  try:
-    yield
-  finally:
-    reg.gpu_info_lib.get_gpu_info, reg.lowering.lower_jaxpr_to_triton_module = get_info, lower
-
-
-def export_for_cuda(f, *args):
-  verified = []
-  with lowering_for_sm90(verified):
-    jax.export.export(
-        jax.jit(f), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
-  return len(verified)
 
 
 M, K, N, G = 512, 256, 128, 8
@@ -114,7 +80,8 @@ CASES = {
         3),
     "mla_flash_fwd_bwd_packed": (  # jax's Pallas flash attention at MLA's head dims (96 / 64)
         lambda qn, qp, kn, kp, v, seg: jax.vjp(
-            lambda *a: _flash(*a, seg, 0.1), qn, qp, kn, kp, v)[1](v),
+            lambda qn, qp, kn, kp, v: flash_attention(qn, kn, v, scale=0.1, q_rope=qp, k_rope=kp,
+                                                      segment_ids=seg), qn, qp, kn, kp, v)[1](v),
         (S((1, 256, 2, 64), jnp.bfloat16), S((1, 256, 2, 32), jnp.bfloat16),
          S((1, 256, 2, 64), jnp.bfloat16), S((1, 256, 32), jnp.bfloat16),
          S((1, 256, 2, 64), jnp.bfloat16), S((1, 256), jnp.int32)),

@@ -51,7 +51,7 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
   marker = store.read_marker(ckpt_dir)
   cfg = from_hf_config(marker["config"])
   reader = store.StateReader(os.path.join(ckpt_dir, store.STATE))
-  _, abstract = abstract_model(cfg, np.dtype(marker["dtype"]))
+  _, abstract, _ = abstract_model(cfg, np.dtype(marker["dtype"]))
   expected = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(abstract)}
   for path, shape in expected.items():
     got = tuple(reader.array(path).shape)

@@ -40,7 +40,7 @@ MiB = 2**20
 
 def state_layout(cfg: LingConfig, dtype) -> tuple[list[TensorMap], dict]:
   """(name map, {state path: (shape, stored dtype, leading index axes)}) of a model in `dtype`."""
-  _, abstract = abstract_model(cfg, dtype)
+  _, abstract, _ = abstract_model(cfg, dtype)
   shapes = {path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(abstract)}
   maps = all_maps(cfg)
   check_coverage(maps, shapes)

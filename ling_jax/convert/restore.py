@@ -19,6 +19,8 @@ from ling_jax.hf_config import from_hf_config, to_hf_config
 from ling_jax.hf_io import abstract_model
 from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
+from ling_jax.model.common import CHECKPOINTED
+from ling_jax.model.settings import Kernels
 from ling_jax.parallel.mesh import check_mesh
 from ling_jax.weights import all_maps
 from ling_jax.convert import store
@@ -35,12 +37,14 @@ def _nest(flat: dict) -> dict:
 
 
 def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dtype=None,
-         *, rules=ax.RULES_FSDP_TP_EP, moe_impl: str = "auto", gla_impl: str = "chunked"):
+         *, rules=ax.RULES_FSDP_TP_EP, kernels: Kernels = Kernels()):
   """Restore `ckpt_dir` -> (config, model) with parameters (and compute) in `dtype`, by default
   the dtype the checkpoint stores (its marker's); another dtype is cast to by Orbax on restore.
+  The model runs the ops `kernels` picks.
 
   mesh=None puts every parameter on the default device; otherwise parameters are sharded over
-  `mesh` by `rules` (router weight and expert bias stay fp32, as the model builds them).
+  `mesh` by `rules` (router weight and expert bias stay fp32, as the model builds them), and so
+  are the model's constants, which it computes rather than reads.
   """
   ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
   marker = store.read_marker(ckpt_dir)
@@ -49,12 +53,13 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
     dtype = np.dtype(marker["dtype"])
   if mesh is not None:  # an impossible mesh is refused before anything is read
     check_mesh(cfg, mesh, rules=rules)
-  graphdef, abstract = abstract_model(cfg, dtype, moe_impl=moe_impl, gla_impl=gla_impl)
+  graphdef, abstract, constants = abstract_model(cfg, dtype, kernels=kernels)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {path: device for path, _ in nnx.to_flat_state(abstract)}
   else:
     shardings = dict(nnx.to_flat_state(ax.state_shardings(abstract, mesh, rules)))
+    constants = jax.device_put(constants, ax.state_shardings(constants, mesh, rules))
   target = {}
   for path, var in nnx.to_flat_state(abstract):
     v = var.get_value()
@@ -65,7 +70,7 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(state_dir, _nest(target))
   nnx.replace_by_pure_dict(abstract, restored)
-  return cfg, nnx.merge(graphdef, abstract)
+  return cfg, nnx.merge(graphdef, abstract, constants)
 
 
 def save(model, ckpt_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -76,7 +81,7 @@ def save(model, ckpt_dir: str | os.PathLike, *, overwrite: bool = False) -> None
   `overwrite` replaces only a checkpoint ling_jax wrote, or an empty folder.
   """
   with Destination(ckpt_dir, overwrite=overwrite) as dest:
-    pure = nnx.to_pure_dict(nnx.state(model))
+    pure = nnx.to_pure_dict(nnx.state(model, CHECKPOINTED))
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(dest.partial, store.STATE), pure)
       ckptr.wait_until_finished()

@@ -3,7 +3,8 @@
 a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE (the two as one op,
 pallas_kernels.qk_norm_rope) -> simple GLA with a per-head constant log-decay
 g_h = -slope_h * layer_factor(l) and an fp32 state [H, K, V] -> GroupRMSNorm -> * sigmoid(a W_g)
--> W_o.
+-> W_o. The decay is a `Constant` of the layer, computed from its global index l when the layer
+is built.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.config import alibi_slopes
 from ling_jax.model import rope
-from ling_jax.model.common import GroupRMSNorm, RMSNorm, param
-from pallas_kernels.qk_norm_rope import IMPLS as QK_IMPLS, qk_norm_rope
+from ling_jax.model.common import GroupRMSNorm, RMSNorm, constant, param
+from pallas_kernels.qk_norm_rope import qk_norm_rope
 from pallas_kernels.simple_gla import simple_gla, simple_gla_step
 
 
@@ -31,54 +32,55 @@ def layer_decay(slopes: jax.Array, layer_idx, num_layers: int, form: str) -> jax
 
 
 class LightningAttention(nnx.Module):
-  """Lightning attention with the checkpoint's names (`query_key_value`, `g_proj`, `g_norm`, `dense`)."""
+  """Lightning attention with the checkpoint's names (`query_key_value`, `g_proj`, `g_norm`,
+  `dense`). layer_idx: the layer's global index (an int, or traced where the model builds a
+  stack of layers under nnx.vmap); `decay` holds its log-decay [H]. impl, qk_impl and norm_impl
+  are the `impl`s of simple_gla, qk_norm_rope and rms_norm."""
 
   def __init__(self, *, hidden: int, heads: int, head_dim: int, rotary_dim: int,
-               norm_groups: int, num_layers: int, decay_form: str, rope_theta: float,
+               norm_groups: int, layer_idx, num_layers: int, decay_form: str, rope_theta: float,
                rope_scaling, use_qk_norm: bool, eps: float, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto"):
+               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto",
+               qk_impl: str = "auto", norm_impl: str = "auto"):
     self.heads, self.head_dim, self.rotary_dim = heads, head_dim, rotary_dim
-    self.num_layers, self.decay_form = num_layers, decay_form
     self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
-    self.dtype, self.impl = dtype, impl
-    self.slopes = tuple(alibi_slopes(heads))
+    self.dtype, self.impl, self.qk_impl = dtype, impl, qk_impl
+    slopes = jnp.asarray(np.asarray(alibi_slopes(heads)), jnp.float32)
+    self.decay = constant(layer_decay(slopes, layer_idx, num_layers, decay_form), (ax.HEADS,))
     HK = (ax.HEADS, ax.HEAD_DIM)
     self.query_key_value = param(rngs, (hidden, 3, heads, head_dim), (ax.EMBED, ax.QKV, *HK),
                                  param_dtype, fan_in=hidden)
     self.g_proj = param(rngs, (hidden, heads, head_dim), (ax.EMBED, *HK), param_dtype, fan_in=hidden)
     self.dense = param(rngs, (heads, head_dim, hidden), (*HK, ax.EMBED), param_dtype,
                        fan_in=heads * head_dim)
-    self.g_norm = GroupRMSNorm(heads, head_dim, norm_groups, eps=eps, dtype=dtype,
-                               param_dtype=param_dtype)
+    norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, impl=norm_impl)
+    self.g_norm = GroupRMSNorm(heads, head_dim, norm_groups, **norm)
     if use_qk_norm:
-      self.query_layernorm = RMSNorm(head_dim, eps=eps, dtype=dtype, param_dtype=param_dtype)
-      self.key_layernorm = RMSNorm(head_dim, eps=eps, dtype=dtype, param_dtype=param_dtype)
+      self.query_layernorm = RMSNorm(head_dim, **norm)
+      self.key_layernorm = RMSNorm(head_dim, **norm)
     else:
       self.query_layernorm = self.key_layernorm = None
 
-  def init_cache(self, batch: int) -> jax.Array:
-    """The fixed-size decode state [B, H, K, V] in fp32 (spec 5)."""
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
+    """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype (spec 5)."""
+    del max_len, dtype
     return jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
 
-  def __call__(self, a: jax.Array, *, layer_idx, positions: jax.Array,
-               segment_ids: jax.Array | None = None, cache: jax.Array | None = None):
+  def __call__(self, a: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
+               cache: jax.Array | None = None):
     """a [B, T, D] -> (y [B, T, D], new state or None)."""
     dt = self.dtype
     a = a.astype(dt)
     qkv = jnp.einsum("btd,dshk->btshk", a, self.query_key_value[...].astype(dt))  # [B, T, 3, H, K]
     cos, sin = rope.cos_sin(positions, self.rotary_dim, self.rope_theta, self.rope_scaling)
     qn, kn = self.query_layernorm, self.key_layernorm
-    # The cut, both norms and RoPE in one kernel where simple_gla runs its Pallas kernels; the
-    # reference for the XLA forms and the one-token decode step.
+    # The one-token decode step runs the reference: nothing for the kernel to fuse.
     decoding = cache is not None and a.shape[1] == 1
-    impl = self.impl if self.impl in QK_IMPLS and not decoding else "xla"
     wq, wk = (None, None) if qn is None else (qn.weight[...], kn.weight[...])
     q, k, v = qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
-                           dtype=dt, impl=impl)
-
-    g = layer_decay(jnp.asarray(np.asarray(self.slopes), jnp.float32), layer_idx,
-                    self.num_layers, self.decay_form)
-    if cache is not None and a.shape[1] == 1 and segment_ids is None:
+                           dtype=dt, impl="xla" if decoding else self.qk_impl)
+    g = self.decay[...]
+    if decoding and segment_ids is None:
       o, state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, cache)
       o = o[:, None]  # [B, 1, H, V]
     else:
@@ -89,4 +91,3 @@ class LightningAttention(nnx.Module):
     o = o * jax.nn.sigmoid(gate)
     y = jnp.einsum("bthk,hkd->btd", o, self.dense[...].astype(dt))
     return y, (state if cache is not None else None)
-

@@ -7,16 +7,19 @@ The stack is laid out for `jax.lax.scan`:
 `forward(..., scan=False)` runs the same stacked parameters group by group in a Python loop; a
 test proves both paths give identical logits.
 
-`forward(..., remat=policy)` checkpoints the stack block by block (`remat_scope`: each decoder
+`forward(..., remat=Remat(policy, scope))` checkpoints the stack block by block (each decoder
 layer, the default, or each hybrid group / scan body), and the MTP layer, so that the backward
 pass keeps only the blocks' inputs plus what the policy saves, and recomputes the rest one block
 at a time. Remat of the whole loss instead recomputes the whole forward and then needs every
 residual at once: no saving.
+
+`kernels` (model/settings.py) says which implementation each op runs; the model hands each layer
+its part when it is built.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -25,9 +28,11 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.config import LingConfig
-from ling_jax.model.common import REMAT_SCOPES, RMSNorm, checkpointed, param, remat_policy
-from ling_jax.model.decoder import HybridGroup, make_layer, run_layer
+from ling_jax.model.common import Constant, RMSNorm, param
+from ling_jax.model.decoder import HybridGroup, make_layer
 from ling_jax.model.mtp import MTPLayer
+from ling_jax.model.remat import REMAT, checkpointed
+from ling_jax.model.settings import Kernels, Remat
 
 
 @flax.struct.dataclass
@@ -45,36 +50,41 @@ class LingForCausalLM(nnx.Module):
   """Ling-2.6 (BailingMoeV2_5ForCausalLM). `model(tokens [B, T] int32) -> logits [B, T, vocab]`."""
 
   def __init__(self, config: LingConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, moe_impl: str = "auto", gla_impl: str = "auto",
-               attn_impl: str = "auto"):
+               param_dtype=jnp.float32, kernels: Kernels = Kernels()):
     cfg = self.config = config
-    self.dtype = dtype
+    self.dtype, self.kernels = dtype, kernels
     D, V, G = cfg.hidden_size, cfg.vocab_size, cfg.layer_group_size
     types, mlps = cfg.layer_types(), cfg.mlp_types()
-    build = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl,
-                 gla_impl=gla_impl, attn_impl=attn_impl)
+    build = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels)
 
-    def layers(start: int, stop: int):
-      return [make_layer(cfg, types[i], mlps[i], **build) for i in range(start, stop)]
+    def layers(start: int, stop: int, rngs, first=None):
+      """Layers start..stop-1; `first`: the global index of the first (traced in the stack)."""
+      first = start if first is None else first
+      return [make_layer(cfg, first + i - start, types[i], mlps[i], rngs=rngs, **build)
+              for i in range(start, stop)]
 
     self.word_embeddings = param(rngs, (V, D), (ax.VOCAB, ax.EMBED), param_dtype)
     P, S = cfg.num_prefix_groups, cfg.num_scanned_groups
-    self.prefix = nnx.List([HybridGroup(layers(g * G, (g + 1) * G)) for g in range(P)])
+    self.prefix = nnx.List([HybridGroup(layers(g * G, (g + 1) * G, rngs)) for g in range(P)])
     if S:
+      # Every stacked group has the same layer kinds; `g` (its place in the stack) gives each its
+      # layers' global indices, so their per-layer constants stack along `layers` too.
       @nnx.split_rngs(splits=S)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
-      def stacked(rngs):
-        return HybridGroup([make_layer(cfg, types[i], mlps[i], **{**build, "rngs": rngs})
-                            for i in range(P * G, (P + 1) * G)])
-      self.groups = stacked(rngs)
+      @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: ax.LAYERS})
+      def stacked(rngs, g):
+        return HybridGroup(layers(P * G, (P + 1) * G, rngs, first=(P + g) * G))
+      self.groups = stacked(rngs, jnp.arange(S, dtype=jnp.int32))
     else:
       self.groups = None
-    self.tail = nnx.List(layers(cfg.num_groups * G, cfg.num_hidden_layers))
-    self.norm = RMSNorm(D, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.tail = nnx.List(layers(cfg.num_groups * G, cfg.num_hidden_layers, rngs))
+    norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                impl=kernels.rms_norm)
+    self.norm = RMSNorm(D, **norm)
     self.lm_head = param(rngs, (D, V), (ax.EMBED, ax.VOCAB), param_dtype, fan_in=D)
     if cfg.num_nextn_predict_layers:
-      self.mtp = MTPLayer(make_layer(cfg, "mla", "moe", **build), D, eps=cfg.rms_norm_eps,
-                          rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      mtp = make_layer(cfg, cfg.num_hidden_layers, "mla", "moe", rngs=rngs, **build)
+      self.mtp = MTPLayer(mtp, D, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
+                          param_dtype=param_dtype, norm_impl=kernels.rms_norm)
     else:
       self.mtp = None
 
@@ -101,82 +111,74 @@ class LingForCausalLM(nnx.Module):
     return out.logits if cache is None else (out.logits, out.cache)
 
   def forward(self, tokens: jax.Array, *, positions=None, segment_ids=None, cache=None,
-              scan: bool = True, mtp: bool = False, logits: bool = True, remat=None,
-              remat_scope: str = "layer") -> LingOutput:
+              scan: bool = True, mtp: bool = False, logits: bool = True,
+              remat: Remat = Remat()) -> LingOutput:
     """The full forward pass. logits=False skips the head (out.logits and out.mtp_logits are None;
     the loss is then computed from out.hidden and out.mtp_hidden).
 
-    remat: None / "none" (keep every residual), a name of `common.REMAT` ("full", "dots",
-    "dots_no_batch", "dots_no_scores") or a jax.checkpoint policy: each block of `remat_scope`
-    ("layer": every decoder layer; "group": every hybrid group, i.e. the scan body, and every
-    tail layer) and the MTP layer run under jax.checkpoint with that policy.
+    positions default to the cache's index onwards (0 onwards without a cache). remat: each
+    block of `remat.scope` ("layer": every decoder layer; "group": every hybrid group, i.e. the
+    scan body, and every tail layer) and the MTP layer run under jax.checkpoint with
+    `remat.policy`.
     """
-    cfg = self.config
     B, T = tokens.shape
-    G = cfg.layer_group_size
-    if remat_scope not in REMAT_SCOPES:
-      raise ValueError(f"unknown remat_scope {remat_scope!r}; choose one of {REMAT_SCOPES}")
-    do_remat, policy = remat_policy(remat)
-    rm = dict(remat=do_remat, policy=policy, scope=remat_scope)
     index = cache["index"] if cache is not None else 0
     if positions is None:
       positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    run = dict(positions=positions, segment_ids=segment_ids, cache_index=index)
     h = jnp.take(self.word_embeddings[...], tokens, axis=0).astype(self.dtype)
-    new_cache: dict[str, Any] = {"index": index + T} if cache is not None else None
-    loads = []
+    prefix_cache, tail_cache, loads = [], [], []
 
-    prefix_cache = []
     for g, group in enumerate(self.prefix):
-      h, c, load = _call_group(group, h, g * G, None if cache is None else cache["prefix"][g],
-                               run, prevent_cse=True, **rm)
+      h, c, load = _group(group, h, positions=positions, segment_ids=segment_ids,
+                          cache=None if cache is None else cache["prefix"][g], remat=remat)
       prefix_cache.append(c)
       loads.append(load)
 
     groups_cache = None
     if self.groups is not None:
-      h, groups_cache, load = self._run_groups(h, cache, run, scan, rm)
+      h, groups_cache, load = self._run_groups(h, positions, segment_ids,
+                                               None if cache is None else cache["groups"], scan,
+                                               remat)
       loads.append(load)
 
-    tail_cache = []
     for i, layer in enumerate(self.tail):
-      h, c, load = run_layer(layer, h, cfg.num_groups * G + i,
-                             None if cache is None else cache["tail"][i], **run, remat=do_remat,
-                             policy=policy)
+      h, c, load = checkpointed(layer, h, policy=remat.policy, positions=positions,
+                                segment_ids=segment_ids,
+                                cache=None if cache is None else cache["tail"][i])
       tail_cache.append(c)
       loads.append(None if load is None else load[None])
 
+    new_cache = None
     if cache is not None:
-      new_cache.update(prefix=prefix_cache, groups=groups_cache, tail=tail_cache)
+      new_cache = {"index": index + T, "prefix": prefix_cache, "groups": groups_cache,
+                   "tail": tail_cache}
     loads = [l for l in loads if l is not None]
     hidden = self.norm(h)
     out = LingOutput(logits=self._head(hidden) if logits else None, hidden=hidden,
                      expert_load=jnp.concatenate(loads) if loads else None, cache=new_cache)
     if mtp:
-      out = self._mtp(out, tokens, positions, segment_ids, logits, do_remat, policy)
+      out = self._mtp(out, tokens, positions, segment_ids, logits, remat)
     return out
 
-  def _run_groups(self, h, cache, run, scan: bool, rm: dict):
+  def _run_groups(self, h, positions, segment_ids, cache, scan: bool, remat: Remat):
     """Scan (or loop) the stacked hybrid groups."""
-    cfg = self.config
-    G, start, n = cfg.layer_group_size, cfg.num_prefix_groups * cfg.layer_group_size, cfg.num_scanned_groups
+    n = self.config.num_scanned_groups
     graphdef, state = nnx.split(self.groups)
 
     def body(h, xs):
-      st, g, c = xs
-      group = nnx.merge(graphdef, st)
+      st, c = xs
       # Per-layer checkpoints keep prevent_cse even inside the scan: its barrier (over the layer's
       # inputs and output cotangents) is what stops XLA from hoisting all the layers'
       # recomputations to the top of the backward loop body, or, where the scan is unrolled
       # (a trip count of 1 is), from merging them with the forward pass (no saving at all).
-      rm_layers = dict(rm, remat=rm["remat"] and rm["scope"] == "layer")
-      h, c, load = _call_group(group, h, start + g * G, c, run, prevent_cse=True, **rm_layers)
+      h, c, load = nnx.merge(graphdef, st)(h, positions=positions, segment_ids=segment_ids,
+                                           cache=c, layer_policy=remat.at("layer"))
       return h, (c, load)
 
-    if rm["remat"] and rm["scope"] == "group":
+    if remat.at("group") != "none":
       # The whole body: a real loop keeps the recomputation apart from the forward by itself.
-      body = jax.checkpoint(body, policy=rm["policy"], prevent_cse=not (scan and n > 1))
-    xs = (state, jnp.arange(n, dtype=jnp.int32), None if cache is None else cache["groups"])
+      body = jax.checkpoint(body, policy=REMAT[remat.policy], prevent_cse=not (scan and n > 1))
+    xs = (state, cache)
     if scan:
       h, (c, load) = jax.lax.scan(body, h, xs)
     else:
@@ -191,34 +193,41 @@ class LingForCausalLM(nnx.Module):
     w = self.lm_head[...].astype(self.dtype)
     return jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
 
-  def _mtp(self, out: LingOutput, tokens, positions, segment_ids, logits: bool = True,
-           remat: bool = False, policy=None) -> LingOutput:
+  def _mtp(self, out: LingOutput, tokens, positions, segment_ids, logits: bool,
+           remat: Remat) -> LingOutput:
     """MTP logits for token t+2 from h_t (post-norm) and token t+1 (the last position is padding)."""
     if self.mtp is None:
       raise ValueError("this config has num_nextn_predict_layers=0: no MTP layer")
     nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
     e = jnp.take(self.word_embeddings[...], nxt, axis=0).astype(self.dtype)
-    L = self.config.num_hidden_layers
-    call = lambda m, hid, e, pos, seg: m(hid, e, layer_idx=L, positions=pos, segment_ids=seg)
-    if remat:
-      h, _, load = checkpointed(self.mtp, call, out.hidden, e, positions, segment_ids,
-                                policy=policy)
-    else:
-      h, _, load = call(self.mtp, out.hidden, e, positions, segment_ids)
+    h, _, load = checkpointed(self.mtp, out.hidden, e, policy=remat.policy, positions=positions,
+                              segment_ids=segment_ids)
     return out.replace(mtp_logits=self._head(h) if logits else None, mtp_hidden=h,
                        mtp_expert_load=load)
 
 
-def _call_group(group, h, first_layer, cache, run, *, remat: bool, policy, scope: str,
-                prevent_cse: bool):
-  """One hybrid group: checkpointed as a whole (scope "group") or layer by layer ("layer")."""
-  if remat and scope == "group":
-    call = lambda g, h, pos, seg, c: g(h, first_layer=first_layer, positions=pos, segment_ids=seg,
-                                       cache=c, cache_index=run["cache_index"])
-    return checkpointed(group, call, h, run["positions"], run["segment_ids"], cache,
-                        policy=policy, prevent_cse=prevent_cse)
-  return group(h, first_layer=first_layer, cache=cache, remat=remat, policy=policy,
-               prevent_cse=prevent_cse, **run)
+def build_constants(make: Callable[[], nnx.Module]) -> nnx.State:
+  """The `Constant`s of the model `make()` builds, computed without allocating its parameters:
+  one small compiled program (XLA drops every parameter's init). For models built abstractly
+  (`nnx.eval_shape`), whose constants are shapes too."""
+  return jax.jit(lambda: nnx.state(make(), Constant))()
+
+
+def with_kernels(model: LingForCausalLM, kernels: Kernels) -> LingForCausalLM:
+  """`model`'s variables (the same arrays) under other kernel settings."""
+  make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                 kernels=kernels)
+  return nnx.merge(nnx.graphdef(nnx.eval_shape(make)), nnx.state(model))
+
+
+def _group(group: HybridGroup, h, *, positions, segment_ids, cache, remat: Remat):
+  """One hybrid group outside the scan: checkpointed as a whole (scope "group") or layer by
+  layer ("layer")."""
+  if remat.scope == "group":
+    return checkpointed(group, h, policy=remat.policy, positions=positions,
+                        segment_ids=segment_ids, cache=cache)
+  return group(h, positions=positions, segment_ids=segment_ids, cache=cache,
+               layer_policy=remat.policy)
 
 
 def _first(split):

@@ -1,349 +1,21 @@
 """Sparse MoE: sigmoid router with aux-loss-free bias and group-limited top-k, dropless experts,
 one shared expert (spec 3.7).
 
-Expert dispatch is behind `impl`:
-* "dense": every expert on every token, weighted by the (mostly zero) combine matrix. Obviously
-  correct, O(tokens x experts): the reference the tests compare against.
-* "sorted": dropless XLA path. Sort the (token, expert) assignments by expert, pad each expert's
-  rows to a multiple of `block_size` (a static upper bound on rows, nothing dropped) and run a
-  blocked matmul, each block against its expert's weights. (`jax.lax.ragged_dot` is avoided: on
-  jax 0.11.2 GPU it lowers to a dense masked expansion.)
-* "gmm": dropless, unpadded: sort the assignments by expert and run the Pallas grouped-matmul
-  kernels (pallas_kernels/grouped_matmul) over the ragged groups; compiled on GPU, interpret
-  mode elsewhere (slow: tests only).
-* "auto": "gmm" on GPU, "sorted" elsewhere.
+The router is router.py; the routed experts are one op, `pallas_kernels.moe.routed_experts`,
+whose `impl` picks the dispatch (all experts densely, sorted blocks in XLA, or the Pallas
+grouped-matmul kernels) and what "auto" picks.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax import axes as ax
-from ling_jax.model.common import ExpertBias, SwiGLU, param
-from pallas_kernels.grouped_matmul import Config as GmmConfig, gmm, gmm_glu, tuned_config
-from pallas_kernels.grouped_matmul.sort import sort_by_group, use_kernel as use_sort_kernel
-
-IMPLS = ("auto", "dense", "sorted", "gmm")
-
-
-def resolve_impl(impl: str) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"unknown MoE impl {impl!r}; choose one of {IMPLS}")
-  if impl == "auto":
-    return "gmm" if jax.default_backend() == "gpu" else "sorted"
-  return impl
-
-
-_RANKED_MAX = 64  # widest row `top_k` ranks by pairwise comparison
-
-
-def _total_order_key(x: jax.Array) -> jax.Array:
-  """Floats as signed integers of the same order, lax.sort's total order (-0 < +0, NaNs at the
-  ends): flip the magnitude bits of negatives."""
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    return x
-  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{8 * x.dtype.itemsize}"))
-  return jnp.where(bits < 0, bits ^ jnp.array(jnp.iinfo(bits.dtype).max, bits.dtype), bits)
-
-
-def _ranks(x: jax.Array) -> jax.Array:
-  """Each entry's position along the last axis in (value descending, index ascending) order, the
-  order of lax.top_k: the number of entries before it, from all pairwise comparisons of their
-  total-order keys. int32, same shape as x."""
-  n = x.shape[-1]
-  i = jnp.arange(n, dtype=jnp.int32)
-  key = _total_order_key(x)
-  a, b = key[..., :, None], key[..., None, :]
-  return ((b > a) | ((b == a) & (i[None, :] < i[:, None]))).sum(-1, dtype=jnp.int32)
-
-
-def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k` (values, int32 indices; ties to the lower index, values descending) over
-  the last axis. Rows of at most 64 entries (ling_small's 32 experts) are ranked by pairwise
-  comparisons, one fused elementwise pass: XLA lowers lax.top_k on such rows to a sort of every
-  row (BENCHMARKS.md: the router at 32768 tokens on an H100)."""
-  n = x.shape[-1]
-  if n > _RANKED_MAX:
-    v, i = jax.lax.top_k(x, k)
-    return v, i.astype(jnp.int32)
-  hit = _ranks(x)[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, n]
-  idx = jnp.where(hit, jnp.arange(n, dtype=jnp.int32), 0).sum(-1, dtype=jnp.int32)
-  return jnp.take_along_axis(x, idx, axis=-1), idx
-
-
-def _top2_sum(x: jax.Array) -> jax.Array:
-  """The sum of the two largest entries along the last axis (the one entry where it has one),
-  as `lax.top_k(x, 2)[0].sum(-1)`: the max, plus the max of the rest once the first maximal
-  entry is set aside. Three row reductions, for any width."""
-  if x.shape[-1] == 1:
-    return x[..., 0]
-  first = jnp.argmax(x, axis=-1)[..., None]
-  rest = jnp.where(jnp.arange(x.shape[-1]) == first, -jnp.inf, x)
-  return jnp.max(x, axis=-1) + jnp.max(rest, axis=-1)
-
-
-def _split_bf16(a: jax.Array, parts: int) -> list[jax.Array]:
-  """fp32 a as `parts` bf16 terms, each a's remainder truncated to its top 16 bits (exact in
-  bf16), so the fp32 sum of the terms is a to 2^(-8 parts) of |a|, and exactly a for 3 terms.
-  Truncation by bit mask, not rounding casts: XLA's GPU compiler may fold a round trip
-  f32 -> bf16 -> f32 into the identity (excess precision), which zeroes the later terms."""
-  out = []
-  for _ in range(parts):
-    bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0xFFFF0000)
-    top = jax.lax.bitcast_convert_type(bits, jnp.float32)
-    out.append(top.astype(jnp.bfloat16))
-    a = a - top
-  return out
-
-
-def _dot_f32(a: jax.Array, b: jax.Array, dims) -> jax.Array:
-  return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=jnp.float32)
-
-
-def _sum_terms(a: jax.Array, n: int) -> jax.Array:
-  """[..., n E] -> [..., E]: the sum of the n side-by-side blocks of the last axis, in order."""
-  E = a.shape[-1] // n
-  out = a[..., :E]
-  for i in range(1, n):
-    out = out + a[..., i * E:(i + 1) * E]
-  return out
-
-
-def router_logits(x: jax.Array, weight: jax.Array) -> jax.Array:
-  """x [N, D] @ weight [D, E] (fp32) -> fp32 logits, at fp32 accuracy, as the reference's
-  F.linear in float32: a GPU's default precision for an fp32 dot (TF32) moves the logits by ~3e-4
-  of the largest and flips near-tied experts (benchmarks/router_precision.py).
-
-  For bf16 x (bf16 compute) the three products are bf16 tensor-core matmuls on split operands
-  (`_split_logits`) instead of fp32 dots, which XLA runs at a fraction of the memory rate for
-  E = 32 columns. Other dtypes: one HIGHEST-precision fp32 dot.
-  """
-  if x.dtype != jnp.bfloat16:
-    return jnp.matmul(x.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST)
-  return _split_logits(x, weight)
-
-
-@jax.custom_vjp
-def _split_logits(x: jax.Array, weight: jax.Array) -> jax.Array:
-  """router_logits for bf16 x: the weight as 3 bf16 terms (x is exact in bf16, so the logits are
-  exact products with fp32 accumulation), and in the backward the fp32 cotangent as 3 terms
-  (d weight; d x from the six products of cotangent and weight terms that reach fp32's
-  precision). One matmul each, the terms side by side on the short E axis."""
-  return _split_logits_fwd(x, weight)[0]
-
-
-def _split_logits_fwd(x, weight):
-  w3 = _split_bf16(weight, 3)
-  return _sum_terms(_dot_f32(x, jnp.concatenate(w3, axis=1), ((1,), (0,))), 3), (x, w3)
-
-
-def _split_logits_bwd(res, g):
-  x, w3 = res
-  g3 = _split_bf16(g, 3)
-  # d x = g w^T to fp32 accuracy: the six products g_i w_j with i + j < 3, one matmul over 6E.
-  pairs = [(i, j) for i in range(3) for j in range(3 - i)]
-  dx = _dot_f32(jnp.concatenate([g3[i] for i, _ in pairs], axis=1),
-                jnp.concatenate([w3[j] for _, j in pairs], axis=1), ((1,), (1,)))
-  dw = _dot_f32(x, jnp.concatenate(g3, axis=1), ((0,), (0,)))  # [D, 3E]
-  return dx.astype(x.dtype), _sum_terms(dw, 3)
-
-
-_split_logits.defvjp(_split_logits_fwd, _split_logits_bwd)
-
-
-def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_group: int,
-          topk_group: int, scale: float):
-  """Router of spec 3.7: x [N, D] -> (expert ids [N, X] int32, weights [N, X] fp32).
-
-  Scores are fp32 sigmoids; the bias steers selection only; groups outside the top `topk_group`
-  (by the sum of their top-2 biased scores) are masked with -inf (spec 6.3); the chosen unbiased
-  scores are renormalised and multiplied by the routed scale (spec 6.2).
-  """
-  logits = router_logits(x, weight.astype(jnp.float32))  # [N, E] fp32
-  scores = jax.nn.sigmoid(logits)
-  biased = scores + bias.astype(jnp.float32)
-  N, E = biased.shape
-  if topk_group < n_group:
-    grouped = biased.reshape(N, n_group, E // n_group)  # [N, G, E/G]
-    group_score = _top2_sum(grouped)  # [N, G]
-    keep = _ranks(group_score) < topk_group  # the top `topk_group` groups, ties to the lower
-    biased = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E)
-  idx = _top_k(biased, top_k)[1]  # [N, X]
-  w = jnp.take_along_axis(scores, idx, axis=-1)
-  w = w / (w.sum(-1, keepdims=True) + 1e-20) * scale
-  return idx.astype(jnp.int32), w
-
-
-def expert_load(idx: jax.Array, num_experts: int) -> jax.Array:
-  """Assignments per expert [E] int32 from expert ids [..., X]: a compare-and-count, not
-  bincount, whose scatter-add into E counters serialises on them on a GPU."""
-  return (idx.reshape(-1, 1) == jnp.arange(num_experts, dtype=idx.dtype)).sum(0, dtype=jnp.int32)
-
-
-def _swiglu_experts(x, wg, wu, wd):
-  return (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
-
-
-def experts_dense(x, idx, w, wg, wu, wd):
-  """Reference dispatch: all experts on all tokens. x [N, D] -> [N, D] in fp32."""
-  E = wg.shape[0]
-  combine = jnp.zeros((x.shape[0], E), jnp.float32).at[jnp.arange(x.shape[0])[:, None], idx].add(w)
-  h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, wg)) * jnp.einsum("nd,edf->nef", x, wu)
-  y = jnp.einsum("nef,efd->ned", h, wd)  # [N, E, D]
-  return jnp.einsum("ne,ned->nd", combine, y.astype(jnp.float32))
-
-
-def experts_sorted(x, idx, w, wg, wu, wd, *, block_size: int = 64, blocks_per_step: int = 16):
-  """Dropless sorted-and-blocked dispatch. x [N, D] -> [N, D] in fp32."""
-  N, D = x.shape
-  E = wg.shape[0]
-  X = idx.shape[1]
-  A = N * X
-  b = block_size
-  flat_e = idx.reshape(A)
-  order = jnp.argsort(flat_e, stable=True)  # assignments grouped by expert
-  sorted_e = flat_e[order]
-  counts = jnp.bincount(flat_e, length=E)
-  padded = (counts + b - 1) // b * b
-  padded_end = jnp.cumsum(padded)
-  start = jnp.cumsum(counts) - counts
-  dest = (padded_end - padded)[sorted_e] + jnp.arange(A) - start[sorted_e]  # row in padded layout
-  # Static bound on padded rows: every expert wastes at most b-1 rows.
-  num_blocks = -(-(A + min(E, A) * (b - 1)) // b)
-  rows = jnp.zeros((num_blocks * b, D), x.dtype).at[dest].set(x[order // X])
-  block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_blocks) * b, side="right"),
-                             E - 1)
-
-  def block(args):
-    xb, e = args  # [b, D], expert id
-    return _swiglu_experts(xb, wg[e], wu[e], wd[e])
-
-  out = jax.lax.map(block, (rows.reshape(num_blocks, b, D), block_expert),
-                    batch_size=min(blocks_per_step, num_blocks))  # [num_blocks, b, D]
-  y_sorted = out.reshape(num_blocks * b, D)[dest].astype(jnp.float32)  # [A, D]
-  y = jnp.zeros((A, D), jnp.float32).at[order].set(y_sorted).reshape(N, X, D)
-  return jnp.einsum("nx,nxd->nd", w, y)
-
-
-def sort_by_expert(expert_ids: jax.Array, num_experts: int, *, block: int = 64,
-                   config: GmmConfig | None = None):
-  """A stable counting sort of assignments by expert: (order, inverse, sizes), all int32.
-
-  expert_ids [A] in [0, E). order [A] lists the assignments expert by expert, in their original
-  order within each (= a stable argsort); inverse [A] is each assignment's position in it; sizes
-  [E] counts each expert's assignments. Where `config.sort_kernel` says so (by default on the
-  GPU, where `sort.fits`) one Pallas kernel does it (`sort_by_group`); otherwise XLA, as
-  follows. No sort: a position is the expert's start + the
-  assignments of that expert in earlier blocks of `block` + those before it in its own block,
-  from two fused compare-and-count reductions (O(A (E + block))) and a small prefix sum over
-  blocks. On a GPU this replaces a general sort, whose many passes dominated the routing at a
-  few thousand tokens.
-  """
-  A, E = expert_ids.shape[0], num_experts
-  if config is not None and use_sort_kernel(config.sort_kernel, config.interpret, A, E):
-    return sort_by_group(expert_ids, E, interpret=config.interpret)
-  nb = -(-A // block)
-  e = jnp.pad(expert_ids.astype(jnp.int32), (0, nb * block - A), constant_values=E)  # pads last
-  e = e.reshape(nb, block)
-  hist = (e[:, :, None] == jnp.arange(E, dtype=jnp.int32)).sum(1, dtype=jnp.int32)  # [nb, E]
-  before = jnp.cumsum(hist, axis=0, dtype=jnp.int32) - hist  # same expert, earlier blocks
-  sizes = hist.sum(0, dtype=jnp.int32)
-  starts = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
-  lower = jnp.arange(block)[None, :] < jnp.arange(block)[:, None]  # [i, j]: j before i
-  rank = ((e[:, :, None] == e[:, None, :]) & lower).sum(-1, dtype=jnp.int32)  # [nb, block]
-  ec = jnp.minimum(e, E - 1)  # the pads' (dropped) rows need valid indices
-  inverse = (starts[ec] + jnp.take_along_axis(before, ec, axis=1) + rank).reshape(-1)[:A]
-  order = jnp.zeros((A,), jnp.int32).at[inverse].set(
-      jnp.arange(A, dtype=jnp.int32), unique_indices=True)
-  # Materialise the results: XLA would otherwise fuse inverse's gathers into every consumer,
-  # recomputing them per element of the [N X, D] combine (228 us against 8 at the flash expert
-  # shape and 256 tokens, H100).
-  return jax.lax.optimization_barrier((order, inverse, sizes))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dispatch(x, order, inverse, top_k: int):
-  """x [N, D] -> [N X, D]: row r is token order[r] // X. The backward sums each token's X
-  copies by gathering them back through `inverse` (a scatter-add in XLA's own transpose)."""
-  return x[order // top_k]
-
-
-def _dispatch_fwd(x, order, inverse, top_k):
-  return _dispatch(x, order, inverse, top_k), inverse
-
-
-def _dispatch_bwd(top_k, inverse, dxs):
-  N = inverse.shape[0] // top_k
-  dx = dxs[inverse].reshape(N, top_k, -1).astype(jnp.float32).sum(1).astype(dxs.dtype)
-  return dx, None, None
-
-
-_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
-
-
-@jax.custom_vjp
-def _permute(ys, perm, inverse_perm):
-  """ys[perm] for a permutation, whose backward is the gather ys_bar[inverse_perm] (XLA's own
-  transpose of a gather is a scatter-add, which cannot know the indices are distinct)."""
-  return ys[perm]
-
-
-def _permute_fwd(ys, perm, inverse_perm):
-  return ys[perm], (perm, inverse_perm)
-
-
-def _permute_bwd(res, dy):
-  perm, inverse_perm = res
-  return dy[inverse_perm], None, None
-
-
-_permute.defvjp(_permute_fwd, _permute_bwd)
-
-
-def experts_grouped(x, idx, w, wg, wu, wd, *, config: GmmConfig | None = None, matmul=None):
-  """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32.
-
-  Assignments are sorted by expert (`sort_by_expert`: a stable counting sort, one Pallas kernel
-  on the GPU where it fits; the same `config` decides) and three grouped matmuls run over the
-  ragged expert groups: gate and up in one fused kernel (`gmm_glu`) that gathers each token row
-  itself and applies the SwiGLU to its fp32 accumulators (neither the [N X, D] dispatched rows
-  nor the gate / up products of a forward-only call are written), then down (at ling_small's
-  shape and 513+ rows per expert on the Mosaic GPU kernel, forward and d input, and so is the
-  gate/up d input at 2048+ rows per expert: `tuned_config`). The rows are gathered back through the
-  inverse permutation and combined with the routing weights; both row movements are gathers in the
-  backward pass too. Never [N, E, D]. `matmul(lhs, rhs, group_sizes)` replaces the Pallas kernels
-  with three unfused grouped matmuls over explicitly dispatched rows (benchmarks).
-  """
-  N, D = x.shape
-  E, X = wg.shape[0], idx.shape[1]
-  A = N * X
-  cfg = config or tuned_config(D, wg.shape[2], rows_per_group=A / E)
-  cfg = cfg._replace(interpret=jax.default_backend() != "gpu")
-  order, inverse, sizes = sort_by_expert(idx.reshape(A), E, config=cfg)
-  if matmul is None:
-    h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
-    ys = gmm(h, wd, sizes, cfg)  # [N X, D]
-  else:
-    xs = _dispatch(x, order, inverse, X)  # [N X, D], row r serves token order[r] // X
-    h = jax.nn.silu(matmul(xs, wg, sizes)) * matmul(xs, wu, sizes)
-    ys = matmul(h.astype(x.dtype), wd, sizes)
-  y = _permute(ys, inverse, order).reshape(N, X, D).astype(jnp.float32)
-  return jnp.einsum("nx,nxd->nd", w, y)
-
-
-class Router(nnx.Module):
-  """`mlp.gate`: router weight [D, E] and expert_bias [E], both kept in fp32 (spec 4.3)."""
-
-  def __init__(self, hidden: int, num_experts: int, *, rngs: nnx.Rngs):
-    self.weight = param(rngs, (hidden, num_experts), (ax.EMBED, ax.EXPERT), jnp.float32,
-                        fan_in=hidden)
-    self.expert_bias = param(None, (num_experts,), (ax.EXPERT,), jnp.float32, init="zeros",
-                             kind=ExpertBias)
-
+from ling_jax.model.common import SwiGLU, param
+from ling_jax.model.router import Router, expert_load, route
+from pallas_kernels.moe import routed_experts
 
 class Experts(nnx.Module):
   """Routed experts stacked per layer: gate/up [E, D, F], down [E, F, D]."""
@@ -356,21 +28,20 @@ class Experts(nnx.Module):
 
 
 class SparseMoE(nnx.Module):
-  """Router + routed experts + shared expert; returns (y, per-expert token counts)."""
+  """Router + routed experts + shared expert; called as every MLP is, x -> (y, aux), its aux the
+  per-expert token counts. impl: pallas_kernels.moe's."""
 
   def __init__(self, *, hidden: int, num_experts: int, top_k: int, width: int, shared_width: int,
                n_group: int, topk_group: int, routed_scale: float, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto",
-               block_size: int = 64):
-    impl = resolve_impl(impl)
+               dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto"):
     self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
-    self.routed_scale, self.dtype, self.impl, self.block_size = routed_scale, dtype, impl, block_size
+    self.routed_scale, self.dtype, self.impl = routed_scale, dtype, impl
     self.gate = Router(hidden, num_experts, rngs=rngs)
     self.experts = Experts(num_experts, hidden, width, rngs=rngs, param_dtype=param_dtype)
     self.shared_experts = (SwiGLU(hidden, shared_width, rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype) if shared_width else None)
 
-  def __call__(self, x: jax.Array):
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, D] -> (y [B, T, D], load [E] = tokens routed to each expert)."""
     B, T, D = x.shape
     x = x.astype(self.dtype)
@@ -378,15 +49,10 @@ class SparseMoE(nnx.Module):
     idx, w = route(flat, self.gate.weight[...], self.gate.expert_bias[...], top_k=self.top_k,
                    n_group=self.n_group, topk_group=self.topk_group, scale=self.routed_scale)
     wts = [getattr(self.experts, n)[...].astype(self.dtype) for n in ("gate_proj", "up_proj", "down_proj")]
-    if self.impl == "dense":
-      y = experts_dense(flat, idx, w, *wts)
-    elif self.impl == "gmm":
-      y = experts_grouped(flat, idx, w, *wts)
-    else:
-      y = experts_sorted(flat, idx, w, *wts, block_size=self.block_size)
+    y = routed_experts(flat, idx, w, *wts, impl=self.impl)
     # Routed outputs combine in fp32 and are cast back before the shared expert (spec 3.7.6).
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
-      y = y + self.shared_experts(x)
+      y = y + self.shared_experts(x)[0]
     load = expert_load(idx, self.gate.weight.shape[1])
     return y, load.astype(jnp.float32)

@@ -19,21 +19,21 @@ from ling_jax.model.decoder import DecoderLayer
 class MTPLayer(nnx.Module):
 
   def __init__(self, layer: DecoderLayer, hidden: int, *, eps: float, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               dtype=jnp.float32, param_dtype=jnp.float32, norm_impl: str = "auto"):
     self.dtype = dtype
     self.layer = layer
-    self.enorm = RMSNorm(hidden, eps=eps, dtype=dtype, param_dtype=param_dtype)
-    self.hnorm = RMSNorm(hidden, eps=eps, dtype=dtype, param_dtype=param_dtype)
+    norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, impl=norm_impl)
+    self.enorm = RMSNorm(hidden, **norm)
+    self.hnorm = RMSNorm(hidden, **norm)
     # Input rows 0..D-1 act on enorm(embedding), D..2D-1 on hnorm(hidden) (spec 4.2).
     self.eh_proj = param(rngs, (2 * hidden, hidden), (ax.EMBED, ax.EMBED), param_dtype,
                          fan_in=2 * hidden)
-    self.final_layernorm = RMSNorm(hidden, eps=eps, dtype=dtype, param_dtype=param_dtype)
+    self.final_layernorm = RMSNorm(hidden, **norm)
 
-  def __call__(self, hidden: jax.Array, next_embeds: jax.Array, *, layer_idx, positions,
-               segment_ids=None, cache=None, cache_index=None):
+  def __call__(self, hidden: jax.Array, next_embeds: jax.Array, *, positions, segment_ids=None,
+               cache=None):
     """hidden, next_embeds [B, T, D] -> (normed MTP hidden [B, T, D], cache, expert load)."""
     x = jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1)
     x = x @ self.eh_proj[...].astype(self.dtype)
-    h, cache, load = self.layer(x, layer_idx=layer_idx, positions=positions,
-                                segment_ids=segment_ids, cache=cache, cache_index=cache_index)
+    h, cache, load = self.layer(x, positions=positions, segment_ids=segment_ids, cache=cache)
     return self.final_layernorm(h), cache, load

@@ -56,13 +56,13 @@ dropless exchanges, `capacity` otherwise; the local path's own buffers (the sort
 the grouped kernels' [M X, F] intermediates) are sized by M X, whatever the routing.
 
 The local experts: `local(x, ids, w, w_gate, w_up, w_down) -> y [M, D] fp32` over this device's
-E / ep experts, the signature of the model's expert functions, where ids may equal E / ep: an empty
-slot (weight 0) that must contribute nothing. `fill_empty` adapts a function that only takes ids
-in [0, E / ep) by computing the empty slots with expert 0 (weight 0): free for the XLA "sorted"
-path, whose work is static, but on the grouped-matmul path that computes every empty slot (for
-all_gather, (ep - 1) / ep of the slots). A grouped path sorting over E / ep + 1 groups and passing
-the first E / ep sizes to the kernels (whose rows past the groups' sum cost nothing) would skip
-them.
+E / ep experts, the signature of pallas_kernels.moe's functions, where ids may equal E / ep: an
+empty slot (weight 0) that must contribute nothing. `fill_empty` adapts a function that only takes
+ids in [0, E / ep) by computing the empty slots with expert 0 (weight 0): free for the XLA sorted
+path (`routed_experts_blocked`), whose work is static, but on the grouped-matmul path that
+computes every empty slot (for all_gather, (ep - 1) / ep of the slots). A grouped path sorting
+over E / ep + 1 groups and passing the first E / ep sizes to the kernels (whose rows past the
+groups' sum cost nothing) would skip them.
 
 Gradients come from autodiff: all_gather <-> psum_scatter, all_to_all <-> all_to_all,
 ragged_all_to_all <-> ragged_all_to_all with swapped offsets (jax's transpose rule), the gathers
@@ -78,8 +78,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ling_jax.model.moe import expert_load, experts_sorted
+from ling_jax.model.router import expert_load
 from ling_jax.parallel.exchange import exclusive_cumsum, ragged_all_to_all
+from pallas_kernels.moe import routed_experts_blocked
 
 STRATEGIES = ("all_gather", "ragged_all_to_all", "all_to_all")
 
@@ -107,9 +108,9 @@ def expert_parallel_experts(x, expert_ids, weights, w_gate, w_up, w_down, *, mes
   sharded (or to be sharded) over `token_axes`; w_gate, w_up [E, D, F] and w_down [E, F, D]: the
   routed experts, split over `expert_axis` (and F over `tensor_axis` where that axis is larger than
   1; None keeps F whole). `local` computes a device's experts (module docstring; default the XLA
-  sorted path through `fill_empty`). `capacity` bounds the rows a device receives ("all_to_all",
-  "ragged_all_to_all"; None = dropless worst case). `combine_dtype` is the dtype in which partial
-  outputs travel back and are summed.
+  sorted path, `routed_experts_blocked`, through `fill_empty`). `capacity` bounds the rows a device
+  receives ("all_to_all", "ragged_all_to_all"; None = dropless worst case). `combine_dtype` is the
+  dtype in which partial outputs travel back and are summed.
 
   Returns y [N, D] fp32 = sum_x weights[n, x] expert_{ids[n, x]}(x[n]) (sharded as x), and load
   [E] int32, each expert's assignments over all N tokens (replicated).
@@ -118,7 +119,7 @@ def expert_parallel_experts(x, expert_ids, weights, w_gate, w_up, w_down, *, mes
                       token_axes=tuple(token_axes), expert_axis=expert_axis,
                       tensor_axis=tensor_axis, strategy=strategy, capacity=capacity)
   common = dict(expert_axis=expert_axis, tensor_axis=tensor, token_axes=tuple(token_axes),
-                num_experts=w_gate.shape[0], local=local or fill_empty(experts_sorted),
+                num_experts=w_gate.shape[0], local=local or fill_empty(routed_experts_blocked),
                 combine_dtype=combine_dtype)
   if strategy == "all_gather":
     body = functools.partial(_all_gather_body, **common)

@@ -11,16 +11,9 @@ import math
 
 from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import DataConfig
+from ling_jax.model.settings import Kernels, Remat  # (imports no jax)
 
 DTYPES = ("float32", "bfloat16")
-# The names the model accepts, copied so that building a config (and `--help`) imports no jax;
-# tests/test_train.py checks each against the model's own tuple (model.common.REMAT and
-# REMAT_SCOPES, model.mla.IMPLS, model.moe.IMPLS, simple_gla.IMPLS).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_scores")
-REMAT_SCOPES = ("layer", "group")
-MLA_IMPLS = ("auto", "xla", "flash", "flash_interpret", "cudnn")
-MOE_IMPLS = ("auto", "dense", "sorted", "gmm")
-GLA_IMPLS = ("auto", "recurrent", "chunked", "pallas", "pallas_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +33,11 @@ class TrainConfig:
   grad_clip: float = 1.0           # global-norm clipping (0: off)
   # Numerics: parameters are fp32 masters, matmuls run in compute_dtype, the router in fp32.
   compute_dtype: str = "bfloat16"  # "float32" or "bfloat16"
-  moe_impl: str = "auto"           # experts: "auto" (GPU: "gmm", else "sorted"), "dense"
-  gla_impl: str = "chunked"        # Lightning: "auto" (GPU: "pallas"), "chunked", "recurrent"
-  attn_impl: str = "auto"          # MLA: "auto" (GPU: cuDNN or flash), "xla", "flash", "cudnn"
-  # Activation memory: jax.checkpoint each decoder layer ("layer") or hybrid group / scan body
-  # ("group") with policy `remat` (one of REMAT_POLICIES), and the head + cross-entropy in chunks
-  # of ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
-  remat: str = "none"              # "none", "full", "dots", "dots_no_batch", "dots_no_scores"
-  remat_scope: str = "layer"       # "layer" or "group"
+  kernels: Kernels = Kernels()     # which implementation each op runs (model/settings.py)
+  # Activation memory: jax.checkpoint each decoder layer (remat.scope "layer") or hybrid group /
+  # scan body ("group") with the named remat.policy, and the head + cross-entropy in chunks of
+  # ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
+  remat: Remat = Remat()
   ce_chunk: int = 4096
   # Gradient accumulation: each batch runs as grad_accum equal micro-batches (one optimizer step;
   # activation memory of one micro-batch). data.batch_size must be a multiple of it.
@@ -88,13 +78,6 @@ class TrainConfig:
         errors.append(f"{name}={getattr(self, name)} must be a finite number >= 0")
     if self.compute_dtype not in DTYPES:
       errors.append(f"compute_dtype={self.compute_dtype!r} not in {DTYPES}")
-    if self.remat not in REMAT_POLICIES:
-      errors.append(f"remat={self.remat!r} not in {REMAT_POLICIES}")
-    if self.remat_scope not in REMAT_SCOPES:
-      errors.append(f"remat_scope={self.remat_scope!r} not in {REMAT_SCOPES}")
-    for name, allowed in (("moe_impl", MOE_IMPLS), ("gla_impl", GLA_IMPLS), ("attn_impl", MLA_IMPLS)):
-      if getattr(self, name) not in allowed:
-        errors.append(f"{name}={getattr(self, name)!r} not in {allowed}")
     if self.ce_chunk < 0:
       errors.append(f"ce_chunk={self.ce_chunk} must be >= 0")
     if self.grad_accum < 1:

@@ -68,8 +68,7 @@ def build_model(exp: Experiment) -> LingForCausalLM:
 
   def make():
     return LingForCausalLM(exp.model, rngs=nnx.Rngs(t.seed), dtype=jnp.dtype(t.compute_dtype),
-                           param_dtype=jnp.float32, moe_impl=t.moe_impl, gla_impl=t.gla_impl,
-                           attn_impl=t.attn_impl)
+                           param_dtype=jnp.float32, kernels=t.kernels)
 
   graphdef = nnx.graphdef(nnx.eval_shape(make))
   cpu, target = _host_cpu(), jax.devices()[0]
@@ -84,9 +83,9 @@ def build_model(exp: Experiment) -> LingForCausalLM:
   return nnx.merge(graphdef, state)
 
 
-def evaluate(graphdef, params, expert_bias, batches, ce_chunk: int = 4096) -> float:
+def evaluate(graphdef, constants, params, expert_bias, batches, ce_chunk: int = 4096) -> float:
   """Mean next-token cross-entropy (nats) over the valid targets of `batches`."""
-  eval_step = make_eval_step(graphdef, ce_chunk)
+  eval_step = make_eval_step(graphdef, constants, ce_chunk)
   total, n = 0.0, 0.0
   for b in batches:
     sums = jax.device_get(eval_step(params, expert_bias, b))
@@ -110,10 +109,10 @@ def mtp_weight(cfg: LingConfig, t: TrainConfig) -> float:
   return cfg.mtp_loss_scaling_factor if t.mtp and cfg.num_nextn_predict_layers else 0.0
 
 
-def train_step(cfg: LingConfig, t: TrainConfig, graphdef, tx):
+def train_step(cfg: LingConfig, t: TrainConfig, graphdef, constants, tx):
   """The jitted train step `t` asks for (loss weights, remat, CE chunking, bias updates)."""
-  return make_train_step(graphdef, tx, schedule(t), mtp_weight=mtp_weight(cfg, t),
-                         bias_rate=t.bias_update_rate, remat=t.remat, remat_scope=t.remat_scope,
+  return make_train_step(graphdef, constants, tx, schedule(t), mtp_weight=mtp_weight(cfg, t),
+                         bias_rate=t.bias_update_rate, remat=t.remat,
                          ce_chunk=t.ce_chunk, grad_accum=t.grad_accum,
                          compute_dtype=t.compute_dtype)
 
@@ -176,7 +175,7 @@ def run(exp: Experiment) -> dict:
           "train.steps trains on, another train.out_dir starts a new run)")
 
   t0 = time.perf_counter()
-  graphdef, params, expert_bias = split_model(build_model(exp))
+  graphdef, params, expert_bias, constants = split_model(build_model(exp))
   jax.block_until_ready(params)
   init_s = time.perf_counter() - t0
   tx = optimizer(t)
@@ -202,7 +201,7 @@ def run(exp: Experiment) -> dict:
           it.set_state(data_state)
           print(f"resumed from {ckpt_dir} step {start}")
         log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), start)
-        step_fn = train_step(cfg, t, graphdef, tx)
+        step_fn = train_step(cfg, t, graphdef, constants, tx)
         state, tps, done = _train(step_fn, state, it, ckpt, log, exp, start, meta,
                                   lambda tps: flops_per_token * tps / peak if peak else None,
                                   stop)
@@ -222,7 +221,8 @@ def run(exp: Experiment) -> dict:
                               _last(ckpt_dir))
 
   eval_batches = data.eval_batches()
-  eval_loss = evaluate(graphdef, state.params, state.expert_bias, eval_batches, t.ce_chunk)
+  eval_loss = evaluate(graphdef, constants, state.params, state.expert_bias, eval_batches,
+                       t.ce_chunk)
   fresh = data.train_iterator()
   unigram = unigram_baseline((next(fresh) for _ in range(t.unigram_batches)), eval_batches,
                              cfg.vocab_size)
@@ -241,7 +241,8 @@ def run(exp: Experiment) -> dict:
     summary["peak_device_bytes"] = mem
     print(f"peak device memory {mem / 2**30:.1f} GiB")
   if t.sample_tokens:
-    summary["sample"] = _sample(graphdef, state, data, eval_batches[0], t)
+    summary["sample"] = _sample(nnx.merge(graphdef, state.params, state.expert_bias, constants),
+                                data, eval_batches[0], t)
   png = os.path.join(t.out_dir, "loss_curve.png")
   if write_loss_curve(png, records, eval_loss=eval_loss, unigram=unigram):
     print(f"wrote {png}")
@@ -330,12 +331,11 @@ def _log_checked(records: list[dict], log: MetricsLog, ckpt: Checkpointer, t: Tr
                        f"norm {bad['grad_norm']}; stopped without saving it. {where}")
 
 
-def _sample(graphdef, state, data: Data, batch, t) -> str:
+def _sample(model: LingForCausalLM, data: Data, batch, t) -> str:
   """Continue the first (up to 32) tokens of the first eval document."""
   seg = batch["segment_ids"][0]
   n = int(min(32, np.argmax(seg != seg[0]) or len(seg)))
   prompt = batch["tokens"][:1, :n]
-  model = nnx.merge(graphdef, state.params, state.expert_bias)
   out = np.asarray(generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
                             seed=t.seed))
   if data.cfg.source == "synthetic":  # ids, not text

@@ -2,16 +2,17 @@
 
 The model is split once into a static graphdef and three states: `nnx.Param` (fp32 master
 weights, what the optimizer and the gradient see), `ExpertBias` (moved by the load rule in
-balance.py) and nothing else (`split_model` refuses any other variable kind). A step
-merges them back, runs `model.forward` with packed-row segment ids and positions, and returns
-the new `TrainState` and a dict of device scalars; the host fetches those when it logs.
+balance.py) and the model's `Constant`s (built from the config, neither trained nor saved: the
+steps close over them); `split_model` refuses any other variable kind. A step merges them back,
+runs `model.forward` with packed-row segment ids and positions, and returns the new `TrainState`
+and a dict of device scalars; the host fetches those when it logs.
 
 Loss: next-token cross-entropy, plus `mtp_loss_scaling_factor` x the MTP cross-entropy for token
 t+2 (spec 3.9). Targets that cross a document boundary (or are padding, segment 0) are masked:
 the model cannot and must not predict the next document's first token.
 
 Memory (ling_small, 4 x 4096 tokens; benchmarks/train_memory.py): the step keeps every layer's
-residuals for the backward pass unless `remat` checkpoints the stack layer by layer
+residuals for the backward pass unless `remat` checkpoints the stack block by block
 (`LingForCausalLM.forward(remat=...)`), and [tokens, vocab] fp32 logits (main and MTP, and their
 gradients) unless `ce_chunk` > 0 computes the cross-entropy through the head in token chunks
 (train/loss.py).
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from ling_jax.model.common import REMAT, ExpertBias
+from ling_jax.model.common import Constant, ExpertBias
+from ling_jax.model.settings import Remat
 from ling_jax.train.balance import update_expert_bias
 from ling_jax.train.loss import head_ce
 
@@ -41,12 +43,13 @@ class TrainState:
 
 
 def split_model(model: nnx.Module):
-  """(graphdef, params, expert_bias); refuses variables that neither the optimizer nor the
-  balancing rule would update (they would silently stay at init and miss the checkpoint)."""
-  graphdef, params, bias, rest = nnx.split(model, nnx.Param, ExpertBias, ...)
+  """(graphdef, params, expert_bias, constants); refuses variables that neither the optimizer
+  nor the balancing rule would update and that are not rebuilt with the model (they would
+  silently stay at init and miss the checkpoint)."""
+  graphdef, params, bias, constants, rest = nnx.split(model, nnx.Param, ExpertBias, Constant, ...)
   if jax.tree.leaves(rest):
-    raise ValueError(f"model has variables that are neither Param nor ExpertBias: {rest}")
-  return graphdef, params, bias
+    raise ValueError(f"model has variables that are neither Param, ExpertBias nor Constant: {rest}")
+  return graphdef, params, bias, constants
 
 
 # The projection matrices, which the forward casts to the compute dtype at their use
@@ -93,13 +96,13 @@ def _masked_ce(logits, targets, valid):
   return (ce * valid).sum(), valid.sum()
 
 
-def _chunked_ce(hidden, lm_head, targets, valid, shift: int, chunk: int, dtype):
+def _chunked_ce(hidden, lm_head, targets, valid, shift: int, chunk: int, dtype, impl: str):
   """`_masked_ce` of head(hidden[:, :-shift]) against `targets` [B, T - shift], via `head_ce`:
   hidden keeps all T positions (the last `shift` masked), so no [B, T-shift, D] copy is made."""
   B, T, D = hidden.shape
   pad = lambda x: jnp.pad(x, ((0, 0), (0, shift)))
   ce = head_ce(hidden.reshape(B * T, D), lm_head, pad(targets).reshape(-1),
-               pad(valid).reshape(-1), min(chunk, B * T) if chunk > 0 else B * T, dtype)
+               pad(valid).reshape(-1), min(chunk, B * T) if chunk > 0 else B * T, dtype, impl)
   return ce, valid.astype(jnp.float32).sum()
 
 
@@ -110,12 +113,14 @@ def _valid_targets(seg):
   return valid, valid[:, :-1] & valid[:, 1:]
 
 
-def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32):
+def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32,
+              impl: str = "auto"):
   """Sums and counts of the next-token and (if present) MTP cross-entropies.
 
   From out.logits / out.mtp_logits when the forward made them; else (logits=False) from
   out.hidden / out.mtp_hidden through `lm_head` [D, V] in chunks of `ce_chunk` tokens, with the
-  head matmul in `dtype` (the model's compute dtype) as `LingForCausalLM._head` does it.
+  head matmul in `dtype` (the model's compute dtype) as `LingForCausalLM._head` does it, and the
+  chunks' cross-entropy by pallas_kernels.cross_entropy's `impl`.
   """
   tokens = batch["tokens"]
   valid, valid2 = _valid_targets(batch["segment_ids"])
@@ -124,34 +129,34 @@ def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32)
     res["ce_sum"], res["n"] = _masked_ce(out.logits[:, :-1], tokens[:, 1:], valid)
   else:
     res["ce_sum"], res["n"] = _chunked_ce(out.hidden, lm_head, tokens[:, 1:], valid, 1, ce_chunk,
-                                          dtype)
+                                          dtype, impl)
   if out.mtp_logits is not None:
     res["mtp_sum"], res["n_mtp"] = _masked_ce(out.mtp_logits[:, :-2], tokens[:, 2:], valid2)
   elif out.mtp_hidden is not None:
     res["mtp_sum"], res["n_mtp"] = _chunked_ce(out.mtp_hidden, lm_head, tokens[:, 2:], valid2, 2,
-                                               ce_chunk, dtype)
+                                               ce_chunk, dtype, impl)
   return res
 
 
-def _losses(graphdef, params, expert_bias, batch, *, mtp: bool, remat=None,
-            remat_scope: str = "layer", ce_chunk: int = 0):
+def _losses(graphdef, constants, params, expert_bias, batch, *, mtp: bool,
+            remat: Remat = Remat(), ce_chunk: int = 0):
   """(model output, `lm_losses` sums): the full logits only when ce_chunk is 0."""
-  model = nnx.merge(graphdef, params, expert_bias)
+  model = nnx.merge(graphdef, params, expert_bias, constants)
   out = model.forward(batch["tokens"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"], mtp=mtp, logits=not ce_chunk,
-                      remat=remat, remat_scope=remat_scope)
-  return out, lm_losses(out, batch, model.lm_head[...], ce_chunk=ce_chunk, dtype=model.dtype)
+                      segment_ids=batch["segment_ids"], mtp=mtp, logits=not ce_chunk, remat=remat)
+  return out, lm_losses(out, batch, model.lm_head[...], ce_chunk=ce_chunk, dtype=model.dtype,
+                        impl=model.kernels.cross_entropy)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, mtp_weight: float,
-                    bias_rate: float, remat: str = "none", remat_scope: str = "layer",
+def make_train_step(graphdef, constants, tx: optax.GradientTransformation, lr_schedule, *,
+                    mtp_weight: float, bias_rate: float, remat: Remat = Remat(),
                     ce_chunk: int = 4096, grad_accum: int = 1, compute_dtype=None,
                     cast_once: bool = True):
-  """A jitted `(state, batch) -> (state, metrics)`; `state` is donated. mtp_weight 0 skips MTP.
+  """A jitted `(state, batch) -> (state, metrics)` of the model `split_model` gave as (graphdef,
+  ..., constants); `state` is donated. mtp_weight 0 skips MTP.
 
-  remat: a policy name of `REMAT`, applied per decoder layer (remat_scope "layer") or per hybrid
-  group / scan body ("group") inside the model. ce_chunk: tokens per chunk of the fused head +
-  cross-entropy (0: materialise the full fp32 logits). grad_accum: the batch's rows run as that
+  remat: the model's block checkpoints (`LingForCausalLM.forward`). ce_chunk: tokens per chunk
+  of the fused head + cross-entropy (0: materialise the full fp32 logits). grad_accum: the batch's rows run as that
   many equal micro-batches in sequence (activation memory of one micro-batch); their gradients,
   loss sums and expert loads add up to the whole batch's, so the update is the same as one pass
   over the batch (up to summation order). compute_dtype (the model's, e.g. bf16) with cast_once:
@@ -159,15 +164,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
   each micro-batch's forward; the same gradients bit for bit.
   """
   mtp = mtp_weight > 0
-  if remat not in REMAT:
-    raise ValueError(f"unknown remat policy {remat!r}; choose one of {tuple(REMAT)}")
   if grad_accum < 1:
     raise ValueError(f"grad_accum={grad_accum} must be >= 1")
 
   def loss_fn(params, expert_bias, batch, n, n_mtp):
     """The batch's loss share: its CE sums over the whole batch's target counts n, n_mtp."""
-    out, sums = _losses(graphdef, params, expert_bias, batch, mtp=mtp, remat=remat,
-                        remat_scope=remat_scope, ce_chunk=ce_chunk)
+    out, sums = _losses(graphdef, constants, params, expert_bias, batch, mtp=mtp, remat=remat,
+                        ce_chunk=ce_chunk)
     aux = {"ce": sums["ce_sum"] / n, "loads": (out.expert_load, out.mtp_expert_load)}
     total = aux["ce"]
     if mtp:
@@ -224,10 +227,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, *, 
   return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(graphdef, ce_chunk: int = 4096):
+def make_eval_step(graphdef, constants, ce_chunk: int = 4096):
   """A jitted `(params, expert_bias, batch) -> sums` (use `lm_losses` keys) without MTP."""
 
   def step(params, expert_bias, batch):
-    return _losses(graphdef, params, expert_bias, batch, mtp=False, ce_chunk=ce_chunk)[1]
+    return _losses(graphdef, constants, params, expert_bias, batch, mtp=False,
+                   ce_chunk=ce_chunk)[1]
 
   return jax.jit(step)

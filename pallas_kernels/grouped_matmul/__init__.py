@@ -2,9 +2,10 @@
 
 `grouped_matmul(lhs, rhs, group_sizes, impl=...)` is differentiable in lhs and rhs:
 * "pallas": the Triton-lowered Pallas kernels of kernel.py (GPU);
-* "pallas_interpret": the same kernels in interpret mode (CPU tests);
-* "reference": reference.py's masked einsum (O(G M K N); tests only);
-* "auto": "pallas" on GPU, else "reference".
+* "interpret": the same kernels in interpret mode (CPU tests);
+* "reference" / "xla": reference.py's masked einsum (O(G M K N); tests only; no separate XLA
+  form);
+* "auto": "pallas" on GPU, else "xla".
 
 `pallas_kernels.grouped_matmul.mosaic.gmm` is the same product (rhs optionally transposed) as a
 Mosaic GPU kernel: persistent, warp-specialized (a TMA producer, two wgmma consumers). On an H100
@@ -31,7 +32,7 @@ from pallas_kernels.grouped_matmul.visits import visit_table
 from pallas_kernels.grouped_matmul.reference import (gmm_glu_reference, gmm_reference, row_groups,
                                                      tgmm_reference)
 
-IMPLS = ("auto", "pallas", "pallas_interpret", "reference")
+IMPLS = ("auto", "reference", "xla", "pallas", "interpret")
 
 __all__ = ["Config", "IMPLS", "gmm", "gmm_glu", "gmm_glu_pallas", "gmm_glu_reference", "gmm_pallas",
            "gmm_reference", "gmm_sum_pallas", "grouped_matmul", "row_groups", "sort_by_group",
@@ -40,10 +41,11 @@ __all__ = ["Config", "IMPLS", "gmm", "gmm_glu", "gmm_glu_pallas", "gmm_glu_refer
 
 
 def resolve_impl(impl: str) -> str:
+  """`impl` with "auto" resolved for this backend."""
   if impl not in IMPLS:
     raise ValueError(f"unknown grouped_matmul impl {impl!r}; choose one of {IMPLS}")
   if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "reference"
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
   return impl
 
 
@@ -59,7 +61,7 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", config: Config 
   if lhs.shape[1] != rhs.shape[1]:
     raise ValueError(f"lhs {lhs.shape} and rhs {rhs.shape} disagree on K")
   impl = resolve_impl(impl)
-  if impl == "reference":
+  if impl in ("reference", "xla"):
     return gmm_reference(lhs, rhs, group_sizes)
-  cfg = (config or Config())._replace(interpret=impl == "pallas_interpret")
+  cfg = (config or Config())._replace(interpret=impl == "interpret")
   return gmm(lhs, rhs, group_sizes, cfg)

@@ -89,9 +89,6 @@ class Config(NamedTuple):
   # tiles fit (`mosaic_tgmm.tiles_for`); gmm_glu's forward then writes x's gathered rows [M, K]
   # out for it (save_rows).
   mosaic_tgmm: bool = False
-  # The MoE dispatch's sort of assignments by expert as one Pallas kernel (sort.sort_by_group)
-  # where it fits; semantics as `mosaic`. (Read by ling_jax.model.moe.sort_by_expert.)
-  sort_kernel: bool | None = None
   interpret: bool = False
 
 

@@ -2,9 +2,9 @@
 
 The MoE's dispatch needs, for A assignments of expert ids, the stable order that lists them
 expert by expert, each assignment's position in it and each expert's count. In XLA that is a
-handful of launches (`ling_jax.model.moe.sort_by_expert`'s counting sort: ~13 us of an H100 at
-ling_small's 256 tokens, a fifth of the layer). Here one launch does it, one program per group:
-program g counts the ids below g (its group's first position), then walks the ids again in
+handful of launches (`pallas_kernels.moe.grouped.sort_by_expert`'s counting sort: ~13 us of an
+H100 at ling_small's 256 tokens, a fifth of the layer). Here one launch does it, one program per
+group: program g counts the ids below g (its group's first position), then walks the ids again in
 chunks, placing each of its own at first + (its rank among them): an exclusive prefix sum of the
 chunk's matches. Every program reads all A ids (from L2 after the first) in A / chunk serial
 steps, so past some thousands of ids XLA's passes win; `fits` says where the kernel is used.
@@ -34,13 +34,6 @@ MAX_IDS, MAX_READS = 16384, 1 << 22
 def fits(num_ids: int, num_groups: int) -> bool:
   """Whether `sort_by_group` beats XLA's counting sort (measured on an H100)."""
   return num_ids <= MAX_IDS and num_ids * num_groups <= MAX_READS
-
-
-def use_kernel(setting: bool | None, interpret: bool, num_ids: int, num_groups: int) -> bool:
-  """`Config.sort_kernel`'s rule: None = when compiled for the GPU, True = in the interpreter
-  too (tests), False = never; and only where it `fits`."""
-  use = setting if setting is not None else not interpret
-  return bool(use) and fits(num_ids, num_groups)
 
 
 def _sort_kernel(ids_ref, order_ref, inverse_ref, sizes_ref, *, A: int, chunk: int):

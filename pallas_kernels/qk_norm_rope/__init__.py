@@ -5,8 +5,8 @@
   v; backward one read of qkv, dq, dk, dv and one write of d qkv), where the shape fits (heads
   a power of two); reference.py otherwise, with a warning. Without QK norm (wq = wk = None) it is
   the reference, silently: the model's norms are always on;
-* "pallas_interpret": the same kernels in Pallas interpret mode (CPU tests);
-* "xla": reference.py under autodiff;
+* "interpret": the same kernels in Pallas interpret mode (CPU tests);
+* "reference" / "xla": reference.py under autodiff (no separate XLA form);
 * "auto": "pallas" on a GPU for bf16 / fp16 compute, else "xla" (and the reference, silently,
   where the kernel does not apply).
 """
@@ -22,7 +22,7 @@ from pallas_kernels.qk_norm_rope.kernel import (Config, check_config, qk_norm_ro
                                                unsupported)
 from pallas_kernels.qk_norm_rope.reference import apply_neox, qk_norm_rope_reference
 
-IMPLS = ("auto", "pallas", "pallas_interpret", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas", "interpret")
 
 __all__ = ["Config", "IMPLS", "apply_neox", "qk_norm_rope", "qk_norm_rope_pallas",
            "qk_norm_rope_reference"]
@@ -51,9 +51,9 @@ def qk_norm_rope(qkv, wq, wk, cos, sin, *, eps: float, dtype, impl: str = "auto"
   if impl == "auto":
     impl = "pallas" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
   cfg = (config or Config(eps=0.0, dtype=dtype))._replace(
-      eps=float(eps), dtype=dtype, interpret=impl == "pallas_interpret")
+      eps=float(eps), dtype=dtype, interpret=impl == "interpret")
   check_config(cfg)
-  if impl != "xla" and wq is not None:
+  if impl in ("pallas", "interpret") and wq is not None:
     reason = unsupported(H, K, 2 * half)
     if reason is None:
       N = B * T

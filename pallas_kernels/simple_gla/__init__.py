@@ -1,6 +1,12 @@
 """Simple GLA (Lightning attention): S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
 
-The public op `simple_gla` dispatches on `impl`; `simple_gla_step` is the one-token decode step.
+The public op `simple_gla` dispatches on `impl`:
+* "reference": reference.py's recurrent form (a scan over tokens);
+* "xla": reference.py's chunked form (a scan over chunks of `chunk_size`, Lightning Attention-2);
+* "pallas": the GPU kernels of chunk.py (Mosaic GPU forward on an H100, Triton backward);
+* "interpret": the same kernels interpreted (CPU tests);
+* "auto": "pallas" on a GPU when both head dims are powers of two >= 16, else "xla".
+`simple_gla_step` is the one-token decode step.
 Semantics, layouts and numerics are those of `reference.py` (the spec; Lightning Attention-2,
 arXiv 2401.04658, and fla's simple_gla).
 """
@@ -15,17 +21,20 @@ from pallas_kernels.simple_gla.reference import (simple_gla_chunked, simple_gla_
 
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 
-IMPLS = ("auto", "recurrent", "chunked", "pallas", "pallas_interpret")
+IMPLS = ("auto", "reference", "xla", "pallas", "interpret")
 
 
 def resolve_impl(impl: str, head_dim: int, v_dim: int) -> str:
-  """"auto": the Pallas kernels on GPU when the head dims suit them, else the chunked reference."""
+  """`impl` with "auto" resolved: the Pallas kernels on GPU when the head dims suit them, else
+  the chunked reference."""
+  if impl not in IMPLS:
+    raise ValueError(f"unknown simple_gla impl {impl!r}; choose one of {IMPLS}")
   if impl != "auto":
     return impl
   pow2 = lambda n: n >= 16 and n & (n - 1) == 0
   if jax.default_backend() == "gpu" and pow2(head_dim) and pow2(v_dim):
     return "pallas"
-  return "chunked"
+  return "xla"
 
 
 def _check(q, k, v, g, initial_state, segment_ids, chunk_size):
@@ -49,24 +58,21 @@ def _check(q, k, v, g, initial_state, segment_ids, chunk_size):
 
 
 def simple_gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None, chunk_size=64,
-               impl="chunked"):
+               impl="auto"):
   """Simple GLA over a sequence: returns (o [B, T, H, V] in q.dtype, final_state [B, H, K, V] fp32).
 
   q, k [B, T, H, K]; v [B, T, H, V]; g [H] (per-head constant) or [B, T, H] (per token), a
   log-decay <= 0; scale defaults to K ** -0.5; initial_state [B, H, K, V] feeds the first
   segment of each row; segment_ids [B, T] resets the state wherever the id changes.
-  impl: "auto" (resolve_impl), "recurrent" (scan over tokens), "chunked" (scan over chunks of `chunk_size`), "pallas"
-  (the GPU kernels of chunk.py) or "pallas_interpret" (the same kernels interpreted, for CPU tests).
+  impl: see the module docstring.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown impl {impl!r}; valid choices: {', '.join(map(repr, IMPLS))}")
-  _check(q, k, v, g, initial_state, segment_ids, chunk_size)
   impl = resolve_impl(impl, q.shape[-1], v.shape[-1])
-  if impl in ("pallas", "pallas_interpret"):
+  _check(q, k, v, g, initial_state, segment_ids, chunk_size)
+  if impl in ("pallas", "interpret"):
     return simple_gla_pallas(q, k, v, g, scale=scale, initial_state=initial_state,
                              segment_ids=segment_ids, chunk_size=chunk_size,
-                             interpret=impl == "pallas_interpret")
-  if impl == "recurrent":
+                             interpret=impl == "interpret")
+  if impl == "reference":
     return simple_gla_recurrent(q, k, v, g, scale=scale, initial_state=initial_state,
                                 segment_ids=segment_ids)
   return simple_gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state,
@@ -91,4 +97,5 @@ def simple_gla_step(q, k, v, g, state, *, scale=None):
   return _step(q, k, v, g, state, scale=scale)
 
 
-__all__ = ["simple_gla", "simple_gla_step", "simple_gla_recurrent", "simple_gla_chunked", "IMPLS"]
+__all__ = ["IMPLS", "resolve_impl", "simple_gla", "simple_gla_chunked", "simple_gla_recurrent",
+           "simple_gla_step"]
