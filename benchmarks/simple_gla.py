@@ -7,7 +7,7 @@ reference: output, final state and gradients), then times forward and forward+ba
 shapes (bf16, Ling's layer-0 decays g_h = -slope_h) and decode steps at batch 1, 16, 64, and prints
 one markdown table; raw numbers go to $OUT/simple_gla_bench.json when OUT is set. fla is optional
 (`fla.ops.simple_gla`, from the fla-core wheel). Without a GPU it runs a tiny interpret-mode
-smoke pass of the same code. Floors (NOTES_simple_gla.md): forward bytes = q, k, v read once and
+smoke pass of the same code. Floors (BENCHMARKS.md#simple_gla): forward bytes = q, k, v read once and
 o written once; forward+backward adds do, q, k, v read and dq, dk, dv written.
 """
 

@@ -18,7 +18,7 @@ from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from testing import rel
 
-# Config families of issue 2: head counts (power of two and the ALiBi fallback), layer_group_size
+# Config families: head counts (power of two and the ALiBi fallback), layer_group_size
 # 2-8 with and without tail layers, first_k_dense_replace 0-2, q-LoRA on/off, n_group/topk_group,
 # YaRN; T shorter and longer than our 64-chunk and mlx's 128-chunk.
 CASES = {

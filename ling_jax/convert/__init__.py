@@ -1,4 +1,4 @@
-"""Streaming conversion between the released HF checkpoint and an Orbax checkpoint (issue 6).
+"""Streaming conversion between the released HF checkpoint and an Orbax checkpoint.
 
     python -m ling_jax.convert import HF_DIR CKPT_DIR [--dtype bfloat16] [--overwrite]
     python -m ling_jax.convert export CKPT_DIR HF_DIR [--overwrite]

@@ -1,4 +1,4 @@
-"""HF safetensors folder -> Orbax checkpoint of the NNX state, streamed (issue 6, spec 4).
+"""HF safetensors folder -> Orbax checkpoint of the NNX state, streamed (spec 4).
 
 Host memory is bounded by the bytes in flight, not by the model: each checkpoint tensor is read
 from its memory-mapped shard in row blocks of at most `block_bytes`, dequantised / cast /
