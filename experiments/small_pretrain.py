@@ -7,8 +7,8 @@
 once a step) cost ~18 ms each time they run, and running them once per 8 micro-batches rather
 than once per 8 x 4096 is 4.9% more tokens/s (192.8k against 183.9k on an H100,
 BENCHMARKS.md#design-decisions; the same update as one pass over the 64 rows up to summation
-order). No rematerialisation (`remat.policy=none`): on an H100 with the GPU kernels (fused MLA attention
-keeps no [T, T] scores, the fused MoE kernel no dispatched copy of the tokens) a micro-batch's
+order). No rematerialisation (`remat.policy=none`): on an H100 with the GPU kernels (fused MLA
+attention keeps no [T, T] scores, the fused MoE kernel no dispatched copy of the tokens) a micro-batch's
 residuals fit (peak 52.0 GiB), and not recomputing the forward is 8% faster than `dots_no_scores`
 (158k against 146k tokens/s). The head + cross-entropy go 8192 tokens at a time
 (`ce_chunk`: 13.5 ms a head's value and gradient against 14.2 at 4096, 16.4 at 1024; `python -m
