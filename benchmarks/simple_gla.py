@@ -43,7 +43,8 @@ SWEEP_BWD = [dict(block_k_bwd=b, block_v_bwd=b, num_warps_bwd=w) for b in (32, 6
 
 
 def ling_decay(H):
-  """Layer-0 log-decays: -ALiBi slopes 2^(-8(h+1)/H) (spec 3.4.4); head 0 is the steepest."""
+  """Layer-0 log-decays: -ALiBi slopes 2^(-8(h+1)/H) (docs/architecture.md §3.4.4); head 0 is the
+  steepest."""
   return -np.array([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], np.float32)
 
 

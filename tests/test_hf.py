@@ -1,4 +1,5 @@
-"""load_hf / save_hf against mlx-lm's independent `bailing_hybrid` (spec 4, 6), and bad input."""
+"""load_hf / save_hf against mlx-lm's independent `bailing_hybrid` (docs/architecture.md §4, 6), and
+bad input."""
 
 import json
 import os
@@ -61,7 +62,8 @@ def test_logits_match_mlx(tmp_path, name, tokens_for):
 
 
 def test_decay_form_b_differs_from_a(tmp_path, tokens_for):
-  """The spec 6.1 switch is live: form (B) changes the logits (mlx implements (A))."""
+  """The docs/architecture.md §6.1 switch is live: form (B) changes the logits (mlx implements
+  (A))."""
   write_random_hf_checkpoint(tmp_path, tiny_hf_config(num_hidden_layers=6, layer_group_size=3))
   hf = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**hf, "decay_form": "B"}))
