@@ -1,4 +1,4 @@
-"""HF safetensors folder -> Orbax checkpoint of the NNX state, streamed (issue 6, spec 4).
+"""HF safetensors folder -> Orbax checkpoint of the NNX state, streamed (docs/architecture.md §4).
 
 Host memory is bounded by the bytes in flight, not by the model: each checkpoint tensor is read
 from its memory-mapped shard in row blocks of at most `block_bytes`, dequantised / cast /
@@ -61,7 +61,8 @@ def state_layout(cfg: LingConfig, dtype, expert_weights: ExpertWeights = ExpertW
 
 
 def _stored_dtype(path: tuple, var, dtype) -> np.dtype:
-  """A variable's checkpoint dtype: the import's, but fp32 router / bias and FP8 experts as built."""
+  """A variable's checkpoint dtype: the import's, but fp32 router / bias and FP8 experts as
+  built."""
   own = np.dtype(var.get_value().dtype)
   if own == np.dtype(jnp.float8_e4m3fn) or str(path[-1]).endswith("_scale"):
     return own
@@ -81,18 +82,18 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None
               keep_fp8: bool = False) -> Summary:
   """Convert the HF folder `hf_dir` into the checkpoint `ckpt_dir` with parameters in `dtype`.
 
-  `dtype=None` keeps the source's (`source_dtype`): an FP8 source dequantises to bfloat16; else
-  the dtype of most of the tensors' bytes (config.json's `torch_dtype` names it when it agrees).
-  The router weight and expert bias stay fp32 (spec 4.3); FP8 weights are dequantised (spec 4.4),
-  except, with `keep_fp8`, the routed experts' (main layers and MTP), which keep their e4m3 values
-  and scales (`ExpertWeights`, recorded in the marker for `load`); the other quantised Linears
-  (attention, dense and shared-expert MLPs, eh_proj) are dequantised to `dtype` either way.
-  The HF folder's tokenizer files (`TOKENIZER_FILES`) are copied along.
+  `dtype=None` keeps the source's (`source_dtype`): an FP8 source dequantises to bfloat16; else the
+  dtype of most of the tensors' bytes (config.json's `torch_dtype` names it when it agrees). The
+  router weight and expert bias stay fp32 (docs/architecture.md §4.3); FP8 weights are dequantised
+  (docs/architecture.md §4.4), except, with `keep_fp8`, the routed experts' (main layers and MTP),
+  which keep their e4m3 values and scales (`ExpertWeights`, recorded in the marker for `load`); the
+  other quantised Linears (attention, dense and shared-expert MLPs, eh_proj) are dequantised to
+  `dtype` either way. The HF folder's tokenizer files (`TOKENIZER_FILES`) are copied along.
   Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: one per
-  core, at most 8), at most `inflight_bytes` of them queued;
-  checkpoint chunks are at most `chunk_bytes`. `verify_data` reads every written block back and
-  compares it before committing; `durable` fsyncs the checkpoint before the rename that publishes
-  it. `overwrite` replaces an existing checkpoint, only if ling_jax wrote it or it is empty
+  core, at most 8), at most `inflight_bytes` of them queued; checkpoint chunks are at most
+  `chunk_bytes`. `verify_data` reads every written block back and compares it before committing;
+  `durable` fsyncs the checkpoint before the rename that publishes it. `overwrite` replaces an
+  existing checkpoint, only if ling_jax wrote it or it is empty
   (`ling_jax.io.destination`).
   """
   hf_dir = os.path.abspath(os.fspath(hf_dir))
@@ -175,8 +176,8 @@ _FLOATS = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat1
 
 
 def _convert(src: HFSource, dest: Destination, variables: dict, cfg: LingConfig, dtype, scheme,
-             experts: ExpertWeights, *, progress, block_bytes, chunk_bytes, inflight_bytes, workers, verify_data,
-             durable) -> Summary:
+             experts: ExpertWeights, *, progress, block_bytes, chunk_bytes, inflight_bytes, workers,
+             verify_data, durable) -> Summary:
   partial = dest.partial
   bar = Progress(f"import {os.path.basename(src.folder)}", src.nbytes, len(src.tensors), progress)
   pipe = None

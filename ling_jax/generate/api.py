@@ -68,7 +68,8 @@ def prompt_array(prompts, lengths=None, vocab: int | None = None) -> tuple[np.nd
     B, T = tokens.shape
     lengths = np.full(B, T, np.int32) if lengths is None else np.asarray(lengths)
     if lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer):
-      raise ValueError(f"lengths must be [batch] = [{B}] ints, got {lengths.dtype}{list(lengths.shape)}")
+      raise ValueError(f"lengths must be [batch] = [{B}] ints, got "
+                       f"{lengths.dtype}{list(lengths.shape)}")
     if (lengths > T).any():
       b = int(np.argmax(lengths > T))
       raise ValueError(f"lengths[{b}] = {lengths[b]} exceeds the prompts' {T} columns")

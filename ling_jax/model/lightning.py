@@ -1,4 +1,5 @@
-"""The Lightning linear-attention layer (Lightning Attention-2 / simple GLA), spec 3.4.
+"""The Lightning linear-attention layer (Lightning Attention-2 / simple GLA), docs/architecture.md
+§3.4.
 
 a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE (the two as one op,
 pallas_kernels.qk_norm_rope) -> simple GLA with a per-head constant log-decay
@@ -6,11 +7,11 @@ g_h = -slope_h * layer_factor(l) and an fp32 state [H, K, V] -> GroupRMSNorm -> 
 -> W_o. The decay is a `Constant` of the layer, computed from its global index l when the layer
 is built.
 
-With a cache (the state [B, H, K, V], spec 5) a call continues each row's recurrence: one token
-through `simple_gla_step` (XLA's update or the Pallas decode kernel, by `impl` and batch), more
-through `simple_gla` from the cached state. A token at a negative position is padding: it neither
-enters nor decays the state (a ragged prompt chunk: each row's real tokens come first), so the
-returned state is each row's after its real tokens. A `Pending` cache entry asks the call to defer
+With a cache (the state [B, H, K, V], docs/architecture.md §5) a call continues each row's
+recurrence: one token through `simple_gla_step` (XLA's update or the Pallas decode kernel, by
+`impl` and batch), more through `simple_gla` from the cached state. A token at a negative
+position is padding: it neither enters nor decays the state (a ragged prompt chunk: each row's
+real tokens come first), so the returned state is each row's after its real tokens. A `Pending` cache entry asks the call to defer
 that choice: it returns the state before the call with the call's keys and values, and
 `Pending.commit(n)` later keeps each row's first n tokens (speculative decoding, where how many
 drafts survive is known only from the call's own logits).
@@ -54,7 +55,7 @@ class Pending:
 
 
 def layer_decay(slopes: jax.Array, layer_idx, num_layers: int, form: str) -> jax.Array:
-  """Log-decay g [H] of layer `layer_idx` (may be traced), spec 3.4.4 and 6.1."""
+  """Log-decay g [H] of layer `layer_idx` (may be traced), docs/architecture.md §3.4.4 and 6.1."""
   denom = max(1, num_layers - 1)
   l = jnp.asarray(layer_idx, jnp.float32)
   if form == "B":
@@ -93,7 +94,8 @@ class LightningAttention(nnx.Module):
       self.query_layernorm = self.key_layernorm = None
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
-    """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype (spec 5)."""
+    """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype
+    (docs/architecture.md §5)."""
     del max_len, dtype
     return jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
 

@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2/V3 MLA with q-LoRA), spec 3.5.
+"""Multi-head latent attention (DeepSeek-V2/V3 MLA with q-LoRA), docs/architecture.md §3.5.
 
 Two mathematically identical forms:
 * plain (training / prefill without a cache): expand the latent c_kv through kv_b_proj into
@@ -7,11 +7,11 @@ Two mathematically identical forms:
   jax's Pallas flash kernel or cuDNN's fused attention (and what "auto" picks);
 * absorbed (decode, and prefill in chunks against the cache): fold W_UK into the query and W_UV
   into the output, so attention runs on the 576-value latent cache [c_kv (normed) 512 | k_pe
-  (roped) 64] per token (spec 3.5, 5). Cache slot s holds position s: each token's latent is
-  written at its position, so rows may stand at different lengths, and a token at a negative
-  position (padding) writes nothing. A query at position p attends to slots 0..p, in blocks of
-  slots with an online softmax (only the blocks up to the batch's largest position), so a chunk
-  of a long prompt needs memory for one block of scores, not for the whole cache.
+  (roped) 64] per token (docs/architecture.md §3.5, §5). Cache slot s holds position s: each
+  token's latent is written at its position, so rows may stand at different lengths, and a token
+  at a negative position (padding) writes nothing. A query at position p attends to slots 0..p,
+  in blocks of slots with an online softmax (only the blocks up to the batch's largest position),
+  so a chunk of a long prompt needs memory for one block of scores, not for the whole cache.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from ling_jax.generate import generate
 from ling_jax.generate.cli import main
 from testing import random_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ling_tiny(num_experts_per_tok=8, topk_group=4)  # routing without near ties (test_generate)
 SPECIAL = ["<unk>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 WORDS = [f"w{i}" for i in range(200)] + ["hello", "world"]
@@ -73,7 +73,8 @@ def test_cli_streams_the_chat_reply_and_stops_at_eos(folder, capsys, tmp_path):
                      "--steps-per-sync", 2)
   assert rc == 0, err
   assert out == tok.decode(new[:stop]) + "\n"
-  assert "prompt: 5 tokens, chat template" in err and f"generated {stop} tokens (stopped at eos)" in err
+  assert "prompt: 5 tokens, chat template" in err
+  assert f"generated {stop} tokens (stopped at eos)" in err
   rc, out, err = run(capsys, hf, "--prompt", PROMPT, "--max-new-tokens", 6, "--dtype", "float32",
                      "--ignore-eos")
   assert rc == 0 and out == tok.decode(new) + "\n" and "stopped at max_new_tokens" in err

@@ -1,4 +1,4 @@
-"""Streaming HF <-> Orbax conversion (issue 6): round trips, restore on meshes, FP8, bad input.
+"""Streaming HF <-> Orbax conversion: round trips, restore on meshes, FP8, bad input.
 
 Sources are random checkpoints in the release layout written by `hf_fixtures` from the spec (not
 from `ling_jax.weights`), checked against mlx-lm's independent `bailing_hybrid`. The conversions
