@@ -3,7 +3,7 @@ MTP speculative decoding, and prefill tokens/s, beside the HBM byte floor of eac
 
   python -m benchmarks.generate [--model flash-group|small|tiny] [--batches 1,16,64]
       [--prompt 256] [--new 64] [--mtp 0,1] [--accept 0.8] [--prefill 4096,32768]
-      [--fp8 block|channel] [--hbm 3.35e12] [--png generate.png]
+      [--contexts 4096,65536,131072] [--fp8 block|channel] [--hbm 3.35e12] [--png generate.png]
 
 Models (random weights, bf16): "flash-group" is Ling-2.6-flash's widths with 8 layers (one
 hybrid group of 7 Lightning + 1 MLA) and its MTP layer, "small" is ling_small with one MTP layer,
@@ -24,6 +24,12 @@ step's tokens over it (for MTP: at the same acceptance).
 
 Prefill: batch 1, prompts of --prefill tokens (chunks of 2048), one new token: tokens/s.
 
+Hybrid against all-MLA (--contexts, e.g. 4096,65536,131072): the same widths with every layer
+MLA (`layer_group_size=1`); a one-token decode step at batch --context-batch with each row's
+cache filled to the context (random latents and states: the step's cost does not depend on
+them), timed over 16 steps with the cache donated; cache bytes per sequence (Lightning states +
+MLA latents, bf16) beside it. The release's throughput-against-context figure in this form.
+
 Prints a markdown table, writes the PNG (decode tokens/s beside the floor's, per batch), and the
 raw rows to $OUT/generate.json when OUT is set.
 """
@@ -35,6 +41,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -136,6 +143,27 @@ def prefill_row(model, length):
   return dict(kind="prefill", batch=1, context=length, tokens_s=length / t, ms=t * 1e3)
 
 
+def context_row(model, arm, batch, context):
+  """One decode step at `context` tokens of cache per row (module docstring)."""
+  cache = model.init_cache(batch, context + 16)
+  key = iter(jax.random.split(jax.random.key(0), 1000))
+  cache = jax.tree.map(lambda c: jax.random.normal(next(key), c.shape, c.dtype) * 0.1
+                       if jnp.issubdtype(c.dtype, jnp.floating) else c, cache)
+  step = nnx.jit(lambda m, t, p, c: m(t, positions=p, cache=c), donate_argnums=3)
+  tok = jnp.ones((batch, 1), jnp.int32)
+  pos = lambda i: jnp.full((batch, 1), context + i, jnp.int32)
+  _, cache = step(model, tok, pos(0), cache)  # compile
+  jax.block_until_ready(cache)
+  t0 = time.perf_counter()
+  for i in range(16):
+    _, cache = step(model, tok, pos(i % 16), cache)
+  jax.block_until_ready(cache)
+  ms = (time.perf_counter() - t0) / 16 * 1e3
+  per_seq = cache_bytes(model, 1, context)
+  return dict(kind="context", arm=arm, batch=batch, context=context, step_ms=ms,
+              tokens_s=batch / ms * 1e3, cache_mib=per_seq / 2**20)
+
+
 def table(rows, device) -> str:
   lines = [f"device: {device}", "",
            "| batch | MTP k | context | ms / step | tokens/s | floor ms | floor tokens/s | "
@@ -150,17 +178,27 @@ def table(rows, device) -> str:
   if pre:
     lines += ["", "| prefill tokens | ms | tokens/s |", "|---|---|---|"]
     lines += [f"| {r['context']} | {r['ms']:.1f} | {r['tokens_s']:,.0f} |" for r in pre]
+  ctx = [r for r in rows if r["kind"] == "context"]
+  if ctx:
+    lines += ["", "| layers | batch | context | ms / step | tokens/s | cache MiB / sequence |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
+              f"{r['tokens_s']:,.0f} | {r['cache_mib']:.1f} |" for r in ctx]
   return "\n".join(lines)
 
 
 def plot(rows, path, title):
+  """Decode tokens/s against the floor's per batch; with --contexts, tokens/s against context for
+  the hybrid and all-MLA arms beside it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   dec = [r for r in rows if r["kind"] == "decode"]
+  ctx = [r for r in rows if r["kind"] == "context"]
+  fig, axes = plt.subplots(1, 2 if ctx else 1, figsize=(11 if ctx else 6, 4), squeeze=False)
+  ax = axes[0, 0]
   labels = [f"B={r['batch']}" + (f"\nMTP {r['mtp']}" if r["mtp"] else "") for r in dec]
   x = np.arange(len(dec))
-  fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(dec)), 4))
   ax.bar(x - 0.2, [r["tokens_s"] for r in dec], 0.4, label="measured")
   ax.bar(x + 0.2, [r["floor_tokens_s"] for r in dec], 0.4, label="HBM byte floor")
   ax.set_xticks(x, labels)
@@ -168,6 +206,16 @@ def plot(rows, path, title):
   ax.set_ylabel("decode tokens / s")
   ax.set_title(title)
   ax.legend()
+  if ctx:
+    ax = axes[0, 1]
+    for arm in dict.fromkeys(r["arm"] for r in ctx):
+      pts = [r for r in ctx if r["arm"] == arm]
+      ax.plot([r["context"] for r in pts], [r["tokens_s"] for r in pts], "o-", label=arm)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"decode tokens / s (batch {ctx[0]['batch']})")
+    ax.set_title("hybrid vs all-MLA")
+    ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -181,6 +229,8 @@ def main(argv=None):
   p.add_argument("--mtp", default="0,1", help="drafts a step to run (0: plain decoding)")
   p.add_argument("--accept", type=float, default=0.8, help="rigged draft acceptance rate")
   p.add_argument("--prefill", default="4096,32768", help="prompt lengths ('' for none)")
+  p.add_argument("--contexts", default="", help="hybrid vs all-MLA decode at these contexts")
+  p.add_argument("--context-batch", type=int, default=1)
   p.add_argument("--fp8", choices=("block", "channel"), default=None)
   p.add_argument("--hbm", type=float, default=3.35e12)
   p.add_argument("--png", default=None, help="default: $OUT/generate.png or ./generate.png")
@@ -197,6 +247,13 @@ def main(argv=None):
   for n in ints(args.prefill):
     rows.append(prefill_row(model, n))
     print(rows[-1], flush=True)
+  if ints(args.contexts):
+    arms = {"hybrid": model, "all-MLA": build(dataclasses.replace(cfg, layer_group_size=1),
+                                              args.fp8)}
+    for arm, m in arms.items():
+      for n in ints(args.contexts):
+        rows.append(context_row(m, arm, args.context_batch, n))
+        print(rows[-1], flush=True)
   print(table(rows, device))
   out = os.environ.get("OUT")
   png = args.png or os.path.join(out or ".", "generate.png")
