@@ -4,7 +4,8 @@ a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE (the two
 pallas_kernels.qk_norm_rope) -> simple GLA with a per-head constant log-decay
 g_h = -slope_h * layer_factor(l) and an fp32 state [H, K, V] -> GroupRMSNorm -> * sigmoid(a W_g)
 -> W_o. The decay is a `Constant` of the layer, computed from its global index l when the layer
-is built.
+is built. Under a mesh the two ops run in shard_map islands, heads over `tensor`
+(ling_jax/parallel/islands.py); the projections and the norm are GSPMD's.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from ling_jax import axes as ax
 from ling_jax.config import alibi_slopes
 from ling_jax.model import rope
 from ling_jax.model.common import GroupRMSNorm, RMSNorm, constant, param
-from pallas_kernels.qk_norm_rope import qk_norm_rope
-from pallas_kernels.simple_gla import simple_gla, simple_gla_step
+from ling_jax.parallel import islands
+from pallas_kernels.simple_gla import simple_gla_step
 
 
 def layer_decay(slopes: jax.Array, layer_idx, num_layers: int, form: str) -> jax.Array:
@@ -64,7 +65,8 @@ class LightningAttention(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
     """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype (spec 5)."""
     del max_len, dtype
-    return jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
+    state = jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
+    return islands.constrain(state, islands.LIGHTNING_STATE)  # under a mesh: rows and heads
 
   def __call__(self, a: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: jax.Array | None = None):
@@ -77,15 +79,16 @@ class LightningAttention(nnx.Module):
     # The one-token decode step runs the reference: nothing for the kernel to fuse.
     decoding = cache is not None and a.shape[1] == 1
     wq, wk = (None, None) if qn is None else (qn.weight[...], kn.weight[...])
-    q, k, v = qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
-                           dtype=dt, impl="xla" if decoding else self.qk_impl)
+    # Under a mesh of several devices the two ops run per device, on its rows and heads.
+    q, k, v = islands.qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
+                                   dtype=dt, impl="xla" if decoding else self.qk_impl)
     g = self.decay[...]
     if decoding and segment_ids is None:
       o, state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, cache)
       o = o[:, None]  # [B, 1, H, V]
     else:
-      o, state = simple_gla(q, k, v, g, initial_state=cache, segment_ids=segment_ids,
-                            impl=self.impl)
+      o, state = islands.simple_gla(q, k, v, g, initial_state=cache, segment_ids=segment_ids,
+                                    impl=self.impl)
     o = self.g_norm(o.astype(dt))
     gate = jnp.einsum("btd,dhk->bthk", a, self.g_proj[...].astype(dt))
     o = o * jax.nn.sigmoid(gate)

@@ -14,7 +14,9 @@ at a time. Remat of the whole loss instead recomputes the whole forward and then
 residual at once: no saving.
 
 `kernels` (model/settings.py) says which implementation each op runs; the model hands each layer
-its part when it is built.
+its part when it is built. `parallel` (model/settings.py) holds the choices of the shard_map
+islands that run under a mesh: the model is never given a mesh, it runs on the one the caller
+sets with `jax.set_mesh` (docs/parallelism.md §4; none, or one device: the single-device code).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from ling_jax.model.common import Constant, RMSNorm, param
 from ling_jax.model.decoder import HybridGroup, make_layer
 from ling_jax.model.mtp import MTPLayer
 from ling_jax.model.remat import REMAT, checkpointed
-from ling_jax.model.settings import Kernels, Remat
+from ling_jax.model.settings import Kernels, Parallel, Remat
+from ling_jax.parallel import islands
 
 
 @flax.struct.dataclass
@@ -50,12 +53,13 @@ class LingForCausalLM(nnx.Module):
   """Ling-2.6 (BailingMoeV2_5ForCausalLM). `model(tokens [B, T] int32) -> logits [B, T, vocab]`."""
 
   def __init__(self, config: LingConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, kernels: Kernels = Kernels()):
+               param_dtype=jnp.float32, kernels: Kernels = Kernels(),
+               parallel: Parallel = Parallel()):
     cfg = self.config = config
-    self.dtype, self.kernels = dtype, kernels
+    self.dtype, self.kernels, self.parallel = dtype, kernels, parallel
     D, V, G = cfg.hidden_size, cfg.vocab_size, cfg.layer_group_size
     types, mlps = cfg.layer_types(), cfg.mlp_types()
-    build = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels)
+    build = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels, parallel=parallel)
 
     def layers(start: int, stop: int, rngs, first=None):
       """Layers start..stop-1; `first`: the global index of the first (traced in the stack)."""
@@ -125,7 +129,7 @@ class LingForCausalLM(nnx.Module):
     index = cache["index"] if cache is not None else 0
     if positions is None:
       positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    h = jnp.take(self.word_embeddings[...], tokens, axis=0).astype(self.dtype)
+    h = islands.embed(self.word_embeddings[...], tokens).astype(self.dtype)
     prefix_cache, tail_cache, loads = [], [], []
 
     for g, group in enumerate(self.prefix):
@@ -199,7 +203,7 @@ class LingForCausalLM(nnx.Module):
     if self.mtp is None:
       raise ValueError("this config has num_nextn_predict_layers=0: no MTP layer")
     nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    e = jnp.take(self.word_embeddings[...], nxt, axis=0).astype(self.dtype)
+    e = islands.embed(self.word_embeddings[...], nxt).astype(self.dtype)
     h, _, load = checkpointed(self.mtp, out.hidden, e, policy=remat.policy, positions=positions,
                               segment_ids=segment_ids)
     return out.replace(mtp_logits=self._head(h) if logits else None, mtp_hidden=h,
@@ -213,10 +217,13 @@ def build_constants(make: Callable[[], nnx.Module]) -> nnx.State:
   return jax.jit(lambda: nnx.state(make(), Constant))()
 
 
-def with_kernels(model: LingForCausalLM, kernels: Kernels) -> LingForCausalLM:
-  """`model`'s variables (the same arrays) under other kernel settings."""
+def with_kernels(model: LingForCausalLM, kernels: Kernels | None = None,
+                 parallel: Parallel | None = None) -> LingForCausalLM:
+  """`model`'s variables (the same arrays) under other kernel or parallel settings (None: the
+  model's own)."""
   make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
-                                 kernels=kernels)
+                                 kernels=kernels or model.kernels,
+                                 parallel=parallel or model.parallel)
   return nnx.merge(nnx.graphdef(nnx.eval_shape(make)), nnx.state(model))
 
 
