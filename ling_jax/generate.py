@@ -41,14 +41,21 @@ def _generate(graphdef, state, prompt, key, temperature, *, max_new_tokens: int,
 
 
 def generate(model: LingForCausalLM, prompt: jax.Array, max_new_tokens: int, *,
-             temperature: float = 0.0, seed: int = 0, kernels: Kernels | None = None) -> jax.Array:
+             temperature: float = 0.0, seed: int = 0, kernels: Kernels | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> jax.Array:
   """prompt [B, T] int32 -> [B, T + max_new_tokens] int32 (greedy unless temperature > 0).
-  kernels: the ops to run, if not those the model was built with."""
-  prompt = jnp.asarray(prompt, jnp.int32)
-  if prompt.ndim != 2:
-    raise ValueError(f"prompt must be [batch, time] token ids, got shape {prompt.shape}")
+  kernels: the ops to run, if not those the model was built with. mesh: run sharded over it
+  (ling_jax/generate_sharded.py; the same tokens as on one device)."""
+  if jnp.ndim(prompt) != 2:
+    raise ValueError(f"prompt must be [batch, time] token ids, got shape {jnp.shape(prompt)}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if mesh is not None and mesh.size > 1:
+    from ling_jax.generate_sharded import on_mesh
+    run = functools.partial(generate, max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed, kernels=kernels)
+    return on_mesh(run, model, prompt, mesh, max_new_tokens)
+  prompt = jnp.asarray(prompt, jnp.int32)
   if kernels is not None:
     model = with_kernels(model, kernels)
   graphdef, state = nnx.split(model)
