@@ -1,5 +1,5 @@
 """Sparse MoE: sigmoid router with aux-loss-free bias and group-limited top-k, dropless experts,
-one shared expert (spec 3.7).
+one shared expert (docs/architecture.md §3.7).
 
 The router is router.py; the routed experts are one op, `pallas_kernels.moe.routed_experts`,
 whose `impl` picks the dispatch (all experts densely, sorted blocks in XLA, or the Pallas
@@ -67,7 +67,8 @@ class SparseMoE(nnx.Module):
       y, load = expert_parallel_experts(flat, idx, w, *wts, mesh=mesh, token_axes=islands.ROWS,
                                         tensor_axis=islands.TENSOR, strategy=self.exchange,
                                         local=local)
-    # Routed outputs combine in fp32 and are cast back before the shared expert (spec 3.7.6).
+    # Routed outputs combine in fp32 and are cast back before the shared expert
+    # (docs/architecture.md §3.7.6).
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)[0]
