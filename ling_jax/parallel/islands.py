@@ -5,7 +5,7 @@ batch, over `ROWS`) and its heads (over `TENSOR`) under the mesh of the enclosin
 No mesh object crosses the model: each op asks `active_mesh()`, the abstract mesh of the
 enclosing `jax.set_mesh` when it has more than one device, else None. With None every function
 here is the op itself, called as the layer called it before, so a run without a mesh or on a
-one-device mesh traces the single-device program (tests/test_parallel_train.py compares the
+one-device mesh traces the single-device program (tests/parallel/test_parallel_train.py compares the
 jaxprs). With a mesh the islands run whatever the op's `impl`, the XLA forms included, so the CPU
 tests on fake devices exercise the structure a GPU runs with the Pallas kernels inside.
 

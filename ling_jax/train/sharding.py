@@ -6,7 +6,7 @@ Parameters and expert biases are placed by ling_jax.axes.state_shardings (a larg
 never replicated by accident), AdamW's moments like the parameters, the step count replicated;
 the batch's rows over the batch axes. The train step is jitted with these as its in and out
 shardings and traced under `jax.set_mesh(mesh)`, which is how the model's shard_map islands find
-the mesh. On one device nothing in the program changes (tests/test_parallel_train.py).
+the mesh. On one device nothing in the program changes (tests/parallel/test_parallel_train.py).
 """
 
 from __future__ import annotations

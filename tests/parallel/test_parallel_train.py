@@ -229,8 +229,9 @@ def test_all_four_axes_on_16_devices(tmp_path):
   save_reference(tmp_path / "reference.npz")
   code = ("import test_parallel_train as t; t.check_against_saved({'data': 2, 'fsdp': 2, "
           f"'expert': 2, 'tensor': 2}}, 'all_to_all', {str(tmp_path / 'reference.npz')!r})")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root,
+  tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests]),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=16"}
   proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                         capture_output=True, text=True, timeout=600)

@@ -2,7 +2,7 @@
 state saved on one mesh resumes onto another, each process's rows of the batch make the whole
 batch and its iterator position, `train.init_from` takes a run's or an HF folder's weights onto
 the run's mesh, and bad meshes are refused before anything is written. No train step is
-compiled here (tests/test_parallel_train.py runs the steps)."""
+compiled here (tests/parallel/test_parallel_train.py runs the steps)."""
 
 import dataclasses
 
@@ -28,7 +28,8 @@ BATCH, SEQ = 8, 16
 
 def experiment(mesh: dict, **train) -> Experiment:
   return Experiment(CFG, DataConfig(source="synthetic", seq_len=SEQ, batch_size=BATCH),
-                    TrainConfig(compute_dtype="float32", **train), MeshConfig(**{"data": 1, **mesh}))
+                    TrainConfig(compute_dtype="float32", **train),
+                    MeshConfig(**{"data": 1, **mesh}))
 
 
 def random_state(exp: Experiment, seed: int):
@@ -111,10 +112,11 @@ def test_init_from_a_run_or_an_hf_folder_onto_the_runs_mesh(tmp_path):
   tx = optimizer(exp.train)
   lay = sharding.layout(exp, sharding.mesh_for(exp), tx)
   params, bias, constants = load_initial(exp, lay)
-  for got, want, where in ((params, host.params, lay.model[0]), (bias, host.expert_bias,
-                                                                  lay.model[1])):
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+  for got, want, where in ((params, host.params, lay.model[0]),
+                           (bias, host.expert_bias, lay.model[1])):
     for g, w, s in zip(jax.tree.leaves(got), jax.tree.leaves(want),
-                       jax.tree.leaves(where, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+                       jax.tree.leaves(where, is_leaf=is_sharding)):
       assert g.sharding == s
       np.testing.assert_array_equal(np.asarray(g), w)
   assert jax.tree.leaves(constants)
