@@ -21,6 +21,7 @@ from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
 from ling_jax.model.common import CHECKPOINTED
 from ling_jax.model.settings import ExpertWeights, Kernels
+from ling_jax.parallel.distributed import host_to_global
 from ling_jax.parallel.mesh import check_mesh
 from ling_jax.weights import all_maps
 from ling_jax.convert import store
@@ -62,7 +63,7 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
     shardings = {path: device for path, _ in nnx.to_flat_state(abstract)}
   else:
     shardings = dict(nnx.to_flat_state(ax.state_shardings(abstract, mesh, rules)))
-    constants = jax.device_put(constants, ax.state_shardings(constants, mesh, rules))
+    constants = host_to_global(constants, ax.state_shardings(constants, mesh, rules))
   target = {}
   for path, var in nnx.to_flat_state(abstract):
     v = var.get_value()

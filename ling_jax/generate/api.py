@@ -9,6 +9,7 @@ then the decode loop runs in jitted pieces of steps: `stream` hands each piece's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Iterator, Sequence
 
@@ -101,7 +102,8 @@ def _eos(model, eos_ids) -> np.ndarray:
 def stream(model: LingForCausalLM, prompts, max_new_tokens: int, *, lengths=None,
            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_ids="config",
            seed: int = 0, mtp_draft: int = 0, kernels: Kernels | None = None, chunk: int = 2048,
-           steps_per_sync: int = 16, _rig=None) -> Iterator[list[list[int]] | Generation]:
+           steps_per_sync: int = 16, mesh: jax.sharding.Mesh | None = None,
+           _rig=None) -> Iterator[list[list[int]] | Generation]:
   """Generate as `generate` does: checks the arguments at once and returns an iterator that
   yields each row's new tokens ([B] lists) after the first token and after every
   `steps_per_sync` decode steps, then the `Generation` last."""
@@ -129,12 +131,24 @@ def stream(model: LingForCausalLM, prompts, max_new_tokens: int, *, lengths=None
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
   max_len = -(-(longest + mtp_draft) // CACHE_ALIGN) * CACHE_ALIGN
   rig = None if _rig is None else tuple(jnp.asarray(r) for r in _rig)  # speculative.py
+  host, rows = np.asarray, B
+  if mesh is not None and mesh.size > 1:  # ling_jax/generate_sharded.py
+    from ling_jax.generate_sharded import place, to_host
+    model, tokens, lens = place(model, tokens, lens, mesh, max_len)
+    host = lambda x: to_host(x, mesh)
   return _run(model, tokens, lens, max_new_tokens, max_len, sampling, eos, pad, seed, mtp_draft,
-              chunk, steps_per_sync, rig)
+              chunk, steps_per_sync, rig, mesh, host, rows)
 
 
 def _run(model, tokens, lens, max_new_tokens, max_len, sampling, eos, pad, seed, mtp_draft, chunk,
-         steps_per_sync, rig):
+         steps_per_sync, rig, mesh, host, rows):
+  with jax.set_mesh(mesh) if mesh is not None and mesh.size > 1 else contextlib.nullcontext():
+    yield from _steps(model, tokens, lens, max_new_tokens, max_len, sampling, eos, pad, seed,
+                      mtp_draft, chunk, steps_per_sync, rig, host, rows)
+
+
+def _steps(model, tokens, lens, max_new_tokens, max_len, sampling, eos, pad, seed, mtp_draft,
+           chunk, steps_per_sync, rig, host, rows):
   B, T = tokens.shape
   graphdef, state = nnx.split(model)
   slots = init_slots(model, B, max_len, max_new_tokens, mtp_draft, seed, pad)
@@ -157,31 +171,34 @@ def _run(model, tokens, lens, max_new_tokens, max_len, sampling, eos, pad, seed,
   seen = np.zeros(B, np.int64)
 
   def fresh(slots):
-    n, out = np.asarray(slots.n), np.asarray(slots.out)
-    new = [out[b, seen[b]:n[b]].tolist() for b in range(B)]
+    n, out = host(slots.n), host(slots.out)
+    new = [out[b, seen[b]:n[b]].tolist() for b in range(rows)]
     seen[:] = n
     return new
 
   yield fresh(slots)
-  while not bool(np.asarray(slots.done).all()):
+  while not bool(host(slots.done).all()):
     slots = engine.decode(graphdef, state, slots, jnp.int32(steps_per_sync), eos, rig,
                           sampling=sampling)
     yield fresh(slots)
-  yield Generation(tokens=slots.out, lengths=slots.n, logprobs=slots.logp,
-                   steps=int(slots.steps), drafted=int(slots.drafted),
-                   accepted=int(slots.accepted))
+  # Rows past `rows` pad a batch to the mesh's batch axes (generate_sharded.py).
+  yield Generation(tokens=host(slots.out)[:rows], lengths=host(slots.n)[:rows],
+                   logprobs=host(slots.logp)[:rows], steps=int(host(slots.steps)),
+                   drafted=int(host(slots.drafted)), accepted=int(host(slots.accepted)))
 
 
 def generate(model: LingForCausalLM, prompts, max_new_tokens: int, *, lengths=None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_ids="config",
              seed: int = 0, mtp_draft: int = 0, kernels: Kernels | None = None,
-             chunk: int = 2048, _rig=None) -> Generation:
+             chunk: int = 2048, mesh: jax.sharding.Mesh | None = None, _rig=None) -> Generation:
   """New tokens for each prompt (module docstring): greedy unless temperature > 0 (then top_k
   and top_p cut the distribution, sampling.py); eos_ids: "config" (the config's eos_token_id),
   None (never stop early) or ids; mtp_draft: k > 0 drafts k tokens a step with the MTP layer
   (speculative.py; greedy output identical to k = 0); kernels: the ops to run, if not those the
-  model was built with; chunk: prompt tokens per prefill call (memory is bounded by it)."""
+  model was built with; chunk: prompt tokens per prefill call (memory is bounded by it); mesh:
+  run sharded over it (ling_jax/generate_sharded.py; the same tokens as on one device)."""
   *_, result = stream(model, prompts, max_new_tokens, lengths=lengths, temperature=temperature,
                       top_k=top_k, top_p=top_p, eos_ids=eos_ids, seed=seed, mtp_draft=mtp_draft,
-                      kernels=kernels, chunk=chunk, steps_per_sync=max_new_tokens, _rig=_rig)
+                      kernels=kernels, chunk=chunk, steps_per_sync=max_new_tokens, mesh=mesh,
+                      _rig=_rig)
   return result

@@ -5,16 +5,17 @@ a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE (the two
 pallas_kernels.qk_norm_rope) -> simple GLA with a per-head constant log-decay
 g_h = -slope_h * layer_factor(l) and an fp32 state [H, K, V] -> GroupRMSNorm -> * sigmoid(a W_g)
 -> W_o. The decay is a `Constant` of the layer, computed from its global index l when the layer
-is built.
+is built. Under a mesh the two ops run in shard_map islands, heads over `tensor`
+(ling_jax/parallel/islands.py); the projections and the norm are GSPMD's.
 
 With a cache (the state [B, H, K, V], docs/architecture.md §5) a call continues each row's
 recurrence: one token through `simple_gla_step` (XLA's update or the Pallas decode kernel, by
-`impl` and batch), more through `simple_gla` from the cached state. A token at a negative
-position is padding: it neither enters nor decays the state (a ragged prompt chunk: each row's
-real tokens come first), so the returned state is each row's after its real tokens. A `Pending` cache entry asks the call to defer
-that choice: it returns the state before the call with the call's keys and values, and
-`Pending.commit(n)` later keeps each row's first n tokens (speculative decoding, where how many
-drafts survive is known only from the call's own logits).
+`impl` and batch; XLA's under a mesh), more through `simple_gla` from the cached state. A token
+at a negative position is padding: it neither enters nor decays the state (a ragged prompt chunk:
+each row's real tokens come first), so the returned state is each row's after its real tokens. A
+`Pending` cache entry asks the call to defer that choice: it returns the state before the call
+with the call's keys and values, and `Pending.commit(n)` later keeps each row's first n tokens
+(speculative decoding, where how many drafts survive is known only from the call's own logits).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ling_jax import axes as ax
 from ling_jax.config import alibi_slopes
 from ling_jax.model import rope
 from ling_jax.model.common import GroupRMSNorm, RMSNorm, constant, param
-from pallas_kernels.qk_norm_rope import qk_norm_rope
-from pallas_kernels.simple_gla import simple_gla, simple_gla_prefix_state, simple_gla_step
+from ling_jax.parallel import islands
+from pallas_kernels.simple_gla import simple_gla_prefix_state, simple_gla_step
 
 
 @flax.struct.dataclass
@@ -97,7 +98,8 @@ class LightningAttention(nnx.Module):
     """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype
     (docs/architecture.md §5)."""
     del max_len, dtype
-    return jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
+    state = jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
+    return islands.constrain(state, islands.LIGHTNING_STATE)  # under a mesh: rows and heads
 
   def __call__(self, a: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: jax.Array | Pending | None = None):
@@ -111,21 +113,24 @@ class LightningAttention(nnx.Module):
     # The one-token decode step runs the reference: nothing for the kernel to fuse.
     decoding = cache is not None and a.shape[1] == 1 and not pending
     wq, wk = (None, None) if qn is None else (qn.weight[...], kn.weight[...])
-    q, k, v = qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
-                           dtype=dt, impl="xla" if decoding else self.qk_impl)
+    # Under a mesh of several devices the two ops run per device, on its rows and heads.
+    q, k, v = islands.qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
+                                   dtype=dt, impl="xla" if decoding else self.qk_impl)
     g = self.decay[...]
     if decoding and segment_ids is None:
-      o, state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, cache, impl=self.impl)
+      # The decode kernel is a single-device call: under a mesh GSPMD partitions XLA's update.
+      step_impl = self.impl if islands.active_mesh() is None else "xla"
+      o, state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, cache, impl=step_impl)
       o = o[:, None]  # [B, 1, H, V]
     elif cache is None:
-      o, state = simple_gla(q, k, v, g, segment_ids=segment_ids, impl=self.impl)
+      o, state = islands.simple_gla(q, k, v, g, segment_ids=segment_ids, impl=self.impl)
     else:
       s0 = cache.state if pending else cache
       real = positions >= 0  # [B, T]: a prefix of each row
       # A padding token's zero key adds nothing to the state; its decay is undone below.
       k = jnp.where(real[..., None, None], k, 0).astype(k.dtype)
-      o, final = simple_gla(q, k, v, g, initial_state=s0, segment_ids=segment_ids,
-                            impl=self.impl)
+      o, final = islands.simple_gla(q, k, v, g, initial_state=s0, segment_ids=segment_ids,
+                                    impl=self.impl)
       if pending:
         state = Pending(s0, k, v, g)
       else:

@@ -23,7 +23,7 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.model import rope
 from ling_jax.model.common import RMSNorm, param
-from pallas_kernels.attention import causal_attention
+from ling_jax.parallel import islands
 
 # Fp32 scores of one block of cache slots, [B, T, H, block], are kept under this many bytes
 # (the block: a power of two of at least MIN_BLOCK slots, at most the cache).
@@ -66,7 +66,8 @@ class MultiLatentAttention(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
     """The latent cache [B, S, L + R]: normed c_kv then roped k_pe per position."""
-    return jnp.zeros((batch, max_len, self.kv_lora_rank + self.rope_dim), dtype or self.dtype)
+    latent = jnp.zeros((batch, max_len, self.kv_lora_rank + self.rope_dim), dtype or self.dtype)
+    return islands.constrain(latent, islands.LATENT_CACHE)  # under a mesh: by rows
 
   def _w(self, v):
     return v[...].astype(self.dtype)
@@ -108,8 +109,9 @@ class MultiLatentAttention(nnx.Module):
   def _attend_plain(self, q_nope, q_pe, c_kv, k_pe, positions, segment_ids):
     kv = jnp.einsum("btl,lhk->bthk", c_kv, self._w(self.kv_b_proj))  # [B, T, H, K + V]
     k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-    return causal_attention(q_nope, k_nope, v, scale=self.scale, q_rope=q_pe, k_rope=k_pe,
-                            segment_ids=segment_ids, positions=positions, impl=self.impl)
+    # Under a mesh of several devices: per device, on its rows and heads (parallel/islands.py).
+    return islands.causal_attention(q_nope, k_nope, v, scale=self.scale, q_rope=q_pe, k_rope=k_pe,
+                                    segment_ids=segment_ids, positions=positions, impl=self.impl)
 
   def _attend_absorbed(self, q_nope, q_pe, cache, positions):
     w = self._w(self.kv_b_proj)

@@ -3,10 +3,15 @@ one shared expert (docs/architecture.md §3.7).
 
 The router is router.py; the routed experts are one op, `pallas_kernels.moe.routed_experts`,
 whose `impl` picks the dispatch (all experts densely, sorted blocks in XLA, or the Pallas
-grouped-matmul kernels) and what "auto" picks.
+grouped-matmul kernels) and what "auto" picks. Under a mesh of several devices the routed experts
+run expert-parallel (ling_jax/parallel/expert.py: experts split over `expert`, their width over
+`tensor`, the tokens exchanged by `Parallel.expert_exchange`), with the same op as each device's
+local function; the router and the shared expert stay with GSPMD, data-parallel over the rows.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +20,9 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.model.common import SwiGLU, param
 from ling_jax.model.router import Router, expert_load, route
-from ling_jax.model.settings import ExpertWeights
+from ling_jax.model.settings import ExpertWeights, Parallel
+from ling_jax.parallel import islands
+from ling_jax.parallel.expert import expert_parallel_experts
 from pallas_kernels.grouped_matmul import Fp8Weight
 from pallas_kernels.moe import routed_experts
 
@@ -62,14 +69,15 @@ class Experts(nnx.Module):
 
 class SparseMoE(nnx.Module):
   """Router + routed experts + shared expert; called as every MLP is, x -> (y, aux), its aux the
-  per-expert token counts. impl: pallas_kernels.moe's."""
+  per-expert token counts. impl: pallas_kernels.moe's; exchange: `Parallel.expert_exchange`."""
 
   def __init__(self, *, hidden: int, num_experts: int, top_k: int, width: int, shared_width: int,
                n_group: int, topk_group: int, routed_scale: float, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto",
+               exchange: str = Parallel().expert_exchange,
                expert_weights: ExpertWeights = ExpertWeights()):
     self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
-    self.routed_scale, self.dtype, self.impl = routed_scale, dtype, impl
+    self.routed_scale, self.dtype, self.impl, self.exchange = routed_scale, dtype, impl, exchange
     self.gate = Router(hidden, num_experts, rngs=rngs)
     self.experts = Experts(num_experts, hidden, width, rngs=rngs, param_dtype=param_dtype,
                            weights=expert_weights)
@@ -84,11 +92,20 @@ class SparseMoE(nnx.Module):
     idx, w = route(flat, self.gate.weight[...], self.gate.expert_bias[...], top_k=self.top_k,
                    n_group=self.n_group, topk_group=self.topk_group, scale=self.routed_scale)
     wts = [self.experts.weight(n, self.dtype) for n in NAMES]
-    y = routed_experts(flat, idx, w, *wts, impl=self.impl)
+    E = self.gate.weight.shape[1]
+    mesh = islands.active_mesh()
+    if mesh is None:
+      y, load = routed_experts(flat, idx, w, *wts, impl=self.impl), expert_load(idx, E)
+    elif self.experts.weights.fp8:
+      raise NotImplementedError("FP8 routed experts run on one device only (no mesh) for now")
+    else:
+      local = functools.partial(routed_experts, impl=self.impl, empty=True)
+      y, load = expert_parallel_experts(flat, idx, w, *wts, mesh=mesh, token_axes=islands.ROWS,
+                                        tensor_axis=islands.TENSOR, strategy=self.exchange,
+                                        local=local)
     # Routed outputs combine in fp32 and are cast back before the shared expert
     # (docs/architecture.md §3.7.6).
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)[0]
-    load = expert_load(idx, self.gate.weight.shape[1])
     return y, load.astype(jnp.float32)
