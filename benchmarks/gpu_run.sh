@@ -56,8 +56,9 @@ case "$part" in
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
         tests/kernels/test_grouped_matmul_fp8.py 2>&1 | tail -3 && python3 -m benchmarks.fp8_experts "$@"' _ "$@" ;;
   multi)      # a sharded train step per mesh and expert-exchange strategy on the GPUs present
-              # (ling_small, 8 rows x 4096 per GPU; on one GPU a dry run of one row); with
-              # 2+ GPUs, --decomposer runs them under XLA's ragged-all-to-all decomposer
+              # (ling_small, 8 rows x 4096 per GPU; on one GPU a dry run of one row); each row
+              # compiles for minutes, so pick one or two per call (--meshes "fsdp=-1"
+              # --exchanges all_gather,all_to_all); --decomposer: XLA's ragged-all-to-all decomposer
     timeout ${LIMIT:-560} python3 -m benchmarks.multi_gpu "$@" ;;
   generate)   # whole-model generation: the GPU generation tests, then decode tokens/s at batch 1, 16
               # and 64 with MTP off and on (rigged 0.8 acceptance), prefill, against the byte floor

@@ -28,13 +28,12 @@ from ling_jax.config import LingConfig
 from ling_jax.hf_config import from_hf_config
 from ling_jax.io.destination import MARKER
 from ling_jax.model.common import Constant, ExpertBias
-from ling_jax.model.ling import build_constants
 from ling_jax.parallel.distributed import host_to_global
 from ling_jax.train.checkpoint import _diff, committed_steps, restore_read_only, saved_meta
 from ling_jax.train.config import Experiment
 from ling_jax.train.errors import RunRefused
 from ling_jax.train.optim import optimizer
-from ling_jax.train.sharding import Layout, abstract_train_state, model_factory
+from ling_jax.train.sharding import Layout, abstract_train_state, init_constants
 
 
 def _kind(path: str) -> str:
@@ -109,5 +108,4 @@ def load_initial(exp: Experiment, lay: Layout) -> tuple:
                               abstract_train_state(lay, optimizer(exp.train)))
     params, bias = state.params, state.expert_bias
     del state  # the optimizer's moments go now
-  constants = host_to_global(build_constants(model_factory(exp)), lay.model[2])
-  return params, bias, constants
+  return params, bias, init_constants(exp, lay)

@@ -219,16 +219,21 @@ def run(exp: Experiment) -> dict:
   # Before anything is built or compiled: the state a device will hold, refused if too large.
   print(sharding.memory_line(lay, tx))
   t0 = time.perf_counter()
-  if t.init_from and not start:
-    from ling_jax.train.init_from import load_initial
-    params, expert_bias, constants = load_initial(exp, lay)
-    source = f"loaded from {t.init_from}"
+  if start:  # the state comes from the checkpoint: initialising it too would hold two copies
+    constants = sharding.init_constants(exp, lay)
+    state = sharding.abstract_train_state(lay, tx)
+    source = "built (its state restored from the checkpoint)"
   else:
-    params, expert_bias, constants = sharding.init_model_state(exp, lay, build_model)
-    source = "initialised"
+    if t.init_from:
+      from ling_jax.train.init_from import load_initial
+      params, expert_bias, constants = load_initial(exp, lay)
+      source = f"loaded from {t.init_from}"
+    else:
+      params, expert_bias, constants = sharding.init_model_state(exp, lay, build_model)
+      source = "initialised"
+    state = sharding.init_train_state(params, expert_bias, tx, lay)
   graphdef = lay.graphdef
-  state = sharding.init_train_state(params, expert_bias, tx, lay)
-  jax.block_until_ready(state)
+  jax.block_until_ready((state, constants))
   init_s = time.perf_counter() - t0
   it = _Placed(data.train_iterator(), lay, rows, d.batch_size)
   flops_per_token = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight(cfg, t) > 0)

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ling_jax import axes as ax
-from ling_jax.model.ling import LingForCausalLM
+from ling_jax.model.ling import LingForCausalLM, build_constants
 from ling_jax.parallel import distributed, memory
 from ling_jax.parallel.mesh import BATCH_AXES, batch_axes_size, build_mesh, check_mesh
 from ling_jax.train.config import Experiment
@@ -105,6 +105,12 @@ def init_model_state(exp: Experiment, lay: Layout, build_on_host) -> tuple:
     return tuple(jax.device_put(s, sh) for s, sh in zip((params, bias, constants), lay.model))
   make = model_factory(exp)
   return jax.jit(lambda: split_model(make())[1:], out_shardings=lay.model)()
+
+
+def init_constants(exp: Experiment, lay: Layout):
+  """The model's constants (the Lightning decays, computed from the config) in their shardings:
+  all a resumed run builds, its state coming from the checkpoint."""
+  return distributed.host_to_global(build_constants(model_factory(exp)), lay.model[2])
 
 
 def init_train_state(params, expert_bias, tx, lay: Layout) -> TrainState:
