@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 [args]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | multi | generate [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -55,5 +55,16 @@ case "$part" in
               # ones, then the experts' forward with bf16 / FP8 block / FP8 channel weights
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
         tests/kernels/test_grouped_matmul_fp8.py 2>&1 | tail -3 && python3 -m benchmarks.fp8_experts "$@"' _ "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8)"; exit 2 ;;
+  multi)      # a sharded train step per mesh and expert-exchange strategy on the GPUs present
+              # (ling_small, 8 rows x 4096 per GPU; on one GPU a dry run of one row); each row
+              # compiles for minutes, so pick one or two per call (--meshes "fsdp=-1"
+              # --exchanges all_gather,all_to_all); --decomposer: XLA's ragged-all-to-all decomposer
+    timeout ${LIMIT:-560} python3 -m benchmarks.multi_gpu "$@" ;;
+  generate)   # whole-model generation: the GPU generation tests, then decode tokens/s at batch 1, 16
+              # and 64 with MTP off and on (rigged 0.8 acceptance), prefill, against the byte floor
+              # (flash widths, one hybrid group; --model small, --fp8 block, --hbm 4.8e12 on an H200)
+    timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
+        tests/generate/test_generate.py tests/model/test_fp8_experts.py 2>&1 | tail -3 &&
+      python3 -m benchmarks.generate "$@"' _ "$@" ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | multi | generate)"; exit 2 ;;
 esac

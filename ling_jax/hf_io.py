@@ -29,7 +29,7 @@ from ling_jax.hf_config import write_hf_config
 from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import SafetensorsFile, write_safetensors
 from ling_jax.model.common import CHECKPOINTED, Constant
-from ling_jax.model.settings import Kernels
+from ling_jax.model.settings import ExpertWeights, Kernels
 from ling_jax.model.ling import LingForCausalLM, build_constants
 from ling_jax.weights import TensorMap, all_maps, main_maps, mtp_maps
 
@@ -46,12 +46,13 @@ class CheckpointError(ValueError):
   """A checkpoint folder that does not match the config or the layout of docs/architecture.md §4."""
 
 
-def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels()):
+def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels(),
+                   expert_weights: ExpertWeights = ExpertWeights()):
   """(graphdef, abstract state, constants) of a model, without allocating parameters: the state
   of the variables a checkpoint holds (`CHECKPOINTED`) as shapes, and the model's `Constant`s,
   which no checkpoint holds, computed (`build_constants`)."""
   make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                                 kernels=kernels)
+                                 kernels=kernels, expert_weights=expert_weights)
   graphdef, state, _ = nnx.split(nnx.eval_shape(make), CHECKPOINTED, Constant)
   return graphdef, state, build_constants(make)
 

@@ -133,3 +133,13 @@ def mtp_maps(cfg: LingConfig) -> Iterator[TensorMap]:
 
 def all_maps(cfg: LingConfig) -> list[TensorMap]:
   return list(main_maps(cfg)) + list(mtp_maps(cfg))
+
+
+def expert_scale_maps(maps: list[TensorMap], suffix: str) -> list[TensorMap]:
+  """The FP8 scale tensor `<expert weight>.<suffix>` of every routed expert weight in `maps`, for a
+  model that keeps its experts in FP8 (`ExpertWeights`): into the variable `<name>_scale` beside
+  the weight, transposed as a Linear ([out blocks, in blocks] -> [in blocks, out blocks]; a
+  per-channel [out, 1] -> [1, out])."""
+  return [TensorMap(m.name[:-len("weight")] + suffix, m.path[:-1] + (f"{m.path[-1]}_scale",),
+                    m.index, 1)
+          for m in maps if m.path[-2:-1] == ("experts",)]

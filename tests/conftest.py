@@ -2,8 +2,8 @@
 the shared helpers (`testing`, `hf_fixtures`, `numpy_reference`, `flop_count`) importable from
 every subfolder.
 
-The folders mirror the tree: kernels/ (pallas_kernels), model/, io/, convert/, train/ (with data/
-and experiments/), parallel/, posttrain/, docs/ (the notebooks).
+The folders mirror the tree: kernels/ (pallas_kernels), model/, io/, convert/, generate/, train/
+(with data/ and experiments/), parallel/, posttrain/, docs/ (the notebooks).
 """
 
 import os

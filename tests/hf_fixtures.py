@@ -7,6 +7,7 @@ not against itself. fp32 shards are written with the `safetensors` package, not 
     cfg = tiny_hf_config(num_hidden_layers=5, q_lora_rank=None)
     tensors = write_random_hf_checkpoint(tmp_path, cfg)
     logits = mlx_logits(tmp_path, tokens)        # mlx-lm's bailing_hybrid, strict load
+    expected = write_fp8_checkpoint(tmp_path, cfg, *FP8_SCHEMES["block"])  # an FP8 release
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from ling_jax.io.safetensors import write_safetensors
+from ling_jax.convert.fp8 import QuantScheme, quantize
+from ling_jax.io.safetensors import SafetensorsFile, write_safetensors
 
 INDEX = "model.safetensors.index.json"
 MTP_FILE = "model-mtp-layer.safetensors"
@@ -253,6 +255,58 @@ def write_random_hf_checkpoint(folder: str | os.PathLike, hf_config: dict, *, se
   config = dict(hf_config, torch_dtype=_TORCH_DTYPE.get(dtype, str(dtype)))
   (folder / "config.json").write_text(json.dumps(config, indent=2))
   return tensors
+
+
+# ------------------------------------------------------------------------------------------- FP8
+# The two schemes of docs/checkpoints.md ("FP8"): (QuantScheme, quantization_config).
+FP8_SCHEMES = {
+    "channel": (QuantScheme("channel"), {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}}}),
+    # Blocks of 16 on the tiny widths: partial edge blocks (q_lora_rank 24) included.
+    "block": (QuantScheme("block", (16, 16)), {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [16, 16]}),
+}
+
+
+def is_quantised(name: str, a: np.ndarray) -> bool:
+  """Whether the FP8 release quantises tensor `name`: every Linear weight but the embedding, the
+  head and the routers (docs/architecture.md §4.4)."""
+  return (a.ndim == 2 and name.endswith(".weight") and "word_embeddings" not in name
+          and name != "lm_head.weight" and not name.endswith("mlp.gate.weight"))
+
+
+def write_fp8_checkpoint(folder, hf_config: dict, scheme: QuantScheme, qc: dict, *,
+                         seed: int = 0) -> dict[str, np.ndarray]:
+  """A random FP8 folder (a random fp32 checkpoint, its Linear weights quantised by `scheme`
+  with their scale tensors, `qc` as config.json's quantization_config); returns the dequantised
+  fp32 tensors it stands for (numpy, docs/architecture.md §4.4)."""
+  folder = Path(folder)
+  write_random_hf_checkpoint(folder, hf_config, dtype=np.float32, num_shards=2, seed=seed)
+  expected, weight_map = {}, {}
+  for f in sorted(os.listdir(folder)):
+    if not f.endswith(".safetensors"):
+      continue
+    with SafetensorsFile(folder / f) as st:
+      tensors = {n: np.array(st.get(n)) for n in st.keys()}
+    out = {}
+    for n, a in tensors.items():
+      if is_quantised(n, a):
+        q, s = quantize(a, scheme)
+        out[n], out[n[:-len("weight")] + scheme.scale_suffix] = q, s
+        full = s if scheme.kind == "channel" else np.repeat(
+            np.repeat(s, scheme.block[0], 0), scheme.block[1], 1)[:a.shape[0], :a.shape[1]]
+        expected[n] = q.astype(np.float32) * full
+      else:
+        out[n] = expected[n] = a
+    write_safetensors(folder / f, out)
+    weight_map.update({n: f for n in out})
+  (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+  return expected
 
 
 _MLX_MODELS: dict[tuple, Any] = {}

@@ -3,12 +3,14 @@
 
     JAX_COORDINATOR_ADDRESS=localhost:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<0 or 1> \\
     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
-    PYTHONPATH=. python tests/multiprocess_worker.py OUT_DIR
+    PYTHONPATH=. python tests/multiprocess_worker.py OUT_DIR [train]
 
 It computes ling_tiny's loss (with MTP) and every gradient on a data x fsdp x tensor mesh over
 all processes' devices, parameters sharded by ling_jax.axes.state_shardings, each process feeding
-only its rows of the batch, and writes them to OUT_DIR/process<i>.npz. The test runs `step()` in
-one process too.
+only its rows of the batch, or (with `train`) one step of the training library (`train_step()`:
+the sharded init, the per-process data rows, the jitted step with its shardings) on a fsdp x
+expert x tensor mesh, and writes them to OUT_DIR/process<i>.npz. The test runs each in one
+process too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ling_jax.parallel import distributed
 from ling_jax.parallel.mesh import MeshConfig, build_mesh, check_mesh
 
 MESH = dict(data=2, fsdp=2, tensor=2)
+TRAIN_MESH = dict(data=1, fsdp=2, expert=2, tensor=2)  # fsdp across the two processes
 BATCH, SEQ = 8, 12
 
 
@@ -80,8 +83,52 @@ def step() -> dict:
   return out
 
 
+def train_step() -> dict:
+  """One step of the training library on a fsdp x expert x tensor mesh over every process's
+  devices (ling_jax/train/sharding.py: the state initialised in place, each process feeding its
+  rows of the synthetic batch): {"train.loss", "train.grad_norm", "param.<path>" (updated)}."""
+  from ling_jax.data import DataConfig
+  from ling_jax.train import Experiment, TrainConfig
+
+  exp = Experiment(ling_tiny(num_hidden_layers=2, first_k_dense_replace=0),
+                   DataConfig(source="synthetic", seq_len=SEQ, batch_size=BATCH),
+                   TrainConfig(compute_dtype="float32", learning_rate=1e-2, warmup_steps=0,
+                               mtp=False),
+                   MeshConfig(**TRAIN_MESH))
+  # XLA's backend optimisation off for every program here (the init's too): compiling dominates.
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    return _train_step(exp)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def _train_step(exp) -> dict:
+  from ling_jax.data.pipeline import Data
+  from ling_jax.train import loop, sharding
+
+  mesh = sharding.mesh_for(exp)
+  tx = loop.optimizer(exp.train)
+  lay = sharding.layout(exp, mesh, tx)
+  params, bias, constants = sharding.init_model_state(exp, lay, loop.build_model)
+  state = sharding.init_train_state(params, bias, tx, lay)
+  rows = distributed.process_batch_slice(BATCH, mesh)
+  batch = sharding.put_batch(next(Data(exp.data, exp.model.vocab_size, rows=rows)
+                                  .train_iterator()), lay, BATCH)
+  with jax.set_mesh(mesh):
+    step = loop.train_step(exp.model, exp.train, lay.graphdef, constants, tx, lay)
+    state, metrics = step(state, batch)
+    whole = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(state.params)
+  out = {"train.loss": np.asarray(metrics["loss"]),
+         "train.grad_norm": np.asarray(metrics["grad_norm"])}
+  for path, v in nnx.to_flat_state(whole):
+    out["param." + ".".join(map(str, path))] = np.asarray(v.get_value())
+  return out
+
+
 if __name__ == "__main__":
   distributed.initialize(timeout_s=60)  # before any JAX computation
-  result = step()
+  result = train_step() if sys.argv[2:] == ["train"] else step()
   np.savez(os.path.join(sys.argv[1], f"process{jax.process_index()}.npz"), **result)
   jax.distributed.shutdown()

@@ -31,6 +31,9 @@ def main(argv=None) -> int:
                         "config.json's torch_dtype says otherwise; the summary says which). "
                         "The router weight and "
                         "expert bias stay float32")
+  imp.add_argument("--keep-fp8", action="store_true",
+                   help="keep an FP8 source's routed experts in FP8 (values and scales) for "
+                        "serving; the other quantised weights are dequantised to --dtype")
   imp.add_argument("--verify-data", action="store_true",
                    help="read every block back and compare before committing")
   exp = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors folder")
@@ -61,7 +64,7 @@ def main(argv=None) -> int:
     if args.command == "import":
       summary = import_hf(args.hf_dir, args.ckpt_dir,
                           None if args.dtype is None else DTYPES[args.dtype],
-                          verify_data=args.verify_data, **common)
+                          verify_data=args.verify_data, keep_fp8=args.keep_fp8, **common)
     else:
       summary = export_hf(args.ckpt_dir, args.hf_dir,
                           dtype=None if args.dtype is None else DTYPES[args.dtype],

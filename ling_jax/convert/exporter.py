@@ -50,6 +50,10 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
   ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
   dest = Destination(hf_dir, overwrite=overwrite, sources=[ckpt_dir])
   marker = store.read_marker(ckpt_dir)
+  if marker.get("expert_weights", {}).get("format", "dense") != "dense":
+    raise store.CheckpointFormatError(
+        f"{ckpt_dir} keeps its experts in FP8 (convert import --keep-fp8), which export does not "
+        "write; import the HF folder again without --keep-fp8 to export it")
   cfg = from_hf_config(marker["config"])
   reader = store.StateReader(os.path.join(ckpt_dir, store.STATE))
   _, abstract, _ = abstract_model(cfg, np.dtype(marker["dtype"]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import time
 
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ from ling_jax.hf_io import (CheckpointError, abstract_model, check_coverage, par
                             scan_folder)
 from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
-from ling_jax.weights import TensorMap, all_maps
+from ling_jax.model.settings import ExpertWeights
+from ling_jax.weights import TensorMap, all_maps, expert_scale_maps
 from ling_jax.convert import store
 from ling_jax.convert.pagecache import PageCacheRecycler
 from ling_jax.convert.pipeline import ConversionError, Pipeline  # noqa: F401 (re-exported)
@@ -36,16 +38,35 @@ from ling_jax.convert.progress import Progress, Summary
 from ling_jax.convert.source import HFSource, SourceTensor, check_counts, read_config
 
 MiB = 2**20
+# The HF folder's tokenizer and chat template, copied into the checkpoint as they are, so that
+# `python -m ling_jax.generate CKPT` finds them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
 
 
-def state_layout(cfg: LingConfig, dtype) -> tuple[list[TensorMap], dict]:
-  """(name map, {state path: (shape, stored dtype, leading index axes)}) of a model in `dtype`."""
-  _, abstract, _ = abstract_model(cfg, dtype)
-  shapes = {path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(abstract)}
+def state_layout(cfg: LingConfig, dtype, expert_weights: ExpertWeights = ExpertWeights(),
+                 scale_suffix: str | None = None) -> tuple[list[TensorMap], dict]:
+  """(name map, {state path: (shape, stored dtype, leading index axes)}) of a model in `dtype`;
+  with FP8 experts their values and scales keep the dtypes the model gives them (float8_e4m3fn,
+  fp32), the scales read from `<expert weight>.<scale_suffix>`."""
+  _, abstract, _ = abstract_model(cfg, dtype, expert_weights=expert_weights)
+  flat = dict(nnx.to_flat_state(abstract))
+  shapes = {path: tuple(var.get_value().shape) for path, var in flat.items()}
   maps = all_maps(cfg)
+  if expert_weights.fp8:
+    maps += expert_scale_maps(maps, scale_suffix)
   check_coverage(maps, shapes)
   lead = {m.path: len(m.index) for m in maps}
-  return maps, {p: (s, param_dtype_for(p, dtype), lead[p]) for p, s in shapes.items()}
+  return maps, {p: (s, _stored_dtype(p, flat[p], dtype), lead[p]) for p, s in shapes.items()}
+
+
+def _stored_dtype(path: tuple, var, dtype) -> np.dtype:
+  """A variable's checkpoint dtype: the import's, but fp32 router / bias and FP8 experts as
+  built."""
+  own = np.dtype(var.get_value().dtype)
+  if own == np.dtype(jnp.float8_e4m3fn) or str(path[-1]).endswith("_scale"):
+    return own
+  return param_dtype_for(path, dtype)
 
 
 def block_rows(slice_shape: tuple, axis: int, chunk: int, itemsize: int, block_bytes: int) -> int:
@@ -57,35 +78,45 @@ def block_rows(slice_shape: tuple, axis: int, chunk: int, itemsize: int, block_b
 def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None, *,
               overwrite: bool = False, progress: bool = True, block_bytes: int = 32 * MiB,
               chunk_bytes: int = 16 * MiB, inflight_bytes: int = 128 * MiB,
-              workers: int | None = None,
-              verify_data: bool = False, durable: bool = True) -> Summary:
+              workers: int | None = None, verify_data: bool = False, durable: bool = True,
+              keep_fp8: bool = False) -> Summary:
   """Convert the HF folder `hf_dir` into the checkpoint `ckpt_dir` with parameters in `dtype`.
 
   `dtype=None` keeps the source's (`source_dtype`): an FP8 source dequantises to bfloat16; else the
   dtype of most of the tensors' bytes (config.json's `torch_dtype` names it when it agrees). The
   router weight and expert bias stay fp32 (docs/architecture.md §4.3); FP8 weights are dequantised
-  (docs/architecture.md §4.4). Blocks of at most `block_bytes` are read and transposed on `workers`
-  threads (default: one per core, at most 8), at most `inflight_bytes` of them queued; checkpoint
-  chunks are at most `chunk_bytes`. `verify_data` reads every written block back and compares it
-  before committing; `durable` fsyncs the checkpoint before the rename that publishes it.
-  `overwrite` replaces an existing checkpoint, only if ling_jax wrote it or it is empty
+  (docs/architecture.md §4.4), except, with `keep_fp8`, the routed experts' (main layers and MTP),
+  which keep their e4m3 values and scales (`ExpertWeights`, recorded in the marker for `load`); the
+  other quantised Linears (attention, dense and shared-expert MLPs, eh_proj) are dequantised to
+  `dtype` either way. The HF folder's tokenizer files (`TOKENIZER_FILES`) are copied along.
+  Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: one per
+  core, at most 8), at most `inflight_bytes` of them queued; checkpoint chunks are at most
+  `chunk_bytes`. `verify_data` reads every written block back and compares it before committing;
+  `durable` fsyncs the checkpoint before the rename that publishes it. `overwrite` replaces an
+  existing checkpoint, only if ling_jax wrote it or it is empty
   (`ling_jax.io.destination`).
   """
   hf_dir = os.path.abspath(os.fspath(hf_dir))
   dest = Destination(ckpt_dir, overwrite=overwrite, sources=[hf_dir])
   hf, cfg, scheme = read_config(hf_dir)
   check_counts(cfg, scan_folder(hf_dir), hf_dir)
-  maps, variables = state_layout(cfg, np.float32 if dtype is None else dtype)
+  experts = kept_experts(scheme, hf_dir) if keep_fp8 else ExpertWeights()
+  suffix = scheme.scale_suffix if scheme else None
+  maps, variables = state_layout(cfg, np.float32 if dtype is None else dtype, experts, suffix)
   slice_shapes = {m.name: variables[m.path][0][len(m.index):] for m in maps}
   src = HFSource.open(hf_dir, maps, slice_shapes)
   try:
+    if experts.fp8:
+      _check_kept(src, variables)
     if dtype is None:
       dtype, dtype_from = source_dtype(hf, src)
     else:
       dtype, dtype_from = np.dtype(dtype), "asked for"
-    variables = {p: (s, param_dtype_for(p, dtype), n) for p, (s, _, n) in variables.items()}
+    _, abstract, _ = abstract_model(cfg, dtype, expert_weights=experts)
+    flat = dict(nnx.to_flat_state(abstract))
+    variables = {p: (s, _stored_dtype(p, flat[p], dtype), n) for p, (s, _, n) in variables.items()}
     with dest:
-      summary = _convert(src, dest, variables, cfg, dtype, scheme, progress=progress,
+      summary = _convert(src, dest, variables, cfg, dtype, scheme, experts, progress=progress,
                          block_bytes=block_bytes, chunk_bytes=chunk_bytes,
                          inflight_bytes=inflight_bytes, workers=workers,
                          verify_data=verify_data, durable=durable)
@@ -93,6 +124,27 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None
     src.close()
   summary.dtype, summary.dtype_from = dtype.name, dtype_from
   return summary
+
+
+def kept_experts(scheme, hf_dir: str) -> ExpertWeights:
+  """The `ExpertWeights` that keep an FP8 source's expert weights as they are stored."""
+  if scheme is None:
+    raise CheckpointError(f"{os.path.join(hf_dir, 'config.json')} has no quantization_config: "
+                          "keeping FP8 experts needs an FP8 source")
+  if scheme.kind == "block":  # the release's [out, in] block, in the model's [in, out] layout
+    return ExpertWeights("fp8-block", (scheme.block[1], scheme.block[0]))
+  return ExpertWeights("fp8-channel")
+
+
+def _check_kept(src: HFSource, variables: dict) -> None:
+  """Every expert weight kept in FP8 is float8_e4m3fn in the source (with its scale tensor, which
+  `HFSource.open` checked); a per-tensor scale (one value) has no per-channel form to keep."""
+  e4m3 = np.dtype(jnp.float8_e4m3fn)
+  for t in src.tensors:
+    if variables[t.map.path][1] == e4m3 and t.dtype != e4m3:
+      raise CheckpointError(f"{os.path.join(src.folder, t.file)}: tensor {t.map.name!r} is "
+                            f"{t.dtype.name}; keeping FP8 experts needs every expert weight in "
+                            "float8_e4m3fn (import without keep_fp8 to dequantise)")
 
 
 def source_dtype(hf: dict, src: HFSource) -> tuple[np.dtype, str]:
@@ -124,8 +176,8 @@ _FLOATS = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat1
 
 
 def _convert(src: HFSource, dest: Destination, variables: dict, cfg: LingConfig, dtype, scheme,
-             *, progress, block_bytes, chunk_bytes, inflight_bytes, workers, verify_data,
-             durable) -> Summary:
+             experts: ExpertWeights, *, progress, block_bytes, chunk_bytes, inflight_bytes, workers,
+             verify_data, durable) -> Summary:
   partial = dest.partial
   bar = Progress(f"import {os.path.basename(src.folder)}", src.nbytes, len(src.tensors), progress)
   pipe = None
@@ -148,13 +200,19 @@ def _convert(src: HFSource, dest: Destination, variables: dict, cfg: LingConfig,
     if verify_data:
       _verify_data(src, variables, writer.chunks, os.path.join(partial, store.STATE), block_bytes)
     bar.close()
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(src.folder, name)):
+        shutil.copyfile(os.path.join(src.folder, name), os.path.join(partial, name))
     sync = time.perf_counter()
-    dest.commit({
+    marker = {
         "format": store.FORMAT, "config": to_hf_config(cfg), "dtype": dtype.name,
         "hf_dtypes": _hf_dtypes(src, dtype),
         "source": {"folder": src.folder,
                    "quantization": scheme.description if scheme else None,
-                   "dropped": src.dropped}}, durable=durable)
+                   "dropped": src.dropped}}
+    if experts.fp8:
+      marker["expert_weights"] = experts.to_json()
+    dest.commit(marker, durable=durable)
     sync = time.perf_counter() - sync
   except BaseException:
     bar.close()

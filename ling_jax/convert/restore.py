@@ -20,7 +20,8 @@ from ling_jax.hf_io import abstract_model
 from ling_jax.io.destination import Destination
 from ling_jax.io.safetensors import dtype_code
 from ling_jax.model.common import CHECKPOINTED
-from ling_jax.model.settings import Kernels
+from ling_jax.model.settings import ExpertWeights, Kernels
+from ling_jax.parallel.distributed import host_to_global
 from ling_jax.parallel.mesh import check_mesh
 from ling_jax.weights import all_maps
 from ling_jax.convert import store
@@ -40,7 +41,8 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
          *, rules=ax.RULES_FSDP_TP_EP, kernels: Kernels = Kernels()):
   """Restore `ckpt_dir` -> (config, model) with parameters (and compute) in `dtype`, by default
   the dtype the checkpoint stores (its marker's); another dtype is cast to by Orbax on restore.
-  The model runs the ops `kernels` picks.
+  The model runs the ops `kernels` picks. A checkpoint that kept FP8 experts (`convert import
+  --keep-fp8`) restores them as they are stored (`ExpertWeights` from the marker), whatever dtype.
 
   mesh=None puts every parameter on the default device; otherwise parameters are sharded over
   `mesh` by `rules` (router weight and expert bias stay fp32, as the model builds them), and so
@@ -53,13 +55,15 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
     dtype = np.dtype(marker["dtype"])
   if mesh is not None:  # an impossible mesh is refused before anything is read
     check_mesh(cfg, mesh, rules=rules)
-  graphdef, abstract, constants = abstract_model(cfg, dtype, kernels=kernels)
+  experts = ExpertWeights(**marker.get("expert_weights", {}))
+  graphdef, abstract, constants = abstract_model(cfg, dtype, kernels=kernels,
+                                                 expert_weights=experts)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = {path: device for path, _ in nnx.to_flat_state(abstract)}
   else:
     shardings = dict(nnx.to_flat_state(ax.state_shardings(abstract, mesh, rules)))
-    constants = jax.device_put(constants, ax.state_shardings(constants, mesh, rules))
+    constants = host_to_global(constants, ax.state_shardings(constants, mesh, rules))
   target = {}
   for path, var in nnx.to_flat_state(abstract):
     v = var.get_value()
@@ -88,7 +92,10 @@ def save(model, ckpt_dir: str | os.PathLike, *, overwrite: bool = False) -> None
     cfg = model.config
     dtype = np.dtype(model.word_embeddings.get_value().dtype)
     codes = {m.name: "F32" for m in all_maps(cfg) if m.name.endswith("gate.expert_bias")}
-    dest.commit({
+    marker = {
         "format": store.FORMAT, "config": to_hf_config(cfg), "dtype": dtype.name,
         "hf_dtypes": {"default": dtype_code(dtype), "other": codes},
-        "source": {"folder": None, "quantization": None, "dropped": []}})
+        "source": {"folder": None, "quantization": None, "dropped": []}}
+    if model.expert_weights.fp8:
+      marker["expert_weights"] = model.expert_weights.to_json()
+    dest.commit(marker)

@@ -93,6 +93,9 @@ class HFSource:
 
     wanted = {m.name: m for m in maps}
     scale_suffix = scheme.scale_suffix if scheme else None
+    # Weights whose scale tensor is a model variable of its own (FP8 experts kept as they are).
+    kept = {n[:-len(scale_suffix)] + "weight" for n in wanted
+            if scale_suffix and n.endswith("." + scale_suffix)}
     scales, dropped, unknown = {}, [], []
     for name in where:
       if name in wanted:
@@ -128,7 +131,9 @@ class HFSource:
         raise CheckpointError(f"{os.path.join(folder, file)}: tensor {m.name!r} has shape "
                               f"{list(shape)}, config.json implies {list(want)}")
       scale = scales.get(m.name)
-      if dtype in FP8_DTYPES:
+      if dtype in FP8_DTYPES and m.name in kept:
+        pass  # copied as stored; its scale is a tensor of `maps`, checked like any other
+      elif dtype in FP8_DTYPES:
         if scale is None:
           raise CheckpointError(
               f"{os.path.join(folder, file)}: tensor {m.name!r} is {dtype.name} but has no "

@@ -71,18 +71,46 @@ def _packed_rows(docs, tokenizer, *, seq_len: int, seed: int):
                             "positions": ex["tokens_positions"]})
 
 
-def packed_dataset(docs, tokenizer, *, seq_len: int, batch_size: int, seed: int):
+def packed_dataset(docs, tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                   rows: slice | None = None):
   """A grain IterDataset of batches {tokens, segment_ids, positions} [B, T] int32 (infinite).
 
   Row b of every batch comes from its own packed stream (its own document order): one stream cut
   into consecutive batches would fill a batch with neighbouring pieces of one long file.
+  `rows` keeps only those rows of each batch: the streams a process feeds under a mesh of
+  several processes, each the same whatever the number of processes (where grain's ShardOptions
+  would split the documents, and so change every row, with the process count).
   """
   import grain
 
   seeds = np.random.SeedSequence(seed).generate_state(batch_size)  # uint32, distinct per row
+  seeds = seeds[rows if rows is not None else slice(None)]
   streams = [_packed_rows(docs, tokenizer, seq_len=seq_len, seed=int(s)) for s in seeds]
   return grain.experimental.ZipIterDataset(streams).map(
       lambda rows: {k: np.stack([r[k] for r in rows]) for k in rows[0]})
+
+
+def merge_row_states(parts: list[tuple[slice, dict]]) -> dict:
+  """One iterator state for the whole batch from the states of iterators over parts of its rows
+  ((rows, state) per process): what a checkpoint stores, whatever the number of processes. The
+  packed streams' state lists one entry per row (grain's ZipIterDataset: "parents"), so the
+  parts join in row order; the synthetic stream's is the step, the same in every part."""
+  parts = sorted(parts, key=lambda p: p[0].start or 0)
+  if all("parents" in state for _, state in parts):
+    return {"parents": [row for _, state in parts for row in state["parents"]]}
+  if any(state != parts[0][1] for _, state in parts):
+    raise ValueError(f"the processes' data iterators disagree: {[s for _, s in parts]}")
+  return parts[0][1]
+
+
+def row_state(state: dict, rows: slice | None, batch_size: int) -> dict:
+  """The state of an iterator over `rows` from the whole batch's (`merge_row_states`)."""
+  if "parents" not in state:
+    return state
+  if len(state["parents"]) != batch_size:
+    raise ValueError(f"the data position holds {len(state['parents'])} rows; the batch has "
+                     f"{batch_size}")
+  return {"parents": state["parents"][rows if rows is not None else slice(None)]}
 
 
 def json_state(state):
@@ -96,10 +124,11 @@ def json_state(state):
 
 
 class Data:
-  """The tokenizer, a checkpointable train iterator, and a fixed list of eval batches."""
+  """The tokenizer, a checkpointable train iterator, and a fixed list of eval batches; of every
+  batch, the rows `rows` (default all: one process; under several, its own)."""
 
-  def __init__(self, cfg: DataConfig, vocab_size: int):
-    self.cfg = cfg
+  def __init__(self, cfg: DataConfig, vocab_size: int, rows: slice | None = None):
+    self.cfg, self.rows = cfg, rows
     self.tokenizer = load_tokenizer(cfg.tokenizer)
     if self.tokenizer.vocab_size > vocab_size:
       raise DataError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's "
@@ -117,22 +146,24 @@ class Data:
       self.train_docs, held = split_documents(docs, cfg.eval_docs, cfg.seed)
       self.eval_docs = held if held is not None else self.train_docs
 
-  def train_iterator(self):
-    """A fresh iterator at the start of the stream (restore a position with `set_state`)."""
-    cfg = self.cfg
+  def train_iterator(self, rows: slice | None = None):
+    """A fresh iterator at the start of the stream (restore a position with `set_state`), of
+    `rows` (default: this Data's)."""
+    cfg, rows = self.cfg, (rows if rows is not None else self.rows)
     if cfg.source == "synthetic":
       return SyntheticIterator(batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                               vocab_size=self.vocab_size, seed=cfg.seed)
+                               vocab_size=self.vocab_size, seed=cfg.seed, rows=rows)
     return iter(packed_dataset(self.train_docs, self.tokenizer, seq_len=cfg.seq_len,
-                               batch_size=cfg.batch_size, seed=cfg.seed))
+                               batch_size=cfg.batch_size, seed=cfg.seed, rows=rows))
 
-  def eval_batches(self) -> list[dict[str, np.ndarray]]:
-    """The same `eval_batches` batches every call (unshuffled held-out documents, cycled if short)."""
-    cfg = self.cfg
+  def eval_batches(self, rows: slice | None = None) -> list[dict[str, np.ndarray]]:
+    """The same `eval_batches` batches every call (unshuffled held-out documents, cycled if
+    short), of `rows` (default: this Data's)."""
+    cfg, rows = self.cfg, (rows if rows is not None else self.rows)
     if cfg.source == "synthetic":
       it = SyntheticIterator(batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                             vocab_size=self.vocab_size, seed=cfg.seed + 1_000_003)
+                             vocab_size=self.vocab_size, seed=cfg.seed + 1_000_003, rows=rows)
     else:
       it = iter(packed_dataset(self.eval_docs, self.tokenizer, seq_len=cfg.seq_len,
-                               batch_size=cfg.batch_size, seed=cfg.seed + 1))
+                               batch_size=cfg.batch_size, seed=cfg.seed + 1, rows=rows))
     return [next(it) for _ in range(cfg.eval_batches)]

@@ -1,10 +1,10 @@
 """Flax NNX modules of Ling-2.6 (docs/architecture.md §3).
 
-`Kernels` and `Remat` (settings.py) import no jax; the model imports on first use, so that
-configs build without it.
+`Kernels`, `Remat` and `Parallel` (settings.py) import no jax; the model imports on first use,
+so that configs build without it.
 """
 
-from ling_jax.model.settings import Kernels, Remat
+from ling_jax.model.settings import Kernels, Parallel, Remat
 
 
 def __getattr__(name):
@@ -14,4 +14,4 @@ def __getattr__(name):
   raise AttributeError(f"module 'ling_jax.model' has no attribute {name!r}")
 
 
-__all__ = ["Kernels", "LingForCausalLM", "LingOutput", "Remat", "with_kernels"]
+__all__ = ["Kernels", "LingForCausalLM", "LingOutput", "Parallel", "Remat", "with_kernels"]

@@ -19,7 +19,8 @@ from ling_jax.model.lightning import LightningAttention
 from ling_jax.model.mla import MultiLatentAttention
 from ling_jax.model.moe import SparseMoE
 from ling_jax.model.remat import checkpointed
-from ling_jax.model.settings import Kernels
+from ling_jax.model.settings import ExpertWeights, Kernels, Parallel
+from ling_jax.parallel.islands import constrain_rows
 
 
 class DecoderLayer(nnx.Module):
@@ -34,19 +35,22 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(hidden, **norm)
 
   def __call__(self, h: jax.Array, *, positions, segment_ids=None, cache=None):
-    """h [B, T, D] -> (h, new cache, expert load [E] or None)."""
+    """h [B, T, D] -> (h, new cache, expert load [E] or None). Under a mesh, h enters and leaves
+    with its rows over the batch axes and D whole (`constrain_rows`; nothing without one)."""
+    h = constrain_rows(h)
     r, cache = self.attention(self.input_layernorm(h), positions=positions,
                               segment_ids=segment_ids, cache=cache)
     h = h + r.astype(h.dtype)
     r, load = self.mlp(self.post_attention_layernorm(h))
-    return h + r.astype(h.dtype), cache, load
+    return constrain_rows(h + r.astype(h.dtype)), cache, load
 
   def init_cache(self, batch: int, max_len: int, dtype):
     return self.attention.init_cache(batch, max_len, dtype)
 
 
 def make_layer(cfg: LingConfig, layer_idx, mixer: str, mlp: str, *, rngs: nnx.Rngs, dtype,
-               param_dtype, kernels: Kernels) -> DecoderLayer:
+               param_dtype, kernels: Kernels, parallel: Parallel = Parallel(),
+               expert_weights: ExpertWeights = ExpertWeights()) -> DecoderLayer:
   """Build decoder layer `layer_idx` (its global index: an int, or traced inside the stacked
   groups' nnx.vmap) of the given kinds from the config (the only place that reads it)."""
   common = dict(dtype=dtype, param_dtype=param_dtype)
@@ -72,7 +76,8 @@ def make_layer(cfg: LingConfig, layer_idx, mixer: str, mlp: str, *, rngs: nnx.Rn
         hidden=D, num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
         width=cfg.moe_intermediate_size, shared_width=cfg.shared_expert_intermediate_size,
         n_group=cfg.n_group, topk_group=cfg.topk_group, routed_scale=cfg.routed_scaling_factor,
-        rngs=rngs, impl=kernels.moe, **common)
+        rngs=rngs, impl=kernels.moe, exchange=parallel.expert_exchange,
+        expert_weights=expert_weights, **common)
   return DecoderLayer(attention, ffn, D, eps=eps, norm_impl=norm_impl, **common)
 
 

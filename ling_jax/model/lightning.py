@@ -5,11 +5,22 @@ a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE (the two
 pallas_kernels.qk_norm_rope) -> simple GLA with a per-head constant log-decay
 g_h = -slope_h * layer_factor(l) and an fp32 state [H, K, V] -> GroupRMSNorm -> * sigmoid(a W_g)
 -> W_o. The decay is a `Constant` of the layer, computed from its global index l when the layer
-is built.
+is built. Under a mesh the two ops run in shard_map islands, heads over `tensor`
+(ling_jax/parallel/islands.py); the projections and the norm are GSPMD's.
+
+With a cache (the state [B, H, K, V], docs/architecture.md §5) a call continues each row's
+recurrence: one token through `simple_gla_step` (XLA's update or the Pallas decode kernel, by
+`impl` and batch; XLA's under a mesh), more through `simple_gla` from the cached state. A token
+at a negative position is padding: it neither enters nor decays the state (a ragged prompt chunk:
+each row's real tokens come first), so the returned state is each row's after its real tokens. A
+`Pending` cache entry asks the call to defer that choice: it returns the state before the call
+with the call's keys and values, and `Pending.commit(n)` later keeps each row's first n tokens
+(speculative decoding, where how many drafts survive is known only from the call's own logits).
 """
 
 from __future__ import annotations
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +30,29 @@ from ling_jax import axes as ax
 from ling_jax.config import alibi_slopes
 from ling_jax.model import rope
 from ling_jax.model.common import GroupRMSNorm, RMSNorm, constant, param
-from pallas_kernels.qk_norm_rope import qk_norm_rope
-from pallas_kernels.simple_gla import simple_gla, simple_gla_step
+from ling_jax.parallel import islands
+from pallas_kernels.simple_gla import simple_gla_prefix_state, simple_gla_step
+
+
+@flax.struct.dataclass
+class Pending:
+  """A Lightning cache entry whose update waits for each row's count of kept tokens.
+
+  `Pending(state)` (k, v, decay None) asks a cached call to defer; the call returns
+  `Pending(state, k, v, decay)`: the state before it, its keys [B, T, H, K] and values
+  [B, T, H, V] (padding keys zeroed) and the layer's log-decay [H]. Under the stacked groups every
+  field has the leading `layers` axis."""
+  state: jax.Array
+  k: jax.Array | None = None
+  v: jax.Array | None = None
+  decay: jax.Array | None = None
+
+  def commit(self, n: jax.Array) -> jax.Array:
+    """The state after each row's first n[b] tokens of the deferred call (n [B] int32)."""
+    f = simple_gla_prefix_state
+    for _ in range(self.state.ndim - 4):  # the stacked groups' leading axis
+      f = jax.vmap(f, in_axes=(0, 0, 0, 0, None))
+    return f(self.k, self.v, self.decay, self.state, n)
 
 
 def layer_decay(slopes: jax.Array, layer_idx, num_layers: int, form: str) -> jax.Array:
@@ -66,28 +98,45 @@ class LightningAttention(nnx.Module):
     """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype
     (docs/architecture.md §5)."""
     del max_len, dtype
-    return jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
+    state = jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
+    return islands.constrain(state, islands.LIGHTNING_STATE)  # under a mesh: rows and heads
 
   def __call__(self, a: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
-               cache: jax.Array | None = None):
-    """a [B, T, D] -> (y [B, T, D], new state or None)."""
+               cache: jax.Array | Pending | None = None):
+    """a [B, T, D] -> (y [B, T, D], new state, a `Pending`, or None): module docstring."""
     dt = self.dtype
     a = a.astype(dt)
     qkv = jnp.einsum("btd,dshk->btshk", a, self.query_key_value[...].astype(dt))  # [B, T, 3, H, K]
     cos, sin = rope.cos_sin(positions, self.rotary_dim, self.rope_theta, self.rope_scaling)
     qn, kn = self.query_layernorm, self.key_layernorm
+    pending = isinstance(cache, Pending)
     # The one-token decode step runs the reference: nothing for the kernel to fuse.
-    decoding = cache is not None and a.shape[1] == 1
+    decoding = cache is not None and a.shape[1] == 1 and not pending
     wq, wk = (None, None) if qn is None else (qn.weight[...], kn.weight[...])
-    q, k, v = qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
-                           dtype=dt, impl="xla" if decoding else self.qk_impl)
+    # Under a mesh of several devices the two ops run per device, on its rows and heads.
+    q, k, v = islands.qk_norm_rope(qkv, wq, wk, cos, sin, eps=qn.eps if qn is not None else 0.0,
+                                   dtype=dt, impl="xla" if decoding else self.qk_impl)
     g = self.decay[...]
     if decoding and segment_ids is None:
-      o, state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, cache)
+      # The decode kernel is a single-device call: under a mesh GSPMD partitions XLA's update.
+      step_impl = self.impl if islands.active_mesh() is None else "xla"
+      o, state = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, cache, impl=step_impl)
       o = o[:, None]  # [B, 1, H, V]
+    elif cache is None:
+      o, state = islands.simple_gla(q, k, v, g, segment_ids=segment_ids, impl=self.impl)
     else:
-      o, state = simple_gla(q, k, v, g, initial_state=cache, segment_ids=segment_ids,
-                            impl=self.impl)
+      s0 = cache.state if pending else cache
+      real = positions >= 0  # [B, T]: a prefix of each row
+      # A padding token's zero key adds nothing to the state; its decay is undone below.
+      k = jnp.where(real[..., None, None], k, 0).astype(k.dtype)
+      o, final = islands.simple_gla(q, k, v, g, initial_state=s0, segment_ids=segment_ids,
+                                    impl=self.impl)
+      if pending:
+        state = Pending(s0, k, v, g)
+      else:
+        n = real.sum(1, dtype=jnp.int32)
+        state = jax.lax.cond(jnp.all(real), lambda: final,
+                             lambda: simple_gla_prefix_state(k, v, g, s0, n))
     o = self.g_norm(o.astype(dt))
     gate = jnp.einsum("btd,dhk->bthk", a, self.g_proj[...].astype(dt))
     o = o * jax.nn.sigmoid(gate)

@@ -15,7 +15,9 @@ at a time. Remat of the whole loss instead recomputes the whole forward and then
 residual at once: no saving.
 
 `kernels` (model/settings.py) says which implementation each op runs; the model hands each layer
-its part when it is built.
+its part when it is built. `parallel` (model/settings.py) holds the choices of the shard_map
+islands that run under a mesh: the model is never given a mesh, it runs on the one the caller
+sets with `jax.set_mesh` (docs/parallelism.md §4; none, or one device: the single-device code).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from ling_jax.model.common import Constant, RMSNorm, param
 from ling_jax.model.decoder import HybridGroup, make_layer
 from ling_jax.model.mtp import MTPLayer
 from ling_jax.model.remat import REMAT, checkpointed
-from ling_jax.model.settings import Kernels, Remat
+from ling_jax.model.settings import ExpertWeights, Kernels, Parallel, Remat
+from ling_jax.parallel import islands
+from pallas_kernels.grouped_matmul.fp8 import quantize
 
 
 @flax.struct.dataclass
@@ -51,12 +55,16 @@ class LingForCausalLM(nnx.Module):
   """Ling-2.6 (BailingMoeV2_5ForCausalLM). `model(tokens [B, T] int32) -> logits [B, T, vocab]`."""
 
   def __init__(self, config: LingConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, kernels: Kernels = Kernels()):
+               param_dtype=jnp.float32, kernels: Kernels = Kernels(),
+               parallel: Parallel = Parallel(),
+               expert_weights: ExpertWeights = ExpertWeights()):
     cfg = self.config = config
-    self.dtype, self.kernels = dtype, kernels
+    self.dtype, self.kernels, self.parallel = dtype, kernels, parallel
+    self.expert_weights = expert_weights
     D, V, G = cfg.hidden_size, cfg.vocab_size, cfg.layer_group_size
     types, mlps = cfg.layer_types(), cfg.mlp_types()
-    build = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels)
+    build = dict(dtype=dtype, param_dtype=param_dtype, kernels=kernels, parallel=parallel,
+                 expert_weights=expert_weights)
 
     def layers(start: int, stop: int, rngs, first=None):
       """Layers start..stop-1; `first`: the global index of the first (traced in the stack)."""
@@ -126,7 +134,7 @@ class LingForCausalLM(nnx.Module):
     index = cache["index"] if cache is not None else 0
     if positions is None:
       positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
-    h = jnp.take(self.word_embeddings[...], tokens, axis=0).astype(self.dtype)
+    h = islands.embed(self.word_embeddings[...], tokens).astype(self.dtype)
     prefix_cache, tail_cache, loads = [], [], []
 
     for g, group in enumerate(self.prefix):
@@ -200,7 +208,7 @@ class LingForCausalLM(nnx.Module):
     if self.mtp is None:
       raise ValueError("this config has num_nextn_predict_layers=0: no MTP layer")
     nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    e = jnp.take(self.word_embeddings[...], nxt, axis=0).astype(self.dtype)
+    e = islands.embed(self.word_embeddings[...], nxt).astype(self.dtype)
     h, _, load = checkpointed(self.mtp, out.hidden, e, policy=remat.policy, positions=positions,
                               segment_ids=segment_ids)
     return out.replace(mtp_logits=self._head(h) if logits else None, mtp_hidden=h,
@@ -214,11 +222,42 @@ def build_constants(make: Callable[[], nnx.Module]) -> nnx.State:
   return jax.jit(lambda: nnx.state(make(), Constant))()
 
 
-def with_kernels(model: LingForCausalLM, kernels: Kernels) -> LingForCausalLM:
-  """`model`'s variables (the same arrays) under other kernel settings."""
+def with_kernels(model: LingForCausalLM, kernels: Kernels | None = None,
+                 parallel: Parallel | None = None) -> LingForCausalLM:
+  """`model`'s variables (the same arrays) under other kernel or parallel settings (None: the
+  model's own)."""
   make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
-                                 kernels=kernels)
+                                 kernels=kernels or model.kernels,
+                                 parallel=parallel or model.parallel,
+                                 expert_weights=model.expert_weights)
   return nnx.merge(nnx.graphdef(nnx.eval_shape(make)), nnx.state(model))
+
+
+def with_fp8_experts(model: LingForCausalLM, expert_weights: ExpertWeights) -> LingForCausalLM:
+  """`model` with its routed experts quantised to FP8 (`pallas_kernels.grouped_matmul.fp8
+  .quantize`: the scale of each block or column is its largest magnitude over e4m3's 448), every
+  other variable shared. For tests and benchmarks; a released FP8 checkpoint keeps its own
+  scales (`convert import --keep-fp8`)."""
+  make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                 kernels=model.kernels, parallel=model.parallel,
+                                 expert_weights=expert_weights)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  old = dict(nnx.to_flat_state(nnx.state(model)))
+  block = expert_weights.block if expert_weights.format == "fp8-block" else None
+  flat = []
+  for path, var in nnx.to_flat_state(abstract):
+    name = path[-1]
+    if path[-2:-1] == ("experts",) and name.endswith("_scale"):
+      continue  # set with its weight
+    if path[-2:-1] == ("experts",):
+      w = quantize(old[path].get_value(), block)
+      scale = w.scale if block is not None else w.scale[..., None, :]
+      flat.append((path, var.replace(w.values)))
+      scale_path = path[:-1] + (f"{name}_scale",)
+      flat.append((scale_path, dict(nnx.to_flat_state(abstract))[scale_path].replace(scale)))
+    else:
+      flat.append((path, old[path]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _group(group: HybridGroup, h, *, positions, segment_ids, cache, remat: Remat):

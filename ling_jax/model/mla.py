@@ -5,10 +5,13 @@ Two mathematically identical forms:
   per-head k_nope and v, then causal softmax attention over [k_nope | k_pe] with the shared RoPE
   key k_pe: `pallas_kernels.attention.causal_attention`, whose `impl` picks materialised scores,
   jax's Pallas flash kernel or cuDNN's fused attention (and what "auto" picks);
-* absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs on the
-  576-value latent cache [c_kv (normed) 512 | k_pe (roped) 64] per token (docs/architecture.md §3.5,
-  5). Cache slot s holds position s: each row writes its new tokens' latents at their positions, so
-  rows may stand at different lengths.
+* absorbed (decode, and prefill in chunks against the cache): fold W_UK into the query and W_UV
+  into the output, so attention runs on the 576-value latent cache [c_kv (normed) 512 | k_pe
+  (roped) 64] per token (docs/architecture.md §3.5, §5). Cache slot s holds position s: each
+  token's latent is written at its position, so rows may stand at different lengths, and a token
+  at a negative position (padding) writes nothing. A query at position p attends to slots 0..p,
+  in blocks of slots with an online softmax (only the blocks up to the batch's largest position),
+  so a chunk of a long prompt needs memory for one block of scores, not for the whole cache.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.model import rope
 from ling_jax.model.common import RMSNorm, param
-from pallas_kernels.attention import causal_attention, masked_softmax
+from ling_jax.parallel import islands
 
-
+# Fp32 scores of one block of cache slots, [B, T, H, block], are kept under this many bytes
+# (the block: a power of two of at least MIN_BLOCK slots, at most the cache).
+BLOCK_BYTES = 256 * 2**20
+MIN_BLOCK = 16
+_NEG = -1e30  # finite "minus infinity": a row with no visible slot stays finite
 
 class MultiLatentAttention(nnx.Module):
   """MLA with the checkpoint's names (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `dense`...).
@@ -59,7 +66,8 @@ class MultiLatentAttention(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
     """The latent cache [B, S, L + R]: normed c_kv then roped k_pe per position."""
-    return jnp.zeros((batch, max_len, self.kv_lora_rank + self.rope_dim), dtype or self.dtype)
+    latent = jnp.zeros((batch, max_len, self.kv_lora_rank + self.rope_dim), dtype or self.dtype)
+    return islands.constrain(latent, islands.LATENT_CACHE)  # under a mesh: by rows
 
   def _w(self, v):
     return v[...].astype(self.dtype)
@@ -81,16 +89,19 @@ class MultiLatentAttention(nnx.Module):
 
   def __call__(self, a: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None,
                cache: jax.Array | None = None):
-    """a [B, T, D] -> (y [B, T, D], updated latent cache or None). With a cache, row b's tokens
-    sit at positions[b, 0] onwards (consecutive) and segment_ids is ignored."""
+    """a [B, T, D] -> (y [B, T, D], updated latent cache or None). With a cache each token is
+    written at (and attends up to) its position, negative positions are padding, and
+    segment_ids is ignored."""
     a = a.astype(self.dtype)
     q_nope, q_pe, c_kv, k_pe = self._project(a, positions)
     if cache is None:
       o = self._attend_plain(q_nope, q_pe, c_kv, k_pe, positions, segment_ids)
     else:
       latent = jnp.concatenate([c_kv, k_pe], axis=-1).astype(cache.dtype)
-      write = lambda c, l, start: jax.lax.dynamic_update_slice_in_dim(c, l, start, axis=0)
-      cache = jax.vmap(write)(cache, latent, positions[:, 0])  # slot = position, row by row
+      B, S = cache.shape[:2]
+      slot = jnp.where(positions >= 0, positions, S)  # slot = position; padding falls off the end
+      rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
+      cache = cache.at[rows, slot].set(latent, mode="drop")
       o = self._attend_absorbed(q_nope, q_pe, cache, positions)
     y = jnp.einsum("bthv,hvd->btd", o, self._w(self.dense))
     return y, cache
@@ -98,20 +109,49 @@ class MultiLatentAttention(nnx.Module):
   def _attend_plain(self, q_nope, q_pe, c_kv, k_pe, positions, segment_ids):
     kv = jnp.einsum("btl,lhk->bthk", c_kv, self._w(self.kv_b_proj))  # [B, T, H, K + V]
     k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
-    return causal_attention(q_nope, k_nope, v, scale=self.scale, q_rope=q_pe, k_rope=k_pe,
-                            segment_ids=segment_ids, positions=positions, impl=self.impl)
+    # Under a mesh of several devices: per device, on its rows and heads (parallel/islands.py).
+    return islands.causal_attention(q_nope, k_nope, v, scale=self.scale, q_rope=q_pe, k_rope=k_pe,
+                                    segment_ids=segment_ids, positions=positions, impl=self.impl)
 
   def _attend_absorbed(self, q_nope, q_pe, cache, positions):
     w = self._w(self.kv_b_proj)
     w_uk, w_uv = w[..., : self.nope], w[..., self.nope:]  # [L, H, K], [L, H, V]
-    c_kv = cache[..., : self.kv_lora_rank].astype(self.dtype)  # [B, S, L]
-    k_pe = cache[..., self.kv_lora_rank:].astype(self.dtype)  # [B, S, R]
-    q_lat = jnp.einsum("bthk,lhk->bthl", q_nope, w_uk)
-    scores = (jnp.einsum("bthl,bsl->bhts", q_lat, c_kv, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
-    # Cache slot s holds position s; a query at position p sees slots 0..p.
-    slots = jnp.arange(cache.shape[1])
-    mask = slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    p = masked_softmax(scores * self.scale, mask[:, None])
-    o_lat = jnp.einsum("bhts,bsl->bthl", p.astype(c_kv.dtype), c_kv)
+    q_lat = jnp.einsum("bthk,lhk->bthl", q_nope, w_uk)  # [B, T, H, L]
+    B, T, H, L = q_lat.shape
+    S = cache.shape[1]
+    blk = block_slots(B * T * H, S)
+    # Only the blocks up to the largest position hold anything a query may see.
+    n_blocks = jnp.minimum(jnp.max(positions) // blk + 1, -(-S // blk))
+
+    def body(i, carry):
+      m, l, acc = carry  # running max, normaliser [B, T, H] fp32; output [B, T, H, L] fp32
+      # The last block is clamped to end at slot S; slots an earlier block covered are masked.
+      start = jnp.minimum(i * blk, S - blk)
+      lat = jax.lax.dynamic_slice_in_dim(cache, start, blk, axis=1).astype(self.dtype)
+      c_kv, k_pe = lat[..., :L], lat[..., L:]  # [B, blk, L], [B, blk, R]
+      s = (jnp.einsum("bthl,bsl->bths", q_lat, c_kv, preferred_element_type=jnp.float32)
+           + jnp.einsum("bthr,bsr->bths", q_pe, k_pe, preferred_element_type=jnp.float32))
+      slots = start + jnp.arange(blk)
+      # A query at position p sees slots 0..p (slot s holds position s).
+      see = (slots >= i * blk)[None, None] & (slots[None, None] <= positions[:, :, None])
+      see = see[:, :, None]  # [B, T, 1, blk]
+      s = jnp.where(see, s * self.scale, _NEG)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(see, jnp.exp(s - m_new[..., None]), 0.0)
+      fix = jnp.exp(m - m_new)
+      acc = acc * fix[..., None] + jnp.einsum("bths,bsl->bthl", p.astype(c_kv.dtype), c_kv,
+                                              preferred_element_type=jnp.float32)
+      return m_new, l * fix + p.sum(-1), acc
+
+    init = (jnp.full((B, T, H), _NEG, jnp.float32), jnp.zeros((B, T, H), jnp.float32),
+            jnp.zeros((B, T, H, L), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    o_lat = (acc / jnp.maximum(l, 1e-30)[..., None]).astype(self.dtype)
     return jnp.einsum("bthl,lhv->bthv", o_lat, w_uv)
+
+
+def block_slots(rows: int, slots: int) -> int:
+  """Cache slots per block of the absorbed attention for `rows` = B T H query rows: the largest
+  power of two whose fp32 scores fit BLOCK_BYTES, at least MIN_BLOCK, at most the cache."""
+  fit = max(1, BLOCK_BYTES // (4 * rows))
+  return min(slots, max(MIN_BLOCK, 1 << (fit.bit_length() - 1)))

@@ -4,7 +4,8 @@
 `route` is what the model runs: fp32 logits at fp32 accuracy (`router_logits`, with bf16
 activations as split-operand bf16 matmuls), and the top-k by pairwise ranking where rows are
 narrow. `route_reference` beside it is the same routing through `lax.top_k`, the form it must
-match. `expert_load` counts the routed assignments per expert (the balancing rule's input).
+match. `expert_load` (pallas_kernels.moe's, re-exported here) counts the routed assignments per
+expert (the balancing rule's input).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.model.common import ExpertBias, param
+from pallas_kernels.moe import expert_load  # noqa: F401 (re-exported)
 
 _RANKED_MAX = 64  # widest row `top_k` ranks by pairwise comparison
 
@@ -170,12 +172,6 @@ def route_reference(x, weight, bias, *, top_k: int, n_group: int, topk_group: in
   idx = jax.lax.top_k(jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E), top_k)[1]
   w = jnp.take_along_axis(scores, idx, axis=-1)
   return idx.astype(jnp.int32), w / (w.sum(-1, keepdims=True) + 1e-20) * scale
-
-
-def expert_load(idx: jax.Array, num_experts: int) -> jax.Array:
-  """Assignments per expert [E] int32 from expert ids [..., X]: a compare-and-count, not
-  bincount, whose scatter-add into E counters serialises on them on a GPU."""
-  return (idx.reshape(-1, 1) == jnp.arange(num_experts, dtype=idx.dtype)).sum(0, dtype=jnp.int32)
 
 
 class Router(nnx.Module):

@@ -1,13 +1,16 @@
-"""How the model runs, as two small frozen settings: which implementation each op runs
-(`Kernels`) and which blocks of the forward are rematerialised (`Remat`).
+"""How the model runs, as small frozen settings: which implementation each op runs (`Kernels`),
+which blocks of the forward are rematerialised (`Remat`), how its shard_map islands exchange data
+under a mesh (`Parallel`), and how the routed experts' weights are held (`ExpertWeights`: the
+parameter dtype, or FP8 for serving).
 
 `LingForCausalLM(cfg, rngs=..., kernels=Kernels(moe="xla"))` hands each `Kernels` field to the
 modules that call that op; `forward(..., remat=Remat("dots"))` checkpoints its blocks. Training
 carries one of each (`TrainConfig.kernels`, `TrainConfig.remat`, overridable as
 `train.kernels.moe=xla`, `train.remat.policy=full`), and the loaders and benchmarks take a
 `Kernels`. This module imports no jax (so a config, and an experiment's `--help`, builds without
-it): the names each op and policy table accepts are copied here, and tests/model/test_model.py
-checks them against the ops' own `IMPLS` and model/remat.py's `REMAT`.
+it): the names each op and policy table accepts are copied here, and tests/train/test_train.py
+checks them against the ops' own `IMPLS` and model/remat.py's `REMAT` (and `EXPERT_EXCHANGES`
+against ling_jax/parallel/expert.py's `STRATEGIES`).
 
 Every `Kernels` field takes its op's `impl`, in one vocabulary:
   "reference"  the obviously correct jnp form (recurrent GLA, every expert on every token,
@@ -28,6 +31,8 @@ IMPLS = ("auto", "reference", "xla", "pallas", "interpret")
 ATTENTION_IMPLS = IMPLS + ("cudnn",)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_no_scores")
 REMAT_SCOPES = ("layer", "group")
+EXPERT_FORMATS = ("dense", "fp8-block", "fp8-channel")
+EXPERT_EXCHANGES = ("all_gather", "ragged_all_to_all", "all_to_all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +74,54 @@ class Remat:
   def at(self, scope: str) -> str:
     """The policy for blocks of `scope`: `policy` there, "none" elsewhere."""
     return self.policy if scope == self.scope else "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+  """How the routed experts' weights are held (docs/checkpoints.md, "FP8"):
+    "dense"        arrays in the model's param_dtype (the default; training needs it)
+    "fp8-block"    float8_e4m3fn values with one fp32 scale per `block` = (rows, cols) tile of
+                   the [in, out] weight (the "fp8" release's 128 x 128 blocks)
+    "fp8-channel"  float8_e4m3fn values with one fp32 scale per output column
+                   (compressed-tensors' channel strategy)
+  The FP8 forms are read by the grouped-matmul kernels as they are (the XLA paths dequantise
+  them first) and are forward only."""
+
+  format: str = "dense"
+  block: tuple[int, int] = (128, 128)
+
+  def __post_init__(self):
+    if isinstance(self.block, list):  # from JSON
+      object.__setattr__(self, "block", tuple(self.block))
+    if self.format not in EXPERT_FORMATS:
+      raise ValueError(f"unknown expert weight format {self.format!r}; choose one of "
+                       f"{EXPERT_FORMATS}")
+    b = self.block
+    if not (isinstance(b, tuple) and len(b) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in b)):
+      raise ValueError(f"ExpertWeights.block={b!r} must be (rows, cols), two ints > 0")
+
+  @property
+  def fp8(self) -> bool:
+    return self.format != "dense"
+
+  def to_json(self) -> dict:
+    return {"format": self.format, "block": list(self.block)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+  """Choices of the model's shard_map islands under a mesh of several devices
+  (docs/parallelism.md §4); without one (or on one device) nothing here applies.
+
+  expert_exchange: how the routed experts' tokens reach the devices holding their experts
+  (ling_jax/parallel/expert.py): "all_gather" (gather the expert group's tokens, reduce-scatter
+  the outputs), "all_to_all" (one row per token and owner device, exchanged as padded blocks),
+  "ragged_all_to_all" (the same rows through XLA's ragged collective; GPU or TPU only)."""
+
+  expert_exchange: str = "all_gather"  # all_gather, all_to_all or ragged_all_to_all
+
+  def __post_init__(self):
+    if self.expert_exchange not in EXPERT_EXCHANGES:
+      raise ValueError(f"unknown expert_exchange {self.expert_exchange!r}; choose one of "
+                       f"{EXPERT_EXCHANGES}")

@@ -10,6 +10,7 @@ each process, with its environment saying which one it is.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -101,3 +102,30 @@ def global_batch(local, mesh: jax.sharding.Mesh, global_batch_size: int):
     return jax.make_array_from_process_local_data(sharding, x, (global_batch_size, *x.shape[1:]))
 
   return jax.tree.map(put, local)
+
+
+def host_to_global(tree, shardings):
+  """Host values (numpy, or arrays of one device: the same in every process) as global arrays
+  under `shardings` (a tree of Shardings, a prefix of `tree`'s), each process supplying only its own
+  devices' shards: nothing is whole on an accelerator (jax.device_put cannot place a
+  process-local array onto devices of other processes)."""
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  # The shardings' tree may be a prefix of the values' (one Sharding for a whole nnx.Variable).
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: put(x, s), sub), shardings, tree)
+
+
+def allgather_json(obj) -> list:
+  """`obj` (anything JSON can write) of every process, in process order; [obj] for one process.
+  Each process calls it at the same point (a collective)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32)))
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, longest]
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes.reshape(-1))]

@@ -59,10 +59,10 @@ The local experts: `local(x, ids, w, w_gate, w_up, w_down) -> y [M, D] fp32` ove
 E / ep experts, the signature of pallas_kernels.moe's functions, where ids may equal E / ep: an
 empty slot (weight 0) that must contribute nothing. `fill_empty` adapts a function that only takes
 ids in [0, E / ep) by computing the empty slots with expert 0 (weight 0): free for the XLA sorted
-path (`routed_experts_blocked`), whose work is static, but on the grouped-matmul path that
-computes every empty slot (for all_gather, (ep - 1) / ep of the slots). A grouped path sorting
-over E / ep + 1 groups and passing the first E / ep sizes to the kernels (whose rows past the
-groups' sum cost nothing) would skip them.
+path (`routed_experts_blocked`), whose work is static. The model's local function is
+`pallas_kernels.moe.routed_experts(..., empty=True)`, whose grouped-matmul path sorts over
+E / ep + 1 groups and passes the first E / ep sizes to the kernels, so the empty slots (for
+all_gather, (ep - 1) / ep of them) lie past the groups' sum and cost no matmul.
 
 Gradients come from autodiff: all_gather <-> psum_scatter, all_to_all <-> all_to_all,
 ragged_all_to_all <-> ragged_all_to_all with swapped offsets (jax's transpose rule), the gathers
@@ -78,9 +78,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ling_jax.model.router import expert_load
 from ling_jax.parallel.exchange import exclusive_cumsum, ragged_all_to_all
-from pallas_kernels.moe import routed_experts_blocked
+from pallas_kernels.moe import expert_load, routed_experts_blocked
 
 STRATEGIES = ("all_gather", "ragged_all_to_all", "all_to_all")
 
@@ -104,6 +103,7 @@ def expert_parallel_experts(x, expert_ids, weights, w_gate, w_up, w_down, *, mes
                             combine_dtype=jnp.float32):
   """The routed experts' output and load under expert parallelism.
 
+  mesh: a Mesh, or the AbstractMesh of traced code under `jax.set_mesh` (the model's).
   x [N, D], expert_ids [N, X] (int, global expert ids), weights [N, X]: tokens and their routing,
   sharded (or to be sharded) over `token_axes`; w_gate, w_up [E, D, F] and w_down [E, F, D]: the
   routed experts, split over `expert_axis` (and F over `tensor_axis` where that axis is larger than
@@ -175,11 +175,19 @@ def _check(x, ids, w, wg, wu, wd, *, mesh, token_axes, expert_axis, tensor_axis,
                        "'ragged_all_to_all' exchanges; 'all_gather' takes none")
     if int(capacity) < 1:
       raise ValueError(f"capacity must be a positive number of rows, got {capacity}")
-  if strategy == "ragged_all_to_all" and mesh.devices.flat[0].platform == "cpu":
+  if strategy == "ragged_all_to_all" and _platform(mesh) == "cpu":
     raise ValueError("strategy 'ragged_all_to_all' needs a GPU or TPU: XLA:CPU has no "
                      "ragged-all-to-all; 'all_to_all' is the same dispatch through a padded "
                      "all_to_all")
   return ep, tensor
+
+
+def _platform(mesh) -> str:
+  """The platform of `mesh`'s devices: a Mesh's, or an AbstractMesh's (the one `jax.set_mesh`
+  gives traced code)."""
+  if isinstance(mesh, jax.sharding.Mesh):
+    return mesh.devices.flat[0].platform
+  return getattr(mesh.abstract_device, "platform", None) or jax.default_backend()
 
 
 def _localise(ids, w, device, local_experts):

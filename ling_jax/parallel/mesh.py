@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-from ling_jax import axes as ax
 from ling_jax.config import LingConfig
+
+if TYPE_CHECKING:
+  import jax
+  from jax.sharding import NamedSharding
+
+# MeshConfig is an experiment's config section, which builds without jax (`--help` stays
+# instant): jax and ling_jax.axes are imported where they are used.
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -29,10 +32,10 @@ class MeshConfig:
   default (data=-1, the rest 1) is pure data parallelism over all devices; `mesh.data=1
   mesh.fsdp=-1` is FSDP over all of them."""
 
-  data: int = -1
-  fsdp: int = 1
-  expert: int = 1
-  tensor: int = 1
+  data: int = -1    # replicas: the batch split, parameters whole (-1: the devices left)
+  fsdp: int = 1     # the batch split, parameters split by their model width
+  expert: int = 1   # the batch split, routed experts split (tokens exchanged)
+  tensor: int = 1   # heads, ffn widths and the vocabulary split
 
   def __post_init__(self):
     sizes = self.sizes()
@@ -47,8 +50,9 @@ class MeshConfig:
                        "takes the remaining devices (e.g. mesh.data=1 mesh.fsdp=-1)")
 
   def sizes(self) -> dict[str, int]:
-    """The four sizes as written, -1 unresolved, in ling_jax.axes.MESH_AXES order."""
-    return {a: getattr(self, a) for a in ax.MESH_AXES}
+    """The four sizes as written, -1 unresolved, in ling_jax.axes.MESH_AXES order (the fields'
+    order; a test checks the two agree)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   def resolve(self, num_devices: int) -> dict[str, int]:
     """Every axis' size on `num_devices` devices; a ValueError naming the sizes if they do not
@@ -73,6 +77,8 @@ class MeshConfig:
 def build_mesh(mesh_config: MeshConfig = MeshConfig(),
                devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The mesh of `mesh_config` over `devices` (default: every device of every process)."""
+  import jax
+  from ling_jax import axes as ax
   devices = list(devices if devices is not None else jax.devices())
   return ax.make_mesh(mesh_config.resolve(len(devices)), devices)
 
@@ -84,14 +90,17 @@ def batch_axes_size(mesh: jax.sharding.Mesh) -> int:
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """The batch's sharding: rows over BATCH_AXES, every other dimension whole."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
   return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape)))
 
 
 def check_mesh(cfg: LingConfig, mesh: jax.sharding.Mesh, batch_size: int | None = None, *,
-               rules=ax.RULES_FSDP_TP_EP) -> None:
-  """Refuse a mesh the model (under `rules`) or the batch does not divide: one ValueError listing
-  each mesh axis, its size and the size it fails to divide. Run it before building anything."""
-  table = dict(rules)
+               rules=None) -> None:
+  """Refuse a mesh the model (under `rules`, default ling_jax.axes.RULES_FSDP_TP_EP) or the
+  batch does not divide: one ValueError listing each mesh axis, its size and the size it fails
+  to divide. Run it before building anything."""
+  from ling_jax import axes as ax
+  table = dict(ax.RULES_FSDP_TP_EP if rules is None else rules)
   errors = []
 
   def axis(logical):
@@ -105,6 +114,8 @@ def check_mesh(cfg: LingConfig, mesh: jax.sharding.Mesh, batch_size: int | None 
           ("num_experts", cfg.num_experts, ax.EXPERT),
           ("moe_intermediate_size", cfg.moe_intermediate_size, ax.MLP),
           ("kv_lora_rank", cfg.kv_lora_rank, ax.KV_LORA)]
+  if cfg.shared_expert_intermediate_size:
+    dims.append(("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size, ax.MLP))
   if cfg.first_k_dense_replace > 0:
     dims.append(("intermediate_size", cfg.intermediate_size, ax.MLP))
   if cfg.q_lora_rank is not None:

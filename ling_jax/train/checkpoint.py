@@ -71,27 +71,52 @@ def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def check_compatible(directory: str, meta: dict) -> int | None:
-  """The latest complete step in `directory` (None if none), after checking it was written by the
-  same model and data config. Read-only: nothing is created or cleaned up here."""
-  if not os.path.isdir(directory):
-    return None
+def _read_only(directory: str) -> ocp.CheckpointManager:
   absl = logging.getLogger("absl")
   level = absl.level
   absl.setLevel(logging.ERROR)  # a read-only manager warns that it is read-only
   try:
-    probe = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"),
-                                  options=ocp.CheckpointManagerOptions(
-                                      read_only=True, create=False, save_interval_steps=0))
+    return ocp.CheckpointManager(directory, item_names=("state", "data", "meta"),
+                                 options=ocp.CheckpointManagerOptions(
+                                     read_only=True, create=False, save_interval_steps=0))
   finally:
     absl.setLevel(level)
+
+
+def restore_read_only(directory: str, step: int, abstract_state):
+  """The train state of `step` in another run's `directory`, restored into the structure and
+  shardings of `abstract_state` (arrays or ShapeDtypeStructs), writing nothing there."""
+  manager = _read_only(directory)
+  try:
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    manager.close()
+
+
+def saved_meta(directory: str) -> tuple[int | None, dict | None]:
+  """(the latest complete step in `directory`, the configs it was written with), (None, None)
+  if there is none. Read-only: nothing is created or cleaned up here."""
+  if not os.path.isdir(directory):
+    return None, None
+  probe = _read_only(directory)
   try:
     step = probe.latest_step()
     if step is None:
-      return None
+      return None, None
     saved = probe.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   finally:
     probe.close()
+  return step, saved
+
+
+def check_compatible(directory: str, meta: dict) -> int | None:
+  """The latest complete step in `directory` (None if none), after checking it was written by the
+  same model and data config. Read-only: nothing is created or cleaned up here."""
+  step, saved = saved_meta(directory)
+  if step is None:
+    return None
   diff = _diff(saved, meta)
   if diff:
     raise ConfigMismatch(f"{directory} holds step {step} of a different configuration ("

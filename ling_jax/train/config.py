@@ -1,4 +1,4 @@
-"""Training configuration: `TrainConfig` and the `Experiment` triple (model, data, train).
+"""Training configuration: `TrainConfig` and the `Experiment` of model, data, train and mesh.
 
 Experiments (`experiments/<name>.py`) build an `Experiment`; `key.sub=value` command-line
 overrides replace its typed fields (experiments/overrides.py).
@@ -11,7 +11,8 @@ import math
 
 from ling_jax.config import LingConfig
 from ling_jax.data.pipeline import DataConfig
-from ling_jax.model.settings import Kernels, Remat  # (imports no jax)
+from ling_jax.model.settings import Kernels, Parallel, Remat  # (imports no jax)
+from ling_jax.parallel.mesh import MeshConfig  # (imports no jax)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -22,6 +23,11 @@ class TrainConfig:
 
   steps: int = 600                 # optimizer steps in all (a resumed run goes on up to it)
   seed: int = 0                    # parameter init
+  # Start from released or trained weights instead of random init (parameters and expert
+  # biases only; the optimizer starts fresh; the model config must match): an HF folder (read
+  # whole into host memory: for a large model convert it first, python -m ling_jax.convert
+  # import HF_DIR CKPT_DIR), a converted checkpoint (restored sharded) or a run's out_dir.
+  init_from: str | None = None
   # AdamW with linear warmup then cosine decay to min_lr_ratio * learning_rate.
   learning_rate: float = 3e-3
   min_lr_ratio: float = 0.1        # in [0, 1]
@@ -34,6 +40,7 @@ class TrainConfig:
   # Numerics: parameters are fp32 masters, matmuls run in compute_dtype, the router in fp32.
   compute_dtype: str = "bfloat16"  # "float32" or "bfloat16"
   kernels: Kernels = Kernels()     # which implementation each op runs (model/settings.py)
+  parallel: Parallel = Parallel()  # the shard_map islands' choices under a mesh (settings.py)
   # Activation memory: jax.checkpoint each decoder layer (remat.scope "layer") or hybrid group /
   # scan body ("group") with the named remat.policy, and the head + cross-entropy in chunks of
   # ce_chunk tokens (0: materialise the full [tokens, vocab] fp32 logits).
@@ -97,6 +104,7 @@ class Experiment:
   model: LingConfig
   data: DataConfig
   train: TrainConfig
+  mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
     if self.data.batch_size % self.train.grad_accum:

@@ -28,9 +28,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from ling_jax.config import LingConfig
-from ling_jax.data.pipeline import Data
+from ling_jax.data.pipeline import Data, merge_row_states, row_state
 from ling_jax.generate import generate
 from ling_jax.model.ling import LingForCausalLM
+from ling_jax.parallel import distributed
+from ling_jax.train import sharding
 from ling_jax.train.checkpoint import (Checkpointer, check_compatible, committed_steps,
                                        config_meta)
 from ling_jax.train.config import Experiment, TrainConfig
@@ -38,7 +40,7 @@ from ling_jax.train.errors import NonFiniteError, RunRefused, TrainingInterrupte
 from ling_jax.train.optim import optimizer, schedule
 from ling_jax.train.report import (MetricsLog, peak_flops, read_metrics, unigram_baseline,
                                    write_loss_curve)
-from ling_jax.train.step import init_state, make_eval_step, make_train_step, split_model
+from ling_jax.train.step import make_eval_step, make_train_step
 
 
 # Above this many parameters LLVM's optimisation of the init program pays for itself on the CPU
@@ -66,10 +68,7 @@ def build_model(exp: Experiment) -> LingForCausalLM:
   JAX_PLATFORMS leaves the CPU out, it runs on the default device.)"""
   t = exp.train
 
-  def make():
-    return LingForCausalLM(exp.model, rngs=nnx.Rngs(t.seed), dtype=jnp.dtype(t.compute_dtype),
-                           param_dtype=jnp.float32, kernels=t.kernels)
-
+  make = sharding.model_factory(exp)
   graphdef = nnx.graphdef(nnx.eval_shape(make))
   cpu, target = _host_cpu(), jax.devices()[0]
   small = exp.model.param_count(include_mtp=True) <= _OPTIMISE_INIT_ABOVE
@@ -83,11 +82,16 @@ def build_model(exp: Experiment) -> LingForCausalLM:
   return nnx.merge(graphdef, state)
 
 
-def evaluate(graphdef, constants, params, expert_bias, batches, ce_chunk: int = 4096) -> float:
-  """Mean next-token cross-entropy (nats) over the valid targets of `batches`."""
-  eval_step = make_eval_step(graphdef, constants, ce_chunk)
+def evaluate(graphdef, constants, params, expert_bias, batches, ce_chunk: int = 4096,
+             lay: sharding.Layout | None = None) -> float:
+  """Mean next-token cross-entropy (nats) over the valid targets of `batches` (with `lay`: this
+  process's rows of each, the step on its mesh; call it under that mesh's `jax.set_mesh`)."""
+  shardings = None if lay is None else (lay.state, lay.batch)
+  eval_step = make_eval_step(graphdef, constants, ce_chunk, shardings)
   total, n = 0.0, 0.0
   for b in batches:
+    if lay is not None:
+      b = sharding.put_batch(b, lay, b["tokens"].shape[0] * _shards(lay))
     sums = jax.device_get(eval_step(params, expert_bias, b))
     total, n = total + float(sums["ce_sum"]), n + float(sums["n"])
   return total / max(n, 1.0)
@@ -109,12 +113,41 @@ def mtp_weight(cfg: LingConfig, t: TrainConfig) -> float:
   return cfg.mtp_loss_scaling_factor if t.mtp and cfg.num_nextn_predict_layers else 0.0
 
 
-def train_step(cfg: LingConfig, t: TrainConfig, graphdef, constants, tx):
-  """The jitted train step `t` asks for (loss weights, remat, CE chunking, bias updates)."""
+def train_step(cfg: LingConfig, t: TrainConfig, graphdef, constants, tx,
+               lay: sharding.Layout | None = None):
+  """The jitted train step `t` asks for (loss weights, remat, CE chunking, bias updates), with
+  `lay`'s shardings (train/sharding.py)."""
   return make_train_step(graphdef, constants, tx, schedule(t), mtp_weight=mtp_weight(cfg, t),
                          bias_rate=t.bias_update_rate, remat=t.remat,
                          ce_chunk=t.ce_chunk, grad_accum=t.grad_accum,
-                         compute_dtype=t.compute_dtype)
+                         compute_dtype=t.compute_dtype,
+                         shardings=None if lay is None else (lay.state, lay.batch))
+
+
+def _shards(lay: sharding.Layout) -> int:
+  """How many processes' rows make a batch (each process feeds an equal part)."""
+  return jax.process_count() if lay.mesh.size > 1 else 1
+
+
+class _Placed:
+  """This process's rows of each batch (`Data(rows=...)`'s iterator) as global batches on the
+  mesh; its position saved for the whole batch (`merge_row_states`), restored for its rows."""
+
+  def __init__(self, it, lay: sharding.Layout, rows: slice, batch_size: int):
+    self.it, self.lay, self.rows, self.batch_size = it, lay, rows, batch_size
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return sharding.put_batch(next(self.it), self.lay, self.batch_size)
+
+  def get_state(self) -> dict:
+    parts = distributed.allgather_json([self.rows.start, self.rows.stop, self.it.get_state()])
+    return merge_row_states([(slice(a, b), state) for a, b, state in parts])
+
+  def set_state(self, state: dict) -> None:
+    self.it.set_state(row_state(state, self.rows, self.batch_size))
 
 
 @contextlib.contextmanager
@@ -158,9 +191,12 @@ def _resume_hint(ckpt_dir: str, t: TrainConfig) -> str:
 
 
 def run(exp: Experiment) -> dict:
-  """Train `exp` (resuming from its out_dir's last checkpoint), then evaluate and report."""
+  """Train `exp` (resuming from its out_dir's last checkpoint), then evaluate and report.
+
+  On the mesh of `exp.mesh` over every process's devices (several processes join first:
+  ling_jax.parallel.distributed.initialize); each process loads its rows of every batch."""
   cfg, t, d = exp.model, exp.train, exp.data
-  data = Data(d, cfg.vocab_size)
+  distributed.initialize()
   meta = config_meta(exp)
   ckpt_dir = os.path.abspath(os.path.join(t.out_dir, "checkpoints"))
   start = check_compatible(ckpt_dir, meta) or 0
@@ -173,35 +209,55 @@ def run(exp: Experiment) -> dict:
   if start == t.steps:
     print(f"checkpoint at step {start} = train.steps: nothing to train; evaluating it (a larger "
           "train.steps trains on, another train.out_dir starts a new run)")
+  # (The mesh is not part of the checkpoint's config: a run resumes onto any mesh.)
+  mesh = sharding.mesh_for(exp)  # a mesh that cannot hold the model or batch: refused here
+  rows = distributed.process_batch_slice(d.batch_size, mesh)
+  data = Data(d, cfg.vocab_size, rows=rows)
 
-  t0 = time.perf_counter()
-  graphdef, params, expert_bias, constants = split_model(build_model(exp))
-  jax.block_until_ready(params)
-  init_s = time.perf_counter() - t0
   tx = optimizer(t)
-  state = init_state(params, expert_bias, tx)
-  it = data.train_iterator()
+  lay = sharding.layout(exp, mesh, tx)
+  # Before anything is built or compiled: the state a device will hold, refused if too large.
+  print(sharding.memory_line(lay, tx))
+  t0 = time.perf_counter()
+  if start:  # the state comes from the checkpoint: initialising it too would hold two copies
+    constants = sharding.init_constants(exp, lay)
+    state = sharding.abstract_train_state(lay, tx)
+    source = "built (its state restored from the checkpoint)"
+  else:
+    if t.init_from:
+      from ling_jax.train.init_from import load_initial
+      params, expert_bias, constants = load_initial(exp, lay)
+      source = f"loaded from {t.init_from}"
+    else:
+      params, expert_bias, constants = sharding.init_model_state(exp, lay, build_model)
+      source = "initialised"
+    state = sharding.init_train_state(params, expert_bias, tx, lay)
+  graphdef = lay.graphdef
+  jax.block_until_ready((state, constants))
+  init_s = time.perf_counter() - t0
+  it = _Placed(data.train_iterator(), lay, rows, d.batch_size)
   flops_per_token = cfg.flops_per_token(d.seq_len, include_mtp=mtp_weight(cfg, t) > 0)
   peak = t.peak_flops or peak_flops()
   print(f"model: {cfg.param_count(include_mtp=True):,} parameters "
         f"({cfg.active_param_count(include_mtp=True):,} active), layers {cfg.layer_types()}, "
-        f"initialised in {init_s:.1f} s")
+        f"{source} in {init_s:.1f} s")
   print(f"train: {t.steps} steps x {d.batch_size} x {d.seq_len} tokens, {t.compute_dtype} compute,"
-        f" {flops_per_token / 1e6:.2f} MFLOPs/token, device {jax.devices()[0].device_kind}")
+        f" {flops_per_token / 1e6:.2f} MFLOPs/token, {mesh.size} x "
+        f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
 
   os.makedirs(t.out_dir, exist_ok=True)
   ckpt = Checkpointer(ckpt_dir, every=t.checkpoint_every, keep=t.keep_checkpoints,
                       async_save=t.async_checkpoint)
   stop = threading.Event()
   try:
-    with _sigint_sets(stop):
+    with _sigint_sets(stop), jax.set_mesh(mesh):
       try:
         if start:
           state, data_state = ckpt.restore(start, state)
           it.set_state(data_state)
           print(f"resumed from {ckpt_dir} step {start}")
-        log = MetricsLog(os.path.join(t.out_dir, "metrics.jsonl"), start)
-        step_fn = train_step(cfg, t, graphdef, constants, tx)
+        log = _metrics_log(os.path.join(t.out_dir, "metrics.jsonl"), start)
+        step_fn = train_step(cfg, t, graphdef, constants, tx, lay)
         state, tps, done = _train(step_fn, state, it, ckpt, log, exp, start, meta,
                                   lambda tps: flops_per_token * tps / peak if peak else None,
                                   stop)
@@ -220,13 +276,16 @@ def run(exp: Experiment) -> dict:
     raise TrainingInterrupted(f"interrupted at step {done}; " + _resume_hint(ckpt_dir, t), done,
                               _last(ckpt_dir))
 
-  eval_batches = data.eval_batches()
-  eval_loss = evaluate(graphdef, constants, state.params, state.expert_bias, eval_batches,
-                       t.ce_chunk)
-  fresh = data.train_iterator()
+  with jax.set_mesh(mesh):
+    eval_loss = evaluate(graphdef, constants, state.params, state.expert_bias,
+                         data.eval_batches(), t.ce_chunk, lay)
+  # The baseline counts every row of the batches (this process's alone would differ by process).
+  whole = slice(None)
+  fresh = data.train_iterator(whole)
+  eval_batches = data.eval_batches(whole)
   unigram = unigram_baseline((next(fresh) for _ in range(t.unigram_batches)), eval_batches,
                              cfg.vocab_size)
-  records = read_metrics(log.path)
+  records = read_metrics(log.path) if log.path else []
   summary = {
       "steps": t.steps, "final_train_ce": records[-1]["ce"] if records else None,
       "eval_loss": eval_loss, "unigram_baseline": unigram, "tokens_per_s": tps,
@@ -242,13 +301,27 @@ def run(exp: Experiment) -> dict:
     print(f"peak device memory {mem / 2**30:.1f} GiB")
   if t.sample_tokens:
     summary["sample"] = _sample(nnx.merge(graphdef, state.params, state.expert_bias, constants),
-                                data, eval_batches[0], t)
-  png = os.path.join(t.out_dir, "loss_curve.png")
-  if write_loss_curve(png, records, eval_loss=eval_loss, unigram=unigram):
-    print(f"wrote {png}")
-  with open(os.path.join(t.out_dir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+                                data, eval_batches[0], t, mesh)
+  if jax.process_index() == 0:  # the other processes write nothing but their checkpoint shards
+    png = os.path.join(t.out_dir, "loss_curve.png")
+    if write_loss_curve(png, records, eval_loss=eval_loss, unigram=unigram):
+      print(f"wrote {png}")
+    with open(os.path.join(t.out_dir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
   return summary
+
+
+class _NoLog:
+  """The metrics log of a process other than the first: records are not written."""
+
+  path = None
+
+  def write(self, records: list[dict]) -> None:
+    pass
+
+
+def _metrics_log(path: str, start: int):
+  return MetricsLog(path, start) if jax.process_index() == 0 else _NoLog()
 
 
 def _train(step_fn, state, it, ckpt: Checkpointer, log: MetricsLog, exp: Experiment, start: int,
@@ -331,16 +404,16 @@ def _log_checked(records: list[dict], log: MetricsLog, ckpt: Checkpointer, t: Tr
                        f"norm {bad['grad_norm']}; stopped without saving it. {where}")
 
 
-def _sample(model: LingForCausalLM, data: Data, batch, t) -> str:
-  """Continue the first (up to 32) tokens of the first eval document."""
+def _sample(model: LingForCausalLM, data: Data, batch, t, mesh=None) -> str:
+  """Continue the first (up to 32) tokens of the first eval document (on `mesh`)."""
   seg = batch["segment_ids"][0]
   n = int(min(32, np.argmax(seg != seg[0]) or len(seg)))
   prompt = batch["tokens"][:1, :n]
-  out = np.asarray(generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
-                            seed=t.seed))
+  new = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
+                 seed=t.seed, mesh=mesh).sequences()[0]
   if data.cfg.source == "synthetic":  # ids, not text
-    text = f"{out[0, :n].tolist()}\u2502{out[0, n:].tolist()}"
+    text = f"{prompt[0].tolist()}\u2502{new}"
   else:
-    text = data.tokenizer.decode(out[0, :n]) + "\u2502" + data.tokenizer.decode(out[0, n:])
+    text = data.tokenizer.decode(prompt[0]) + "\u2502" + data.tokenizer.decode(new)
   print("sample (prompt\u2502continuation):\n" + text)
   return text

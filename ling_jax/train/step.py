@@ -30,6 +30,7 @@ from flax import nnx
 
 from ling_jax.model.common import Constant, ExpertBias
 from ling_jax.model.settings import Remat
+from ling_jax.parallel import islands
 from ling_jax.train.balance import update_expert_bias
 from ling_jax.train.loss import head_ce
 
@@ -151,7 +152,7 @@ def _losses(graphdef, constants, params, expert_bias, batch, *, mtp: bool,
 def make_train_step(graphdef, constants, tx: optax.GradientTransformation, lr_schedule, *,
                     mtp_weight: float, bias_rate: float, remat: Remat = Remat(),
                     ce_chunk: int = 4096, grad_accum: int = 1, compute_dtype=None,
-                    cast_once: bool = True):
+                    cast_once: bool = True, shardings=None):
   """A jitted `(state, batch) -> (state, metrics)` of the model `split_model` gave as (graphdef,
   ..., constants); `state` is donated. mtp_weight 0 skips MTP.
 
@@ -162,6 +163,10 @@ def make_train_step(graphdef, constants, tx: optax.GradientTransformation, lr_sc
   over the batch (up to summation order). compute_dtype (the model's, e.g. bf16) with cast_once:
   under accumulation the fp32 weights are cast to it once per step (`compute_copies`), not in
   each micro-batch's forward; the same gradients bit for bit.
+
+  shardings: (the state's shardings, the batch's) on a mesh (train/sharding.py), for the jit's
+  in and out shardings (the metrics replicated); trace and call the step under that mesh's
+  `jax.set_mesh`. None: no shardings given (one device).
   """
   mtp = mtp_weight > 0
   if grad_accum < 1:
@@ -184,13 +189,19 @@ def make_train_step(graphdef, constants, tx: optax.GradientTransformation, lr_sc
     rows = batch["tokens"].shape[0]
     if rows % grad_accum:
       raise ValueError(f"batch of {rows} rows does not split into grad_accum={grad_accum}")
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum, rows // grad_accum, *x.shape[1:]), batch)
+    if islands.active_mesh() is None:
+      micro = jax.tree.map(lambda x: x.reshape(grad_accum, rows // grad_accum, *x.shape[1:]),
+                           batch)
+    else:  # micro-batch a: rows a, a + grad_accum, ...: every device splits its own rows
+      micro = jax.tree.map(lambda x: jnp.swapaxes(
+          x.reshape(rows // grad_accum, grad_accum, *x.shape[1:]), 0, 1), batch)
     weights = compute_copies(params, compute_dtype) if cast_once and compute_dtype else params
 
     def widen(out):  # the copies' gradients in the master weights' dtypes (fp32)
       return out[0], jax.tree.map(lambda g, p: g.astype(p.dtype), out[1], params)
 
     def body(acc, mb):
+      mb = jax.tree.map(islands.constrain_rows, mb)  # (nothing without a mesh)
       out = widen(grad_fn(weights, expert_bias, mb, n, n_mtp))
       return jax.tree.map(jnp.add, acc, out), None
 
@@ -224,14 +235,27 @@ def make_train_step(graphdef, constants, tx: optax.GradientTransformation, lr_sc
                      opt_state=opt_state)
     return new, metrics
 
-  return jax.jit(step, donate_argnums=0)
+  if shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  state, batch = shardings
+  return jax.jit(step, in_shardings=(state, batch), out_shardings=(state, _replicated(batch)),
+                 donate_argnums=0)
 
 
-def make_eval_step(graphdef, constants, ce_chunk: int = 4096):
-  """A jitted `(params, expert_bias, batch) -> sums` (use `lm_losses` keys) without MTP."""
+def _replicated(sharding):
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+
+
+def make_eval_step(graphdef, constants, ce_chunk: int = 4096, shardings=None):
+  """A jitted `(params, expert_bias, batch) -> sums` (use `lm_losses` keys) without MTP.
+  shardings: as make_train_step's (the state's: its params and expert_bias are used)."""
 
   def step(params, expert_bias, batch):
     return _losses(graphdef, constants, params, expert_bias, batch, mtp=False,
                    ce_chunk=ce_chunk)[1]
 
-  return jax.jit(step)
+  if shardings is None:
+    return jax.jit(step)
+  state, batch = shardings
+  return jax.jit(step, in_shardings=(state.params, state.expert_bias, batch),
+                 out_shardings=_replicated(batch))

@@ -26,7 +26,7 @@ import jax
 
 from pallas_kernels.grouped_matmul.kernel import (Config, gmm, gmm_glu, gmm_glu_pallas, gmm_pallas,
                                                   gmm_sum_pallas, tgmm_pallas, tuned_config)
-from pallas_kernels.grouped_matmul.fp8 import Fp8Weight, dequantize
+from pallas_kernels.grouped_matmul.fp8 import Fp8Weight, dequantize, quantize
 from pallas_kernels.grouped_matmul.sort import sort_by_group
 from pallas_kernels.grouped_matmul.visits import visit_table
 from pallas_kernels.grouped_matmul.reference import (gmm_glu_reference, gmm_reference, row_groups,
@@ -37,7 +37,7 @@ IMPLS = ("auto", "reference", "xla", "pallas", "interpret")
 __all__ = ["Config", "IMPLS", "gmm", "gmm_glu", "gmm_glu_pallas", "gmm_glu_reference", "gmm_pallas",
            "gmm_reference", "gmm_sum_pallas", "grouped_matmul", "row_groups", "sort_by_group",
            "tgmm_pallas", "tgmm_reference", "tuned_config", "visit_table",
-           "Fp8Weight", "dequantize"]  # FP8 weights (fp8.py)
+           "Fp8Weight", "dequantize", "quantize"]  # FP8 weights (fp8.py)
 
 
 def resolve_impl(impl: str) -> str:

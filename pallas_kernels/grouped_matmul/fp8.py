@@ -108,6 +108,25 @@ def dequantize(w: Fp8Weight, dtype=jnp.float32) -> jax.Array:
   return (w.values.astype(jnp.float32) * s).astype(dtype)
 
 
+def quantize(w: jax.Array, block: tuple[int, int] | None = None) -> Fp8Weight:
+  """A weight [..., K, N] as e4m3 values and fp32 scales (the inverse of `dequantize`, for tests
+  and benchmarks): each (bk, bn) block's (block) or each column's (None) largest magnitude over
+  448, e4m3's largest finite value; scales [..., ceil(K / bk), ceil(N / bn)] or [..., N]."""
+  w = jnp.asarray(w, jnp.float32)
+  fmax = float(jnp.finfo(FP8_DTYPE).max)
+  if block is None:
+    s = jnp.maximum(jnp.abs(w).max(axis=-2), 1e-12) / fmax  # [..., N]
+    return Fp8Weight((w / s[..., None, :]).astype(FP8_DTYPE), s)
+  *lead, K, N = w.shape
+  bk, bn = block
+  Kb, Nb = -(-K // bk), -(-N // bn)
+  pad = [(0, 0)] * len(lead) + [(0, Kb * bk - K), (0, Nb * bn - N)]
+  blocks = jnp.pad(w, pad).reshape(*lead, Kb, bk, Nb, bn)
+  s = jnp.maximum(jnp.abs(blocks).max(axis=(-3, -1)), 1e-12) / fmax  # [..., Kb, Nb]
+  v = (blocks / s[..., :, None, :, None]).reshape(*lead, Kb * bk, Nb * bn)[..., :K, :N]
+  return Fp8Weight(v.astype(FP8_DTYPE), s, tuple(block))
+
+
 def as_f32(w) -> jax.Array:
   """An expert weight in fp32: an Fp8Weight dequantised, an array cast."""
   return dequantize(w) if isinstance(w, Fp8Weight) else w.astype(jnp.float32)

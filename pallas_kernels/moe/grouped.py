@@ -10,11 +10,12 @@ distinct).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_matmul import Config, gmm, gmm_glu, tuned_config
+from pallas_kernels.grouped_matmul import Config, Fp8Weight, gmm, gmm_glu, tuned_config
 from pallas_kernels.grouped_matmul.sort import fits, sort_by_group
 
 
@@ -93,7 +94,8 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def routed_experts_grouped(x, idx, w, wg, wu, wd, *, config: Config | None = None,
-                           interpret: bool = False, sort_kernel: bool | None = None, matmul=None):
+                           interpret: bool = False, sort_kernel: bool | None = None, matmul=None,
+                           empty: bool = False):
   """Dropless grouped-matmul dispatch. x [N, D] -> [N, D] in fp32, reference.py's value.
 
   Assignments are sorted by expert (`sort_by_expert`: one Pallas kernel where `sort_kernel` says
@@ -114,8 +116,14 @@ def routed_experts_grouped(x, idx, w, wg, wu, wd, *, config: Config | None = Non
   A = N * X
   cfg = (config or tuned_config(D, wg.shape[2], rows_per_group=A / E))._replace(
       interpret=interpret)
-  kernel = (not interpret if sort_kernel is None else sort_kernel) and fits(A, E)
-  order, inverse, sizes = sort_by_expert(idx.reshape(A), E, kernel=kernel, interpret=interpret)
+  if config is None and isinstance(wg, Fp8Weight) and wg.block is not None:
+    # A contraction tile must lie inside one scale block (fp8.check_k_tile).
+    cfg = cfg._replace(block_k=math.gcd(cfg.block_k, wg.block[0]))
+  groups = E + 1 if empty else E
+  kernel = (not interpret if sort_kernel is None else sort_kernel) and fits(A, groups)
+  order, inverse, sizes = sort_by_expert(idx.reshape(A), groups, kernel=kernel,
+                                         interpret=interpret)
+  sizes = sizes[:E]
   if matmul is None:
     h = gmm_glu(x, order // X, inverse.reshape(N, X), wg, wu, sizes, cfg)  # [N X, F]
     ys = gmm(h, wd, sizes, cfg)  # [N X, D]

@@ -64,6 +64,28 @@ def simple_gla_step(q, k, v, g, state, *, scale=None):
   return o.astype(q.dtype), S
 
 
+def simple_gla_prefix_state(k, v, g, state, lengths):
+  """The state after each row's first `lengths[b]` tokens of a call, from the state before it.
+
+  k [B, T, H, K], v [B, T, H, V], g [H] (a per-head constant log-decay <= 0), state [B, H, K, V]
+  fp32, lengths [B] int in [0, T]. Returns [B, H, K, V] fp32:
+    S_n = exp(n g) S_0 + sum_{j < n} exp((n - 1 - j) g) k_j^T v_j.
+  What a cached call keeps when only a prefix of its tokens is real: a ragged prompt chunk
+  (padding after a row's end) or a speculative step whose later drafts were rejected. Every
+  exponent is <= 0 (the weights of tokens past n are selected out before the exp).
+  """
+  B, T, H, K = k.shape
+  dt = _compute_dtype(k, v, state)
+  n = jnp.asarray(lengths, jnp.int32)[:, None]  # [B, 1]
+  steps = (n - 1 - jnp.arange(T)).astype(dt)  # [B, T]: tokens after j up to the row's end
+  keep = steps >= 0
+  g = jnp.asarray(g, dt)
+  w = jnp.where(keep[..., None], jnp.exp(jnp.where(keep, steps, 0.0)[..., None] * g), 0.0)
+  carried = jnp.exp(n.astype(dt) * g)[..., None, None]  # [B, H, 1, 1]
+  added = _einsum("bth,bthk,bthv->bhkv", w, k.astype(dt), v.astype(dt))
+  return carried * state.astype(dt) + added
+
+
 # ----------------------------------------------------------------------------- recurrent form
 
 

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_fixtures import INDEX, MTP_FILE, mlx_logits, tiny_hf_config, write_random_hf_checkpoint
+from hf_fixtures import (FP8_SCHEMES, INDEX, MTP_FILE, is_quantised, mlx_logits, tiny_hf_config,
+                         write_fp8_checkpoint, write_random_hf_checkpoint)
 from ling_jax import axes as ax
 from ling_jax.convert import (CheckpointFormatError, ConversionError, export_hf, import_hf, load,
                               save)
@@ -145,49 +146,8 @@ def test_constants_are_rebuilt_not_stored(converted, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- FP8
-def _is_quantised(name: str, a: np.ndarray) -> bool:
-  return (a.ndim == 2 and name.endswith(".weight") and "word_embeddings" not in name
-          and name != "lm_head.weight" and not name.endswith("mlp.gate.weight"))
-
-
 def write_fp8(folder, scheme: QuantScheme, qc: dict) -> dict[str, np.ndarray]:
-  """A random FP8 folder; returns the dequantised fp32 tensors it stands for (numpy,
-  docs/architecture.md §4.4)."""
-  write_random_hf_checkpoint(folder, CFG, dtype=np.float32, num_shards=2)
-  expected, weight_map = {}, {}
-  for f in sorted(os.listdir(folder)):
-    if not f.endswith(".safetensors"):
-      continue
-    with SafetensorsFile(folder / f) as st:
-      tensors = {n: np.array(st.get(n)) for n in st.keys()}
-    out = {}
-    for n, a in tensors.items():
-      if _is_quantised(n, a):
-        q, s = quantize(a, scheme)
-        out[n], out[n[:-len("weight")] + scheme.scale_suffix] = q, s
-        full = s if scheme.kind == "channel" else np.repeat(
-            np.repeat(s, scheme.block[0], 0), scheme.block[1], 1)[:a.shape[0], :a.shape[1]]
-        expected[n] = q.astype(np.float32) * full
-      else:
-        out[n] = expected[n] = a
-    write_safetensors(folder / f, out)
-    weight_map.update({n: f for n in out})
-  (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-  config = json.loads((folder / "config.json").read_text())
-  (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
-  return expected
-
-
-FP8_SCHEMES = {
-    "channel": (QuantScheme("channel"), {
-        "quant_method": "compressed-tensors", "format": "float-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}}}),
-    # Blocks of 16 on the tiny widths: partial edge blocks (q_lora_rank 24) included.
-    "block": (QuantScheme("block", (16, 16)), {
-        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-        "weight_block_size": [16, 16]}),
-}
+  return write_fp8_checkpoint(folder, CFG, scheme, qc)
 
 
 @pytest.mark.parametrize("kind", sorted(FP8_SCHEMES))
@@ -205,9 +165,54 @@ def test_fp8_is_dequantised_on_import(kind, tmp_path):
   assert summary.dtype == "bfloat16" and "FP8 source, dequantised to bfloat16" in str(summary)
   export_hf(tmp_path / "ckpt16", tmp_path / "out16", progress=False)
   got = read_folder(tmp_path / "out16")
-  quantised = [n for n, a in expected.items() if _is_quantised(n, a)]
+  quantised = [n for n, a in expected.items() if is_quantised(n, a)]
   assert_bit_exact({n: got[n] for n in quantised},
                    {n: expected[n].astype(ml_dtypes.bfloat16) for n in quantised})
+
+
+@pytest.mark.parametrize("kind", ["channel", "block"])
+def test_fp8_experts_are_kept_on_import_and_load(kind, tmp_path):
+  """import keep_fp8: the routed experts (main layers, stacked groups and MTP) keep the source's
+  e4m3 values and scales (transposed to the model's layout; 16 x 8 blocks, so transposing the
+  block is checked too), everything else is dequantised; `load` restores them, and the logits
+  equal those of the fully dequantised bf16 import (the XLA path dequantises with the import's
+  rounding); export refuses such a checkpoint."""
+  if kind == "block":
+    scheme = QuantScheme("block", (16, 8))
+    qc = {**FP8_SCHEMES["block"][1], "weight_block_size": [16, 8]}
+  else:
+    scheme, qc = FP8_SCHEMES["channel"]
+  write_fp8(tmp_path / "hf", scheme, qc)
+  import_hf(tmp_path / "hf", tmp_path / "kept", keep_fp8=True, verify_data=True, **SMALL)
+  import_hf(tmp_path / "hf", tmp_path / "deq", **SMALL)
+  _, kept = load(tmp_path / "kept")
+  _, deq = load(tmp_path / "deq")
+  assert kept.expert_weights.format == f"fp8-{kind}"
+  src = read_folder(tmp_path / "hf")
+  flat = dict(nnx.to_flat_state(nnx.state(kept)))
+  e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
+  for layer, path, index in [(1, ("prefix", 0, "layers", 1), ()),
+                             (5, ("groups", "layers", 1), (1,)), (7, ("mtp", "layer"), ())]:
+    for name in ("gate_proj", "down_proj"):
+      hf = f"model.layers.{layer}.mlp.experts.3.{name}"
+      values = np.asarray(flat[path + ("mlp", "experts", name)].get_value())[index + (3,)]
+      scale = np.asarray(flat[path + ("mlp", "experts", f"{name}_scale")].get_value())
+      assert values.dtype == e4m3
+      np.testing.assert_array_equal(values.view(np.uint8), src[f"{hf}.weight"].T.view(np.uint8))
+      np.testing.assert_array_equal(scale[index + (3,)],
+                                    src[f"{hf}.{scheme.scale_suffix}"].astype(np.float32).T)
+  dense = flat[("prefix", 0, "layers", 1, "attention", "q_a_proj")].get_value()
+  assert dense.dtype == jnp.bfloat16  # dequantised, as without keep_fp8
+  np.testing.assert_array_equal(_logits(kept, TOKENS), _logits(deq, TOKENS))
+  with pytest.raises(CheckpointFormatError, match="keeps its experts in FP8"):
+    export_hf(tmp_path / "kept", tmp_path / "out", progress=False)
+
+
+def test_keep_fp8_needs_an_fp8_source(tmp_path):
+  write_random_hf_checkpoint(tmp_path / "hf", CFG, num_shards=1)
+  with pytest.raises(CheckpointError, match="keeping FP8 experts needs an FP8 source"):
+    import_hf(tmp_path / "hf", tmp_path / "ckpt", keep_fp8=True, **SMALL)
+  assert not (tmp_path / "ckpt").exists()
 
 
 # -------------------------------------------------------------------------------- bad input

@@ -413,6 +413,31 @@ def test_moe_impl_switch():
     routed_experts(x, idx, w, wts[0], wts[1], wts[1])
 
 
+def test_empty_slots_contribute_nothing():
+  """`empty=True` (the expert-parallel layer's slots of other devices' experts: id E, any
+  weight): every impl gives the value and gradients of the same routing with those slots'
+  weights zeroed; the grouped path sorts them past the groups (E + 1 sort groups)."""
+  rng = np.random.default_rng(13)
+  N, D, F, E, X = 24, 16, 8, 4, 2
+  x, idx, w, wts = moe_case(rng, N, D, F, E, X, jnp.float32)
+  none = jnp.asarray(rng.random((N, X)) < 0.4)
+  assert 0 < int(none.sum()) < N * X
+  ids = jnp.where(none, E, idx)
+
+  def loss(x, w, wts, impl, ids, empty):
+    if not empty:  # the reading `empty` must match: the slots on expert 0 with weight 0
+      ids, w = jnp.where(none, 0, ids), jnp.where(none, 0.0, w)
+    y = routed_experts(x, ids, w, *wts, impl=impl, empty=empty)
+    return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2))
+  want = grad(x, w, wts, "reference", idx, False)
+  for impl in ("reference", "xla", "interpret"):
+    got = grad(x, w, wts, impl, ids, True)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert rel(a, b) < 1e-5, impl
+
+
 # ----------------------------------------------------------------------------- on the GPU
 
 

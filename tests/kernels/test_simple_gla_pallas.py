@@ -16,6 +16,7 @@ import pytest
 
 from pallas_kernels.simple_gla.chunk import simple_gla_pallas
 from pallas_kernels.simple_gla.decode import simple_gla_step_pallas
+from pallas_kernels.simple_gla import simple_gla_step
 from pallas_kernels.simple_gla import mosaic
 from testing import gpu, rel
 
@@ -176,6 +177,14 @@ def test_decode_step_bf16():
   o, ht = simple_gla_step_pallas(q[:, 0], k[:, 0], v[:, 0], g, h0, interpret=True)
   o_np, ht_np = numpy_recurrence(q, k, v, g, h0)
   assert o.dtype == jnp.bfloat16 and rel(o, o_np[:, 0]) < 1e-2 and rel(ht, ht_np) < 1e-5
+
+
+def test_decode_step_impls_agree():
+  """simple_gla_step's impl switch: the kernel (interpreted) and XLA's update give one result."""
+  q, k, v, g, h0, _, _, _ = make_inputs(13, 3, 1, 2, 32, jnp.float32)
+  o_x, s_x = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, h0, impl="xla")
+  o_p, s_p = simple_gla_step(q[:, 0], k[:, 0], v[:, 0], g, h0, impl="interpret")
+  assert rel(o_p, o_x) < 1e-6 and rel(s_p, s_x) < 1e-6
 
 
 # ------------------------------------------------------------------ the Mosaic GPU forward

@@ -204,6 +204,71 @@ def test_mla_cache_writes_each_row_at_its_own_position():
   assert not np.asarray(cache[0, 8]).any() and np.asarray(cache[1, 5]).any()
 
 
+def test_prefill_in_chunks_with_ragged_rows_matches_each_row_alone():
+  """Right-padded rows of 11 and 4 tokens prefilled in chunks of 8 against the cache (row 0 crosses
+  a chunk boundary, row 1 is all padding in the second chunk), padding at position -1: each row's
+  logits and its next one-token step equal a cache-free forward over that row alone."""
+  cfg = ling_tiny(num_hidden_layers=5)  # prefix group, a scanned group, the MLA tail
+  model = random_model(cfg, seed=8)
+  lens, C = np.array([11, 4]), 8
+  toks = np.asarray(random_tokens(cfg, (2, 2 * C + 1), seed=9))
+
+  @nnx.jit
+  def call(model, tok, pos, cache):
+    return model(tok, positions=pos, cache=cache)
+
+  cache, got = model.init_cache(2, 32), []
+  for c0 in (0, C):
+    cols = np.arange(c0, c0 + C)
+    pos = np.where(cols < lens[:, None], cols, -1).astype(np.int32)
+    logits, cache = call(model, toks[:, c0:c0 + C], pos, cache)
+    got.append(np.asarray(logits))
+  got = np.concatenate(got, axis=1)
+  nxt = toks[np.arange(2), lens]  # each row's next token, fed at its own position
+  step, _ = call(model, nxt[:, None], lens[:, None].astype(np.int32), cache)
+  alone = toks[:, :12].copy()  # each row, its next token, then anything (causal: unseen)
+  alone[np.arange(2), lens] = nxt
+  want = np.asarray(_logits(model, alone))
+  for b, n in enumerate(lens):
+    assert rel(got[b, :n], want[b, :n]) < 1e-5, b
+    assert rel(step[b, 0], want[b, n]) < 1e-5, b
+
+
+def test_cached_mla_attends_in_blocks_of_slots(monkeypatch):
+  """The absorbed attention over a cache of 40 slots in blocks of 16 (the last block clamped to
+  the cache's end) equals one block over all slots, for queries in every block and a padding row."""
+  from ling_jax.model import mla as mla_mod
+  cfg = ling_tiny()
+  layer = random_model(cfg, seed=10).prefix[0].layers[1].attention
+  x = jax.random.normal(jax.random.key(11), (2, 40, cfg.hidden_size))
+  pos = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+  _, cache = layer(x, positions=pos, cache=layer.init_cache(2, 40))
+  q = jax.random.normal(jax.random.key(12), (2, 3, cfg.hidden_size))
+  qpos = jnp.array([[3, 17, 39], [-1, -1, -1]], jnp.int32)  # row 1: padding, writes nothing
+  one, c1 = layer(q, positions=qpos, cache=cache)
+  monkeypatch.setattr(mla_mod, "BLOCK_BYTES", 1)  # blocks of MIN_BLOCK slots
+  monkeypatch.setattr(mla_mod, "MIN_BLOCK", 16)
+  assert mla_mod.block_slots(2 * 3 * 4, 40) == 16
+  blocked, c2 = layer(q, positions=qpos, cache=cache)
+  assert rel(blocked[0], one[0]) < 1e-6
+  np.testing.assert_array_equal(c1, c2)
+  np.testing.assert_array_equal(c1[1], cache[1])  # the padding row's cache is unchanged
+
+
+def test_decode_kernel_step_matches_xla_step_in_the_model():
+  """The Lightning layers' one-token step on the Pallas decode kernel (interpreted) gives the
+  XLA step's logits and states."""
+  cfg = ling_tiny(num_hidden_layers=2)
+  model = random_model(cfg, seed=12, kernels=Kernels(lightning="xla"))
+  toks = random_tokens(cfg, (2, 6), seed=13)
+  call = nnx.jit(lambda model, tok, cache: model(tok, cache=cache))
+  _, cache = call(model, toks[:, :5], model.init_cache(2, 8))
+  got, c_k = call(with_kernels(model, Kernels(lightning="interpret")), toks[:, 5:], cache)
+  want, c_x = call(model, toks[:, 5:], cache)
+  assert rel(got, want) < 1e-6
+  assert rel(c_k["prefix"][0][0], c_x["prefix"][0][0]) < 1e-6
+
+
 def test_mtp_matches_float64_spec():
   cfg = ling_tiny(q_lora_rank=None)
   model = random_model(cfg, seed=4)
@@ -366,7 +431,8 @@ def test_other_kernel_settings_share_the_model_variables():
   assert same(nnx.state(other), nnx.state(model)) and len(jax.tree.leaves(nnx.state(model))) > 20
   tokens = random_tokens(cfg, (2, 6))
   assert rel(_logits(other, tokens), _logits(model, tokens)) < 1e-5
-  np.testing.assert_array_equal(generate(model, tokens, 2, kernels=k), generate(other, tokens, 2))
+  np.testing.assert_array_equal(generate(model, tokens, 2, kernels=k).tokens,
+                                generate(other, tokens, 2).tokens)
 
 
 @pytest.mark.parametrize("form", ["A", "B"])

@@ -1,5 +1,6 @@
 """Two processes with four CPU devices each, started with docs/parallelism.md's command on one
-machine, compute the same ling_tiny loss and gradients as one process with eight devices."""
+machine, compute the same ling_tiny loss and gradients, and the same train step of the training
+library (loss, gradient norm, every updated parameter), as one process with eight devices."""
 
 import os
 import socket
@@ -14,7 +15,7 @@ import multiprocess_worker as worker
 from testing import rel
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 90
+TIMEOUT_S = 180
 
 
 def _free_port() -> int:
@@ -28,7 +29,7 @@ def _tail(path: Path, n: int = 30) -> str:
   return "\n".join(lines[-n:])
 
 
-def _start(n: int, out_dir: Path, log_dir: Path) -> list:
+def _start(n: int, out_dir: Path, log_dir: Path, *args: str) -> list:
   """Start the worker n times with the docs' per-process environment; [(process, log path)]."""
   port = _free_port()
   started = []
@@ -41,7 +42,7 @@ def _start(n: int, out_dir: Path, log_dir: Path) -> list:
     log = log_dir / f"process{i}.log"
     with open(log, "w") as f:
       started.append((subprocess.Popen([sys.executable, "tests/multiprocess_worker.py",
-                                        str(out_dir)], cwd=ROOT, env=env, stdout=f,
+                                        str(out_dir), *args], cwd=ROOT, env=env, stdout=f,
                                        stderr=subprocess.STDOUT), log))
   return started
 
@@ -60,13 +61,14 @@ def _wait(started: list, deadline: float) -> None:
     time.sleep(0.2)
 
 
-def test_two_processes_give_the_single_process_step(tmp_path):
+def _compare(tmp_path, local, *args) -> None:
+  """The worker (with `args`) in two processes of 4 devices against `local()` in this one."""
   out = tmp_path / "out"
   out.mkdir()
   deadline = time.monotonic() + TIMEOUT_S
-  started = _start(2, out, tmp_path)
+  started = _start(2, out, tmp_path, *args)
   try:
-    want = worker.step()  # meanwhile, here: the same 2 x 2 x 2 mesh over this process's 8 devices
+    want = local()  # meanwhile, here: the same mesh over this process's 8 devices
     _wait(started, deadline)
   finally:  # never leave a process behind (one waiting for a dead peer would wait 60 s)
     for p, _ in started:
@@ -79,3 +81,12 @@ def test_two_processes_give_the_single_process_step(tmp_path):
     np.testing.assert_array_equal(got[0][key], got[1][key], err_msg=key)
     assert np.abs(want[key]).max() > 0, key
     assert rel(got[0][key], want[key]) < 1e-5, key
+
+
+def test_two_processes_give_the_single_process_step(tmp_path):
+  _compare(tmp_path, worker.step)
+
+
+def test_two_processes_give_the_single_process_train_step(tmp_path):
+  """The training library's step: its loss, gradient norm and every updated parameter."""
+  _compare(tmp_path, worker.train_step, "train")

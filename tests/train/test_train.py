@@ -134,6 +134,10 @@ def test_the_settings_name_choices_as_the_ops_do():
     assert op.IMPLS == (settings.ATTENTION_IMPLS if name == "attention" else settings.IMPLS), name
   assert grouped_matmul.IMPLS == settings.IMPLS
   assert settings.REMAT_POLICIES == tuple(REMAT)
+  from ling_jax.parallel.expert import STRATEGIES
+  assert set(settings.EXPERT_EXCHANGES) == set(STRATEGIES)
+  with pytest.raises(ValueError, match="unknown expert_exchange 'ring'"):
+    settings.Parallel("ring")
 
 
 # ---------------------------------------------------------------------- optimizer
@@ -523,7 +527,9 @@ def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path, capsys):
     run(apply_overrides(exp, ["train.steps=5"]))
   assert _snapshot(full_dir) == before
   # At train.steps, the run says it trains nothing and evaluates the checkpoint again.
-  again = run(exp)
+  # (This process fakes 8 devices: the 4 rows split over data 4, the heads over tensor 2; the
+  # checkpoint of a one-device run restores onto that mesh.)
+  again = run(apply_overrides(exp, ["mesh.data=4", "mesh.tensor=2"]))
   assert f"checkpoint at step {STEPS} = train.steps: nothing to train" in capsys.readouterr().out
   assert again["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-4)
 

@@ -1,0 +1,105 @@
+"""A model whose routed experts hold FP8 weights (ExpertWeights) against the same model with the
+weights dequantised to bf16: the grouped-matmul kernels read the FP8 tiles themselves.
+
+On the CPU the kernels run interpreted on a tiny model; on a GPU (`gpu` tests) compiled, on
+ling_small: a trained checkpoint if LING_SMALL_CKPT names one (a converted checkpoint or an HF
+folder), else random weights.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ling_jax
+from ling_jax.config import ling_small, ling_tiny
+from ling_jax.model import Kernels, LingForCausalLM, with_kernels
+from ling_jax.model.ling import with_fp8_experts
+from ling_jax.model.settings import ExpertWeights
+from pallas_kernels.grouped_matmul import Fp8Weight, dequantize, quantize
+from testing import gpu, random_model, random_tokens, rel
+
+
+def dequantised(model) -> LingForCausalLM:
+  """`model` with its FP8 experts dequantised to its compute dtype (dense ExpertWeights)."""
+  make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                 kernels=model.kernels)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  old = dict(nnx.to_flat_state(nnx.state(model)))
+  ew = model.expert_weights
+  flat = []
+  for path, var in nnx.to_flat_state(abstract):
+    if path[-2:-1] != ("experts",):
+      flat.append((path, old[path]))
+      continue
+    values = old[path].get_value()
+    scale = old[path[:-1] + (f"{path[-1]}_scale",)].get_value()
+    f = lambda v, s: dequantize(Fp8Weight(v, s[:, 0] if ew.format == "fp8-channel" else s,
+                                          ew.block if ew.format == "fp8-block" else None),
+                                model.dtype)
+    for _ in range(values.ndim - 3):  # the stacked groups' leading axis
+      f = jax.vmap(f)
+    flat.append((path, var.replace(f(values, scale))))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@pytest.mark.parametrize("block", [(16, 16), (16, 8), None])
+def test_quantize_inverts_dequantize(block):
+  """quantize's scales are each block's (column's) largest magnitude over 448 and dequantising
+  its values gives the weight to e4m3's rounding (2^-4 of the scale's reach, relative)."""
+  w = jax.random.normal(jax.random.key(0), (3, 40, 24)) * jnp.linspace(0.1, 3, 24)
+  q = quantize(w, block)
+  back = dequantize(q)
+  if block is None:
+    np.testing.assert_allclose(q.scale, np.abs(w).max(1) / 448, rtol=1e-6)
+  else:
+    assert q.scale.shape == (3, -(-40 // block[0]), -(-24 // block[1]))
+    np.testing.assert_allclose(q.scale[:, 0, 0], np.abs(w[:, :block[0], :block[1]]).max((1, 2))
+                               / 448, rtol=1e-6)
+  assert np.all(np.abs(np.asarray(back - w)) <= np.abs(np.asarray(w)) / 16 + 1e-6)
+
+
+CFG = ling_tiny(num_hidden_layers=2, num_experts_per_tok=8, topk_group=4)  # one MoE layer
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "fp8-channel"])
+def test_fp8_experts_in_the_kernels_match_the_dequantised_model(fmt):
+  """The grouped-matmul kernels (interpreted) on FP8 experts: block scales bit for bit the bf16
+  kernels on the dequantised weights (the same rounding), channel scales within bf16 noise (the
+  fp32 accumulator is scaled instead of each weight). (The XLA path, which dequantises first,
+  is held to the dequantised import bit for bit in test_convert.py.)"""
+  base = random_model(CFG, seed=3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  fp8 = with_fp8_experts(base, ExpertWeights(fmt, (16, 16)))
+  ref = dequantised(fp8)
+  tokens = random_tokens(CFG, (1, 8), seed=4)
+  run = nnx.jit(lambda m, t: m(t))
+  k = Kernels(moe="interpret")
+  got, want = run(with_kernels(fp8, k), tokens), run(with_kernels(ref, k), tokens)
+  if fmt == "fp8-block":
+    np.testing.assert_array_equal(got, want)
+  else:
+    assert rel(got, want) < 1e-2
+
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["fp8-block", "fp8-channel"])
+def test_gpu_fp8_ling_small_logits_match_the_dequantised_model(fmt):
+  """ling_small (trained if LING_SMALL_CKPT is set, else random) with 128 x 128 block or channel
+  FP8 experts on the compiled kernels, against the bf16 model on the dequantised weights."""
+  path = os.environ.get("LING_SMALL_CKPT")
+  if path is None:
+    base = random_model(ling_small(), seed=0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  elif os.path.isfile(os.path.join(path, "ling_jax.json")):
+    _, base = ling_jax.load(path, dtype=jnp.bfloat16)
+  else:
+    _, base = ling_jax.load_hf(path, dtype=jnp.bfloat16, progress=False)
+  fp8 = with_fp8_experts(base, ExpertWeights(fmt, (128, 128)))
+  ref = dequantised(fp8)
+  tokens = random_tokens(base.config, (4, 256), seed=1)
+  run = nnx.jit(lambda m, t: m(t))
+  got, want = run(fp8, tokens), run(ref, tokens)
+  assert rel(got, want) < (1e-3 if fmt == "fp8-block" else 2e-2)
