@@ -41,18 +41,23 @@ class SparseMoE(nnx.Module):
     self.shared_experts = (SwiGLU(hidden, shared_width, rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype) if shared_width else None)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [B, T, D] -> (y [B, T, D], load [E] = tokens routed to each expert)."""
+  def __call__(self, x: jax.Array, routing: jax.Array | None = None):
+    """x [B, T, D] -> (y [B, T, D], load [E] = tokens routed to each expert).
+
+    routing [B, T, X] int32 (routing replay: a token's experts, -1 = route as usual) -> (y,
+    (load, expert ids [B, T, X] the tokens were sent to))."""
     B, T, D = x.shape
     x = x.astype(self.dtype)
     flat = x.reshape(B * T, D)  # [N, D]
+    replay = None if routing is None else routing.reshape(B * T, -1)
     idx, w = route(flat, self.gate.weight[...], self.gate.expert_bias[...], top_k=self.top_k,
-                   n_group=self.n_group, topk_group=self.topk_group, scale=self.routed_scale)
+                   n_group=self.n_group, topk_group=self.topk_group, scale=self.routed_scale,
+                   replay=replay)
     wts = [getattr(self.experts, n)[...].astype(self.dtype) for n in ("gate_proj", "up_proj", "down_proj")]
     y = routed_experts(flat, idx, w, *wts, impl=self.impl)
     # Routed outputs combine in fp32 and are cast back before the shared expert (spec 3.7.6).
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)[0]
-    load = expert_load(idx, self.gate.weight.shape[1])
-    return y, load.astype(jnp.float32)
+    load = expert_load(idx, self.gate.weight.shape[1]).astype(jnp.float32)
+    return (y, load) if routing is None else (y, (load, idx.reshape(B, T, -1)))
