@@ -1,0 +1,78 @@
+"""The SFT loop: the assistant-only loss mask in pretraining's loss, and `run_sft` end to end
+(measures, trains, resumes from its checkpoint, and its result loads as a model)."""
+
+import dataclasses
+import json
+import os
+import types
+
+import jax.numpy as jnp
+import numpy as np
+
+import ling_jax
+from experiments import sft_tiny
+from ling_jax.config import ling_tiny
+from ling_jax.posttrain.sft import run_sft
+from ling_jax.train.step import lm_losses
+
+
+def test_loss_mask_keeps_only_assistant_targets_float64():
+  """With loss_mask, the CE sums over targets t+1 with mask 1 in the same (non-padding) segment;
+  the MTP target t+2 needs mask 1 on t+2 and both links inside one segment."""
+  rng = np.random.default_rng(0)
+  B, T, V = 2, 12, 7
+  logits = rng.normal(size=(B, T, V)).astype(np.float32)
+  mtp = rng.normal(size=(B, T, V)).astype(np.float32)
+  tokens = rng.integers(0, V, (B, T)).astype(np.int32)
+  seg = np.array([[1] * 5 + [2] * 6 + [0], [1] * 12], np.int32)
+  mask = rng.integers(0, 2, (B, T)).astype(np.int32)
+  out = types.SimpleNamespace(logits=jnp.asarray(logits), mtp_logits=jnp.asarray(mtp))
+  batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
+           "loss_mask": jnp.asarray(mask)}
+  res = lm_losses(out, batch)
+
+  def ce(lg, t):
+    lg = np.asarray(lg, np.float64)
+    return np.log(np.exp(lg).sum()) - lg[t]
+
+  want, n, want2, n2 = 0.0, 0, 0.0, 0
+  for b in range(B):
+    for t in range(T - 1):
+      if seg[b, t] and seg[b, t + 1] == seg[b, t] and mask[b, t + 1]:
+        want, n = want + ce(logits[b, t], tokens[b, t + 1]), n + 1
+      if (t < T - 2 and seg[b, t] and seg[b, t + 1] == seg[b, t] == seg[b, t + 2]
+          and mask[b, t + 2]):
+        want2, n2 = want2 + ce(mtp[b, t], tokens[b, t + 2]), n2 + 1
+  assert 0 < n < B * (T - 1)
+  np.testing.assert_allclose(float(res["ce_sum"]), want, rtol=1e-5)
+  assert float(res["n"]) == n
+  np.testing.assert_allclose(float(res["mtp_sum"]), want2, rtol=1e-5)
+  assert float(res["n_mtp"]) == n2
+  # Without a mask every in-segment target counts.
+  del batch["loss_mask"]
+  assert float(lm_losses(out, batch)["n"]) > n
+
+
+def test_sft_runs_resumes_and_loads(tmp_path):
+  exp = sft_tiny.config()
+  out = str(tmp_path / "sft")
+  exp = dataclasses.replace(
+      exp, model=ling_tiny(num_hidden_layers=2),
+      tasks=dataclasses.replace(exp.tasks, train_prompts=64, eval_prompts=2),
+      data=dataclasses.replace(exp.data, seq_len=160, batch_size=2),
+      eval=dataclasses.replace(exp.eval, max_new_tokens=8),
+      train=dataclasses.replace(exp.train, steps=3, checkpoint_every=2, log_every=1,
+                                out_dir=out, async_checkpoint=False))
+  first = run_sft(exp)
+  assert first["resumed_from"] == 0 and first["before"]["n"] == 2
+  assert first["before"]["mean_length"] == 8  # no end of turn within 8 tokens: reward 0
+  assert first["after"]["accuracy"] == 0.0
+  records = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+  assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["ce"] < records[0]["ce"] + 1
+  # More steps: resumes from step 3 (its data state too) and measures "before" only once.
+  more = dataclasses.replace(exp, train=dataclasses.replace(exp.train, steps=4))
+  second = run_sft(more)
+  assert second["resumed_from"] == 3 and second["before"] == first["before"]
+  cfg, model = ling_jax.load(out)
+  assert cfg == exp.model
+  assert model.config.num_hidden_layers == 2
