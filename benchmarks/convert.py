@@ -82,7 +82,7 @@ def write_synthetic(folder: str, layers: int) -> int:
       shards.append(cur)
       cur, size = {}, 0
     value = _Synthetic(shape, pool, k)
-    if m.name.endswith("expert_bias"):  # fp32 in the release (spec 4.2)
+    if m.name.endswith("expert_bias"):  # fp32 in the release (docs/architecture.md §4.2)
       value = np.zeros(shape, np.float32)
     cur[m.name] = value
     size += nbytes

@@ -11,7 +11,7 @@ packed layout, its capacity M from `CUDNN_SEGMENT_LADDER`, or fixed
 with `--max-segments`); "cudnn unpacked" is one causal sequence a row, segment ids ignored (the
 work of an unpacked row). TFLOP/s counts every causal pair of the row, as the MFU numerator does
 (forward+backward = 3x the forward), whether or not a path skips pairs across documents
-(session 3's table counted them twice, at 3.5x). Prints a markdown table; rows go to
+(an earlier table counted them twice, at 3.5x). Prints a markdown table; rows go to
 $OUT/mla_attention.json.
 """
 

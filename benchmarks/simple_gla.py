@@ -7,7 +7,7 @@ reference: output, final state and gradients), then times forward and forward+ba
 shapes (bf16, Ling's layer-0 decays g_h = -slope_h) and decode steps at batch 1, 16, 64, and prints
 one markdown table; raw numbers go to $OUT/simple_gla_bench.json when OUT is set. fla is optional
 (`fla.ops.simple_gla`, from the fla-core wheel). Without a GPU it runs a tiny interpret-mode
-smoke pass of the same code. Floors (NOTES_simple_gla.md): forward bytes = q, k, v read once and
+smoke pass of the same code. Floors (BENCHMARKS.md#simple_gla): forward bytes = q, k, v read once and
 o written once; forward+backward adds do, q, k, v read and dq, dk, dv written.
 """
 
@@ -43,7 +43,8 @@ SWEEP_BWD = [dict(block_k_bwd=b, block_v_bwd=b, num_warps_bwd=w) for b in (32, 6
 
 
 def ling_decay(H):
-  """Layer-0 log-decays: -ALiBi slopes 2^(-8(h+1)/H) (spec 3.4.4); head 0 is the steepest."""
+  """Layer-0 log-decays: -ALiBi slopes 2^(-8(h+1)/H) (docs/architecture.md §3.4.4); head 0 is the
+  steepest."""
   return -np.array([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], np.float32)
 
 

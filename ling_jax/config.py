@@ -1,9 +1,9 @@
 """Ling-2.6 configuration: frozen dataclasses that own their derived numbers.
 
-Field names follow the Hugging Face `config.json` of `model_type: bailing_hybrid` (spec section 1.1)
-so that `from_hf_config` / `to_hf_config` (in `hf_config.py`) list only the exceptions. Presets are
-plain functions. Numbers derived from the fields (layer layout, parameter counts, FLOPs) live here
-and nowhere else.
+Field names follow the Hugging Face `config.json` of `model_type: bailing_hybrid`
+(docs/architecture.md §1.1) so that `from_hf_config` / `to_hf_config` (in `hf_config.py`) list only
+the exceptions. Presets are plain functions. Numbers derived from the fields (layer layout,
+parameter counts, FLOPs) live here and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ MlpKind = Literal["dense", "moe"]
 
 @dataclasses.dataclass(frozen=True)
 class YarnScaling:
-  """YaRN RoPE scaling (spec 3.5.4): DeepSeek-style frequency blend and attention factor."""
+  """YaRN RoPE scaling (docs/architecture.md §3.5.4): DeepSeek-style frequency blend and attention
+  factor."""
 
   factor: float
   original_max_position_embeddings: int
@@ -39,8 +40,8 @@ class YarnScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LingConfig:
-  """Architecture of a Ling-2.6 model (spec sections 1-3). Defaults are Ling-2.6-flash's, for
-  the presets; a config.json is read without them: `from_hf_config` fills an absent field with
+  """Architecture of a Ling-2.6 model (docs/architecture.md §1-3). Defaults are Ling-2.6-flash's,
+  for the presets; a config.json is read without them: `from_hf_config` fills an absent field with
   the reference's own default (docs/config.md)."""
 
   vocab_size: int = 157184
@@ -51,24 +52,26 @@ class LingConfig:
   head_dim: int = 128
   rms_norm_eps: float = 1e-6
   # Rotary embeddings: NeoX half-split on the first partial_rotary_factor * head_dim dims of the
-  # linear layers, GPT-J interleaved on the MLA rope dims (spec 3.4.3, 3.5.3, 6.8).
+  # linear layers, GPT-J interleaved on the MLA rope dims (docs/architecture.md §3.4.3, 3.5.3, 6.8).
   rope_theta: float = 6e6
   partial_rotary_factor: float = 0.5
   rope_scaling: YarnScaling | None = None
   max_position_embeddings: int = 131072
-  # Hybrid layout: every layer_group_size-th layer is MLA, the rest Lightning (spec 2).
+  # Hybrid layout: every layer_group_size-th layer is MLA, the rest Lightning (docs/architecture.md
+  # §2).
   layer_group_size: int = 8
   group_norm_size: int = 4  # number of GroupRMSNorm groups on the linear-attention output
   use_qk_norm: bool = True
-  # Decay layer factor, spec 6.1: "A" = 1 - l/(L-1) + 1e-5 (project default), "B" = 1 - (l-1)/(L-1) + 1e-5.
+  # Decay layer factor, docs/architecture.md §6.1: "A" = 1 - l/(L-1) + 1e-5 (project default), "B" =
+  # 1 - (l-1)/(L-1) + 1e-5.
   decay_form: Literal["A", "B"] = "A"
-  # MLA (spec 3.5).
+  # MLA (docs/architecture.md §3.5).
   q_lora_rank: int | None = 1536
   kv_lora_rank: int = 512
   qk_nope_head_dim: int = 128
   qk_rope_head_dim: int = 64
   v_head_dim: int = 128
-  # MoE (spec 3.7).
+  # MoE (docs/architecture.md §3.7).
   num_experts: int = 256
   num_experts_per_tok: int = 8
   num_shared_experts: int = 1
@@ -77,7 +80,7 @@ class LingConfig:
   topk_group: int = 4
   routed_scaling_factor: float = 2.5
   first_k_dense_replace: int = 1
-  # MTP (spec 3.9) and training-only fields.
+  # MTP (docs/architecture.md §3.9) and training-only fields.
   num_nextn_predict_layers: int = 1
   mtp_loss_scaling_factor: float = 0.3
   # Token ids (generation only).
@@ -124,7 +127,8 @@ class LingConfig:
     return self.moe_intermediate_size * self.num_shared_experts
 
   def layer_types(self) -> tuple[LayerKind, ...]:
-    """Token mixer of each main layer (spec 2, HF predicate including the tail clause)."""
+    """Token mixer of each main layer (docs/architecture.md §2, HF predicate including the tail
+    clause)."""
     L, G = self.num_hidden_layers, self.layer_group_size
     tail_start = (L // G) * G
     return tuple("mla" if (i + 1) % G == 0 or i >= tail_start else "linear" for i in range(L))
@@ -192,7 +196,8 @@ class LingConfig:
             + (0 if matmul else 3 * D))  # eh_proj; enorm, hnorm, final_layernorm
 
   def param_count(self, include_mtp: bool = False) -> int:
-    """Total parameters (spec 1.4: 104,186,915,584 for flash, MTP 3,307,493,632 more)."""
+    """Total parameters (docs/architecture.md §1.4: 104,186,915,584 for flash, MTP 3,307,493,632
+    more)."""
     layers = sum(self._layer_params(t, m, active=False)
                  for t, m in zip(self.layer_types(), self.mlp_types()))
     total = layers + 2 * self.vocab_size * self.hidden_size + self.hidden_size
@@ -201,7 +206,8 @@ class LingConfig:
     return total
 
   def active_param_count(self, include_mtp: bool = False) -> int:
-    """Parameters touched per token: top-k routed + shared experts (spec 1.4: ~7.45B for flash)."""
+    """Parameters touched per token: top-k routed + shared experts (docs/architecture.md §1.4:
+    ~7.45B for flash)."""
     layers = sum(self._layer_params(t, m, active=True)
                  for t, m in zip(self.layer_types(), self.mlp_types()))
     total = layers + 2 * self.vocab_size * self.hidden_size + self.hidden_size
@@ -309,12 +315,12 @@ def _field_errors(cfg: LingConfig) -> list[str]:
 
 # ---------------------------------------------------------------------- presets
 def ling_2_6_flash(**overrides) -> LingConfig:
-  """inclusionAI/Ling-2.6-flash: 104.2B total, 7.45B active (spec 1.1, 1.4)."""
+  """inclusionAI/Ling-2.6-flash: 104.2B total, 7.45B active (docs/architecture.md §1.1, 1.4)."""
   return dataclasses.replace(LingConfig(), **overrides)
 
 
 def ling_2_6_1t(**overrides) -> LingConfig:
-  """Ling-2.6-1T / Ring-2.5-1T: ~1012B total, ~63.6B active (spec 1.2)."""
+  """Ling-2.6-1T / Ring-2.5-1T: ~1012B total, ~63.6B active (docs/architecture.md §1.2)."""
   cfg = LingConfig(
       hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, intermediate_size=18432,
       moe_intermediate_size=2048, first_k_dense_replace=4, group_norm_size=8,
@@ -348,7 +354,8 @@ def ling_tiny(**overrides) -> LingConfig:
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
-  """ALiBi head slopes (Press et al. 2022), with the non-power-of-two fallback (spec 3.4.4)."""
+  """ALiBi head slopes (Press et al. 2022), with the non-power-of-two fallback (docs/architecture.md
+  §3.4.4)."""
 
   def power_of_2(n: int) -> list[float]:
     start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))

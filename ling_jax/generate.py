@@ -1,4 +1,5 @@
-"""Autoregressive generation with the decode cache (spec 5): one prefill, then a scanned decode loop.
+"""Autoregressive generation with the decode cache (docs/architecture.md §5): one prefill, then a
+scanned decode loop.
 
 The cache holds the fp32 Lightning states and the MLA latent caches; each decode step runs the
 model on one token per row. Greedy by default; `temperature > 0` samples.

@@ -2,13 +2,13 @@
 
 A config.json means what it means to the release's own remote code, whose config class
 `BailingMoeV2_5Config` (`configuration_bailing_moe_v2_5.py`) gives every field a constructor
-default. `from_hf_config` reads the file through one table, `FIELDS`: each field's JSON type and
-the value it takes when absent, which is that class's default (never a ling-jax preset's), so a
-config.json that leaves a field out builds the network the reference would build from it; the
-fields it defaulted are listed in a `ConfigDefaultsWarning`. It refuses fields it does not
-understand, values of the wrong JSON type, and values of known fields that this implementation
-does not compute (e.g. `use_bias: true`), naming field and value, rather than silently building
-a different network (spec 1.1, 6). `to_hf_config` writes every field of the table, so a config.json
+default. `from_hf_config` reads the file through one table, `FIELDS`: each field's JSON type and the
+value it takes when absent, which is that class's default (never a ling-jax preset's), so a
+config.json that leaves a field out builds the network the reference would build from it; the fields
+it defaulted are listed in a `ConfigDefaultsWarning`. It refuses fields it does not understand,
+values of the wrong JSON type, and values of known fields that this implementation does not compute
+(e.g. `use_bias: true`), naming field and value, rather than silently building a different network
+(docs/architecture.md §1.1, 6). `to_hf_config` writes every field of the table, so a config.json
 written by ling-jax never depends on a default. docs/config.md lists the fields.
 """
 
@@ -221,12 +221,13 @@ def _check_consistency(hf: dict[str, Any], cfg: LingConfig, source: str) -> None
           f"\"num_key_value_heads\": {heads}")
   elif hf["num_key_value_heads"] != heads:
     raise ConfigError(f"{source}: num_key_value_heads={hf['num_key_value_heads']} must equal "
-                      f"num_attention_heads={heads} (spec 6.11: the HF MLA path needs it)")
+                      f"num_attention_heads={heads} (docs/architecture.md §6.11: the HF MLA path needs "
+                      "it)")
   shared = hf.get("moe_shared_expert_intermediate_size")
   if shared is not None and shared != cfg.shared_expert_intermediate_size:
     raise ConfigError(f"{source}: moe_shared_expert_intermediate_size={shared} disagrees with "
                       f"moe_intermediate_size * num_shared_experts = "
-                      f"{cfg.shared_expert_intermediate_size} (spec 6.5)")
+                      f"{cfg.shared_expert_intermediate_size} (docs/architecture.md §6.5)")
   rp = hf.get("rope_parameters")
   if rp:  # transformers 5's home for rope_theta and the scaling; ling_jax reads the older fields
     theta = rp.get("rope_theta")
@@ -257,7 +258,7 @@ def _yarn_from_hf(rs: dict[str, Any] | None, source: str) -> YarnScaling | None:
     raise ConfigError(f"{source}: rope_scaling has fields ling_jax does not understand: {unknown}")
   if rs.get("attention_factor") is not None:
     raise ConfigError(f"{source}: rope_scaling.attention_factor is not supported "
-                      "(spec 3.5.4 uses mscale)")
+                      "(docs/architecture.md §3.5.4 uses mscale)")
   if "original_max_position_embeddings" not in rs or "factor" not in rs:
     raise ConfigError(f"{source}: rope_scaling of type yarn needs factor and "
                       "original_max_position_embeddings")

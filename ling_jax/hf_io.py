@@ -1,4 +1,4 @@
-"""Load and save the released PyTorch checkpoint layout in memory (spec 4).
+"""Load and save the released PyTorch checkpoint layout in memory (docs/architecture.md §4).
 
 `load_hf(folder)` reads config.json and every `*.safetensors` file of an HF folder (the headers are
 the truth; `model.safetensors.index.json`, when present, must agree with them) and fills a model
@@ -38,12 +38,12 @@ MTP_FILE = "model-mtp-layer.safetensors"
 # The `format` of the ling_jax.json that lists the files of an HF folder ling_jax wrote (the
 # files that --overwrite may replace: `ling_jax.io.destination`).
 HF_FORMAT = "ling_jax.hf/1"
-# Kept in fp32 whatever the load dtype (spec 4.3: router and expert bias in fp32).
+# Kept in fp32 whatever the load dtype (docs/architecture.md §4.3: router and expert bias in fp32).
 FP32_PARAMS = (("gate", "weight"), ("gate", "expert_bias"))
 
 
 class CheckpointError(ValueError):
-  """A checkpoint folder that does not match the config or the layout of spec 4."""
+  """A checkpoint folder that does not match the config or the layout of docs/architecture.md §4."""
 
 
 def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, *, kernels: Kernels = Kernels()):

@@ -1,4 +1,4 @@
-"""The name map between the HF checkpoint (spec 4.2) and the model's NNX state.
+"""The name map between the HF checkpoint (docs/architecture.md §4.2) and the model's NNX state.
 
 Module and parameter names are copied from the checkpoint, so the map is mostly mechanical: each
 HF tensor is one slice of one model variable (a stacked-group index and/or an expert index), and
@@ -120,7 +120,8 @@ def main_maps(cfg: LingConfig) -> Iterator[TensorMap]:
 
 
 def mtp_maps(cfg: LingConfig) -> Iterator[TensorMap]:
-  """The MTP layer `model.layers.{L}` (spec 4.2), stored in model-mtp-layer.safetensors."""
+  """The MTP layer `model.layers.{L}` (docs/architecture.md §4.2), stored in
+  model-mtp-layer.safetensors."""
   if not cfg.num_nextn_predict_layers:
     return
   hf = f"model.layers.{cfg.num_hidden_layers}"

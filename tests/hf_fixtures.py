@@ -1,6 +1,6 @@
 """Random tiny Ling-2.6 checkpoints in the released HF layout, and mlx-lm as the reference on them.
 
-Everything here is written from the spec (sections 1.1, 2, 4.1, 4.2), independently of
+Everything here is written from docs/architecture.md (§1.1, 2, 4.1, 4.2), independently of
 `ling_jax.weights`, so that a test loading these folders checks the name map against the spec and
 not against itself. fp32 shards are written with the `safetensors` package, not with our writer.
 
@@ -88,19 +88,22 @@ def tiny_hf_config(**overrides) -> dict[str, Any]:
 
 
 def is_mla_layer(i: int, hf: dict) -> bool:
-  """Spec 2: MLA iff (i+1) % G == 0 or i >= floor(L/G)*G (the tail clause; MTP index L is MLA)."""
+  """docs/architecture.md §2: MLA iff (i+1) % G == 0 or i >= floor(L/G)*G (the tail clause; MTP
+  index L is MLA)."""
   g, n = hf["layer_group_size"], hf["num_hidden_layers"]
   return (i + 1) % g == 0 or i >= (n // g) * g
 
 
 def hf_tensor_shapes(hf: dict, include_mtp: bool = True) -> dict[str, tuple[int, ...]]:
-  """Every checkpoint tensor name -> PyTorch-layout shape ([out, in] for Linear), spec 4.2."""
+  """Every checkpoint tensor name -> PyTorch-layout shape ([out, in] for Linear),
+  docs/architecture.md §4.2."""
   d_model, n_layers = hf["hidden_size"], hf["num_hidden_layers"]
   h, d = hf["num_attention_heads"], hf["head_dim"]
   nope, rope, v_dim = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"]
   q_lora, kv_lora = hf.get("q_lora_rank"), hf["kv_lora_rank"]
   n_exp, m_exp = hf["num_experts"], hf["moe_intermediate_size"]
-  # Spec 6.5: the HF code sizes the shared expert as moe_intermediate_size * num_shared_experts.
+  # docs/architecture.md §6.5: the HF code sizes the shared expert as moe_intermediate_size *
+  # num_shared_experts.
   n_shared = hf["num_shared_experts"]
   m_shared = m_exp * n_shared
   if hf.get("moe_shared_expert_intermediate_size") not in (None, m_shared):
@@ -136,7 +139,7 @@ def hf_tensor_shapes(hf: dict, include_mtp: bool = True) -> dict[str, tuple[int,
       shapes[f"{a}.kv_b_proj.weight"] = (h * (nope + v_dim), kv_lora)
       shapes[f"{a}.dense.weight"] = (d_model, h * v_dim)
     else:
-      # Linear attention has no GQA: K and V have all H heads (spec 3.4 step 1).
+      # Linear attention has no GQA: K and V have all H heads (docs/architecture.md §3.4 step 1).
       shapes[f"{a}.query_key_value.weight"] = (3 * h * d, d_model)
       if hf.get("use_qk_norm", True):
         shapes[f"{a}.query_layernorm.weight"] = (d,)
@@ -159,7 +162,7 @@ def hf_tensor_shapes(hf: dict, include_mtp: bool = True) -> dict[str, tuple[int,
     layer(i, is_mla_layer(i, hf), i >= hf["first_k_dense_replace"])
   if include_mtp:
     for i in range(n_layers, n_layers + hf.get("num_nextn_predict_layers", 0)):
-      layer(i, mla=True, moe=True)  # Spec 2: the MTP layer is always MLA + MoE.
+      layer(i, mla=True, moe=True)  # docs/architecture.md §2: the MTP layer is always MLA + MoE.
       for norm in ("enorm", "hnorm", "final_layernorm"):
         shapes[f"model.layers.{i}.{norm}.weight"] = (d_model,)
       shapes[f"model.layers.{i}.eh_proj.weight"] = (d_model, 2 * d_model)
@@ -183,7 +186,8 @@ def _random_tensor(rng: np.random.Generator, name: str, shape: tuple, dtype) -> 
   """Scales that keep a random tiny model's logits O(1) and far from degenerate."""
   z = rng.standard_normal(shape)
   if name.endswith("expert_bias"):
-    return (0.05 * z).astype(np.float32)  # Spec 4.3: the bias stays fp32 whatever the dtype.
+    # docs/architecture.md §4.3: the bias stays fp32 whatever the dtype.
+    return (0.05 * z).astype(np.float32)
   if len(shape) == 1:  # every 1-D tensor besides the bias is a norm weight
     x = 1.0 + 0.1 * z
   elif "word_embeddings" in name:
@@ -204,7 +208,8 @@ def _save(path: str, tensors: dict[str, np.ndarray]) -> None:
 def write_random_hf_checkpoint(folder: str | os.PathLike, hf_config: dict, *, seed: int = 0,
                                dtype=np.float32, num_shards: int = 3,
                                with_mtp: bool = True) -> dict[str, np.ndarray]:
-  """Write a random checkpoint laid out like the release (spec 4.1); returns every tensor.
+  """Write a random checkpoint laid out like the release (docs/architecture.md §4.1); returns every
+  tensor.
 
   Main-model tensors go to `model-0000k-of-0000N.safetensors`, filled in layer order and split by
   size (so a layer may straddle two shards, as in the release); the MTP layer goes to

@@ -1,4 +1,5 @@
-"""A float64 NumPy reading of spec sections 3.2, 3.5-3.7 and 3.9, on HF-layout tensors by name.
+"""A float64 NumPy reading of docs/architecture.md §3.2, 3.5-3.7 and 3.9, on HF-layout tensors by
+name.
 
 Independent of the JAX model code: it takes the PyTorch-layout weights ([out, in]) keyed by their
 checkpoint names and follows the spec's formulas literally, loops and all. Used for the MTP layer,
@@ -13,7 +14,8 @@ def rms(x, w, eps):
 
 
 def rope_interleaved(x, pos, theta):
-  """GPT-J pairs (2j, 2j+1) rotated by pos * theta^(-2j/R) (spec 3.5.3). x [..., T, R]."""
+  """GPT-J pairs (2j, 2j+1) rotated by pos * theta^(-2j/R) (docs/architecture.md §3.5.3). x [..., T,
+  R]."""
   R = x.shape[-1]
   inv = theta ** (-np.arange(0, R, 2) / R)
   ang = pos[:, None] * inv[None, :]  # [T, R/2]
@@ -25,7 +27,7 @@ def rope_interleaved(x, pos, theta):
 
 
 def mla(W, p, a, pos, cfg):
-  """Plain MLA of spec 3.5 for one sequence a [T, D]."""
+  """Plain MLA of docs/architecture.md §3.5 for one sequence a [T, D]."""
   H, K, R, Vd, Lr = (cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
                      cfg["v_head_dim"], cfg["kv_lora_rank"])
   eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
@@ -55,7 +57,7 @@ def swiglu(W, p, x):
 
 
 def route(W, p, x, cfg):
-  """Spec 3.7 steps 1-5 for one token x [D] -> (expert ids, weights)."""
+  """docs/architecture.md §3.7 steps 1-5 for one token x [D] -> (expert ids, weights)."""
   E, G, TG, X = cfg["num_experts"], cfg["n_group"], cfg["topk_group"], cfg["num_experts_per_tok"]
   s = 1 / (1 + np.exp(-(W[f"{p}.gate.weight"] @ x)))
   b = s + W[f"{p}.gate.expert_bias"]
@@ -83,7 +85,8 @@ def moe(W, p, x, cfg):
 
 
 def mtp_logits(W, cfg, hidden, tokens):
-  """Spec 3.9 for one sequence: hidden [T, D] (post final norm), tokens [T] -> logits [T, vocab]."""
+  """docs/architecture.md §3.9 for one sequence: hidden [T, D] (post final norm), tokens [T] ->
+  logits [T, vocab]."""
   L, eps = cfg["num_hidden_layers"], cfg["rms_norm_eps"]
   p = f"model.layers.{L}"
   nxt = np.concatenate([tokens[1:], tokens[-1:]])

@@ -25,7 +25,7 @@ def test_flash_layout_and_counts_match_spec():
   types = cfg.layer_types()
   assert [i for i, t in enumerate(types) if t == "mla"] == [7, 15, 23, 31]
   assert cfg.mlp_types().count("dense") == 1
-  # Spec 1.4, exact.
+  # docs/architecture.md §1.4, exact.
   assert cfg.param_count() == 104_186_915_584
   assert cfg.param_count(include_mtp=True) - cfg.param_count() == 3_307_493_632
   assert cfg.active_param_count() == 7_449_488_128

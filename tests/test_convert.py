@@ -1,4 +1,4 @@
-"""Streaming HF <-> Orbax conversion (issue 6): round trips, restore on meshes, FP8, bad input.
+"""Streaming HF <-> Orbax conversion: round trips, restore on meshes, FP8, bad input.
 
 Sources are random checkpoints in the release layout written by `hf_fixtures` from the spec (not
 from `ling_jax.weights`), checked against mlx-lm's independent `bailing_hybrid`. The conversions
@@ -151,7 +151,8 @@ def _is_quantised(name: str, a: np.ndarray) -> bool:
 
 
 def write_fp8(folder, scheme: QuantScheme, qc: dict) -> dict[str, np.ndarray]:
-  """A random FP8 folder; returns the dequantised fp32 tensors it stands for (numpy, spec 4.4)."""
+  """A random FP8 folder; returns the dequantised fp32 tensors it stands for (numpy,
+  docs/architecture.md §4.4)."""
   write_random_hf_checkpoint(folder, CFG, dtype=np.float32, num_shards=2)
   expected, weight_map = {}, {}
   for f in sorted(os.listdir(folder)):

@@ -1,4 +1,4 @@
-"""The converter's I/O building blocks (issue 6): the tiled transpose, recycled block buffers,
+"""The converter's I/O building blocks: the tiled transpose, recycled block buffers,
 direct reads, the piecewise safetensors writer and the page-cache recycler. Each must give the
 same bytes as the plain way of doing it, and fail loudly, never silently."""
 

@@ -1,4 +1,5 @@
-"""load_hf / save_hf against mlx-lm's independent `bailing_hybrid` (spec 4, 6), and bad input."""
+"""load_hf / save_hf against mlx-lm's independent `bailing_hybrid` (docs/architecture.md §4, 6), and
+bad input."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from ling_jax.convert.fp8 import QuantScheme, quantize
 from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_safetensors
 from testing import rel
 
-# Config families of issue 2: head counts (power of two and the ALiBi fallback), layer_group_size
+# Config families: head counts (power of two and the ALiBi fallback), layer_group_size
 # 2-8 with and without tail layers, first_k_dense_replace 0-2, q-LoRA on/off, n_group/topk_group,
 # YaRN; T shorter and longer than our 64-chunk and mlx's 128-chunk.
 CASES = {
@@ -61,7 +62,8 @@ def test_logits_match_mlx(tmp_path, name, tokens_for):
 
 
 def test_decay_form_b_differs_from_a(tmp_path, tokens_for):
-  """The spec 6.1 switch is live: form (B) changes the logits (mlx implements (A))."""
+  """The docs/architecture.md §6.1 switch is live: form (B) changes the logits (mlx implements
+  (A))."""
   write_random_hf_checkpoint(tmp_path, tiny_hf_config(num_hidden_layers=6, layer_group_size=3))
   hf = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**hf, "decay_form": "B"}))

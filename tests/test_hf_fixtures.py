@@ -1,4 +1,5 @@
-"""The random HF-layout fixtures (spec 4) and what mlx-lm's `bailing_hybrid` does with them.
+"""The random HF-layout fixtures (docs/architecture.md §4) and what mlx-lm's `bailing_hybrid` does
+with them.
 
 These pin down, before any model test relies on them, that (1) the fixture shapes add up to the
 spec's exact parameter counts at flash size, (2) the folders look like the release (shards, MTP
@@ -16,7 +17,7 @@ from hf_fixtures import (INDEX, MTP_FILE, hf_tensor_shapes, is_mla_layer, mlx_lo
                          tiny_hf_config, write_random_hf_checkpoint)
 from ling_jax.io.safetensors import SafetensorsFile
 
-# Spec 1.1: the Ling-2.6-flash values of the structural fields.
+# docs/architecture.md §1.1: the Ling-2.6-flash values of the structural fields.
 FLASH = tiny_hf_config(
     vocab_size=157184, hidden_size=4096, intermediate_size=9216, moe_intermediate_size=1024,
     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
@@ -29,10 +30,11 @@ def test_flash_shapes_reproduce_the_spec_parameter_counts():
   main = hf_tensor_shapes(FLASH, include_mtp=False)
   full = hf_tensor_shapes(FLASH)
   count = lambda shapes: sum(int(np.prod(s)) for s in shapes.values())
-  assert count(main) == 104_186_915_584  # spec 1.4
-  assert count(full) - count(main) == 3_307_493_632  # the MTP layer, spec 1.4
-  assert len(main) == 24_229  # spec 4.2
-  assert [i for i in range(32) if is_mla_layer(i, FLASH)] == [7, 15, 23, 31]  # spec 2
+  assert count(main) == 104_186_915_584  # docs/architecture.md §1.4
+  assert count(full) - count(main) == 3_307_493_632  # the MTP layer, docs/architecture.md §1.4
+  assert len(main) == 24_229  # docs/architecture.md §4.2
+  # docs/architecture.md §2
+  assert [i for i in range(32) if is_mla_layer(i, FLASH)] == [7, 15, 23, 31]
   assert is_mla_layer(32, FLASH)
   assert full["model.layers.32.eh_proj.weight"] == (4096, 8192)
   assert full["model.layers.7.attention.kv_b_proj.weight"] == (8192, 512)
@@ -86,7 +88,8 @@ def test_bf16_fixture_keeps_the_router_bias_in_fp32(tmp_path):
   assert tensors["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == ml_dtypes.bfloat16
 
 
-# Every config family the model tests compare against mlx-lm (spec 1.1, 2, 3.4-3.7).
+# Every config family the model tests compare against mlx-lm (docs/architecture.md §1.1, 2,
+# 3.4-3.7).
 E16 = dict(num_experts=16, num_experts_per_tok=4)
 MLX_CONFIGS = {
     "base": dict(),

@@ -69,7 +69,7 @@ def test_replayed_forward_takes_the_samplers_routing(models):
 
 def test_replayed_moe_matches_float64_reference_and_trains_the_router():
   """One MoE layer with replayed experts: y = sum_k w_k expert_k(x) + shared(x), w the current
-  sigmoid scores at the replayed experts, renormalised and scaled (spec 3.7)."""
+  sigmoid scores at the replayed experts, renormalised and scaled (docs/architecture.md §3.7)."""
   moe = SparseMoE(hidden=16, num_experts=8, top_k=2, width=8, shared_width=8, n_group=4,
                   topk_group=2, routed_scale=2.5, rngs=nnx.Rngs(0), impl="reference")
   rng = np.random.default_rng(0)

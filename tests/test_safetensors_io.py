@@ -1,4 +1,5 @@
-"""The safetensors reader / writer (spec 4.1): bit-exact round trips, interop, clear errors."""
+"""The safetensors reader / writer (docs/architecture.md §4.1): bit-exact round trips, interop,
+clear errors."""
 
 import json
 import os

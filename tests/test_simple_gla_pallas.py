@@ -1,4 +1,5 @@
-"""Pallas simple GLA kernels (chunked forward/backward and decode step) against the spec (3.4.5).
+"""Pallas simple GLA kernels (chunked forward/backward and decode step) against docs/architecture.md
+§3.4.5.
 
 Two independent references live here: a float64 NumPy recurrence (the spec, token by token) and
 an fp32 quadratic "attention" form M_ts = exp(g (t - s)) [s <= t, same segment], differentiable

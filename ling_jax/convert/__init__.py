@@ -1,9 +1,10 @@
-"""Streaming conversion between the released HF checkpoint and an Orbax checkpoint (issue 6).
+"""Streaming conversion between the released HF checkpoint and an Orbax checkpoint.
 
     python -m ling_jax.convert import HF_DIR CKPT_DIR [--dtype bfloat16] [--overwrite]
     python -m ling_jax.convert export CKPT_DIR HF_DIR [--overwrite]
 
-    import_hf(hf_dir, ckpt_dir, dtype)    HF safetensors (bf16 / fp32 / FP8, spec 4) -> checkpoint,
+    import_hf(hf_dir, ckpt_dir, dtype)    HF safetensors (bf16 / fp32 / FP8, docs/architecture.md
+    §4) -> checkpoint,
                                           in the source's dtype unless `dtype` is given
     export_hf(ckpt_dir, hf_dir)           checkpoint -> HF layout, bit-exact with the imported one
     load(ckpt_dir, mesh, dtype)           -> (config, model), restored by Orbax into the shardings

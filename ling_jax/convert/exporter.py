@@ -1,4 +1,5 @@
-"""Orbax checkpoint -> HF safetensors folder in the release layout (spec 4.1), streamed.
+"""Orbax checkpoint -> HF safetensors folder in the release layout (docs/architecture.md §4.1),
+streamed.
 
 Each HF tensor is written block by block: a tensorstore read of a few chunks of its slice of the
 stored variable, a cast to the dtype the source checkpoint had, a transpose back to PyTorch's

@@ -1,4 +1,5 @@
-"""FP8 checkpoints (spec 4.4): which scale scheme config.json declares, and dequantisation.
+"""FP8 checkpoints (docs/architecture.md §4.4): which scale scheme config.json declares, and
+dequantisation.
 
 Two schemes exist in the wild for the Ling FP8 releases and are told apart by
 `quantization_config.quant_method`:

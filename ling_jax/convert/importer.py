@@ -1,4 +1,4 @@
-"""HF safetensors folder -> Orbax checkpoint of the NNX state, streamed (issue 6, spec 4).
+"""HF safetensors folder -> Orbax checkpoint of the NNX state, streamed (docs/architecture.md §4).
 
 Host memory is bounded by the bytes in flight, not by the model: each checkpoint tensor is read
 from its memory-mapped shard in row blocks of at most `block_bytes`, dequantised / cast /
@@ -61,14 +61,14 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None
               verify_data: bool = False, durable: bool = True) -> Summary:
   """Convert the HF folder `hf_dir` into the checkpoint `ckpt_dir` with parameters in `dtype`.
 
-  `dtype=None` keeps the source's (`source_dtype`): an FP8 source dequantises to bfloat16; else
-  the dtype of most of the tensors' bytes (config.json's `torch_dtype` names it when it agrees).
-  The router weight and expert bias stay fp32 (spec 4.3); FP8 weights are dequantised (spec 4.4).
-  Blocks of at most `block_bytes` are read and transposed on `workers` threads (default: one per
-  core, at most 8), at most `inflight_bytes` of them queued;
-  checkpoint chunks are at most `chunk_bytes`. `verify_data` reads every written block back and
-  compares it before committing; `durable` fsyncs the checkpoint before the rename that publishes
-  it. `overwrite` replaces an existing checkpoint, only if ling_jax wrote it or it is empty
+  `dtype=None` keeps the source's (`source_dtype`): an FP8 source dequantises to bfloat16; else the
+  dtype of most of the tensors' bytes (config.json's `torch_dtype` names it when it agrees). The
+  router weight and expert bias stay fp32 (docs/architecture.md §4.3); FP8 weights are dequantised
+  (docs/architecture.md §4.4). Blocks of at most `block_bytes` are read and transposed on `workers`
+  threads (default: one per core, at most 8), at most `inflight_bytes` of them queued; checkpoint
+  chunks are at most `chunk_bytes`. `verify_data` reads every written block back and compares it
+  before committing; `durable` fsyncs the checkpoint before the rename that publishes it.
+  `overwrite` replaces an existing checkpoint, only if ling_jax wrote it or it is empty
   (`ling_jax.io.destination`).
   """
   hf_dir = os.path.abspath(os.fspath(hf_dir))

@@ -1,14 +1,15 @@
 """The HF checkpoint folder as a conversion source: validated up front, read block by block.
 
-`HFSource.open(folder)` reads config.json and every safetensors header (spec 4.1: the headers are
-the truth, the index must agree with them), pairs every checkpoint tensor with its place in the
-model (`ling_jax.weights`), and checks names, shapes, dtypes and FP8 scales before anything is
-written, so bad input fails in seconds with an error naming the file and the tensor.
+`HFSource.open(folder)` reads config.json and every safetensors header (docs/architecture.md §4.1:
+the headers are the truth, the index must agree with them), pairs every checkpoint tensor with its
+place in the model (`ling_jax.weights`), and checks names, shapes, dtypes and FP8 scales before
+anything is written, so bad input fails in seconds with an error naming the file and the tensor.
 
 `blocks()` then yields one tensor in the model's layout as a few row blocks of bounded size, read
 from its byte range of the memory-mapped file (`read_view`: pread, with O_DIRECT where allowed, so
 nothing stays mapped or cached and resident memory does not grow with the file), dequantised
-(spec 4.4) and transposed (`transpose2d`, tiled) on the way, into buffers the caller may recycle.
+(docs/architecture.md §4.4) and transposed (`transpose2d`, tiled) on the way, into buffers the
+caller may recycle.
 """
 
 from __future__ import annotations

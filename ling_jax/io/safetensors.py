@@ -1,9 +1,10 @@
-"""A small memory-mapped safetensors reader and an atomic, streaming writer (spec 4.1).
+"""A small memory-mapped safetensors reader and an atomic, streaming writer (docs/architecture.md
+§4.1).
 
-The released checkpoint (spec 4.1) is a folder of safetensors shards in bf16, and the fp8 variant
-(spec 4.4) stores float8_e4m3fn weights. The `safetensors` package's numpy backend knows neither
-bfloat16 nor float8, and its `load_file` reads whole files, so this module implements the format
-itself with `ml_dtypes` for the extra dtypes.
+The released checkpoint (docs/architecture.md §4.1) is a folder of safetensors shards in bf16, and
+the fp8 variant (docs/architecture.md §4.4) stores float8_e4m3fn weights. The `safetensors`
+package's numpy backend knows neither bfloat16 nor float8, and its `load_file` reads whole files, so
+this module implements the format itself with `ml_dtypes` for the extra dtypes.
 
 File layout: an 8-byte little-endian u64 header length N, then N bytes of UTF-8 JSON
 `{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}`,
@@ -75,7 +76,8 @@ class TensorNotFoundError(KeyError):
 
 
 class SafetensorsFile:
-  """One safetensors file, header parsed and validated on open, data memory-mapped (spec 4.1).
+  """One safetensors file, header parsed and validated on open, data memory-mapped
+  (docs/architecture.md §4.1).
 
   `get` returns read-only views into the mapping: nothing is read from disk until it is touched,
   so iterating over a 4 GiB shard to check names and shapes costs only the header.

@@ -1,4 +1,5 @@
-"""A safetensors file written in pieces, from several threads, bypassing the page cache (spec 4.1).
+"""A safetensors file written in pieces, from several threads, bypassing the page cache
+(docs/architecture.md §4.1).
 
 `write_safetensors` writes a file front to back from whole tensors. `SafetensorsWriter` lays out
 the same header first and then takes the raw bytes of any piece of any tensor, in any order, from

@@ -1,4 +1,4 @@
-"""Flax NNX modules of Ling-2.6 (spec section 3).
+"""Flax NNX modules of Ling-2.6 (docs/architecture.md §3).
 
 `Kernels` and `Remat` (settings.py) import no jax; the model imports on first use, so that
 configs build without it.

@@ -19,8 +19,8 @@ from pallas_kernels.rms_norm import rms_norm
 
 
 class ExpertBias(nnx.Variable):
-  """The aux-loss-free router bias (spec 3.7.3): in the checkpoint, but moved by the expert-load
-  update rule, not by the optimizer (which only sees `nnx.Param`)."""
+  """The aux-loss-free router bias (docs/architecture.md §3.7.3): in the checkpoint, but moved by
+  the expert-load update rule, not by the optimizer (which only sees `nnx.Param`)."""
 
 
 class Constant(nnx.Variable):
@@ -58,8 +58,8 @@ def constant(value: jax.Array, axes: Sequence[str]) -> Constant:
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm with the HF order of operations: normalise in fp32, cast, then scale (spec 3.2).
-  impl: pallas_kernels.rms_norm's."""
+  """RMSNorm with the HF order of operations: normalise in fp32, cast, then scale
+  (docs/architecture.md §3.2). impl: pallas_kernels.rms_norm's."""
 
   def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
                impl: str = "auto"):
@@ -71,8 +71,8 @@ class RMSNorm(nnx.Module):
 
 
 class GroupRMSNorm(nnx.Module):
-  """RMSNorm over `groups` equal slices of the flattened heads (spec 3.4.6); weight is [H, K].
-  impl: as RMSNorm's."""
+  """RMSNorm over `groups` equal slices of the flattened heads (docs/architecture.md §3.4.6); weight
+  is [H, K]. impl: as RMSNorm's."""
 
   def __init__(self, heads: int, head_dim: int, groups: int, *, eps: float,
                dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto"):
@@ -87,8 +87,8 @@ class GroupRMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-  """W_down(silu(W_gate x) * W_up x): the dense MLP, the shared expert (spec 3.6). Called as
-  every MLP is, x -> (y, aux); its aux is None (SparseMoE's is the expert load)."""
+  """W_down(silu(W_gate x) * W_up x): the dense MLP, the shared expert (docs/architecture.md §3.6).
+  Called as every MLP is, x -> (y, aux); its aux is None (SparseMoE's is the expert load)."""
 
   def __init__(self, hidden: int, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):

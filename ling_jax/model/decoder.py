@@ -1,4 +1,4 @@
-"""Decoder layers and hybrid groups (spec 2, 3.3).
+"""Decoder layers and hybrid groups (docs/architecture.md §2, 3.3).
 
 A `DecoderLayer` is given its token mixer and its MLP; it only wires the pre-norm residual block
 h += mixer(norm(h)); h += mlp(norm(h)). Every mixer is called as
@@ -79,7 +79,7 @@ def make_layer(cfg: LingConfig, layer_idx, mixer: str, mlp: str, *, rngs: nnx.Rn
 
 
 class HybridGroup(nnx.Module):
-  """`layer_group_size - 1` Lightning layers then one MLA layer (spec 2)."""
+  """`layer_group_size - 1` Lightning layers then one MLA layer (docs/architecture.md §2)."""
 
   def __init__(self, layers: list[DecoderLayer]):
     self.layers = nnx.List(layers)

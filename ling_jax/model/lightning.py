@@ -1,4 +1,5 @@
-"""The Lightning linear-attention layer (Lightning Attention-2 / simple GLA), spec 3.4.
+"""The Lightning linear-attention layer (Lightning Attention-2 / simple GLA), docs/architecture.md
+§3.4.
 
 a -> fused QKV [D, 3, H, K] -> per-head QK RMSNorm -> partial NeoX RoPE (the two as one op,
 pallas_kernels.qk_norm_rope) -> simple GLA with a per-head constant log-decay
@@ -23,7 +24,7 @@ from pallas_kernels.simple_gla import simple_gla, simple_gla_step
 
 
 def layer_decay(slopes: jax.Array, layer_idx, num_layers: int, form: str) -> jax.Array:
-  """Log-decay g [H] of layer `layer_idx` (may be traced), spec 3.4.4 and 6.1."""
+  """Log-decay g [H] of layer `layer_idx` (may be traced), docs/architecture.md §3.4.4 and 6.1."""
   denom = max(1, num_layers - 1)
   l = jnp.asarray(layer_idx, jnp.float32)
   if form == "B":
@@ -62,7 +63,8 @@ class LightningAttention(nnx.Module):
       self.query_layernorm = self.key_layernorm = None
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
-    """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype (spec 5)."""
+    """The fixed-size decode state [B, H, K, V] in fp32 whatever max_len and dtype
+    (docs/architecture.md §5)."""
     del max_len, dtype
     return jnp.zeros((batch, self.heads, self.head_dim, self.head_dim), jnp.float32)
 

@@ -1,4 +1,5 @@
-"""The Ling-2.6 causal LM: embeddings, the hybrid stack, final norm, untied head, MTP (spec 2, 3).
+"""The Ling-2.6 causal LM: embeddings, the hybrid stack, final norm, untied head, MTP
+(docs/architecture.md §2, 3).
 
 The stack is laid out for `jax.lax.scan`:
   prefix  - the leading full hybrid groups that hold a dense-MLP layer (unrolled; flash: group 0),

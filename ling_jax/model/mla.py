@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2/V3 MLA with q-LoRA), spec 3.5.
+"""Multi-head latent attention (DeepSeek-V2/V3 MLA with q-LoRA), docs/architecture.md §3.5.
 
 Two mathematically identical forms:
 * plain (training / prefill without a cache): expand the latent c_kv through kv_b_proj into
@@ -6,9 +6,9 @@ Two mathematically identical forms:
   key k_pe: `pallas_kernels.attention.causal_attention`, whose `impl` picks materialised scores,
   jax's Pallas flash kernel or cuDNN's fused attention (and what "auto" picks);
 * absorbed (decode): fold W_UK into the query and W_UV into the output, so attention runs on the
-  576-value latent cache [c_kv (normed) 512 | k_pe (roped) 64] per token (spec 3.5, 5). Cache
-  slot s holds position s: each row writes its new tokens' latents at their positions, so rows
-  may stand at different lengths.
+  576-value latent cache [c_kv (normed) 512 | k_pe (roped) 64] per token (docs/architecture.md §3.5,
+  5). Cache slot s holds position s: each row writes its new tokens' latents at their positions, so
+  rows may stand at different lengths.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Sparse MoE: sigmoid router with aux-loss-free bias and group-limited top-k, dropless experts,
-one shared expert (spec 3.7).
+one shared expert (docs/architecture.md §3.7).
 
 The router is router.py; the routed experts are one op, `pallas_kernels.moe.routed_experts`,
 whose `impl` picks the dispatch (all experts densely, sorted blocks in XLA, or the Pallas
@@ -55,7 +55,8 @@ class SparseMoE(nnx.Module):
                    replay=replay)
     wts = [getattr(self.experts, n)[...].astype(self.dtype) for n in ("gate_proj", "up_proj", "down_proj")]
     y = routed_experts(flat, idx, w, *wts, impl=self.impl)
-    # Routed outputs combine in fp32 and are cast back before the shared expert (spec 3.7.6).
+    # Routed outputs combine in fp32 and are cast back before the shared expert
+    # (docs/architecture.md §3.7.6).
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)[0]

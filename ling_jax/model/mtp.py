@@ -1,8 +1,10 @@
-"""The multi-token-prediction layer `model.layers.{L}` (spec 3.9): predicts token t+2.
+"""The multi-token-prediction layer `model.layers.{L}`: predicts token t+2.
+
+docs/architecture.md §3.9.
 
 x = eh_proj([enorm(E[token_{t+1}]) | hnorm(h_t)]) with h_t the main stack output after the final
-norm (spec 6.6), then an MLA + MoE decoder layer and `final_layernorm`; logits come from the
-shared lm_head.
+norm (docs/architecture.md §6.6), then an MLA + MoE decoder layer and `final_layernorm`; logits come
+from the shared lm_head.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class MTPLayer(nnx.Module):
     norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, impl=norm_impl)
     self.enorm = RMSNorm(hidden, **norm)
     self.hnorm = RMSNorm(hidden, **norm)
-    # Input rows 0..D-1 act on enorm(embedding), D..2D-1 on hnorm(hidden) (spec 4.2).
+    # Input rows 0..D-1 act on enorm(embedding), D..2D-1 on hnorm(hidden) (docs/architecture.md
+    # §4.2).
     self.eh_proj = param(rngs, (2 * hidden, hidden), (ax.EMBED, ax.EMBED), param_dtype,
                          fan_in=2 * hidden)
     self.final_layernorm = RMSNorm(hidden, **norm)

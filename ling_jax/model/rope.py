@@ -1,9 +1,10 @@
 """Rotary position embeddings: partial NeoX (Lightning layers) and GPT-J interleaved (MLA).
 
-Spec 3.4.3 (NeoX, rotate-half on the first `rotary_dim` dims, the rest pass through) and 3.5.3
-(interleaved pairs (2j, 2j+1) on the MLA rope dims). Mixing the two up is the classic Ling
-porting bug (spec 6.8). YaRN (spec 3.5.4) blends interpolated and extrapolated frequencies and
-scales cos/sin by the attention factor 0.1 ln(factor) + 1.
+docs/architecture.md §3.4.3 (NeoX, rotate-half on the first `rotary_dim` dims, the rest pass
+through) and 3.5.3 (interleaved pairs (2j, 2j+1) on the MLA rope dims). Mixing the two up is the
+classic Ling porting bug (docs/architecture.md §6.8). YaRN (docs/architecture.md §3.5.4) blends
+interpolated and extrapolated frequencies and scales cos/sin by the attention factor
+0.1 ln(factor) + 1.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def inv_frequencies(dim: int, theta: float, yarn: YarnScaling | None) -> tuple[n
 
 
 def yarn_softmax_scale(yarn: YarnScaling | None) -> float:
-  """Extra MLA softmax-scale multiplier: mscale(factor, mscale_all_dim)^2 when set (spec 3.5.4)."""
+  """Extra MLA softmax-scale multiplier: mscale(factor, mscale_all_dim)^2 when set
+  (docs/architecture.md §3.5.4)."""
   if yarn is None or not yarn.mscale_all_dim:
     return 1.0
   return _yarn_mscale(yarn.factor, yarn.mscale_all_dim) ** 2

@@ -1,4 +1,5 @@
-"""The MoE router (spec 3.7): sigmoid scores, aux-loss-free bias, group-limited top-k.
+"""The MoE router: sigmoid scores, aux-loss-free bias, group-limited top-k (docs/architecture.md
+§3.7).
 
 `route` is what the model runs: fp32 logits at fp32 accuracy (`router_logits`, with bf16
 activations as split-operand bf16 matmuls), and the top-k by pairwise ranking where rows are
@@ -134,11 +135,13 @@ _split_logits.defvjp(_split_logits_fwd, _split_logits_bwd)
 
 def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_group: int,
           topk_group: int, scale: float, replay: jax.Array | None = None):
-  """Router of spec 3.7: x [N, D] -> (expert ids [N, X] int32, weights [N, X] fp32).
+  """The router: x [N, D] -> (expert ids [N, X] int32, weights [N, X] fp32).
 
-  Scores are fp32 sigmoids; the bias steers selection only; groups outside the top `topk_group`
-  (by the sum of their top-2 biased scores) are masked with -inf (spec 6.3); the chosen unbiased
-  scores are renormalised and multiplied by the routed scale (spec 6.2).
+  docs/architecture.md §3.7.
+
+  Scores are fp32 sigmoids; the bias steers selection only; groups outside the top `topk_group` (by
+  the sum of their top-2 biased scores) are masked with -inf (docs/architecture.md §6.3); the chosen
+  unbiased scores are renormalised and multiplied by the routed scale (docs/architecture.md §6.2).
 
   replay [N, X] int32 (routing replay, docs/posttrain.md): a row whose first id is >= 0 takes
   those experts instead of its own top-k, weighted by its current scores as above (so the
@@ -182,7 +185,8 @@ def expert_load(idx: jax.Array, num_experts: int) -> jax.Array:
 
 
 class Router(nnx.Module):
-  """`mlp.gate`: router weight [D, E] and expert_bias [E], both kept in fp32 (spec 4.3)."""
+  """`mlp.gate`: router weight [D, E] and expert_bias [E], both kept in fp32 (docs/architecture.md
+  §4.3)."""
 
   def __init__(self, hidden: int, num_experts: int, *, rngs: nnx.Rngs):
     self.weight = param(rngs, (hidden, num_experts), (ax.EMBED, ax.EXPERT), jnp.float32,

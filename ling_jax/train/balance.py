@@ -1,4 +1,4 @@
-"""Aux-loss-free load balancing (spec 3.7.3; DeepSeek-V3 section 2.1.2).
+"""Aux-loss-free load balancing (docs/architecture.md §3.7.3; DeepSeek-V3 section 2.1.2).
 
 After every step each MoE layer's router bias moves by a fixed amount against its observed load:
     b_e <- b_e + u * sign(mean_e(load) - load_e)

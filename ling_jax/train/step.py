@@ -7,9 +7,9 @@ steps close over them); `split_model` refuses any other variable kind. A step me
 runs `model.forward` with packed-row segment ids and positions, and returns the new `TrainState`
 and a dict of device scalars; the host fetches those when it logs.
 
-Loss: next-token cross-entropy, plus `mtp_loss_scaling_factor` x the MTP cross-entropy for token
-t+2 (spec 3.9). Targets that cross a document boundary (or are padding, segment 0) are masked:
-the model cannot and must not predict the next document's first token. A batch may carry
+Loss: next-token cross-entropy, plus `mtp_loss_scaling_factor` x the MTP cross-entropy for token t+2
+(docs/architecture.md §3.9). Targets that cross a document boundary (or are padding, segment 0) are
+masked: the model cannot and must not predict the next document's first token. A batch may carry
 `loss_mask` [B, T] (SFT, docs/posttrain.md): then only tokens with mask 1 are targets.
 
 Memory (ling_small, 4 x 4096 tokens; benchmarks/train_memory.py): the step keeps every layer's
@@ -54,10 +54,10 @@ def split_model(model: nnx.Module):
 
 
 # The projection matrices, which the forward casts to the compute dtype at their use
-# (`w[...].astype(dtype)`); not the norms' scales or the router's weight (leaves named "weight":
-# the router runs in fp32, spec 4.3, and the QK-norm kernel widens its scales' gradients itself),
-# nor the embedding and head that the main and MTP branches share (two uses: their cotangents
-# must add up in fp32).
+# (`w[...].astype(dtype)`); not the norms' scales or the router's weight (leaves named "weight": the
+# router runs in fp32, docs/architecture.md §4.3, and the QK-norm kernel widens its scales'
+# gradients itself), nor the embedding and head that the main and MTP branches share (two uses:
+# their cotangents must add up in fp32).
 _KEEP_FP32 = ("weight", "word_embeddings", "lm_head")
 
 

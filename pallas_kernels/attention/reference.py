@@ -1,9 +1,9 @@
 """Causal softmax attention through materialised fp32 scores: the semantics the kernels match.
 
 q, k [B, T, H, K], v [B, T, H, V]; optionally a second query part q_rope [B, T, H, R] against one
-key part k_rope [B, T, R] that every head shares (MLA's decoupled RoPE key, spec 3.5), scored as
-a separate product and added. Token t attends to token s when s's position is at most t's and
-(with segment ids) both lie in the same segment. The scores are [B, H, T, S] in fp32.
+key part k_rope [B, T, R] that every head shares (MLA's decoupled RoPE key, docs/architecture.md
+§3.5), scored as a separate product and added. Token t attends to token s when s's position is at
+most t's and (with segment ids) both lie in the same segment. The scores are [B, H, T, S] in fp32.
 """
 
 from __future__ import annotations

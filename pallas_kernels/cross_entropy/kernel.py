@@ -5,7 +5,7 @@ The chunked LM head (`ling_jax/train/loss.py`) forms per chunk fp32 logits x [C,
 and then needs lse, the target's cross-entropy and g = m (softmax(x) - onehot(t)) in bf16 for the
 two gradient matmuls. In XLA that is two full reads of x (the one-pass logsumexp, then the fusion
 that writes g): at C = 8192, V = 32768 each read is 1 GiB; in small_pretrain's step on an H100
-the two were 1.5 + 2.07 ms per head (BENCHMARKS.md, session 10's profile). This kernel reads each
+the two were 1.5 + 2.07 ms per head (BENCHMARKS.md, the training step's profile). This kernel reads each
 row once from HBM and writes g once (1 GiB + 0.5 GiB a chunk, ~0.5 ms at 3 TB/s):
 
   pass 1  over the row's V in blocks of BV: a running row max of y = x log2(e) and elementwise
@@ -22,8 +22,7 @@ the log2(e) scale folded into one multiply is a single MUFU op per element (`jnp
 libdevice's accurate expf); the rounding of x log2(e) moves 2^y by ~1e-7 |x| relative, far
 below g's bf16 rounding and a few fp32 ulps of lse for the head's logits.
 
-Grid: one program per row block by default. On an H100 at C = 8192, V = 32768 (BENCHMARKS.md,
-session 12) that ran a chunk in 0.654 ms (2.46 TB/s of one read + one write; XLA's one-pass
+Grid: one program per row block by default. On an H100 at C = 8192, V = 32768 (BENCHMARKS.md#cross_entropy) that ran a chunk in 0.654 ms (2.46 TB/s of one read + one write; XLA's one-pass
 logsumexp + g fusion: 0.887 ms), so most of pass 2 does hit L2. A persistent grid
 (`programs_per_sm` programs per SM, each striding over the row blocks, to bound the rows in
 flight) measured 0.753 / 0.676 / 0.669 ms at 1 / 2 / 4 per SM. The L2 hints (pass 1's loads

@@ -9,8 +9,8 @@
 
 `pallas_kernels.grouped_matmul.mosaic.gmm` is the same product (rhs optionally transposed) as a
 Mosaic GPU kernel: persistent, warp-specialized (a TMA producer, two wgmma consumers). On an H100
-it ran 4-29% faster than the Triton gmm at 4096-16384 tokens (BENCHMARKS.md, session 8); at 256
-tokens, timed by device time in session 16, it was 12-32% slower.
+it ran 4-29% faster than the Triton gmm at 4096-16384 tokens (BENCHMARKS.md#grouped_matmul-kernels);
+at 256 tokens, timed by device time, it was 12-32% slower.
 
 FP8 expert weights (`Fp8Weight`, fp8.py: float8_e4m3fn values with block or channel scales) go
 wherever a weight array goes in `grouped_matmul`, `gmm` and `gmm_glu`: dequantised tile by tile

@@ -51,7 +51,7 @@ from pallas_kernels.grouped_matmul.visits import (group_rows_of, padded_groups, 
 
 class Config(NamedTuple):
   """Static tile parameters (hashable: rides in custom_vjp's nondiff args)."""
-  # Defaults: the best of the H100 sweep at the flash expert shape (BENCHMARKS.md, session 3).
+  # Defaults: the best of the H100 sweep at the flash expert shape (BENCHMARKS.md#grouped_matmul-kernels).
   block_m: int = 128
   block_n: int = 256
   block_k: int = 64
@@ -93,28 +93,28 @@ class Config(NamedTuple):
 
 
 def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -> Config:
-  """Defaults by expert shape (hidden x width), from the H100 sweeps (BENCHMARKS.md, session 4):
+  """Defaults by expert shape (hidden x width), from the H100 sweeps (BENCHMARKS.md#grouped_matmul-kernels):
   at ling_small's 1024 x 576 the fused gate/up kernel ran fastest with 64-wide accumulators and
   the fused two-product backward won; at Ling-2.6-flash's 4096 x 1024, 128-wide accumulators
   (447 against 409 TFLOP/s) and separate backward kernels (~3% faster).
 
   With few rows per group (rows_per_group <= 64: decode and short prefills) 64-row tiles on
-  4 warps waste less of each tile at group boundaries (H100, session 7: ling_small's layer at
+  4 warps waste less of each tile at group boundaries (H100: ling_small's layer at
   256 tokens, 32 rows per expert, 0.078 against 0.087 ms; the flash shape at 256 and 1024
   tokens 1% faster). At 128 rows per expert it was mixed: 64-row tiles 3% faster for
   ling_small at 1024 tokens, slower for the flash shape at 4096 (sessions 3-4), so the switch is
   at 64."""
   small = hidden * width <= 1024 * 1024
-  # The Mosaic GPU kernel for the down projection (session 8): ling_small's layer 3% faster
+  # The Mosaic GPU kernel for the down projection: ling_small's layer 3% faster
   # forward+backward at 16384 tokens, 8% forward at 4096; at the flash shape no faster forward
   # and 2.5% slower forward+backward at 16384 tokens, so Triton there.
   # At 2048+ rows per expert (ling_small, 16384 tokens) gmm_glu's backward as one stacked product
   # made the layer 2.4% faster forward+backward; at 512 (4096 tokens) 9% slower. There too the
-  # weight gradients on the Mosaic tgmm (session 10, 2048 and 4096 rows per expert: d w_down
+  # weight gradients on the Mosaic tgmm (2048 and 4096 rows per expert: d w_down
   # 0.142 / 0.259 ms against Triton's 0.174 / 0.359, d w_gate + d w_up 0.296 / 0.512 against
   # 0.409 / 0.777 before x's rows are gathered for it); fewer rows were not swept.
   many = small and rows_per_group is not None and rows_per_group >= 2048
-  # Visits as pieces of each group (`group_rows`) rather than aligned row tiles (session 16, the
+  # Visits as pieces of each group (`group_rows`) rather than aligned row tiles (the
   # layer's forward / forward+backward ms, aligned -> pieces): flash 4096 tokens 3.173 -> 2.766 /
   # 11.254 -> 10.516, 16384 tokens 7.817 -> 7.348 / 26.58 -> 25.48; ling_small 256 tokens 0.081
   # -> 0.071, 1024 0.113 -> 0.106, 4096 0.199 -> 0.193. At 2048 rows per expert (ling_small at
@@ -126,7 +126,7 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   if rows_per_group is not None and rows_per_group <= 64:  # (the Mosaic kernel was no faster)
     cfg = cfg._replace(block_m=64, block_n=128, num_warps=4, mosaic=False)
   # Up to 512 rows per expert the Triton down projection, whose visits cost no XLA op
-  # (session 17: ling_small's layer forward at 1024 tokens 0.087 -> 0.080 ms, forward+backward
+  # (ling_small's layer forward at 1024 tokens 0.087 -> 0.080 ms, forward+backward
   # 0.277 -> 0.271; at 4096 tokens 0.186 -> 0.181 / 0.601 -> 0.603). The Mosaic kernel's
   # visit table is ~7 us of XLA ops.
   if rows_per_group is not None and rows_per_group <= 512:

@@ -50,11 +50,11 @@ def _half_tile(block_m: int, block_n: int, split: str) -> tuple[int, int]:
 
 def tiles_for(K: int, N: int) -> dict | None:
   """gmm's tiles for a [*, K] x [K, N] product, or None where they do not fit. From the H100
-  sweeps (BENCHMARKS.md, session 8): 128 x 256 tiles with the consumers splitting the columns
+  sweeps (BENCHMARKS.md#grouped_matmul-kernels): 128 x 256 tiles with the consumers splitting the columns
   where N divides by 256 (the flash shapes, ling_small's down projection); 128 x 192 split by
   rows where it divides by 192 (ling_small's width 576). There one wgmma left in flight measured
   1-3% faster before `gmm`'s mma drained the last step to close a race; with the drain it is no
-  faster (session 10, down's d input: 497 / 540 against 502 / 546 TFLOP/s at 16384 / 32768
+  faster (down's d input: 497 / 540 against 502 / 546 TFLOP/s at 16384 / 32768
   tokens), so none is left in flight."""
   if K % 64:
     return None

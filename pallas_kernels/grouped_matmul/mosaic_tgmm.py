@@ -61,7 +61,7 @@ from pallas_kernels.grouped_matmul.visits import group_bounds
 
 def tiles_for(K: int, N: int) -> dict | None:
   """tgmm's tiles for an out [*, K, N], or None where none fit. From the H100 sweep at ling_small's
-  shapes (BENCHMARKS.md, session 10; 131072 rows): [128, 192] output tiles split by K where N
+  shapes (BENCHMARKS.md#grouped_matmul-kernels; 131072 rows): [128, 192] output tiles split by K where N
   divides by 192 (d w_gate, d w_up: 604 TFLOP/s), [192, 128] split by N where K does (d w_down:
   598); otherwise the [128, 128] defaults (not swept)."""
   if K % 128 == 0 and N % 192 == 0:

@@ -37,7 +37,7 @@ from jax.experimental.pallas import triton as plt
 class Config(NamedTuple):
   eps: float
   dtype: jnp.dtype          # compute dtype (q, k, v's)
-  # 0: auto. From the H100 sweep at ling_small's shape (BENCHMARKS.md, session 12): 8K elements
+  # 0: auto. From the H100 sweep at ling_small's shape (BENCHMARKS.md#qk_norm_rope): 8K elements
   # of each part a program (8 tokens at H K = 1024), forward and backward, at 4 warps; 16K
   # (8 warps) was 0.230 / 0.719 ms forward / forward+backward against 0.205 / 0.618.
   block_t: int = 0          # forward: tokens a program

@@ -1,4 +1,5 @@
-"""The Lightning layer's QK norm and partial NeoX RoPE, pure jnp: the semantics (spec 3.4.2-3).
+"""The Lightning layer's QK norm and partial NeoX RoPE, pure jnp: the semantics
+(docs/architecture.md §3.4.2-3).
 
 qkv [B, T, 3, H, K] -> q, k, v [B, T, H, K] in `dtype`:
   q = rope(rms_norm(qkv[:, :, 0]; wq)),  k = rope(rms_norm(qkv[:, :, 1]; wk)),  v = qkv[:, :, 2]

@@ -1,4 +1,4 @@
-"""RMSNorm (spec 3.2), plain, grouped (GroupRMSNorm) and per head (QK norm).
+"""RMSNorm (docs/architecture.md §3.2), plain, grouped (GroupRMSNorm) and per head (QK norm).
 
 `rms_norm(x, w, eps=, dtype=, groups=, impl=)`:
 * "pallas": kernel.py's Triton-lowered forward and backward (GPU), where the shape fits (slice

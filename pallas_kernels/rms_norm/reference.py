@@ -1,9 +1,9 @@
-"""RMSNorm, pure jnp: the semantics the Pallas kernel must match (spec 3.2).
+"""RMSNorm, pure jnp: the semantics the Pallas kernel must match (docs/architecture.md §3.2).
 
-HF order of operations: cast x to the compute dtype, normalise in fp32, cast back, then scale by
-the weight (cast to the compute dtype):  y = w * dtype(x / rms(x)).
-`groups` normalises `groups` equal slices of the last axis separately (the Lightning output's
-GroupRMSNorm, spec 3.4.6), each with its own weight: w [groups, D / groups] (or [D]).
+HF order of operations: cast x to the compute dtype, normalise in fp32, cast back, then scale by the
+weight (cast to the compute dtype):  y = w * dtype(x / rms(x)). `groups` normalises `groups` equal
+slices of the last axis separately (the Lightning output's GroupRMSNorm, docs/architecture.md
+§3.4.6), each with its own weight: w [groups, D / groups] (or [D]).
 """
 
 from __future__ import annotations

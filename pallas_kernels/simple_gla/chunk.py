@@ -6,7 +6,8 @@ reverse scan) run the Mosaic GPU kernels of mosaic.py where they apply (bf16, T 
 forward 1.4-1.5x, forward+backward 1.25x faster than the Triton code, BENCHMARKS.md). Elsewhere
 (tails, fp32, other GPUs, interpret mode) it is the Triton code below.
 
-The op (spec 3.4.5), per batch b and head h, with a per-head constant log-decay g_h < 0:
+The op (docs/architecture.md §3.4.5), per batch b and head h, with a per-head constant log-decay
+g_h < 0:
   S_t = exp(g_h) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t   (state S [K, V] in fp32).
 
 Design (one pass over the sequence, state on chip):

@@ -1,4 +1,4 @@
-"""One decode step of simple GLA in Pallas (Triton lowering), spec 3.4.5.
+"""One decode step of simple GLA in Pallas (Triton lowering), docs/architecture.md §3.4.5.
 
 For a batch of single tokens: S' = exp(g_h) S + k^T v, o = scale * q S'. The step is memory-bound
 on the fp32 state [B, H, K, V] (read once, written once; q, k, v, o are tiny), so a program owns
