@@ -76,3 +76,47 @@ def test_sft_runs_resumes_and_loads(tmp_path):
   cfg, model = ling_jax.load(out)
   assert cfg == exp.model
   assert model.config.num_hidden_layers == 2
+
+
+def test_start_points_and_a_tokenizer_without_chat_template(tmp_path):
+  """start.init names an HF folder (read as ling_jax.load_hf reads it), a run checkpoint, or
+  nothing usable (refused by name); a tokenizer folder without a chat template is a ChatError
+  before anything is written, and the built-in template can be asked for instead."""
+  import pytest
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  from hf_fixtures import tiny_hf_config, write_random_hf_checkpoint
+  from ling_jax.posttrain.chat import BUILTIN, ChatError
+  from ling_jax.posttrain.config import Start
+  from ling_jax.posttrain.init import init_kind, load_start_model, tokenizer_and_template
+  from ling_jax.train.errors import RunRefused
+
+  hf = tmp_path / "hf"
+  write_random_hf_checkpoint(hf, tiny_hf_config(), num_shards=1)
+  assert init_kind(str(hf)) == "hf"
+  with pytest.raises(RunRefused, match="neither an HF folder"):
+    init_kind(str(tmp_path))
+  with pytest.raises(RunRefused, match="no such directory"):
+    init_kind(str(tmp_path / "missing"))
+  cfg, model = load_start_model(str(hf), dtype=jnp.float32, kernels=sft_tiny.config().train.kernels)
+  cfg2, reference = ling_jax.load_hf(str(hf), np.float32)
+  assert cfg == cfg2
+  tokens = np.array([[1, 2, 3, 4]], np.int32)
+  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(reference(tokens)), rtol=1e-5,
+                             atol=1e-5)
+
+  tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hi": 1}, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(hf / "tokenizer.json"))
+  with pytest.raises(ChatError, match="has no chat template"):
+    tokenizer_and_template(Start(init=str(hf)), cfg.vocab_size)
+  _, template, _ = tokenizer_and_template(Start(init=str(hf), chat_template="builtin"),
+                                          cfg.vocab_size)
+  assert template is BUILTIN
+  exp = sft_tiny.config()
+  out = tmp_path / "refused"
+  exp = dataclasses.replace(exp, model=cfg, start=Start(init=str(hf)),
+                            train=dataclasses.replace(exp.train, out_dir=str(out)))
+  with pytest.raises(ChatError, match="has no chat template"):
+    run_sft(exp)
+  assert not out.exists()
