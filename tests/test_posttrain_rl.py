@@ -171,6 +171,9 @@ def test_run_rl_async_unit_replay_end_to_end(monkeypatch, tmp_path):
   assert [r["step"] for r in records] == [1, 2]
   assert all(r["accuracy"] == 0.5 and r["lag"] <= 1 for r in records)
   assert np.isfinite([r["loss"] for r in records]).all()
+  # One minibatch: the learner is at the proximal policy, and both score the tokens under the
+  # sampler's (replayed) routing, so the ratio is 1 however stale the batch.
+  assert all(abs(r["ratio"] - 1) < 1e-6 for r in records), records
   assert summary["learner_idle_s"] >= 0 and summary["rollout_tokens_per_s"] > 0
   assert os.path.isfile(os.path.join(out, "efficiency.png"))
   cfg, _ = ling_jax.load(out)

@@ -157,12 +157,14 @@ class Learner:
     """One update on a rollout batch of any version within the staleness bound."""
     rl, batch = self.rl, dict(item["batch"])
     check_staleness([item["version"]], self.version, rl.max_staleness, on_stale="error")
+    # Both under the sampler's routing when it is replayed, as the learner's own logp is.
+    routing = batch.get("routing")
     if rl.mode == "async":
       batch["prox_logp"] = score(self.model(), batch, temperature=rl.temperature,
-                                 chunk=rl.logprob_chunk)[0]
+                                 chunk=rl.logprob_chunk, routing=routing)[0]
     if rl.kl_coef:
       batch["ref_logp"] = score(self.model(self.ref), batch, temperature=rl.temperature,
-                                chunk=rl.logprob_chunk)[0]
+                                chunk=rl.logprob_chunk, routing=routing)[0]
     params, opt_state, metrics = update(self.step_fn, self.params, self.opt_state, self.bias,
                                         batch, rl.minibatches)
     with self.lock:

@@ -96,21 +96,24 @@ def sequence_logprobs(model, batch: dict, *, temperature: float, chunk: int = 0,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "record", "chunk"))
-def _score(graphdef, state, batch, temperature, *, record: bool, chunk: int):
+def _score(graphdef, state, batch, temperature, routing, *, record: bool, chunk: int):
   model = nnx.merge(graphdef, state)
-  routing = None
-  if record:
+  if routing is None and record:
     B, T = batch["tokens"].shape
     M = sum(kind == "moe" for kind in model.config.mlp_types())
     routing = jnp.full((B, T, M, model.config.num_experts_per_tok), -1, jnp.int32)
   return sequence_logprobs(model, batch, temperature=temperature, chunk=chunk, routing=routing)
 
 
-def score(model, batch: dict, *, temperature: float, record: bool = False, chunk: int = 0):
+def score(model, batch: dict, *, temperature: float, record: bool = False, chunk: int = 0,
+          routing=None):
   """The sampler's (logp [B, T], expert ids [B, T, M, X] or None) of `batch` (tokens,
-  positions, segment_ids [B, T]), as host arrays."""
+  positions, segment_ids [B, T]), as host arrays. record: route freely and return the experts;
+  routing [B, T, M, X]: replay those experts (the learner's proximal and reference policies
+  under the sampler's routing)."""
   graphdef, state = nnx.split(model)
   arrays = {k: jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")}
-  logp, ids = _score(graphdef, state, arrays, jnp.float32(temperature), record=record,
+  logp, ids = _score(graphdef, state, arrays, jnp.float32(temperature),
+                     None if routing is None else jnp.asarray(routing), record=record,
                      chunk=chunk)
   return np.asarray(logp), (None if ids is None else np.asarray(ids))
