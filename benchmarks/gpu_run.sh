@@ -18,9 +18,9 @@ case "$part" in
   tests)      # every GPU-only test (compiled kernels against the references), and the router's tests
               # (73 passed in 538 s on the H100 at e0614b0: near a call's limit)
     timeout ${LIMIT:-575} python3 -m pytest -q -p no:cacheprovider -k "gpu or router or top_k" \
-      tests/test_grouped_matmul.py tests/test_simple_gla_pallas.py tests/test_mla_flash.py \
-      tests/test_rms_norm.py tests/test_mosaic_tgmm.py tests/test_model.py \
-      tests/test_cross_entropy.py tests/test_qk_norm_rope.py ;;
+      tests/kernels/test_grouped_matmul.py tests/kernels/test_simple_gla_pallas.py \
+      tests/kernels/test_mla_flash.py tests/kernels/test_rms_norm.py tests/kernels/test_mosaic_tgmm.py \
+      tests/model/test_model.py tests/kernels/test_cross_entropy.py tests/kernels/test_qk_norm_rope.py ;;
   moe-sweep)  # raw grouped-matmul kernels over tile configurations (flash shape; --shapes small)
     timeout ${LIMIT:-560} python3 -m benchmarks.moe --sweep --shapes flash --tokens 4096,16384 "$@" ;;
   moe)        # the routed-expert layer, both shapes, every token count
@@ -32,7 +32,7 @@ case "$part" in
   gla-bwd)    # the Mosaic kernels' GPU tests, then forward+backward with the Mosaic (default) and
               # the Triton backward side by side (shapes 0 and 2; --shapes ... overrides)
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider \
-        tests/test_simple_gla_pallas.py -k gpu_mosaic 2>&1 | tail -3 &&
+        tests/kernels/test_simple_gla_pallas.py -k gpu_mosaic 2>&1 | tail -3 &&
       python3 -m benchmarks.simple_gla --no-fused --no-check --no-decode --shapes 0,2 "$@" \
         --fwd-configs "[{}]" --bwd-configs "[{}, {\"bwd_kernel\": \"triton\"}]"' _ "$@" ;;
   train)      # ling_small at sequence 4096 (experiments/small_pretrain.py defaults: 64 x 4096 a
@@ -54,6 +54,6 @@ case "$part" in
   fp8)        # FP8 expert weights: the compiled kernels against float64 and the dequantised bf16
               # ones, then the experts' forward with bf16 / FP8 block / FP8 channel weights
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
-        tests/test_grouped_matmul_fp8.py 2>&1 | tail -3 && python3 -m benchmarks.fp8_experts "$@"' _ "$@" ;;
+        tests/kernels/test_grouped_matmul_fp8.py 2>&1 | tail -3 && python3 -m benchmarks.fp8_experts "$@"' _ "$@" ;;
   *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8)"; exit 2 ;;
 esac

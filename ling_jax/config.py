@@ -237,7 +237,7 @@ class LingConfig:
     per query); Lightning layers do chunked linear attention, which costs O(K*V) per token per head
     for the state plus O(C) within a chunk (chunk 64 assumed), independent of T. No recomputation
     (remat) counts. The weight term is checked against the matmuls of the traced forward pass
-    (tests/test_config.py).
+    (tests/model/test_config.py).
     """
     mult = 6 if training else 2
     flops = mult * self.matmul_params_per_token(include_mtp)

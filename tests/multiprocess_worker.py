@@ -1,5 +1,5 @@
-"""One process of tests/test_multiprocess.py, started as docs/parallelism.md documents (each
-process's environment says which one it is):
+"""One process of tests/parallel/test_multiprocess.py, started as docs/parallelism.md documents
+(each process's environment says which one it is):
 
     JAX_COORDINATOR_ADDRESS=localhost:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=<0 or 1> \\
     JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 \\

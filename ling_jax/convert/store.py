@@ -8,17 +8,17 @@
                       source tensor and the entries written; written last, so its presence means
                       "complete" (`ling_jax.io.destination`).
 
-The streaming importer does not hold arrays for Orbax to save: `StateWriter` writes `state/`
-itself through tensorstore, one slice at a time, in exactly the layout Orbax 0.12 writes (same
-kvstore spec, zarr v2 metadata, `_METADATA` format), uncompressed, with chunks that are whole
-stacked / per-expert slices so every write covers whole chunks. Why not Orbax's own save: its
-public API saves whole arrays, and a stacked variable (the experts of a group of layers) is
-filled by many checkpoint tensors from several shards; holding it whole would cost tens of GiB of
-host memory for the released models. The price is a hand-kept layout, pinned three ways: the Orbax
-version is pinned in pyproject.toml, FORMAT names this layout (a checkpoint of another FORMAT is
-refused with the versions this code reads), and tests/test_convert_format.py checks that Orbax's
-own `StandardCheckpointer` restores what `StateWriter` writes bit-exactly and that our metadata
-matches what Orbax writes for the same state. `ling_jax.convert.load` restores through Orbax, and
+The streaming importer does not hold arrays for Orbax to save: `StateWriter` writes `state/` itself
+through tensorstore, one slice at a time, in exactly the layout Orbax 0.12 writes (same kvstore
+spec, zarr v2 metadata, `_METADATA` format), uncompressed, with chunks that are whole stacked /
+per-expert slices so every write covers whole chunks. Why not Orbax's own save: its public API saves
+whole arrays, and a stacked variable (the experts of a group of layers) is filled by many checkpoint
+tensors from several shards; holding it whole would cost tens of GiB of host memory for the released
+models. The price is a hand-kept layout, pinned three ways: the Orbax version is pinned in
+pyproject.toml, FORMAT names this layout (a checkpoint of another FORMAT is refused with the
+versions this code reads), and tests/convert/test_convert_format.py checks that Orbax's own
+`StandardCheckpointer` restores what `StateWriter` writes bit-exactly and that our metadata matches
+what Orbax writes for the same state. `ling_jax.convert.load` restores through Orbax, and
 `StateReader` reads Orbax's own saves (`ling_jax.convert.save`). A checkpoint is built in
 `CKPT_DIR.partial`, verified, and renamed into place (`ling_jax.io.destination`).
 """

@@ -6,8 +6,8 @@ modules that call that op; `forward(..., remat=Remat("dots"))` checkpoints its b
 carries one of each (`TrainConfig.kernels`, `TrainConfig.remat`, overridable as
 `train.kernels.moe=xla`, `train.remat.policy=full`), and the loaders and benchmarks take a
 `Kernels`. This module imports no jax (so a config, and an experiment's `--help`, builds without
-it): the names each op and policy table accepts are copied here, and tests/test_model.py checks
-them against the ops' own `IMPLS` and model/remat.py's `REMAT`.
+it): the names each op and policy table accepts are copied here, and tests/model/test_model.py
+checks them against the ops' own `IMPLS` and model/remat.py's `REMAT`.
 
 Every `Kernels` field takes its op's `impl`, in one vocabulary:
   "reference"  the obviously correct jnp form (recurrent GLA, every expert on every token,

@@ -15,11 +15,11 @@ Decoupled PPO (asynchronous rollouts, behaviour policy up to k versions stale):
   r_t = pi_theta / pi_prox        the trust-region ratio, around the recent proximal policy
   w_t = sg(min(pi_prox / mu, c))  the off-policy correction, truncated at c (None: no cap)
 At theta = prox the gradient is E_mu[(pi_prox / mu) A grad log pi] = E_prox[A grad log pi]: the
-on-policy gradient of the proximal policy, however stale mu is; clipping around pi_prox keeps
-each update small. Clipping around a stale mu instead (plain PPO with mu as "old") would, once
-pi_prox/mu leaves [1 - eps, 1 + eps], zero the gradient of those tokens from the first step
-(tests/test_posttrain_losses.py shows both). Without prox_logp, pi_prox = mu and w = 1: the plain
-on-policy GRPO / PPO objective.
+on-policy gradient of the proximal policy, however stale mu is; clipping around pi_prox keeps each
+update small. Clipping around a stale mu instead (plain PPO with mu as "old") would, once pi_prox/mu
+leaves [1 - eps, 1 + eps], zero the gradient of those tokens from the first step
+(tests/posttrain/test_posttrain_losses.py shows both). Without prox_logp, pi_prox = mu and w = 1:
+the plain on-policy GRPO / PPO objective.
 
 Ratio levels (what one clip decision covers), `level=`:
   "token"    r_t = exp(logp_t - prox_t)                               (GRPO, PPO)

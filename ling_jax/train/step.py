@@ -72,10 +72,10 @@ def compute_copies(params, dtype):
   cast now; the rest (norm scales, router, embedding, head) as they are.
 
   The model casts each master weight where it uses it (`w[...].astype(dtype)`, a no-op on a leaf
-  already in `dtype`). Under gradient accumulation that cast (4 bytes read, 2 written a
-  parameter) would run in every micro-batch; the train step casts once and differentiates with
-  respect to the copies. Their gradients are the casts' cotangents, which the casts' own
-  backward would only have widened to fp32: the same gradients bit for bit (tests/test_train.py).
+  already in `dtype`). Under gradient accumulation that cast (4 bytes read, 2 written a parameter)
+  would run in every micro-batch; the train step casts once and differentiates with respect to the
+  copies. Their gradients are the casts' cotangents, which the casts' own backward would only have
+  widened to fp32: the same gradients bit for bit (tests/train/test_train.py).
   """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.float32:

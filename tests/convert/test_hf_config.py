@@ -213,7 +213,7 @@ def test_convert_import_refuses_a_string_number_and_writes_nothing(tmp_path, cap
 
 
 def test_docs_table_lists_every_field_with_its_default_and_source():
-  doc = (pathlib.Path(__file__).parents[1] / "docs" / "config.md").read_text()
+  doc = (pathlib.Path(__file__).parents[2] / "docs" / "config.md").read_text()
   rows = {}
   for line in doc.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -36,7 +36,7 @@ from ling_jax.train.step import (_losses, compute_copies, init_state, make_train
                                   split_model)
 from testing import random_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DENSE = Kernels(moe="reference")  # every expert on every token, as tiny_pretrain runs it
 
 

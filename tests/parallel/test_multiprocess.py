@@ -13,7 +13,7 @@ import numpy as np
 import multiprocess_worker as worker
 from testing import rel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 90
 
 

@@ -182,7 +182,7 @@ def test_bad_fp8_weights_are_refused():
 
 def test_the_benchmark_runs_tiny_in_interpret_mode():
   """benchmarks/fp8_experts.py --tiny: the same code the GPU runs, at a toy shape, on the CPU."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
   res = subprocess.run([sys.executable, "-m", "benchmarks.fp8_experts", "--tiny"], cwd=root,
                        env=env, capture_output=True, text=True, timeout=300)

@@ -276,7 +276,7 @@ except ImportError as e:
 else:
   raise AssertionError("no error")
 """
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                         text=True, timeout=120)

@@ -18,7 +18,7 @@ import pytest
 from ling_jax.io import destination as d
 from ling_jax.io.destination import DISCARD, MARKER, Destination, DestinationError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_ours(folder, version: str, fmt="ling_jax.orbax/1"):

@@ -23,7 +23,7 @@ import tensorstore as ts
 
 from ling_jax.convert import CheckpointFormatError, load, store
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # state path -> (shape, dtype, leading index axes): a stacked variable, integer layer keys, a
 # vector, and a variable whose slices are chunked further (chunk_bytes below).

@@ -13,7 +13,7 @@ from experiments import tiny_pretrain
 from experiments.overrides import apply_overrides
 from ling_jax.train.checkpoint import config_meta
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_help_lists_every_field_without_importing_jax():
