@@ -10,7 +10,7 @@ import pytest
 
 from experiments.overrides import OverrideError, apply_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STAGES = {"sft": ("model", "start", "tasks", "data", "eval", "train"),
           "distill": ("model", "start", "tasks", "distill", "eval", "train"),
           "rl": ("model", "start", "tasks", "rl", "eval", "train")}
