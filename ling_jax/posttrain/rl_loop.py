@@ -32,7 +32,7 @@ from ling_jax.posttrain.sft import cached_json, measure, stage_meta, start_model
 from ling_jax.posttrain.tasks import make_task
 from ling_jax.train.checkpoint import Checkpointer, check_compatible
 from ling_jax.train.errors import NonFiniteError, RunRefused, TrainingInterrupted
-from ling_jax.train.loop import _sigint_sets
+from ling_jax.train.loop import _last, _sigint_sets
 from ling_jax.train.optim import optimizer
 from ling_jax.train.report import MetricsLog, read_metrics
 from ling_jax.train.step import TrainState
@@ -124,7 +124,7 @@ def run_rl(exp: RLExperiment) -> dict:
     ckpt.close()
   if stop.is_set():
     raise TrainingInterrupted(f"interrupted at step {learner.version}; re-run the same command "
-                              "to resume", learner.version, ckpt.latest_step())
+                              "to resume", learner.version, _last(ckpt_dir))
   after = measure(learner.model(), exp.tasks, exp.eval, tokenizer, template)
   print(f"after:  accuracy {after['accuracy']:.3f}, mean answer length "
         f"{after['mean_length']:.1f} tokens")

@@ -38,7 +38,7 @@ from ling_jax.posttrain.tasks import sft_conversations
 from ling_jax.train.checkpoint import Checkpointer, check_compatible
 from ling_jax.train.config import TrainConfig
 from ling_jax.train.errors import RunRefused, TrainingInterrupted
-from ling_jax.train.loop import _sigint_sets, _train, train_step
+from ling_jax.train.loop import _last, _sigint_sets, _train, train_step
 from ling_jax.train.optim import optimizer
 from ling_jax.train.report import MetricsLog, read_metrics, write_loss_curve
 from ling_jax.train.step import init_state, split_model
@@ -110,7 +110,7 @@ def finetune(model, t: TrainConfig, batches, meta: dict, *, seq_len: int, batch_
     ckpt.close()
   if stop.is_set():
     raise TrainingInterrupted(f"interrupted at step {done}; re-run the same command to resume",
-                              done, ckpt.latest_step())
+                              done, _last(ckpt_dir))
   records = read_metrics(log.path)
   write_loss_curve(os.path.join(t.out_dir, "loss_curve.png"), records, eval_loss=None,
                    unigram=None)
