@@ -2,8 +2,8 @@
 
     python -m experiments.sft_small           # first: runs/sft_small
     python -m experiments.rl_small [key.sub=value ...]
-    python -m experiments.rl_small rl.level=unit rl.length_alpha=0.5 train.out_dir=runs/rl_small_unit
-    python -m experiments.rl_small rl.mode=async rl.max_staleness=1 train.out_dir=runs/rl_small_async
+    python -m experiments.rl_small rl.level=unit rl.length_alpha=0.5 train.out_dir=runs/rl_unit
+    python -m experiments.rl_small rl.mode=async rl.max_staleness=1 train.out_dir=runs/rl_async
 
 The options of experiments.rl_tiny, at ling_small's scale: 16 prompts x 8 answers a step,
 multi-step arithmetic. summary.json holds accuracy and mean answer length before and after, the

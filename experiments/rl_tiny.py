@@ -1,4 +1,4 @@
-"""RL with verifiable rewards on `ling_tiny` (CPU): GRPO-style by default, from the `sft_tiny` model.
+"""RL with verifiable rewards on `ling_tiny` (CPU), GRPO-style by default, from `sft_tiny`.
 
     python -m experiments.sft_tiny            # first: runs/sft_tiny
     python -m experiments.rl_tiny [key.sub=value ...]

@@ -1,5 +1,5 @@
-"""Fine-tune `ling_small()` on one GPU to answer multi-step arithmetic with a verbose chain of
-thought, starting from a `small_pretrain` run.
+"""Fine-tune `ling_small()` on one GPU to answer multi-step arithmetic with a chain of thought,
+starting from a `small_pretrain` run.
 
     python -m experiments.small_pretrain            # first: writes runs/small_pretrain
     python -m experiments.sft_small [key.sub=value ...]
@@ -7,10 +7,13 @@ thought, starting from a `small_pretrain` run.
 `start.init` takes an HF folder, a converted checkpoint or a run's checkpoint (`start.init=none`:
 a fresh model). Text is UTF-8 bytes (ids < 256 of the model's vocabulary) in the built-in chat
 template, unless `start.tokenizer=` names a tokenizer.json. The training conversations are the
-tasks' reference solutions (verbosity 2), made in process; accuracy and mean answer length on
-held-out prompts are printed before and after. Writes under runs/sft_small; a rerun resumes;
-`python -m ling_jax.convert export runs/sft_small HF_DIR` writes the result in the HF layout,
-and `experiments.rl_small` / `experiments.distill_small` start from it.
+tasks' reference solutions, made in process, at mixed verbosity (`tasks.verbosity=-1`: a third
+each answer only, terse and verbose), so that the model samples answers of different lengths
+for distillation and the length-aware reward to choose between (`tasks.verbosity=2`: verbose
+only); accuracy and mean answer length on held-out prompts are printed before and after. Writes
+under runs/sft_small; a rerun resumes; `python -m ling_jax.convert export runs/sft_small
+HF_DIR` writes the result in the HF layout, and `experiments.rl_small` /
+`experiments.distill_small` start from it.
 """
 
 import sys
@@ -27,7 +30,7 @@ def config() -> SFTExperiment:
       model=ling_small(),
       start=Start(init="runs/small_pretrain"),
       tasks=Tasks(kinds=("arith",), difficulty=2, train_prompts=50_000, eval_prompts=256,
-                  verbosity=2, prompt_tokens=46),
+                  verbosity=-1, prompt_tokens=46),
       data=SFTData(seq_len=1024, batch_size=32),
       eval=Eval(max_new_tokens=160, show=4),
       train=TrainConfig(steps=1000, learning_rate=3e-4, warmup_steps=50, compute_dtype="bfloat16",

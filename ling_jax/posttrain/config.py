@@ -57,7 +57,10 @@ class Tasks:
   train_prompts: int = 4096        # distinct training prompts (seeds 0..train_prompts-1)
   eval_prompts: int = 64           # evaluation prompts
   eval_offset: int = 1_000_000     # the first evaluation seed
-  verbosity: int = 2               # SFT references: 0 answer only, 1 terse, 2 verbose
+  # SFT references: 0 answer only, 1 terse, 2 verbose; -1 mixed (seed s: verbosity s mod 3), so
+  # that a fine-tuned model samples answers of different lengths for distillation and RL to
+  # choose between.
+  verbosity: int = 2
   # Only prompts of exactly this many tokens (0: any). The sampler compiles once per prompt
   # length (ling_jax.generate takes one length a call): the CPU experiments use one.
   prompt_tokens: int = 0
@@ -72,8 +75,8 @@ class Tasks:
         errors.append(f"{name}={getattr(self, name)} must be >= 1")
     if self.eval_offset < self.train_prompts:
       errors.append(f"eval_offset={self.eval_offset} must be >= train_prompts (disjoint seeds)")
-    if self.verbosity not in (0, 1, 2):
-      errors.append(f"verbosity={self.verbosity} must be 0, 1 or 2")
+    if self.verbosity not in (-1, 0, 1, 2):
+      errors.append(f"verbosity={self.verbosity} must be 0, 1, 2 or -1 (mixed)")
     if self.prompt_tokens < 0:
       errors.append(f"prompt_tokens={self.prompt_tokens} must be >= 0")
     _errors("Tasks", errors)

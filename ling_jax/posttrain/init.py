@@ -92,7 +92,8 @@ def stage_config(default: LingConfig, init: str | None) -> LingConfig:
   if init is None:
     return default
   cfg = init_config(init)
-  diff = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
+  diff = [f.name for f in dataclasses.fields(cfg)
+          if getattr(cfg, f.name) != getattr(default, f.name)]
   if diff:
     print(f"model config from {init} (it differs from the experiment's model.* in "
           f"{', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''})")
@@ -142,5 +143,6 @@ def stop_ids(template, tokenizer) -> list[int]:
                     "tokenizer_config.json has no eos_token), so generation cannot stop")
   ids = [int(i) for i in tokenizer.encode(template.stop)]
   if not ids:
-    raise ChatError(f"{template.name}: the end-of-turn marker {template.stop!r} encodes to no token")
+    raise ChatError(f"{template.name}: the end-of-turn marker {template.stop!r} encodes to no "
+                    "token")
   return ids

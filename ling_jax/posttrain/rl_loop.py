@@ -154,7 +154,8 @@ def efficiency_plot(path: str, records: list[dict], before: dict, after: dict) -
   ax = fig.subplots()
   if records:
     pts = ax.scatter([r["mean_length"] for r in records], [r["accuracy"] for r in records],
-                     c=[r["step"] for r in records], s=12, cmap="viridis", label="training rollouts")
+                     c=[r["step"] for r in records], s=12, cmap="viridis",
+                     label="training rollouts")
     fig.colorbar(pts, ax=ax, label="step")
   for name, m, marker in (("before", before, "o"), ("after", after, "*")):
     ax.scatter([m["mean_length"]], [m["accuracy"]], s=120, marker=marker, color="red",

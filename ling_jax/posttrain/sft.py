@@ -45,11 +45,13 @@ from ling_jax.train.step import init_state, split_model
 
 
 def task_conversations(tasks) -> list[list[dict]]:
-  """Reference conversations of the training seeds, kinds round-robin (seed s: kind s mod k)."""
+  """Reference conversations of the training seeds, kinds round-robin (seed s: kind s mod k),
+  at tasks.verbosity (-1: seed s at verbosity s mod 3)."""
   convs = []
   for s in range(tasks.train_prompts):
     kind = tasks.kinds[s % len(tasks.kinds)]
-    convs += sft_conversations(kind, [s], difficulty=tasks.difficulty, verbosity=tasks.verbosity)
+    verbosity = s % 3 if tasks.verbosity == -1 else tasks.verbosity
+    convs += sft_conversations(kind, [s], difficulty=tasks.difficulty, verbosity=verbosity)
   return convs
 
 

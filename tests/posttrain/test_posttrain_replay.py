@@ -84,7 +84,8 @@ def test_replayed_moe_matches_float64_reference_and_trains_the_router():
 
   f64 = lambda v: np.asarray(v, np.float64)
   wr = f64(moe.gate.weight[...])
-  gate, up, down = (f64(getattr(moe.experts, n)[...]) for n in ("gate_proj", "up_proj", "down_proj"))
+  gate, up, down = (f64(getattr(moe.experts, n)[...])
+                    for n in ("gate_proj", "up_proj", "down_proj"))
   sh = moe.shared_experts
   silu = lambda v: v / (1 + np.exp(-v))
   want = np.zeros((5, 16))
@@ -94,12 +95,14 @@ def test_replayed_moe_matches_float64_reference_and_trains_the_router():
     w = s[want_ids[0, t]] / s[want_ids[0, t]].sum() * 2.5
     for k, e in enumerate(want_ids[0, t]):
       want[t] += w[k] * (silu(xt @ gate[e]) * (xt @ up[e])) @ down[e]
-    want[t] += (silu(xt @ f64(sh.gate_proj[...])) * (xt @ f64(sh.up_proj[...]))) @ f64(sh.down_proj[...])
+    shared = silu(xt @ f64(sh.gate_proj[...])) * (xt @ f64(sh.up_proj[...]))
+    want[t] += shared @ f64(sh.down_proj[...])
   np.testing.assert_allclose(np.asarray(y[0], np.float64), want, rtol=1e-5, atol=1e-5)
 
   # The router still learns under replay: its weight gets a gradient through the gate weights.
   graphdef, state = nnx.split(moe)
-  grads = jax.grad(lambda st: nnx.merge(graphdef, st)(jnp.asarray(x), jnp.asarray(replay))[0].sum())(state)
+  loss = lambda st: nnx.merge(graphdef, st)(jnp.asarray(x), jnp.asarray(replay))[0].sum()
+  grads = jax.grad(loss)(state)
   assert np.abs(np.asarray(grads["gate"]["weight"][...])).sum() > 0
 
 

@@ -37,8 +37,9 @@ def _batch(seed=0):
   tokens = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
   mask = np.zeros((B, T), np.int32)
   mask[:, PROMPT:] = 1
-  return {"tokens": tokens, "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
-          "segment_ids": np.ones((B, T), np.int32), "mask": mask}
+  positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+  return {"tokens": tokens, "positions": positions, "segment_ids": np.ones((B, T), np.int32),
+          "mask": mask}
 
 
 def _f64_logp(model, batch):
@@ -66,9 +67,8 @@ def test_one_step_raises_rewarded_logprobs_as_the_policy_gradient_predicts():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def row_logp(p, b):
-    lp, _ = sequence_logprobs(nnx.merge(graphdef, p, rest), {k: jnp.asarray(batch[k]) for k in
-                                                             ("tokens", "positions", "segment_ids")},
-                              temperature=1.0)
+    arrays = {k: jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")}
+    lp, _ = sequence_logprobs(nnx.merge(graphdef, p, rest), arrays, temperature=1.0)
     return (lp[b] * batch["mask"][b]).sum()
 
   flat = lambda g: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(g)])
@@ -200,8 +200,9 @@ def test_rl_raises_the_reward_of_a_trivial_task():
     rewards.append(r.mean())
     mask = np.zeros_like(tokens)
     mask[:, 6:] = 1
-    batch = {"tokens": tokens, "positions": np.broadcast_to(np.arange(8, dtype=np.int32), tokens.shape).copy(),
-             "segment_ids": np.ones_like(tokens), "mask": mask,
+    positions = np.broadcast_to(np.arange(8, dtype=np.int32), tokens.shape).copy()
+    batch = {"tokens": tokens, "positions": positions, "segment_ids": np.ones_like(tokens),
+             "mask": mask,
              "advantages": np.asarray(group_advantages(r, 8))}
     batch["behav_logp"] = score(policy, batch, temperature=1.0)[0]
     learner.train_on({"batch": batch, "version": learner.version})

@@ -8,6 +8,7 @@ import types
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import ling_jax
 from experiments import sft_tiny
@@ -120,3 +121,21 @@ def test_start_points_and_a_tokenizer_without_chat_template(tmp_path):
   with pytest.raises(ChatError, match="has no chat template"):
     run_sft(exp)
   assert not out.exists()
+
+
+def test_mixed_verbosity_references():
+  """tasks.verbosity=-1 gives seed s the references of verbosity s mod 3: one task kind's
+  references then come in three lengths (kinds alternate with the seed too)."""
+  from ling_jax.posttrain.config import Tasks
+  from ling_jax.posttrain.sft import task_conversations
+  from ling_jax.posttrain.tasks import make_task, reference_messages
+
+  tasks = Tasks(kinds=("arith", "list"), difficulty=2, train_prompts=12, verbosity=-1)
+  convs = task_conversations(tasks)
+  for s, conv in enumerate(convs):
+    kind = ("arith", "list")[s % 2]
+    assert conv == reference_messages(make_task(kind, s, 2), s % 3)
+  lengths = {s % 3: len(convs[s][-1]["content"]) for s in range(0, 12, 2)}  # arith seeds
+  assert len(set(lengths.values())) == 3
+  with pytest.raises(ValueError, match="verbosity=3"):
+    Tasks(verbosity=3)
