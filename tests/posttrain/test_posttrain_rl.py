@@ -42,9 +42,14 @@ def _batch(seed=0):
           "mask": mask}
 
 
+@nnx.jit
+def _logits(model, tokens):
+  return model.forward(tokens).logits
+
+
 def _f64_logp(model, batch):
   """log p(token t | < t) in float64 from the model's fp32 logits (0 at t = 0)."""
-  logits = np.asarray(model.forward(jnp.asarray(batch["tokens"])).logits, np.float64)
+  logits = np.asarray(_logits(model, jnp.asarray(batch["tokens"])), np.float64)
   m = logits.max(-1, keepdims=True)
   lsm = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
   picked = np.take_along_axis(lsm[:, :-1], batch["tokens"][:, 1:, None], -1)[..., 0]
@@ -66,13 +71,14 @@ def test_one_step_raises_rewarded_logprobs_as_the_policy_gradient_predicts():
   # Per-row gradients of the summed response log-probability, for the first-order prediction.
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def row_logp(p, b):
+  def row_logps(p):  # [B]: each row's summed response log-probability
     arrays = {k: jnp.asarray(batch[k]) for k in ("tokens", "positions", "segment_ids")}
     lp, _ = sequence_logprobs(nnx.merge(graphdef, p, rest), arrays, temperature=1.0)
-    return (lp[b] * batch["mask"][b]).sum()
+    return (lp * batch["mask"]).sum(1)
 
-  flat = lambda g: np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(g)])
-  grads = np.stack([flat(jax.grad(row_logp)(params, b)) for b in range(B)])  # [B, P]
+  jac = jax.jit(jax.jacrev(row_logps))(params)  # leaves [B, ...]
+  grads = np.concatenate([np.asarray(x, np.float64).reshape(B, -1) for x in jax.tree.leaves(jac)],
+                         axis=1)  # [B, P]
   metrics = learner.train_on({"batch": batch, "version": 0})
   assert metrics["lag"] == 0 and metrics["clip_frac"] == 0.0
   new = score(learner.model(), batch, temperature=1.0)[0]
