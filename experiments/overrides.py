@@ -92,8 +92,10 @@ def apply_overrides(cfg, args: list[str]):
   return cfg
 
 
-def main(config_fn, argv: list[str]):
-  """Entry point of `python -m experiments.<name> key=value ...`: override, then train.
+def main(config_fn, argv: list[str], run=None):
+  """Entry point of `python -m experiments.<name> key=value ...`: override, then train (with
+  `run(experiment)`, default pretraining's `ling_jax.train.run`; a stage's run imports jax
+  inside it, so that --help stays instant).
 
   `-h` / `--help` lists every field (experiments/usage.py) and exits without importing jax.
   Exit status: 2 for bad input (an override, the corpus, a checkpoint of another config or
@@ -109,12 +111,14 @@ def main(config_fn, argv: list[str]):
     print(help_text(exp, *program_of(config_fn)))
     return None
   from ling_jax.data.sources import DataError  # here: parsing overrides needs no jax
-  from ling_jax.train import run
+  from ling_jax.posttrain.chat import ChatError
   from ling_jax.train.errors import NonFiniteError, RunRefused
+  if run is None:
+    from ling_jax.train import run
 
   try:
     return run(apply_overrides(config_fn(), argv))
-  except (OverrideError, DataError, RunRefused) as e:
+  except (OverrideError, DataError, RunRefused, ChatError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except NonFiniteError as e:

@@ -12,6 +12,10 @@
                                           in the stored dtype unless `dtype` is given
     save(model, ckpt_dir)                 a live model -> checkpoint (Orbax save)
 
+`export_hf` and `load` also take a training run's checkpoint (its out_dir, `checkpoints/` or
+`checkpoints/<step>`): its fp32 parameters and expert biases, the config from its meta item
+(`ling_jax.train.checkpoint.find_run_checkpoint`).
+
 Host memory stays bounded by the blocks in flight (no more than a few hundred MiB), whatever the
 model size; the checkpoint format is in `store.py`. Every writer publishes through
 `ling_jax.io.destination`: built aside, renamed into place under a lock, and replacing only a

@@ -36,11 +36,13 @@ def main(argv=None) -> int:
                         "serving; the other quantised weights are dequantised to --dtype")
   imp.add_argument("--verify-data", action="store_true",
                    help="read every block back and compare before committing")
-  exp = sub.add_parser("export", help="Orbax checkpoint -> HF safetensors folder")
+  exp = sub.add_parser("export", help="Orbax checkpoint (converted, or a training run's: its "
+                       "out_dir, checkpoints/ or checkpoints/<step>) -> HF safetensors folder")
   exp.add_argument("ckpt_dir")
   exp.add_argument("hf_dir")
   exp.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="tensor dtype (default: each tensor's dtype in the imported folder)")
+                   help="tensor dtype (default: each tensor's dtype in the imported folder; "
+                        "float32 for a training run's checkpoint)")
   exp.add_argument("--max-shard-size", type=_size, default=5 * 2**30, metavar="SIZE",
                    help="largest main-model shard, e.g. 5GiB (default)")
   for s in (imp, exp):

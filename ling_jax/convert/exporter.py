@@ -34,6 +34,7 @@ from ling_jax.convert.pagecache import PageCacheRecycler
 from ling_jax.convert.pipeline import Pipeline
 from ling_jax.convert.progress import Progress, Summary
 from ling_jax.convert.source import buffer_view, transpose2d
+from ling_jax.train.checkpoint import find_run_checkpoint
 
 _TORCH_DTYPE = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 
@@ -44,18 +45,28 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
               workers: int | None = None, durable: bool = True) -> Summary:
   """Write `ckpt_dir` as an HF folder. Tensors get the dtype they had in the imported folder
   (bit-exact round trip), or `dtype` if given (the MoE expert bias stays fp32 either way).
+  `ckpt_dir` may also be a training run's checkpoint (its out_dir, `checkpoints/` or one step:
+  `train.checkpoint.find_run_checkpoint`), whose fp32 parameters are written as fp32 unless
+  `dtype` is given; its model config comes from the run's meta item.
   Blocks of at most `block_bytes` are read, transposed and written on `workers` threads (default:
   two per core, as writes that bypass the page cache wait for the disk), at most `inflight_bytes`
   of them at once; `durable` fsyncs the folder before the rename that publishes it."""
   ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
   dest = Destination(hf_dir, overwrite=overwrite, sources=[ckpt_dir])
-  marker = store.read_marker(ckpt_dir)
-  if marker.get("expert_weights", {}).get("format", "dense") != "dense":
-    raise store.CheckpointFormatError(
-        f"{ckpt_dir} keeps its experts in FP8 (convert import --keep-fp8), which export does not "
-        "write; import the HF folder again without --keep-fp8 to export it")
-  cfg = from_hf_config(marker["config"])
-  reader = store.StateReader(os.path.join(ckpt_dir, store.STATE))
+  converted = os.path.exists(os.path.join(ckpt_dir, store.MARKER))
+  run = None if converted else find_run_checkpoint(ckpt_dir)
+  if run is None:
+    marker = store.read_marker(ckpt_dir)
+    if marker.get("expert_weights", {}).get("format", "dense") != "dense":
+      raise store.CheckpointFormatError(
+          f"{ckpt_dir} keeps its experts in FP8 (convert import --keep-fp8), which export does "
+          "not write; import the HF folder again without --keep-fp8 to export it")
+    cfg, name = from_hf_config(marker["config"]), store.param_name
+    state_dir = os.path.join(ckpt_dir, store.STATE)
+  else:  # a training run's checkpoint: fp32 master weights in its train state
+    cfg, state_dir, name = run.config, run.state_dir, run.array_name
+    marker = {"dtype": "float32", "hf_dtypes": {"default": "F32", "other": {}}}
+  reader = store.StateReader(state_dir, name)
   _, abstract, _ = abstract_model(cfg, np.dtype(marker["dtype"]))
   expected = {p: tuple(v.get_value().shape) for p, v in nnx.to_flat_state(abstract)}
   for path, shape in expected.items():
@@ -80,7 +91,7 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike, *, dtype=N
 
   with dest:
     return _write(reader, dest, cfg, files, expected, sizes, out_dtype, codes, dtype,
-                  os.path.join(ckpt_dir, store.STATE), block_bytes=block_bytes,
+                  state_dir, block_bytes=block_bytes,
                   inflight_bytes=inflight_bytes, workers=workers, progress=progress,
                   durable=durable)
 

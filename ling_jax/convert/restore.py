@@ -41,6 +41,8 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
          *, rules=ax.RULES_FSDP_TP_EP, kernels: Kernels = Kernels()):
   """Restore `ckpt_dir` -> (config, model) with parameters (and compute) in `dtype`, by default
   the dtype the checkpoint stores (its marker's); another dtype is cast to by Orbax on restore.
+  `ckpt_dir` may also be a training run's checkpoint (its out_dir, `checkpoints/` or one step;
+  `train.checkpoint.load_run`): its parameters and expert biases, fp32 unless `dtype` is given.
   The model runs the ops `kernels` picks. A checkpoint that kept FP8 experts (`convert import
   --keep-fp8`) restores them as they are stored (`ExpertWeights` from the marker), whatever dtype.
 
@@ -49,6 +51,13 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
   are the model's constants, which it computes rather than reads.
   """
   ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+  if not os.path.exists(os.path.join(ckpt_dir, store.MARKER)):
+    from ling_jax.train.checkpoint import find_run_checkpoint, load_run
+    run = find_run_checkpoint(ckpt_dir)
+    if run is not None:  # a training run's checkpoint
+      if mesh is not None:
+        check_mesh(run.config, mesh, rules=rules)
+      return load_run(ckpt_dir, dtype, kernels=kernels, mesh=mesh, rules=rules)
   marker = store.read_marker(ckpt_dir)
   cfg = from_hf_config(marker["config"])
   if dtype is None:

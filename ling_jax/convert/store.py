@@ -187,20 +187,23 @@ def verify_state(state_dir: str, variables: dict[Path, tuple[tuple, Any]]) -> No
 class StateReader:
   """Reads slices of the arrays of a checkpoint's `state/` (ours or one Orbax saved)."""
 
-  def __init__(self, state_dir: str):
+  def __init__(self, state_dir: str, name=param_name):
+    """`name(path)`: the stored array of a model variable (a run's train state stores
+    `params.<path>.value`: `RunCheckpoint.array_name`)."""
     self.state_dir = os.path.abspath(state_dir)
     self._context = _context()
     self._kv = _kvstore_spec(self.state_dir)
     self._arrays: dict[Path, Any] = {}
+    self._name = name
 
   def array(self, path: Path):
     if path not in self._arrays:
-      spec = {"driver": "zarr", "kvstore": {**self._kv, "path": param_name(path)}, "open": True,
+      spec = {"driver": "zarr", "kvstore": {**self._kv, "path": self._name(path)}, "open": True,
               "recheck_cached_data": False, "recheck_cached_metadata": False}
       try:
         self._arrays[path] = ts.open(spec, context=self._context).result()
       except ValueError as e:
-        raise CheckpointFormatError(f"{self.state_dir}: array {param_name(path)!r} is missing "
+        raise CheckpointFormatError(f"{self.state_dir}: array {self._name(path)!r} is missing "
                                     f"or unreadable: {e}") from None
     return self._arrays[path]
 

@@ -34,14 +34,17 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(hidden, **norm)
     self.post_attention_layernorm = RMSNorm(hidden, **norm)
 
-  def __call__(self, h: jax.Array, *, positions, segment_ids=None, cache=None):
-    """h [B, T, D] -> (h, new cache, expert load [E] or None). Under a mesh, h enters and leaves
-    with its rows over the batch axes and D whole (`constrain_rows`; nothing without one)."""
+  def __call__(self, h: jax.Array, *, positions, segment_ids=None, cache=None, routing=None):
+    """h [B, T, D] -> (h, new cache, expert load [E] or None). routing (an MoE layer's replayed
+    experts [B, T, X], -1 = route as usual): the aux is (load, expert ids [B, T, X]). Under a mesh,
+    h enters and leaves with its rows over the batch axes and D whole (`constrain_rows`; nothing
+    without one)."""
     h = constrain_rows(h)
     r, cache = self.attention(self.input_layernorm(h), positions=positions,
                               segment_ids=segment_ids, cache=cache)
     h = h + r.astype(h.dtype)
-    r, load = self.mlp(self.post_attention_layernorm(h))
+    x = self.post_attention_layernorm(h)
+    r, load = self.mlp(x) if routing is None else self.mlp(x, routing)
     return constrain_rows(h + r.astype(h.dtype)), cache, load
 
   def init_cache(self, batch: int, max_len: int, dtype):
@@ -87,18 +90,27 @@ class HybridGroup(nnx.Module):
   def __init__(self, layers: list[DecoderLayer]):
     self.layers = nnx.List(layers)
 
-  def __call__(self, h, *, positions, segment_ids=None, cache=None, layer_policy: str = "none"):
+  def __call__(self, h, *, positions, segment_ids=None, cache=None, layer_policy: str = "none",
+               routing=None):
     """Run the group: (h, new caches, loads [n_moe, E] or None). cache: a list with one entry per
     layer (or None). layer_policy: run each layer under `jax.checkpoint` with that named policy
-    (`remat.REMAT`; "none": not), prevent_cse on."""
-    new_cache, loads = [], []
+    (`remat.REMAT`; "none": not), prevent_cse on. routing: per layer, its replayed experts
+    [B, T, X] (None for a dense layer); then loads is (loads, expert ids [n_moe, B, T, X])."""
+    new_cache, loads, ids = [], [], []
     for j, layer in enumerate(self.layers):
+      r = None if routing is None else routing[j]
       h, c, load = checkpointed(layer, h, policy=layer_policy, positions=positions,
-                                segment_ids=segment_ids, cache=None if cache is None else cache[j])
+                                segment_ids=segment_ids, cache=None if cache is None else cache[j],
+                                **({} if r is None else {"routing": r}))
       new_cache.append(c)
+      if r is not None:
+        load, chosen = load
+        ids.append(chosen)
       if load is not None:
         loads.append(load)
     loads = jnp.stack(loads) if loads else None
+    if routing is not None:
+      loads = (loads, jnp.stack(ids) if ids else None)
     return h, (new_cache if cache is not None else None), loads
 
   def init_cache(self, batch: int, max_len: int, dtype):

@@ -49,6 +49,7 @@ class LingOutput:
   mtp_expert_load: jax.Array | None = None  # [E]
   cache: Any = None
   mtp_hidden: jax.Array | None = None       # [B, T, D]: MTP final_layernorm output (head input)
+  expert_ids: jax.Array | None = None       # [B, T, M, X]: the experts each token went to
 
 
 class LingForCausalLM(nnx.Module):
@@ -121,7 +122,7 @@ class LingForCausalLM(nnx.Module):
 
   def forward(self, tokens: jax.Array, *, positions=None, segment_ids=None, cache=None,
               scan: bool = True, mtp: bool = False, logits: bool = True,
-              remat: Remat = Remat()) -> LingOutput:
+              remat: Remat = Remat(), routing: jax.Array | None = None) -> LingOutput:
     """The full forward pass. logits=False skips the head (out.logits and out.mtp_logits are None;
     the loss is then computed from out.hidden and out.mtp_hidden).
 
@@ -129,32 +130,52 @@ class LingForCausalLM(nnx.Module):
     block of `remat.scope` ("layer": every decoder layer; "group": every hybrid group, i.e. the
     scan body, and every tail layer) and the MTP layer run under jax.checkpoint with
     `remat.policy`.
+
+    routing [B, T, M, X] int32, routing replay (docs/posttrain.md): per token and MoE layer of
+    the main stack (M of them in layer order; not the MTP layer), the experts to send it to, -1
+    = route as usual (all -1: only record). out.expert_ids [B, T, M, X] are then the experts
+    each token went to. None (the default): nothing changes.
     """
     B, T = tokens.shape
     index = cache["index"] if cache is not None else 0
     if positions is None:
       positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
     h = islands.embed(self.word_embeddings[...], tokens).astype(self.dtype)
-    prefix_cache, tail_cache, loads = [], [], []
+    prefix_cache, tail_cache, loads, ids = [], [], [], []
+    replay = None if routing is None else self._routing_parts(routing)
+    G = self.config.layer_group_size
+
+    def chosen(load):  # with routing, a block's aux is (loads, expert ids)
+      if routing is None:
+        return load
+      ids.append(load[1])
+      return load[0]
 
     for g, group in enumerate(self.prefix):
       h, c, load = _group(group, h, positions=positions, segment_ids=segment_ids,
-                          cache=None if cache is None else cache["prefix"][g], remat=remat)
+                          cache=None if cache is None else cache["prefix"][g], remat=remat,
+                          routing=None if replay is None else replay["layers"][g * G:(g + 1) * G])
       prefix_cache.append(c)
-      loads.append(load)
+      loads.append(chosen(load))
 
     groups_cache = None
     if self.groups is not None:
       h, groups_cache, load = self._run_groups(h, positions, segment_ids,
                                                None if cache is None else cache["groups"], scan,
-                                               remat)
-      loads.append(load)
+                                               remat, None if replay is None else replay["groups"])
+      loads.append(chosen(load))
 
+    first_tail = self.config.num_groups * G
     for i, layer in enumerate(self.tail):
+      r = None if replay is None else replay["layers"][first_tail + i]
       h, c, load = checkpointed(layer, h, policy=remat.policy, positions=positions,
                                 segment_ids=segment_ids,
-                                cache=None if cache is None else cache["tail"][i])
+                                cache=None if cache is None else cache["tail"][i],
+                                **({} if r is None else {"routing": r}))
       tail_cache.append(c)
+      if r is not None:
+        load, tail_ids = load
+        ids.append(tail_ids[None])
       loads.append(None if load is None else load[None])
 
     new_cache = None
@@ -163,31 +184,55 @@ class LingForCausalLM(nnx.Module):
                    "tail": tail_cache}
     loads = [l for l in loads if l is not None]
     hidden = self.norm(h)
+    ids = [i for i in ids if i is not None]
     out = LingOutput(logits=self._head(hidden) if logits else None, hidden=hidden,
-                     expert_load=jnp.concatenate(loads) if loads else None, cache=new_cache)
+                     expert_load=jnp.concatenate(loads) if loads else None, cache=new_cache,
+                     expert_ids=(jnp.moveaxis(jnp.concatenate(ids), 0, 2)  # [B, T, M, X]
+                                 if routing is not None else None))
     if mtp:
       out = self._mtp(out, tokens, positions, segment_ids, logits, remat)
     return out
 
-  def _run_groups(self, h, positions, segment_ids, cache, scan: bool, remat: Remat):
-    """Scan (or loop) the stacked hybrid groups."""
+  def _routing_parts(self, routing: jax.Array) -> dict:
+    """routing [B, T, M, X] -> {"layers": per main layer its [B, T, X] (None: a dense layer),
+    "groups": the scanned groups' [S, G, B, T, X] (None: no scanned groups)}."""
+    cfg = self.config
+    moe = [i for i, kind in enumerate(cfg.mlp_types()) if kind == "moe"]
+    if routing.ndim != 4 or routing.shape[2] != len(moe):
+      raise ValueError(f"routing {routing.shape} must be [B, T, M, X] with M = {len(moe)} MoE "
+                       "layers")
+    layers = [None] * cfg.num_hidden_layers
+    for k, i in enumerate(moe):
+      layers[i] = routing[:, :, k]
+    groups = None
+    if self.groups is not None:
+      G, P, S = cfg.layer_group_size, cfg.num_prefix_groups, cfg.num_scanned_groups
+      k0 = moe.index(P * G)  # every layer of a scanned group is an MoE layer
+      B, T, _, X = routing.shape
+      part = routing[:, :, k0:k0 + S * G].reshape(B, T, S, G, X)
+      groups = jnp.transpose(part, (2, 3, 0, 1, 4))  # [S, G, B, T, X]
+    return {"layers": layers, "groups": groups}
+
+  def _run_groups(self, h, positions, segment_ids, cache, scan: bool, remat: Remat,
+                  routing=None):
+    """Scan (or loop) the stacked hybrid groups; routing: their [S, G, B, T, X] replay."""
     n = self.config.num_scanned_groups
     graphdef, state = nnx.split(self.groups)
 
     def body(h, xs):
-      st, c = xs
+      st, c, r = xs
       # Per-layer checkpoints keep prevent_cse even inside the scan: its barrier (over the layer's
       # inputs and output cotangents) is what stops XLA from hoisting all the layers'
       # recomputations to the top of the backward loop body, or, where the scan is unrolled
       # (a trip count of 1 is), from merging them with the forward pass (no saving at all).
       h, c, load = nnx.merge(graphdef, st)(h, positions=positions, segment_ids=segment_ids,
-                                           cache=c, layer_policy=remat.at("layer"))
+                                           cache=c, layer_policy=remat.at("layer"), routing=r)
       return h, (c, load)
 
     if remat.at("group") != "none":
       # The whole body: a real loop keeps the recomputation apart from the forward by itself.
       body = jax.checkpoint(body, policy=REMAT[remat.policy], prevent_cse=not (scan and n > 1))
-    xs = (state, cache)
+    xs = (state, cache, routing)
     if scan:
       h, (c, load) = jax.lax.scan(body, h, xs)
     else:
@@ -196,6 +241,9 @@ class LingForCausalLM(nnx.Module):
         h, y = body(h, jax.tree.map(lambda a: a[i], xs))
         outs.append(y)
       c, load = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    if routing is not None:
+      load, ids = load
+      return h, c, (load.reshape(-1, load.shape[-1]), ids.reshape(-1, *ids.shape[2:]))
     return h, c, load.reshape(-1, load.shape[-1])
 
   def _head(self, hidden: jax.Array) -> jax.Array:
@@ -260,14 +308,14 @@ def with_fp8_experts(model: LingForCausalLM, expert_weights: ExpertWeights) -> L
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _group(group: HybridGroup, h, *, positions, segment_ids, cache, remat: Remat):
+def _group(group: HybridGroup, h, *, positions, segment_ids, cache, remat: Remat, routing=None):
   """One hybrid group outside the scan: checkpointed as a whole (scope "group") or layer by
   layer ("layer")."""
   if remat.scope == "group":
     return checkpointed(group, h, policy=remat.policy, positions=positions,
-                        segment_ids=segment_ids, cache=cache)
+                        segment_ids=segment_ids, cache=cache, routing=routing)
   return group(h, positions=positions, segment_ids=segment_ids, cache=cache,
-               layer_policy=remat.policy)
+               layer_policy=remat.policy, routing=routing)
 
 
 def _first(split):

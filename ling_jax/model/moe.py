@@ -84,13 +84,18 @@ class SparseMoE(nnx.Module):
     self.shared_experts = (SwiGLU(hidden, shared_width, rngs=rngs, dtype=dtype,
                                   param_dtype=param_dtype) if shared_width else None)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [B, T, D] -> (y [B, T, D], load [E] = tokens routed to each expert)."""
+  def __call__(self, x: jax.Array, routing: jax.Array | None = None):
+    """x [B, T, D] -> (y [B, T, D], load [E] = tokens routed to each expert).
+
+    routing [B, T, X] int32 (routing replay: a token's experts, -1 = route as usual) -> (y,
+    (load, expert ids [B, T, X] the tokens were sent to))."""
     B, T, D = x.shape
     x = x.astype(self.dtype)
     flat = x.reshape(B * T, D)  # [N, D]
+    replay = None if routing is None else routing.reshape(B * T, -1)
     idx, w = route(flat, self.gate.weight[...], self.gate.expert_bias[...], top_k=self.top_k,
-                   n_group=self.n_group, topk_group=self.topk_group, scale=self.routed_scale)
+                   n_group=self.n_group, topk_group=self.topk_group, scale=self.routed_scale,
+                   replay=replay)
     wts = [self.experts.weight(n, self.dtype) for n in NAMES]
     E = self.gate.weight.shape[1]
     mesh = islands.active_mesh()
@@ -108,4 +113,5 @@ class SparseMoE(nnx.Module):
     y = y.astype(self.dtype).reshape(B, T, D)
     if self.shared_experts is not None:
       y = y + self.shared_experts(x)[0]
-    return y, load.astype(jnp.float32)
+    load = load.astype(jnp.float32)
+    return (y, load) if routing is None else (y, (load, idx.reshape(B, T, -1)))

@@ -136,7 +136,7 @@ _split_logits.defvjp(_split_logits_fwd, _split_logits_bwd)
 
 
 def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_group: int,
-          topk_group: int, scale: float):
+          topk_group: int, scale: float, replay: jax.Array | None = None):
   """The router: x [N, D] -> (expert ids [N, X] int32, weights [N, X] fp32).
 
   docs/architecture.md §3.7.
@@ -144,6 +144,10 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_gro
   Scores are fp32 sigmoids; the bias steers selection only; groups outside the top `topk_group` (by
   the sum of their top-2 biased scores) are masked with -inf (docs/architecture.md §6.3); the chosen
   unbiased scores are renormalised and multiplied by the routed scale (docs/architecture.md §6.2).
+
+  replay [N, X] int32 (routing replay, docs/posttrain.md): a row whose first id is >= 0 takes
+  those experts instead of its own top-k, weighted by its current scores as above (so the
+  router's weight still gets a gradient); -1 rows route as usual.
   """
   logits = router_logits(x, weight.astype(jnp.float32))  # [N, E] fp32
   scores = jax.nn.sigmoid(logits)
@@ -155,6 +159,8 @@ def route(x: jax.Array, weight: jax.Array, bias: jax.Array, *, top_k: int, n_gro
     keep = _ranks(group_score) < topk_group  # the top `topk_group` groups, ties to the lower
     biased = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(N, E)
   idx = _top_k(biased, top_k)[1]  # [N, X]
+  if replay is not None:
+    idx = jnp.where(replay[:, :1] >= 0, replay.astype(idx.dtype), idx)
   w = jnp.take_along_axis(scores, idx, axis=-1)
   w = w / (w.sum(-1, keepdims=True) + 1e-20) * scale
   return idx.astype(jnp.int32), w

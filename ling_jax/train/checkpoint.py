@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,124 @@ class Checkpointer:
     last = self.wait()
     self.manager.close()
     return last
+
+
+# ---------------------------------------------------------------------------- reading a run
+# A run's checkpoint as a model: what `ling_jax.load`, `python -m ling_jax.convert export` and a
+# post-training stage's `init=` read. Only the parameters and the expert biases are restored
+# (Orbax's partial restore: the optimizer's moments are never read).
+STEP_ITEMS = ("state", "meta")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunCheckpoint:
+  """One complete step of a run's checkpoints: its directory, step and model config."""
+
+  step_dir: str
+  step: int
+  config: Any  # LingConfig
+  meta: dict
+
+  @property
+  def state_dir(self) -> str:
+    return os.path.join(self.step_dir, "state")
+
+  @staticmethod
+  def array_name(path: tuple) -> str:
+    """The stored name of the model variable at `path` (an nnx state path): the train state
+    holds `params` and `expert_bias`, each leaf a Variable's `value`."""
+    group = "expert_bias" if path[-1] == "expert_bias" else "params"
+    return ".".join(map(str, (group, *path, "value")))
+
+
+def _is_step_dir(path: str) -> bool:
+  return all(os.path.isdir(os.path.join(path, item)) for item in STEP_ITEMS)
+
+
+def model_config_from_meta(model: dict, where: str):
+  """The LingConfig a run's meta item records (`dataclasses.asdict`, JSON-normalised)."""
+  from ling_jax.config import LingConfig, YarnScaling
+  fields = {f.name for f in dataclasses.fields(LingConfig)}
+  if not isinstance(model, dict) or set(model) - fields:
+    extra = sorted(set(model) - fields) if isinstance(model, dict) else model
+    raise RunRefused(f"{where}: the meta item's model config has fields this version does not "
+                     f"know: {extra}")
+  kw = dict(model)
+  if isinstance(kw.get("rope_scaling"), dict):
+    kw["rope_scaling"] = YarnScaling(**kw["rope_scaling"])
+  if isinstance(kw.get("eos_token_id"), list):
+    kw["eos_token_id"] = tuple(kw["eos_token_id"])
+  return LingConfig(**kw)
+
+
+def find_run_checkpoint(path: str | os.PathLike) -> RunCheckpoint | None:
+  """The run checkpoint `path` names, or None if it names none: a run's out_dir or its
+  `checkpoints/` folder (-> the latest complete step), or one step's directory
+  (`checkpoints/<step>`). A folder of steps none of which is complete is an error."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if _is_step_dir(path) and os.path.basename(path).isdigit():
+    step_dir, step = path, int(os.path.basename(path))
+  else:
+    steps = committed_steps(path)
+    if not steps:
+      if os.path.isdir(path) and any(n.split(".")[0].isdigit() for n in os.listdir(path)):
+        raise RunRefused(f"{path} holds no complete checkpoint step (only unfinished ones)")
+      return None
+    step_dir, step = os.path.join(path, str(steps[-1])), steps[-1]
+  meta_path = os.path.join(step_dir, "meta")
+  try:
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+      meta = ckptr.restore(meta_path)
+  except (OSError, ValueError) as e:
+    raise RunRefused(f"{meta_path}: unreadable meta item ({e})") from None
+  if not isinstance(meta, dict) or "model" not in meta:
+    raise RunRefused(f"{meta_path}: no model config (not a ling_jax run checkpoint)")
+  return RunCheckpoint(step_dir, step, model_config_from_meta(meta["model"], meta_path), meta)
+
+
+def load_run_params(run: RunCheckpoint, abstract_params, abstract_bias):
+  """(params, expert_bias) of `run`, restored by Orbax into the structure, dtypes and shardings
+  of the given abstract states (ShapeDtypeStructs with shardings: each device reads its shard).
+  Refuses non-finite values, as `Checkpointer.restore` does."""
+  target = {"params": abstract_params, "expert_bias": abstract_bias}
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(run.state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  bad = nonfinite_leaves(out)
+  if bad:
+    raise NonFiniteError(f"{run.step_dir} holds non-finite values ({_names(bad)})")
+  return out["params"], out["expert_bias"]
+
+
+def load_run(path: str | os.PathLike, dtype=None, *, kernels=None, mesh=None, rules=None):
+  """A run's checkpoint -> (config, model), parameters in `dtype` (default: as stored, fp32
+  masters) on the default device, or sharded over `mesh` by `rules` (ling_jax.axes); the model
+  computes in `dtype` too. `path` as `find_run_checkpoint` takes it."""
+  from flax import nnx
+
+  from ling_jax import axes as ax
+  from ling_jax.hf_io import abstract_model
+  from ling_jax.model.common import ExpertBias
+  from ling_jax.model.settings import Kernels
+
+  run = find_run_checkpoint(path)
+  if run is None:
+    raise RunRefused(f"{path} is not a run's checkpoint (no checkpoints/<step> with a state and "
+                     "a meta item)")
+  dtype = jnp.float32 if dtype is None else dtype
+  graphdef, abstract, constants = abstract_model(run.config, dtype, kernels=kernels or Kernels())
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  else:
+    shardings = ax.state_shardings(abstract, mesh, rules or ax.RULES_FSDP_TP_EP)
+    constants = jax.device_put(constants, ax.state_shardings(constants, mesh,
+                                                             rules or ax.RULES_FSDP_TP_EP))
+  structs = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                         abstract, shardings)
+  params, bias = nnx.split_state(structs, nnx.Param, ExpertBias)
+  params, bias = load_run_params(run, params, bias)
+  return run.config, nnx.merge(graphdef, params, bias, constants)

@@ -9,7 +9,8 @@ and a dict of device scalars; the host fetches those when it logs.
 
 Loss: next-token cross-entropy, plus `mtp_loss_scaling_factor` x the MTP cross-entropy for token t+2
 (docs/architecture.md §3.9). Targets that cross a document boundary (or are padding, segment 0) are
-masked: the model cannot and must not predict the next document's first token.
+masked: the model cannot and must not predict the next document's first token. A batch may carry
+`loss_mask` [B, T] (SFT, docs/posttrain.md): then only tokens with mask 1 are targets.
 
 Memory (ling_small, 4 x 4096 tokens; benchmarks/train_memory.py): the step keeps every layer's
 residuals for the backward pass unless `remat` checkpoints the stack block by block
@@ -107,11 +108,15 @@ def _chunked_ce(hidden, lm_head, targets, valid, shift: int, chunk: int, dtype, 
   return ce, valid.astype(jnp.float32).sum()
 
 
-def _valid_targets(seg):
+def _valid_targets(seg, loss_mask=None):
   """valid[t]: token t+1 belongs to token t's (non-padding) document; valid2[t]: tokens t+1 and
-  t+2 both do (the MTP target)."""
+  t+2 both do (the MTP target). With a loss_mask [B, T] (SFT: 1 on the assistant's tokens), a
+  target also needs loss_mask 1: valid[t] on token t+1's, valid2[t] on token t+2's."""
   valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
-  return valid, valid[:, :-1] & valid[:, 1:]
+  valid2 = valid[:, :-1] & valid[:, 1:]
+  if loss_mask is not None:
+    valid, valid2 = valid & (loss_mask[:, 1:] > 0), valid2 & (loss_mask[:, 2:] > 0)
+  return valid, valid2
 
 
 def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32,
@@ -124,7 +129,7 @@ def lm_losses(out, batch, lm_head=None, *, ce_chunk: int = 0, dtype=jnp.float32,
   chunks' cross-entropy by pallas_kernels.cross_entropy's `impl`.
   """
   tokens = batch["tokens"]
-  valid, valid2 = _valid_targets(batch["segment_ids"])
+  valid, valid2 = _valid_targets(batch["segment_ids"], batch.get("loss_mask"))
   res = {}
   if out.logits is not None:
     res["ce_sum"], res["n"] = _masked_ce(out.logits[:, :-1], tokens[:, 1:], valid)
@@ -214,7 +219,7 @@ def make_train_step(graphdef, constants, tx: optax.GradientTransformation, lr_sc
     return jax.lax.scan(body, zeros, micro)[0]
 
   def step(state: TrainState, batch):
-    valid, valid2 = _valid_targets(batch["segment_ids"])
+    valid, valid2 = _valid_targets(batch["segment_ids"], batch.get("loss_mask"))
     n = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
     n_mtp = jnp.maximum(valid2.sum().astype(jnp.float32), 1.0)
     if grad_accum == 1:
