@@ -572,7 +572,7 @@ def test_a_diverging_run_exits_non_zero_and_keeps_its_last_finite_checkpoint(tmp
   from experiments.overrides import main
   argv = RUN + ["train.steps=3", "train.checkpoint_every=1", "train.log_every=3",
                 "train.warmup_steps=0", "train.learning_rate=1e30", "model.num_hidden_layers=2",
-                "data.seq_len=16", "data.batch_size=2", f"train.out_dir={tmp_path}"]
+                "data.seq_len=16", "data.batch_size=8", f"train.out_dir={tmp_path}"]
   with pytest.raises(SystemExit) as exit_:
     main(tiny_pretrain.config, argv)
   assert exit_.value.code == 1
