@@ -130,7 +130,8 @@ def stream(model: LingForCausalLM, prompts, max_new_tokens: int, *, lengths=None
   eos = jnp.asarray(_eos(model, eos_ids))
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
   max_len = -(-(longest + mtp_draft) // CACHE_ALIGN) * CACHE_ALIGN
-  rig = None if _rig is None else tuple(jnp.asarray(r) for r in _rig)  # speculative.py
+  # speculative.py's test rig
+  rig = None if _rig is None else tuple(None if r is None else jnp.asarray(r) for r in _rig)
   host, rows = np.asarray, B
   if mesh is not None and mesh.size > 1:  # ling_jax/generate_sharded.py
     from ling_jax.generate_sharded import place, to_host

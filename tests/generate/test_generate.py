@@ -131,6 +131,15 @@ def test_speculative_greedy_equals_plain_for_other_draft_counts(model, prompts, 
   assert (got.drafted, got.accepted, got.steps) == _expected_drafts(LENS, accept, k)
 
 
+def test_rigged_acceptance_counts_whatever_the_drafts(model, prompts):
+  """The benchmarks' rig (no reference): drafts count as accepted where the mask says, whatever
+  their tokens, so the step counts are the mask's; the rows still emit N tokens each."""
+  accept = np.random.default_rng(8).random((3, M)) < 0.8
+  got = generate(model, prompts, N, chunk=CHUNK, mtp_draft=K, _rig=(None, accept, np.bool_(True)))
+  assert (got.drafted, got.accepted, got.steps) == _expected_drafts(LENS, accept, K)
+  assert got.lengths.tolist() == [N] * 3
+
+
 def test_speculative_greedy_equals_plain_with_the_mtp_layer(model, prompts, plain):
   """The model's own (random) MTP layer drafting: the same tokens as plain greedy."""
   got = generate(model, prompts, N, chunk=CHUNK, mtp_draft=K,
