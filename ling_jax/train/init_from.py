@@ -7,7 +7,8 @@ PATH is one of
   memory: a large model is converted once (`python -m ling_jax.convert import HF_DIR CKPT_DIR`)
   and started from the checkpoint;
 * a converted checkpoint (ling_jax.json of the Orbax format): `ling_jax.load(ckpt, mesh)`,
-  every device reading only its shards;
+  every device reading only its shards (refused if it kept FP8 experts: training updates bf16
+  or fp32 weights only);
 * a run's out_dir (or its checkpoints/ folder): the latest checkpoint's train state, restored
   into this run's shardings, read-only.
 Only the parameters and the expert biases are taken; the optimizer starts fresh at step 0. The
@@ -83,7 +84,13 @@ def load_initial(exp: Experiment, lay: Layout) -> tuple:
   kind, cfg, kernels = _kind(path), exp.model, exp.train.kernels
   if kind == "orbax":
     from ling_jax.convert import load, store
-    _check_config(path, from_hf_config(store.read_marker(path)["config"]), cfg)
+    marker = store.read_marker(path)
+    kept = marker.get("expert_weights", {}).get("format", "dense")
+    if kept != "dense":
+      raise RunRefused(f"train.init_from={path!r} keeps its routed experts in {kept} (convert "
+                       "import --keep-fp8), which training cannot update: import the HF folder "
+                       "again without --keep-fp8 and start from that")
+    _check_config(path, from_hf_config(marker["config"]), cfg)
     params, bias = _states(load(path, lay.mesh, np.float32, kernels=kernels)[1])
     params, bias = (jax.device_put(s, sh) for s, sh in zip((params, bias), lay.model))
   elif kind == "hf":

@@ -103,3 +103,13 @@ def test_gpu_fp8_ling_small_logits_match_the_dequantised_model(fmt):
   run = nnx.jit(lambda m, t: m(t))
   got, want = run(fp8, tokens), run(ref, tokens)
   assert rel(got, want) < (1e-3 if fmt == "fp8-block" else 2e-2)
+
+
+def test_fp8_experts_under_a_mesh_are_refused_by_name():
+  """FP8 routed experts run on one device only for now: generation over a mesh says so."""
+  from ling_jax import axes as ax
+  from ling_jax.generate import generate
+  fp8 = with_fp8_experts(random_model(ling_tiny(), seed=0), ExpertWeights("fp8-channel"))
+  prompts = random_tokens(fp8.config, (4, 6), seed=1)
+  with pytest.raises(NotImplementedError, match="FP8 routed experts run on one device only"):
+    generate(fp8, prompts, 2, mesh=ax.make_mesh({"data": 4, "expert": 2}))

@@ -1,8 +1,9 @@
 """A sharded run's checkpoint and data on 8 fake CPU devices (docs/parallelism.md §5): a train
 state saved on one mesh resumes onto another, each process's rows of the batch make the whole
-batch and its iterator position, `train.init_from` takes a run's or an HF folder's weights onto
-the run's mesh, and bad meshes are refused before anything is written. No train step is
-compiled here (tests/parallel/test_parallel_train.py runs the steps)."""
+batch and its iterator position, `train.init_from` takes a run's, an HF folder's or a converted
+checkpoint's weights onto the run's mesh (and refuses FP8 experts), and bad meshes are refused
+before anything is written. No train step is compiled here (tests/parallel/test_parallel_train.py
+runs the steps)."""
 
 import dataclasses
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from ling_jax.config import ling_tiny
+from ling_jax.convert import import_hf
 from ling_jax.data import DataConfig, SyntheticIterator
 from ling_jax.data.pipeline import merge_row_states, row_state
 from ling_jax.parallel import distributed
@@ -133,6 +135,15 @@ def test_init_from_a_run_or_an_hf_folder_onto_the_runs_mesh(tmp_path):
     assert g.sharding == w.sharding
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
+  # And converted from that folder (`convert import`): each device reads its shards.
+  import_hf(tmp_path / "hf", tmp_path / "ckpt", np.float32, progress=False)
+  converted = dataclasses.replace(exp, train=dataclasses.replace(exp.train,
+                                                                 init_from=str(tmp_path / "ckpt")))
+  params_ckpt, bias_ckpt, _ = load_initial(converted, lay)
+  for g, w in zip(jax.tree.leaves((params_ckpt, bias_ckpt)), jax.tree.leaves((params, bias))):
+    assert g.sharding == w.sharding
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
   wider = dataclasses.replace(exp, model=dataclasses.replace(CFG, moe_intermediate_size=64))
   with pytest.raises(RunRefused, match="holds another model: model.moe_intermediate_size: "
                      "there 32, now 64"):
@@ -155,3 +166,17 @@ def test_a_bad_mesh_is_refused_before_anything_is_written(tmp_path, mesh, messag
     run(exp)
   assert message in str(e.value), str(e.value)
   assert not out.exists()
+
+
+def test_init_from_a_checkpoint_with_fp8_experts_is_refused(tmp_path):
+  """A `convert import --keep-fp8` checkpoint holds e4m3 experts that training cannot update:
+  refused, saying how to import it for training, before anything is read."""
+  from hf_fixtures import FP8_SCHEMES, tiny_hf_config, write_fp8_checkpoint
+  scheme, qc = FP8_SCHEMES["channel"]
+  write_fp8_checkpoint(tmp_path / "hf", tiny_hf_config(num_hidden_layers=2), scheme, qc)
+  import_hf(tmp_path / "hf", tmp_path / "kept", keep_fp8=True, progress=False)
+  exp = experiment({"fsdp": 8}, init_from=str(tmp_path / "kept"))
+  lay = sharding.layout(exp, sharding.mesh_for(exp), optimizer(exp.train))
+  with pytest.raises(RunRefused, match="keeps its routed experts in fp8-channel .* without "
+                     "--keep-fp8"):
+    load_initial(exp, lay)
