@@ -30,6 +30,8 @@ import json
 import os
 import sys
 
+from benchmarks import device_flags
+
 # Expert shapes with the routing's groups: G = n_group, K = topk_group (config.py's presets).
 SHAPES = {"flash": dict(E=256, D=4096, F=1024, X=8, G=8, K=4),
           "small": dict(E=32, D=1024, F=576, X=4, G=4, K=2),
@@ -47,21 +49,13 @@ def parse(argv):
   p.add_argument("--routing", default="grouped", choices=("grouped", "uniform"))
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   p.add_argument("--baseline", action="store_true", help="also every expert on every device")
-  p.add_argument("--decomposer", action="store_true",
-                 help="XLA:GPU's ragged-all-to-all decomposer (the gradient-corruption fix)")
-  p.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (tests of the script)")
+  device_flags.add_arguments(p)
   return p.parse_args(argv)
 
 
 args = parse(sys.argv[1:]) if __name__ == "__main__" else None
 if args is not None:  # XLA flags before jax starts
-  flags = os.environ.get("XLA_FLAGS", "")
-  if args.cpu_devices:
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    flags += f" --xla_force_host_platform_device_count={args.cpu_devices}"
-  if args.decomposer:
-    flags += " --xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true"
-  os.environ["XLA_FLAGS"] = flags.strip()
+  device_flags.apply(args)
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax

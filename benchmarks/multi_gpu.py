@@ -32,6 +32,8 @@ import statistics
 import sys
 import time
 
+from benchmarks import device_flags
+
 STRATEGIES = ("all_gather", "all_to_all", "ragged_all_to_all")
 
 
@@ -44,21 +46,13 @@ def parse(argv):
   p.add_argument("--seq", type=int, default=4096)
   p.add_argument("--grad-accum", type=int, default=1)
   p.add_argument("--steps", type=int, default=5, help="timed steps after the compiling one")
-  p.add_argument("--decomposer", action="store_true",
-                 help="XLA:GPU's ragged-all-to-all decomposer (the gradient-corruption fix)")
-  p.add_argument("--cpu-devices", type=int, default=0, help="fake CPU devices (a test run)")
+  device_flags.add_arguments(p)
   return p.parse_args(argv)
 
 
 args = parse(sys.argv[1:]) if __name__ == "__main__" else None
 if args is not None:  # XLA flags before jax starts
-  flags = os.environ.get("XLA_FLAGS", "")
-  if args.cpu_devices:
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    flags += f" --xla_force_host_platform_device_count={args.cpu_devices}"
-  if args.decomposer:
-    flags += " --xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true"
-  os.environ["XLA_FLAGS"] = flags.strip()
+  device_flags.apply(args)
 
 import jax
 import numpy as np
