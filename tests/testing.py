@@ -1,8 +1,10 @@
-"""What the test files share: relative errors, the GPU-only marker, a deadline, random tiny
-models, float64 grouped-matmul references and the H100 lowering check. (The float64 spec of the
-model layers is numpy_reference.py; the HF checkpoint fixtures are hf_fixtures.py.)"""
+"""What the test files share: relative errors, the GPU-only marker, a deadline, the XLA flags of
+the processes tests start, random tiny models, float64 grouped-matmul references and the H100
+lowering check. (The float64 spec of the model layers is numpy_reference.py; the HF checkpoint
+fixtures are hf_fixtures.py.)"""
 
 import contextlib
+import os
 import signal
 
 import jax
@@ -17,6 +19,14 @@ from ling_jax.model.common import CHECKPOINTED
 ON_GPU = jax.devices()[0].platform == "gpu"
 # Tests named *gpu* compile the kernels for real (benchmarks/gpu_run.sh tests runs them there).
 gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
+
+
+def xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a process a test starts: `devices` fake CPU devices and the suite's own flags
+  otherwise (conftest.py: quick compiles on the CPU)."""
+  keep = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(keep + [f"--xla_force_host_platform_device_count={devices}"])
 
 
 def rel(a, b):

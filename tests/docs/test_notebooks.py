@@ -12,6 +12,8 @@ import tempfile
 import nbformat
 import pytest
 
+from testing import xla_flags
+
 ROOT = pathlib.Path(__file__).parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -22,10 +24,9 @@ def _executed(path: pathlib.Path):
   out = pathlib.Path(tempfile.mkdtemp()) / path.stem
   jupyter = os.path.join(os.path.dirname(sys.executable), "jupyter")
   # The kernel imports this checkout's ling_jax, whichever one the environment has installed; on
-  # the CPU, compiling without LLVM's optimisations: on a CPU compilation is most of a notebook's
-  # time (ling_tiny's eager init: 18 s of CPU at the default level, 6 s at 0).
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+  # the CPU, with the suite's quick compiles: on a CPU compilation is most of a notebook's time
+  # (ling_tiny's eager init: 18 s of CPU at the default level, 6 s at 0).
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
   proc = subprocess.run([jupyter, "execute", str(path), f"--output={out}"], env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]

@@ -125,7 +125,7 @@ def test_model_with_pallas_norms_matches_xla():
       logits = nnx.merge(graphdef, params, rest)(tokens)[0]
       return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0]), logits
 
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return len(norms), logits, jax.tree.leaves(grads)
 
   n, logits, grads = loss_and_grads("interpret")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import multiprocess_worker as worker
-from testing import rel
+from testing import rel, xla_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 180
@@ -37,7 +37,7 @@ def _start(n: int, out_dir: Path, log_dir: Path, *args: str) -> list:
     env = {**os.environ,
            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n),
            "JAX_PROCESS_ID": str(i), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "XLA_FLAGS": xla_flags(4),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     log = log_dir / f"process{i}.log"
     with open(log, "w") as f:

@@ -31,7 +31,7 @@ from ling_jax.parallel.mesh import MeshConfig
 from ling_jax.train import Experiment, TrainConfig
 from ling_jax.train import loop, sharding
 from ling_jax.train.step import init_state, split_model
-from testing import random_model, rel
+from testing import random_model, rel, xla_flags
 
 # Two layers (Lightning + MLA, both MoE) and MTP: 3 MoE layers of 8 experts, 4 heads in
 # GroupRMSNorm groups of 2, vocabulary 256: every split of the meshes below applies.
@@ -76,7 +76,7 @@ def initial():
   return host(params), host(bias), host(constants), [next(it)] * STEPS
 
 
-def train(exp: Experiment, mesh=None) -> dict:
+def train(exp: Experiment, mesh=None, generation: bool = True) -> dict:
   """Ten steps of `exp` from `initial()`; on `mesh` through train/sharding.py, else the
   single-device step. {losses, grads (step 1), loads, logits, tokens, the per-device bytes of
   the state and the batch, and XLA's for the compiled step}."""
@@ -112,7 +112,8 @@ def train(exp: Experiment, mesh=None) -> dict:
       result["batch_bytes"] = memory.per_device_bytes(put(batches[0]), lay.batch)
     prompt = batches[0]["tokens"][:, :6]
     # Generation ends up on `mesh` whatever the test's context: it places and traces itself.
-    result["tokens"] = np.asarray(loop.generate(model, prompt, 4, mesh=mesh).tokens)
+    if generation:
+      result["tokens"] = np.asarray(loop.generate(model, prompt, 4, mesh=mesh).tokens)
     losses = []
     for i, batch in enumerate(batches):
       state, metrics = compiled(state, put(batch))
@@ -150,12 +151,14 @@ def reference() -> dict:
   return train(experiment({}), None)
 
 
-def check(mesh_sizes: dict, exchange: str, grad_accum: int = 1, want: dict | None = None) -> dict:
+def check(mesh_sizes: dict, exchange: str, grad_accum: int = 1, want: dict | None = None,
+          generation: bool = True) -> dict:
   """Everything for one mesh against the single-device reference (`want`: given, or computed);
-  returns the sharded run."""
+  returns the sharded run. `generation`: also greedy generation's tokens (its programs compile
+  for a third of a mesh's time: checked on the meshes that split the model differently)."""
   exp = experiment(mesh_sizes, exchange, grad_accum)
   mesh = sharding.mesh_for(exp)
-  got, want = train(exp, mesh), want or reference()
+  got, want = train(exp, mesh, generation), want or reference()
   assert rel(got["losses"][0], want["losses"][0]) < 1e-5
   flat_got, flat_want = got["grads"], want["grads"]
   assert flat_got.keys() == flat_want.keys() and len(flat_want) > 40
@@ -169,7 +172,8 @@ def check(mesh_sizes: dict, exchange: str, grad_accum: int = 1, want: dict | Non
   # losses follow each other to 1e-4 (they fall by ~0.3 over the ten steps).
   np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-4)
   assert want["losses"][-1] < want["losses"][0] - 0.1, want["losses"]
-  np.testing.assert_array_equal(got["tokens"], want["tokens"])
+  if generation:
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
   # What XLA compiled the step for holds exactly the state and batch shards counted from the
   # shardings (ling_jax.parallel.memory, what a run prints before compiling).
   assert got["xla_bytes"] == got["state_bytes"] + got["batch_bytes"]
@@ -201,7 +205,7 @@ def test_data8():
 def test_fsdp8():
   """FSDP over 8: every parameter, moment and captured gradient split 8 ways but the norms'
   scales and the expert biases, so a device holds 1/8 of the state."""
-  got = check({"fsdp": 8}, "all_gather")
+  got = check({"fsdp": 8}, "all_gather", generation=False)  # fsdp2_expert4 generates
   ratio = got["state_bytes"] / reference()["state_bytes"]
   assert 1 / 8 <= ratio < 1.03 / 8, ratio  # the norms (2.3% of this tiny model): whole
 
@@ -220,7 +224,7 @@ def test_expert2_tensor4():
 
 def test_data2_fsdp2_tensor2_with_micro_batches():
   """And grad_accum=2: each device splits its own rows into the micro-batches."""
-  check({"data": 2, "fsdp": 2, "tensor": 2}, "all_gather", grad_accum=2)
+  check({"data": 2, "fsdp": 2, "tensor": 2}, "all_gather", grad_accum=2, generation=False)
 
 
 def test_all_four_axes_on_16_devices(tmp_path):
@@ -232,7 +236,7 @@ def test_all_four_axes_on_16_devices(tmp_path):
   tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests]),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=16"}
+         "XLA_FLAGS": xla_flags(16)}
   proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

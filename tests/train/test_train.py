@@ -34,7 +34,7 @@ from ling_jax.train.optim import decays, optimizer, schedule
 from ling_jax.train.report import MetricsLog, read_metrics, write_loss_curve
 from ling_jax.train.step import (_losses, compute_copies, init_state, make_train_step,
                                   split_model)
-from testing import random_model
+from testing import random_model, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DENSE = Kernels(moe="reference")  # every expert on every token, as tiny_pretrain runs it
@@ -363,7 +363,8 @@ def test_chunked_head_cross_entropy_matches_full_logits(dtype):
 
   (want, want_sums), want_g = value_and_grad(0)
   assert 0 < float(want_sums["n_mtp"]) < float(want_sums["n"]) < 2 * 31  # documents do split rows
-  for chunk in (5, 64, 200):  # ragged, even, larger than the 64 tokens
+  # Ragged, even, larger than the 64 tokens; in bf16 the ragged one only (~10 s a compile).
+  for chunk in (5, 64, 200) if dtype == "float32" else (5,):
     (got, sums), got_g = value_and_grad(chunk)
     for k in want_sums:
       np.testing.assert_allclose(sums[k], want_sums[k], rtol=1e-6, err_msg=k)
@@ -450,10 +451,10 @@ def test_loss_curve_leaves_the_matplotlib_backend_alone(tmp_path):
 
 # ---------------------------------------------------------------------- whole runs
 def _env(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  # Few steps: compile time dominates, and XLA's backend optimisation level 0 halves it. The
-  # processes share a compilation cache, so later ones load rather than compile.
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0",
+  env = dict(os.environ)
+  # Few steps: compile time dominates, and the suite's quick compiles halve it. The processes
+  # share a compilation cache, so later ones load rather than compile.
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
