@@ -34,7 +34,7 @@ from ling_jax.train.optim import decays, optimizer, schedule
 from ling_jax.train.report import MetricsLog, read_metrics, write_loss_curve
 from ling_jax.train.step import (_losses, compute_copies, init_state, make_train_step,
                                   split_model)
-from testing import random_model, xla_flags
+from testing import deadline, random_model, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DENSE = Kernels(moe="reference")  # every expert on every token, as tiny_pretrain runs it
@@ -490,9 +490,9 @@ def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path, capsys):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   victim = subprocess.Popen(cmd + [f"train.out_dir={kill_dir}"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
+  give_up = time.time() + 300
   while not _committed(kill_dir / "checkpoints") and victim.poll() is None:
-    assert time.time() < deadline, "no checkpoint appeared"
+    assert time.time() < give_up, "no checkpoint appeared"
     time.sleep(0.01)
   victim.send_signal(signal.SIGKILL)
   victim.wait()
@@ -536,20 +536,26 @@ def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path, capsys):
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
-  """SIGINT after the first checkpoint: the run finishes its step and the save in flight, says
+  """SIGINT after step 5: the run finishes its step and the saves in flight, says
   where it can resume and exits with 130, without a traceback or an abort; the same command then
   resumes from that checkpoint and finishes. Before the first step, the run says it compiles."""
-  env, out, steps = _env(tmp_path), tmp_path / "run", 40
+  env, out, steps = {**_env(tmp_path), "PYTHONUNBUFFERED": "1"}, tmp_path / "run", 40
   cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN, f"train.steps={steps}",
          f"train.out_dir={out}"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 300
-  while not _committed(out / "checkpoints") and proc.poll() is None:
-    assert time.time() < deadline, "no checkpoint appeared"
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGINT)
-  stdout, stderr = proc.communicate(timeout=120)
+  err_path = tmp_path / "stderr.txt"
+  with open(err_path, "w") as err:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    # Interrupt once step 5 is logged (the saves of steps 2 and 4 asked for), reading the log as
+    # it comes: waiting for a committed checkpoint instead raced the run's 40 quick steps.
+    with deadline(300, "the run up to step 5"):
+      lines = []
+      for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and int(line.split()[1]) >= 5:
+          break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+  stdout, stderr = "".join(lines) + rest, err_path.read_text()
   assert proc.returncode == 130, stdout + stderr
   last = _committed(out / "checkpoints")[-1]
   stopped = re.search(r"interrupted at step (\d+); the last checkpoint is step (\d+) under "
