@@ -128,21 +128,15 @@ def test_init_from_a_run_or_an_hf_folder_onto_the_runs_mesh(tmp_path):
   from flax import nnx
   model = nnx.merge(lay.graphdef, *jax.tree.map(np.asarray, (params, bias, constants)))
   ling_jax.save_hf(model, CFG, str(tmp_path / "hf"))
-  hf = dataclasses.replace(exp, train=dataclasses.replace(exp.train,
-                                                          init_from=str(tmp_path / "hf")))
-  params_hf, bias_hf, _ = load_initial(hf, lay)
-  for g, w in zip(jax.tree.leaves((params_hf, bias_hf)), jax.tree.leaves((params, bias))):
-    assert g.sharding == w.sharding
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-
-  # And converted from that folder (`convert import`): each device reads its shards.
   import_hf(tmp_path / "hf", tmp_path / "ckpt", np.float32, progress=False)
-  converted = dataclasses.replace(exp, train=dataclasses.replace(exp.train,
-                                                                 init_from=str(tmp_path / "ckpt")))
-  params_ckpt, bias_ckpt, _ = load_initial(converted, lay)
-  for g, w in zip(jax.tree.leaves((params_ckpt, bias_ckpt)), jax.tree.leaves((params, bias))):
-    assert g.sharding == w.sharding
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  # That folder, and converted from it (`convert import`: each device reads its shards).
+  for source in ("hf", "ckpt"):
+    start = dataclasses.replace(exp, train=dataclasses.replace(exp.train,
+                                                               init_from=str(tmp_path / source)))
+    got_params, got_bias, _ = load_initial(start, lay)
+    for g, w in zip(jax.tree.leaves((got_params, got_bias)), jax.tree.leaves((params, bias))):
+      assert g.sharding == w.sharding, source
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=source)
 
   wider = dataclasses.replace(exp, model=dataclasses.replace(CFG, moe_intermediate_size=64))
   with pytest.raises(RunRefused, match="holds another model: model.moe_intermediate_size: "
