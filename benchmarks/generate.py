@@ -6,7 +6,7 @@ MTP speculative decoding, and prefill tokens/s, beside the HBM byte floor of eac
       [--contexts 4096,65536,131072] [--fp8 block|channel] [--hbm 3.35e12] [--png generate.png]
 
 Models (random weights, bf16): "flash" is Ling-2.6-flash whole (32 layers and its MTP layer:
-208 GB in bf16, 110 GB with --fp8, which fits one H200), "flash-group" the same widths with 8
+208 GB in bf16, 112 GB with --fp8, which fits one H200), "flash-group" the same widths with 8
 layers (one hybrid group of 7 Lightning + 1 MLA) and the MTP layer, "small" ling_small with one
 MTP layer, "tiny" a toy for the CPU. --fp8 draws the routed experts in FP8 (128 x 128 blocks, or
 one scale per output column), every other weight bf16.
