@@ -339,14 +339,11 @@ def test_model_with_pallas_lightning_kernels_matches_reference():
 
 # ---------------------------------------------------------------------- per-layer remat
 _O0 = {"xla_backend_optimization_level": 0}  # compile time dominates
-# (policy, scope) pairs checked against no remat, per layout: each policy once and both scopes
-# (each compile costs ~10 s); the checkpoints' placement is counted for every scope and layout.
-# dots_no_scores saves nothing at ling_tiny's widths (all < 256): it is "full" there; its choice
-# of matmuls is tested on its own below.
-_REMATS = {
-    True: [("full", "layer"), ("dots_no_batch", "group")],
-    False: [("dots", "layer")],
-}
+# (layout, policy, scope) checked against no remat (scanned): each policy once, both scopes and
+# both layouts (each compile costs ~10 s); the checkpoints' placement is counted for every scope
+# and layout. dots_no_scores saves nothing at ling_tiny's widths (all < 256): it is "full"
+# there; its choice of matmuls is tested on its own below.
+_REMATS = [(True, "full", "layer"), (True, "dots_no_batch", "group"), (False, "dots", "layer")]
 
 
 def test_dots_no_scores_saves_deep_matmuls_not_attention_scores():
@@ -360,15 +357,14 @@ def test_dots_no_scores_saves_deep_matmuls_not_attention_scores():
   assert decide(dot((2, 4, 512, 512), (2, 512, 4, 64), "bhts,bshv->bthv"))  # P V contracts T
 
 
-@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-def test_remat_hook_keeps_loss_and_gradients(scan):
+def test_remat_hook_keeps_loss_and_gradients():
   # 7 layers of 2: a prefix group (dense layer 0, MoE layer 1), two scanned groups, an MLA tail
   # layer and MTP: every kind of block the hook wraps. Sorted MoE: its lax.map runs under remat.
   cfg = ling_tiny(num_hidden_layers=7)
   graphdef, state = nnx.split(random_model(cfg))
   tokens = random_tokens(cfg, (2, 12))
 
-  def loss(state, remat, scope):
+  def loss(state, remat, scope, scan):
     out = nnx.merge(graphdef, state).forward(tokens, mtp=True, scan=scan,
                                              remat=Remat(remat, scope))
     lp = jax.nn.log_softmax(out.logits[:, :-1])
@@ -376,25 +372,29 @@ def test_remat_hook_keeps_loss_and_gradients(scan):
     return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
              + 0.3 * jnp.take_along_axis(mp, tokens[:, 2:, None], -1).mean())
 
-  def value_and_grad(remat, scope):
-    f = functools.partial(loss, remat=remat, scope=scope)
+  def value_and_grad(remat, scope, scan):
+    f = functools.partial(loss, remat=remat, scope=scope, scan=scan)
     return jax.jit(jax.value_and_grad(f), compiler_options=_O0)(state)
 
   # One checkpoint (printed with its prevent_cse flag) around each block, the scan body's once:
   # prefix group (2 layers), scanned groups (2 x 2 layers), tail layer, MTP layer.
-  counts = {"layer": 2 + (2 if scan else 4) + 1 + 1, "group": 1 + (1 if scan else 2) + 1 + 1}
-  for scope, n in counts.items():
-    jaxpr = str(jax.make_jaxpr(functools.partial(loss, remat="full", scope=scope))(state))
-    assert jaxpr.count("prevent_cse=") == n, scope
-  want_loss, want = value_and_grad("none", "layer")
+  for scan in (True, False):
+    counts = {"layer": 2 + (2 if scan else 4) + 1 + 1, "group": 1 + (1 if scan else 2) + 1 + 1}
+    for scope, n in counts.items():
+      f = functools.partial(loss, remat="full", scope=scope, scan=scan)
+      assert str(jax.make_jaxpr(f)(state)).count("prevent_cse=") == n, (scan, scope)
+  # The unrolled layout against the scanned one too: their logits are bit-identical
+  # (test_scan_and_unrolled_give_identical_logits), their gradients sum in other orders.
+  want_loss, want = value_and_grad("none", "layer", True)
   want = dict(nnx.to_flat_state(want))
-  for remat, scope in _REMATS[scan]:
-    got_loss, got = value_and_grad(remat, scope)
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6, err_msg=f"{remat} {scope}")
+  for scan, remat, scope in _REMATS:
+    got_loss, got = value_and_grad(remat, scope, scan)
+    case = f"{'scanned' if scan else 'unrolled'} {remat} {scope}"
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6, err_msg=case)
     for path, g in nnx.to_flat_state(got):
       g, w = np.asarray(g.get_value()), np.asarray(want[path].get_value())
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
-                                 err_msg=f"{remat} {scope} {path}")
+                                 err_msg=f"{case} {path}")
 
 
 # ---------------------------------------------------------------------- settings, constants
