@@ -55,15 +55,15 @@ def test_notebook_is_stored_without_outputs(path):
                      f"{STRIP.format(path=path.relative_to(ROOT))}")
 
 
-def test_explore_notebook_ends_with_the_decode_state_comparison():
-  """Its last heading promises fixed-size Lightning states against growing MLA caches: its last
-  cell prints both for several context lengths."""
-  nb = _executed(ROOT / "notebooks" / "explore_tiny_ling.ipynb")
-  heading = [c for c in nb.cells if c.cell_type == "markdown"][-1].source
-  assert heading.startswith("## Decode state: fixed-size linear state vs growing MLA")
-  text = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+def test_architecture_tour_compares_the_decode_states():
+  """Its decode-state heading promises fixed-size Lightning states against growing MLA caches:
+  the cell under it prints both for several context lengths."""
+  nb = _executed(ROOT / "notebooks" / "01_architecture_tour.ipynb")
+  at = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and
+            c.source.startswith("### Decode state: fixed-size Lightning states vs growing MLA"))
+  text = "".join(o.get("text", "") for o in nb.cells[at + 1].outputs)
   lines = text.splitlines()
   assert "Lightning states" in lines[0] and "MLA latent caches" in lines[0], text
   rows = [[int(v.replace(",", "")) for v in line.split()] for line in lines[1:5]]
-  assert len({lin for _, lin, _ in rows}) == 1  # fixed
+  assert len(rows) == 4 and len({lin for _, lin, _ in rows}) == 1  # fixed
   assert all(mla / n == rows[0][2] / rows[0][0] for n, _, mla in rows)  # linear in the context
