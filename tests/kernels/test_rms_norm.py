@@ -111,7 +111,7 @@ def test_model_with_pallas_norms_matches_xla():
   from ling_jax.model import Kernels
   from ling_jax.model.common import GroupRMSNorm, RMSNorm
 
-  cfg = ling_tiny()
+  cfg = ling_tiny(num_hidden_layers=2)  # one hybrid group: every kind of norm
   model = random_model(cfg, seed=3, dtype=jnp.bfloat16, kernels=Kernels(lightning="xla"))
   tokens = random_tokens(cfg, (2, 64), seed=4)
 
