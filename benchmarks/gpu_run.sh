@@ -4,6 +4,7 @@
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
+# `bash benchmarks/ab.sh OTHER_TREE SLICE` runs one slice for this tree and another checkout side by side.
 set -uo pipefail
 # cuda first (the default backend), cpu beside it: the train loop builds the model on the host CPU
 export JAX_PLATFORMS=cuda,cpu PYTHONUNBUFFERED=1
