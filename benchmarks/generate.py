@@ -31,6 +31,8 @@ MLA (`layer_group_size=1`); a one-token decode step at batch --context-batch wit
 cache filled to the context (random latents and states: the step's cost does not depend on
 them), timed over 16 steps with the cache donated; cache bytes per sequence (Lightning states +
 MLA latents, bf16) beside it. The release's throughput-against-context figure in this form.
+The all-MLA model is built once the hybrid one's rows are done and that one dropped (one model on
+the device at a time); a context whose step runs out of device memory is a row saying so.
 
 Prints a markdown table, writes the PNG (decode tokens/s beside the floor's, per batch), and the
 raw rows to $OUT/generate.json when OUT is set.
@@ -196,8 +198,10 @@ def table(rows, device) -> str:
   if ctx:
     lines += ["", "| layers | batch | context | ms / step | tokens/s | cache MiB / sequence |",
               "|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
-              f"{r['tokens_s']:,.0f} | {r['cache_mib']:.1f} |" for r in ctx]
+    lines += [f"| {r['arm']} | {r['batch']} | {r['context']} | "
+              + ("out of memory | - | " if r["step_ms"] is None else
+                 f"{r['step_ms']:.2f} | {r['tokens_s']:,.0f} | ") + f"{r['cache_mib']:.1f} |"
+              for r in ctx]
   return "\n".join(lines)
 
 
@@ -223,7 +227,7 @@ def plot(rows, path, title):
   if ctx:
     ax = axes[0, 1]
     for arm in dict.fromkeys(r["arm"] for r in ctx):
-      pts = [r for r in ctx if r["arm"] == arm]
+      pts = [r for r in ctx if r["arm"] == arm and r["step_ms"] is not None]
       ax.plot([r["context"] for r in pts], [r["tokens_s"] for r in pts], "o-", label=arm)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
@@ -262,11 +266,21 @@ def main(argv=None):
     rows.append(prefill_row(model, n))
     print(rows[-1], flush=True)
   if ints(args.contexts):
-    arms = {"hybrid": model, "all-MLA": build(dataclasses.replace(cfg, layer_group_size=1),
-                                              args.fp8)}
-    for arm, m in arms.items():
+    for arm in ("hybrid", "all-MLA"):
+      if arm == "all-MLA":
+        # One model on the device at a time: flash-group and its all-MLA twin (49 GB each) did not
+        # fit an H100 together.
+        del model
+        model = build(dataclasses.replace(cfg, layer_group_size=1), args.fp8)
       for n in ints(args.contexts):
-        rows.append(context_row(m, arm, args.context_batch, n))
+        try:
+          rows.append(context_row(model, arm, args.context_batch, n))
+        except jax.errors.JaxRuntimeError as e:  # a context the device cannot hold: say so, go on
+          if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+          rows.append(dict(kind="context", arm=arm, batch=args.context_batch, context=n,
+                           step_ms=None, tokens_s=None,
+                           cache_mib=cache_bytes(model, 1, n) / 2**20))
         print(rows[-1], flush=True)
   print(table(rows, device))
   out = os.environ.get("OUT")
