@@ -195,14 +195,38 @@ def test_the_benchmark_runs_tiny_in_interpret_mode():
 
 
 @gpu
+def test_gpu_every_fp8_value_converts_exactly_in_a_triton_kernel():
+  """All 256 e4m3 bit patterns cast to bf16 and to fp32 inside a compiled Triton kernel equal
+  XLA's casts (every e4m3 value, subnormals included, is exact in both; NaN stays NaN). The
+  channel-wise kernels convert their fp8 tiles before the dot, the block-scaled ones to fp32
+  for the scale: this isolates the cast from the matmuls."""
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plt
+  v = jax.lax.bitcast_convert_type(jnp.arange(256, dtype=jnp.uint8), jnp.float8_e4m3fn)
+
+  def kernel(v_ref, b_ref, f_ref):
+    b_ref[...] = v_ref[...].astype(jnp.bfloat16)
+    f_ref[...] = v_ref[...].astype(jnp.float32)
+
+  b, f = pl.pallas_call(kernel, out_shape=[jax.ShapeDtypeStruct((256,), jnp.bfloat16),
+                                           jax.ShapeDtypeStruct((256,), jnp.float32)],
+                        compiler_params=plt.CompilerParams(num_warps=4))(v)
+  np.testing.assert_array_equal(np.asarray(f), np.asarray(v.astype(jnp.float32)))
+  np.testing.assert_array_equal(np.asarray(b, np.float32),
+                                np.asarray(v.astype(jnp.bfloat16), np.float32))
+
+
+@gpu
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-def test_gpu_fp8_experts_match_the_dequantised_bf16_kernels(scheme):
-  """Compiled at Ling-2.6-flash's expert widths (D 4096, F 1024), 8 experts, under the decode
-  tiles and the default ones: gate/up and down with FP8 weights against float64 and against the
-  bf16 kernels on the dequantised weights."""
+@pytest.mark.parametrize("widths", ["flash", "small"])
+def test_gpu_fp8_experts_match_the_dequantised_bf16_kernels(scheme, widths):
+  """Compiled at Ling-2.6-flash's expert widths (D 4096, F 1024; 8 experts, top-8) and at
+  ling_small's (D 1024, F 576; 32 experts, top-4), under the decode tiles and the default ones:
+  gate/up and down with FP8 weights against float64 and against the bf16 kernels on the
+  dequantised weights."""
   from pallas_kernels.grouped_matmul import tuned_config
   rng = np.random.default_rng(12)
-  T, X, K, F, G = 256, 8, 4096, 1024, 8
+  T, X, K, F, G = (256, 8, 4096, 1024, 8) if widths == "flash" else (1024, 4, 1024, 576, 32)
   M = T * X
   sizes = routing(rng, M, G, past=0)
   gs = jnp.asarray(sizes, jnp.int32)
@@ -217,5 +241,9 @@ def test_gpu_fp8_experts_match_the_dequantised_bf16_kernels(scheme):
     plain = fwd(x, *deq)
     xs = np.asarray(x, np.float64)[np.asarray(rows)]
     g, u = (np_grouped(xs, np_weight(w), sizes) for w in (wg, wu))
-    want = np_grouped(g / (1 + np.exp(-g)) * u, np_weight(wd), sizes)
-    assert rel(out, want) < 2e-2 and rel(out, plain) < 2e-2
+    h_want = g / (1 + np.exp(-g)) * u
+    h = jax.jit(lambda x, a, b: gmm_glu(x, rows, None, a, b, gs, cfg))(x, wg, wu)
+    want = np_grouped(h_want, np_weight(wd), sizes)
+    # the gate/up half alone first, so that a failure says which kernel
+    assert rel(h, h_want) < 2e-2, (cfg, rel(h, h_want))
+    assert rel(out, want) < 2e-2 and rel(out, plain) < 2e-2, (cfg, rel(out, want), rel(out, plain))

@@ -89,7 +89,17 @@ def test_fp8_experts_in_the_kernels_match_the_dequantised_model(fmt):
 @pytest.mark.parametrize("fmt", ["fp8-block", "fp8-channel"])
 def test_gpu_fp8_ling_small_logits_match_the_dequantised_model(fmt):
   """ling_small (trained if LING_SMALL_CKPT is set, else random) with 128 x 128 block or channel
-  FP8 experts on the compiled kernels, against the bf16 model on the dequantised weights."""
+  FP8 experts on the compiled kernels, against the bf16 model on the dequantised weights.
+
+  Channel scales make the kernels' weights differ from the dequantised ones by bf16's rounding
+  (module docstring of fp8.py), and a random ling_small is chaotic under that much: one-ulp
+  changes to half its routed experts' weights moved the logits by 0.38 (relative, CPU, XLA
+  path), through top-k choices that flip and then diverge. So the channel model replays the
+  reference's routing (`forward(routing=)`). Even then a random ling_small's bf16 forward is
+  only good to a few percent: on the CPU (interpreted kernels, 32 tokens, routing replayed from
+  an fp32 model on the exact weights values x scale) the dequantised bf16 model was 0.039 from
+  that fp32 one, the channel model 0.038 (closer), and the two 0.031 apart. A wrong scale or
+  column would be O(1)."""
   path = os.environ.get("LING_SMALL_CKPT")
   if path is None:
     base = random_model(ling_small(), seed=0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
@@ -100,9 +110,17 @@ def test_gpu_fp8_ling_small_logits_match_the_dequantised_model(fmt):
   fp8 = with_fp8_experts(base, ExpertWeights(fmt, (128, 128)))
   ref = dequantised(fp8)
   tokens = random_tokens(base.config, (4, 256), seed=1)
-  run = nnx.jit(lambda m, t: m(t))
-  got, want = run(fp8, tokens), run(ref, tokens)
-  assert rel(got, want) < (1e-3 if fmt == "fp8-block" else 2e-2)
+  if fmt == "fp8-block":
+    run = nnx.jit(lambda m, t: m(t))
+    assert rel(run(fp8, tokens), run(ref, tokens)) < 1e-3
+    return
+  fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
+  cfg = base.config
+  free = jnp.full((*tokens.shape, cfg.mlp_types().count("moe"), cfg.num_experts_per_tok), -1,
+                  jnp.int32)  # -1: route as usual, and record
+  want = fwd(ref, tokens, free)
+  got = fwd(fp8, tokens, want.expert_ids)
+  assert rel(got.logits, want.logits) < 5e-2
 
 
 def test_fp8_experts_under_a_mesh_are_refused_by_name():
