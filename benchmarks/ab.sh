@@ -11,8 +11,10 @@
 # alone once both are there, this tree first. The interval a process was stopped in is slow;
 # the median over the steady intervals (what "steady-state" reports) leaves it out. Both hold
 # their GPU memory while stopped (~52 GiB each), so this needs a card with more than 100 GiB (an
-# H200); on a smaller one they run one after the other, LIMIT/2 each. `train` takes key=value
-# overrides; STEPS (default 15) and EXPERIMENT (default small_pretrain) pick the run.
+# H200). On a smaller one (an H100) one call runs one tree, all of LIMIT: SIDE=this (default) or
+# SIDE=other, two calls back to back on one warm machine (the two at LIMIT/2 each did not fit:
+# the H100 compiled the step in 369 s on 2026-12-07). `train` takes key=value overrides; STEPS
+# (default 15) and EXPERIMENT (default small_pretrain) pick the run.
 set -uo pipefail
 other=${1:?usage: bash benchmarks/ab.sh OTHER_TREE SLICE [args ...]}
 part=${2:?usage: bash benchmarks/ab.sh OTHER_TREE SLICE [args ...]}; shift 2
@@ -38,14 +40,19 @@ mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git log --oneline -1 2>/dev/null || true
 if (( mib < 100000 )); then
-  # Both cannot hold their memory at once: one after the other, half the time each (an H100
-  # compiles the step in ~3 min, so each fits ~280 s).
-  echo "one card of $mib MiB: the two runs one after the other"
-  timeout $(( ${LIMIT:-560} / 2 )) python3 -m experiments.$experiment "${args[@]}" \
-    train.out_dir=$(mktemp -d) > "$out/ab_train_this.log" 2>&1
-  (cd "$other" && timeout $(( ${LIMIT:-560} / 2 )) python3 -m experiments.$experiment \
-    "${args[@]}" train.out_dir=$(mktemp -d)) > "$out/ab_train_other.log" 2>&1
-  report
+  # Both cannot hold their memory at once, nor compile and run in one call one after the other:
+  # one tree a call.
+  side=${SIDE:-this}
+  echo "one card of $mib MiB: $side tree only (SIDE=this|other; the other in the next call)"
+  case $side in
+    this) dir=. ;;
+    other) dir=$other ;;
+    *) echo "SIDE=$side: want this or other"; exit 2 ;;
+  esac
+  (cd "$dir" && timeout ${LIMIT:-560} python3 -m experiments.$experiment "${args[@]}" \
+    train.out_dir=$(mktemp -d)) > "$out/ab_train_$side.log" 2>&1
+  echo "== $out/ab_train_$side.log"
+  grep -E "tok/s|steady-state|peak device|eval loss|Error|compiled" "$out/ab_train_$side.log"
   exit
 fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.47
