@@ -37,7 +37,7 @@ from ling_jax.model.mtp import MTPLayer
 from ling_jax.model.remat import REMAT, checkpointed
 from ling_jax.model.settings import ExpertWeights, Kernels, Parallel, Remat
 from ling_jax.parallel import islands
-from pallas_kernels.grouped_matmul.fp8 import quantize
+from pallas_kernels.grouped_matmul.fp8 import Fp8Weight, dequantize, quantize
 
 
 @flax.struct.dataclass
@@ -303,6 +303,35 @@ def with_fp8_experts(model: LingForCausalLM, expert_weights: ExpertWeights) -> L
       flat.append((path, var.replace(w.values)))
       scale_path = path[:-1] + (f"{name}_scale",)
       flat.append((scale_path, dict(nnx.to_flat_state(abstract))[scale_path].replace(scale)))
+    else:
+      flat.append((path, old[path]))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def with_dense_experts(model: LingForCausalLM, dtype=None) -> LingForCausalLM:
+  """The inverse of `with_fp8_experts`: `model` with its FP8 routed experts dequantised (values x
+  scale in fp32, rounded once to the compute dtype) as dense weights, the reference an FP8 model
+  is checked against. With `dtype` (e.g. float32) the model computes in it and every floating
+  variable is cast to it: float32 gives the FP8 model's weights to fp32's one rounding, an
+  accuracy reference for both. Without, the other variables are shared."""
+  dtype = model.dtype if dtype is None else dtype
+  make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=dtype,
+                                 kernels=model.kernels, parallel=model.parallel)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  old = dict(nnx.to_flat_state(nnx.state(model)))
+  ew = model.expert_weights
+  flat = []
+  for path, var in nnx.to_flat_state(abstract):
+    value = old[path].get_value()
+    if path[-2:-1] == ("experts",) and ew.fp8:
+      scale = old[path[:-1] + (f"{path[-1]}_scale",)].get_value()
+      f = lambda v, s: dequantize(Fp8Weight(v, s[:, 0] if ew.format == "fp8-channel" else s,
+                                            ew.block if ew.format == "fp8-block" else None), dtype)
+      for _ in range(value.ndim - 3):  # the stacked groups' leading axis
+        f = jax.vmap(f)
+      flat.append((path, var.replace(f(value, scale))))
+    elif dtype != model.dtype and jnp.issubdtype(value.dtype, jnp.floating):
+      flat.append((path, var.replace(value.astype(dtype))))
     else:
       flat.append((path, old[path]))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

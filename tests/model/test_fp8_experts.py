@@ -7,6 +7,8 @@ folder), else random weights.
 """
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,34 +18,11 @@ from flax import nnx
 
 import ling_jax
 from ling_jax.config import ling_small, ling_tiny
-from ling_jax.model import Kernels, LingForCausalLM, with_kernels
-from ling_jax.model.ling import with_fp8_experts
+from ling_jax.model import Kernels, with_kernels
+from ling_jax.model.ling import with_dense_experts, with_fp8_experts
 from ling_jax.model.settings import ExpertWeights
-from pallas_kernels.grouped_matmul import Fp8Weight, dequantize, quantize
+from pallas_kernels.grouped_matmul import dequantize, quantize
 from testing import gpu, random_model, random_tokens, rel
-
-
-def dequantised(model) -> LingForCausalLM:
-  """`model` with its FP8 experts dequantised to its compute dtype (dense ExpertWeights)."""
-  make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
-                                 kernels=model.kernels)
-  graphdef, abstract = nnx.split(nnx.eval_shape(make))
-  old = dict(nnx.to_flat_state(nnx.state(model)))
-  ew = model.expert_weights
-  flat = []
-  for path, var in nnx.to_flat_state(abstract):
-    if path[-2:-1] != ("experts",):
-      flat.append((path, old[path]))
-      continue
-    values = old[path].get_value()
-    scale = old[path[:-1] + (f"{path[-1]}_scale",)].get_value()
-    f = lambda v, s: dequantize(Fp8Weight(v, s[:, 0] if ew.format == "fp8-channel" else s,
-                                          ew.block if ew.format == "fp8-block" else None),
-                                model.dtype)
-    for _ in range(values.ndim - 3):  # the stacked groups' leading axis
-      f = jax.vmap(f)
-    flat.append((path, var.replace(f(values, scale))))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 @pytest.mark.parametrize("block", [(16, 16), (16, 8), None])
@@ -73,7 +52,7 @@ def test_fp8_experts_in_the_kernels_match_the_dequantised_model(fmt):
   is held to the dequantised import bit for bit in test_convert.py.)"""
   base = random_model(CFG, seed=3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   fp8 = with_fp8_experts(base, ExpertWeights(fmt, (16, 16)))
-  ref = dequantised(fp8)
+  ref = with_dense_experts(fp8)
   tokens = random_tokens(CFG, (1, 8), seed=4)
   run = nnx.jit(lambda m, t: m(t))
   k = Kernels(moe="interpret")
@@ -82,6 +61,27 @@ def test_fp8_experts_in_the_kernels_match_the_dequantised_model(fmt):
     np.testing.assert_array_equal(got, want)
   else:
     assert rel(got, want) < 1e-2
+
+
+def test_dense_experts_in_float32_are_the_fp8_weights_exactly():
+  """with_dense_experts(model, float32): every variable in fp32, the experts values x scale
+  rounded once to fp32 (the float64 product is exact), the compute in fp32; the default keeps
+  the model's dtype and shares the other variables."""
+  base = random_model(CFG, seed=3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  fp8 = with_fp8_experts(base, ExpertWeights("fp8-channel"))
+  exact = with_dense_experts(fp8, jnp.float32)
+  same = with_dense_experts(fp8)
+  assert exact.dtype == jnp.float32 and same.dtype == jnp.bfloat16
+  moe = next(i for i, kind in enumerate(CFG.mlp_types()) if kind == "moe")
+  experts = lambda m: m.prefix[0].layers[moe].mlp.experts
+  v = np.asarray(experts(fp8).down_proj[...], np.float64)
+  s = np.asarray(experts(fp8).down_proj_scale[...], np.float64)
+  np.testing.assert_array_equal(np.asarray(experts(exact).down_proj[...]),
+                                (v * s).astype(np.float32))
+  assert experts(same).down_proj[...].dtype == jnp.bfloat16
+  for path, var in nnx.to_flat_state(nnx.state(exact)):
+    assert var.get_value().dtype in (jnp.float32, jnp.int32), path
+  assert same.word_embeddings[...] is fp8.word_embeddings[...]
 
 
 
@@ -97,7 +97,7 @@ def test_gpu_fp8_ling_small_logits_match_the_dequantised_model(fmt):
   path), through top-k choices that flip and then diverge. So the channel model replays the
   reference's routing (`forward(routing=)`). Even then a random ling_small's bf16 forward is
   only good to a few percent: on the CPU (interpreted kernels, 32 tokens, routing replayed from
-  an fp32 model on the exact weights values x scale) the dequantised bf16 model was 0.039 from
+  an fp32 model on the weights values x scale in fp32) the dequantised bf16 model was 0.039 from
   that fp32 one, the channel model 0.038 (closer), and the two 0.031 apart. A wrong scale or
   column would be O(1)."""
   path = os.environ.get("LING_SMALL_CKPT")
@@ -108,7 +108,7 @@ def test_gpu_fp8_ling_small_logits_match_the_dequantised_model(fmt):
   else:
     _, base = ling_jax.load_hf(path, dtype=jnp.bfloat16, progress=False)
   fp8 = with_fp8_experts(base, ExpertWeights(fmt, (128, 128)))
-  ref = dequantised(fp8)
+  ref = with_dense_experts(fp8)
   tokens = random_tokens(base.config, (4, 256), seed=1)
   if fmt == "fp8-block":
     run = nnx.jit(lambda m, t: m(t))
@@ -131,3 +131,21 @@ def test_fp8_experts_under_a_mesh_are_refused_by_name():
   prompts = random_tokens(fp8.config, (4, 6), seed=1)
   with pytest.raises(NotImplementedError, match="FP8 routed experts run on one device only"):
     generate(fp8, prompts, 2, mesh=ax.make_mesh({"data": 4, "expert": 2}))
+
+
+def test_the_accuracy_benchmark_runs_tiny_interpreted():
+  """benchmarks/fp8_accuracy.py at its CPU default (ling_tiny, interpreted kernels): the
+  block-scaled model equals its dequantised reference bit for bit, the channel one is within
+  bf16 noise of it once routing is replayed, and both are as close to the fp32 model as it."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+  env.pop("OUT", None)
+  res = subprocess.run([sys.executable, "-m", "benchmarks.fp8_accuracy", "--tokens", "1,8"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = {l.split("|")[1].strip(): [float(x) for x in l.split("|")[2:6]]
+          for l in res.stdout.splitlines() if l.startswith(("| channel", "| block"))}
+  assert rows["block"][2] == 0 and rows["block"][3] == 0, res.stdout
+  assert rows["channel"][2] < 2e-2, res.stdout
+  for dequant_vs_fp32, fp8_vs_fp32, _, _ in rows.values():
+    assert 0 < fp8_vs_fp32 < 1.25 * dequant_vs_fp32, res.stdout
