@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax.config import ling_small, ling_tiny
+from benchmarks.generate import build
 from ling_jax.model import Kernels, LingForCausalLM, with_kernels
 from ling_jax.model.ling import with_dense_experts, with_fp8_experts
 from ling_jax.model.settings import ExpertWeights
@@ -40,14 +41,6 @@ MODELS = {"small": ling_small, "tiny": lambda: ling_tiny(num_hidden_layers=3)}
 def rel(a, b) -> float:
   a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-
-
-def random_bf16(cfg, kernels: Kernels, seed: int = 0) -> LingForCausalLM:
-  """A random model in bf16 (init in one jitted program)."""
-  make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(seed), dtype=jnp.bfloat16,
-                                 param_dtype=jnp.bfloat16, kernels=kernels)
-  graphdef = nnx.graphdef(nnx.eval_shape(make))
-  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make()))())
 
 
 def one_ulp_changes(model: LingForCausalLM, seed: int = 7) -> LingForCausalLM:
@@ -83,7 +76,7 @@ def main(argv=None):
   fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
   logits = nnx.jit(lambda m, t: m(t))
   free = jnp.full((B, T, cfg.mlp_types().count("moe"), cfg.num_experts_per_tok), -1, jnp.int32)
-  base = random_bf16(cfg, kernels)
+  base = with_kernels(build(cfg, None), kernels)  # random, bf16
   print(f"# {jax.devices()[0].device_kind}: {args.model or ('small' if gpu else 'tiny')}, "
         f"{B} x {T} tokens, experts' kernels {kernels.moe}", flush=True)
   rows = []

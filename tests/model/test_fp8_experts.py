@@ -63,7 +63,7 @@ def test_fp8_experts_in_the_kernels_match_the_dequantised_model(fmt):
     assert rel(got, want) < 1e-2
 
 
-def test_dense_experts_in_float32_are_the_fp8_weights_exactly():
+def test_dense_experts_in_float32_are_the_fp8_weights_to_one_rounding():
   """with_dense_experts(model, float32): every variable in fp32, the experts values x scale
   rounded once to fp32 (the float64 product is exact), the compute in fp32; the default keeps
   the model's dtype and shares the other variables."""
@@ -82,7 +82,6 @@ def test_dense_experts_in_float32_are_the_fp8_weights_exactly():
   for path, var in nnx.to_flat_state(nnx.state(exact)):
     assert var.get_value().dtype in (jnp.float32, jnp.int32), path
   assert same.word_embeddings[...] is fp8.word_embeddings[...]
-
 
 
 @gpu
