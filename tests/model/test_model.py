@@ -1,6 +1,7 @@
 """Model internals: scan vs unrolled, MoE dispatch paths, router, decode, MTP, sharded forward,
 kernel settings, stored constants, remat."""
 
+import dataclasses
 import functools
 
 import jax
@@ -12,7 +13,7 @@ from flax import nnx
 
 import numpy_reference as ref
 from ling_jax import axes as ax
-from ling_jax.config import alibi_slopes, ling_tiny
+from ling_jax.config import alibi_slopes, ling_small, ling_tiny
 from ling_jax.hf_config import to_hf_config
 from ling_jax.hf_io import hf_tensors
 from ling_jax.generate import generate
@@ -21,7 +22,7 @@ from ling_jax.model.common import CHECKPOINTED, Constant
 from ling_jax.train.step import init_state, split_model
 from ling_jax.weights import all_maps
 from pallas_kernels.moe import routed_experts_blocked, routed_experts_reference
-from testing import random_model, random_tokens, rel
+from testing import gpu, random_model, random_tokens, rel
 
 
 @functools.partial(nnx.jit, static_argnames=("scan",))
@@ -468,3 +469,22 @@ def test_lightning_decay_is_a_constant_of_each_layer_and_never_saved(form):
   opt_state = init_state(params, bias, optax.adamw(1e-3)).opt_state  # what a run checkpoint holds
   paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)}
   assert any("gate_proj" in p for p in paths) and not any("decay" in p for p in paths)
+
+
+# ---------------------------------------------------------------------- on a GPU
+@gpu
+def test_gpu_float32_ling_small_on_the_default_kernels_matches_the_xla_paths():
+  """ling_small computing in fp32 on a GPU's default ("auto") kernels, against every op on its
+  XLA path, routing replayed (a near-tie may flip a top-k choice between the two). On an H100
+  (2026-12-07, benchmarks/fp8_accuracy.py's fp32 reference) this forward asked for 262,144 bytes
+  of shared memory, 232,448 there: some kernel's tiles, sized for bf16, were not cut for fp32
+  (fp32 kernel tests run at 64-wide heads, ling_small's are 128)."""
+  model = random_model(ling_small(), seed=0, dtype=jnp.float32, param_dtype=jnp.float32)
+  xla = with_kernels(model, Kernels(**{f.name: "xla" for f in dataclasses.fields(Kernels)}))
+  tokens = random_tokens(model.config, (4, 256), seed=1)
+  cfg = model.config
+  free = jnp.full((4, 256, cfg.mlp_types().count("moe"), cfg.num_experts_per_tok), -1, jnp.int32)
+  fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
+  want = fwd(xla, tokens, free)
+  got = fwd(model, tokens, want.expert_ids)
+  assert rel(got.logits, want.logits) < 1e-2  # TF32 where a kernel allows it; a bug is O(1)
