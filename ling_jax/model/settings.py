@@ -55,6 +55,12 @@ class Kernels:
     if errors:
       raise ValueError("invalid Kernels: " + "; ".join(errors))
 
+  @classmethod
+  def every(cls, impl: str) -> "Kernels":
+    """Every op on `impl`; `Kernels.every("xla")` is the reference an fp32 model or a kernel
+    change is checked against."""
+    return cls(**{f.name: impl for f in dataclasses.fields(cls)})
+
 
 @dataclasses.dataclass(frozen=True)
 class Remat:

@@ -415,6 +415,9 @@ def test_kernel_settings_reach_every_layer_and_refuse_old_names():
                   ("MultiLatentAttention", "impl"): {"cudnn"}, ("SparseMoE", "impl"): {"xla"},
                   ("RMSNorm", "impl"): {"pallas"}, ("GroupRMSNorm", "impl"): {"pallas"}}
   assert model.kernels == k
+  assert set(dataclasses.asdict(Kernels.every("xla")).values()) == {"xla"}
+  with pytest.raises(ValueError, match="lightning='cudnn' not in"):  # attention's alone
+    Kernels.every("cudnn")
   for old in (dict(moe="gmm"), dict(lightning="chunked"), dict(attention="flash_interpret"),
               dict(rms_norm="pallas_interpret")):
     with pytest.raises(ValueError, match=f"{next(iter(old))}='{next(iter(old.values()))}' not in"):
@@ -480,7 +483,7 @@ def test_gpu_float32_ling_small_on_the_default_kernels_matches_the_xla_paths():
   of shared memory, 232,448 there: some kernel's tiles, sized for bf16, were not cut for fp32
   (fp32 kernel tests run at 64-wide heads, ling_small's are 128)."""
   model = random_model(ling_small(), seed=0, dtype=jnp.float32, param_dtype=jnp.float32)
-  xla = with_kernels(model, Kernels(**{f.name: "xla" for f in dataclasses.fields(Kernels)}))
+  xla = with_kernels(model, Kernels.every("xla"))
   tokens = random_tokens(model.config, (4, 256), seed=1)
   cfg = model.config
   free = jnp.full((4, 256, cfg.mlp_types().count("moe"), cfg.num_experts_per_tok), -1, jnp.int32)
