@@ -481,7 +481,8 @@ def test_gpu_float32_ling_small_on_the_default_kernels_matches_the_xla_paths():
   XLA path, routing replayed (a near-tie may flip a top-k choice between the two). On an H100
   (2026-12-07, benchmarks/fp8_accuracy.py's fp32 reference) this forward asked for 262,144 bytes
   of shared memory, 232,448 there: some kernel's tiles, sized for bf16, were not cut for fp32
-  (fp32 kernel tests run at 64-wide heads, ling_small's are 128)."""
+  (the Lightning kernels' fp32 GPU test uses 64-wide heads, ling_small's are 128; the flash MLA
+  kernel, which "auto" picks for fp32 where cuDNN does not apply, has no fp32 GPU test)."""
   model = random_model(ling_small(), seed=0, dtype=jnp.float32, param_dtype=jnp.float32)
   xla = with_kernels(model, Kernels.every("xla"))
   tokens = random_tokens(model.config, (4, 256), seed=1)
