@@ -34,7 +34,7 @@ from flax import nnx
 from ling_jax.config import ling_small, ling_tiny
 from benchmarks.generate import build
 from ling_jax.model import Kernels, LingForCausalLM, with_kernels
-from ling_jax.model.ling import with_dense_experts, with_fp8_experts
+from ling_jax.model.ling import record_routing, with_dense_experts, with_fp8_experts
 from ling_jax.model.settings import ExpertWeights
 
 MODELS = {"small": ling_small, "tiny": lambda: ling_tiny(num_hidden_layers=3)}
@@ -78,7 +78,7 @@ def main(argv=None):
   tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size, jnp.int32)
   fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
   logits = nnx.jit(lambda m, t: m(t))
-  free = jnp.full((B, T, cfg.mlp_types().count("moe"), cfg.num_experts_per_tok), -1, jnp.int32)
+  free = record_routing(cfg, B, T)
   base = with_kernels(build(cfg, None), kernels)  # random, bf16
   print(f"# {jax.devices()[0].device_kind}: {args.model or ('small' if gpu else 'tiny')}, "
         f"{B} x {T} tokens, experts' kernels {kernels.moe}", flush=True)

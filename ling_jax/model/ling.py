@@ -133,7 +133,7 @@ class LingForCausalLM(nnx.Module):
 
     routing [B, T, M, X] int32, routing replay (docs/posttrain.md): per token and MoE layer of
     the main stack (M of them in layer order; not the MTP layer), the experts to send it to, -1
-    = route as usual (all -1: only record). out.expert_ids [B, T, M, X] are then the experts
+    = route as usual (all -1, `record_routing`: only record). out.expert_ids [B, T, M, X] are then the experts
     each token went to. None (the default): nothing changes.
     """
     B, T = tokens.shape
@@ -306,6 +306,13 @@ def with_fp8_experts(model: LingForCausalLM, expert_weights: ExpertWeights) -> L
     else:
       flat.append((path, old[path]))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def record_routing(config, batch: int, seq: int) -> jax.Array:
+  """The `forward(routing=)` that changes nothing and records: [batch, seq, M, X] of -1 (route
+  as usual), so that out.expert_ids holds the experts each token went to, ready to replay."""
+  moe_layers = config.mlp_types().count("moe")
+  return jnp.full((batch, seq, moe_layers, config.num_experts_per_tok), -1, jnp.int32)
 
 
 def with_dense_experts(model: LingForCausalLM, dtype=None) -> LingForCausalLM:

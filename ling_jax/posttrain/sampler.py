@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from ling_jax.generate import generate
+from ling_jax.model.ling import record_routing
 
 
 def generate_rows(model, prompts: list[np.ndarray], max_new_tokens: int, *, temperature: float,
@@ -100,9 +101,7 @@ def sequence_logprobs(model, batch: dict, *, temperature: float, chunk: int = 0,
 def _score(graphdef, state, batch, temperature, routing, *, record: bool, chunk: int):
   model = nnx.merge(graphdef, state)
   if routing is None and record:
-    B, T = batch["tokens"].shape
-    M = sum(kind == "moe" for kind in model.config.mlp_types())
-    routing = jnp.full((B, T, M, model.config.num_experts_per_tok), -1, jnp.int32)
+    routing = record_routing(model.config, *batch["tokens"].shape)
   return sequence_logprobs(model, batch, temperature=temperature, chunk=chunk, routing=routing)
 
 

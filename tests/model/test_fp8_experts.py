@@ -19,7 +19,7 @@ from flax import nnx
 import ling_jax
 from ling_jax.config import ling_small, ling_tiny
 from ling_jax.model import Kernels, with_kernels
-from ling_jax.model.ling import with_dense_experts, with_fp8_experts
+from ling_jax.model.ling import record_routing, with_dense_experts, with_fp8_experts
 from ling_jax.model.settings import ExpertWeights
 from pallas_kernels.grouped_matmul import dequantize, quantize
 from testing import gpu, random_model, random_tokens, rel
@@ -114,10 +114,7 @@ def test_gpu_fp8_ling_small_logits_match_the_dequantised_model(fmt):
     assert rel(run(fp8, tokens), run(ref, tokens)) < 1e-3
     return
   fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
-  cfg = base.config
-  free = jnp.full((*tokens.shape, cfg.mlp_types().count("moe"), cfg.num_experts_per_tok), -1,
-                  jnp.int32)  # -1: route as usual, and record
-  want = fwd(ref, tokens, free)
+  want = fwd(ref, tokens, record_routing(base.config, *tokens.shape))
   got = fwd(fp8, tokens, want.expert_ids)
   assert rel(got.logits, want.logits) < 5e-2
 

@@ -19,6 +19,7 @@ from ling_jax.hf_io import hf_tensors
 from ling_jax.generate import generate
 from ling_jax.model import Kernels, LingForCausalLM, Remat, router, with_kernels
 from ling_jax.model.common import CHECKPOINTED, Constant
+from ling_jax.model.ling import record_routing
 from ling_jax.train.step import init_state, split_model
 from ling_jax.weights import all_maps
 from pallas_kernels.moe import routed_experts_blocked, routed_experts_reference
@@ -486,9 +487,7 @@ def test_gpu_float32_ling_small_on_the_default_kernels_matches_the_xla_paths():
   model = random_model(ling_small(), seed=0, dtype=jnp.float32, param_dtype=jnp.float32)
   xla = with_kernels(model, Kernels.every("xla"))
   tokens = random_tokens(model.config, (4, 256), seed=1)
-  cfg = model.config
-  free = jnp.full((4, 256, cfg.mlp_types().count("moe"), cfg.num_experts_per_tok), -1, jnp.int32)
   fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
-  want = fwd(xla, tokens, free)
+  want = fwd(xla, tokens, record_routing(model.config, *tokens.shape))
   got = fwd(model, tokens, want.expert_ids)
   assert rel(got.logits, want.logits) < 1e-2  # TF32 where a kernel allows it; a bug is O(1)
