@@ -133,8 +133,8 @@ class LingForCausalLM(nnx.Module):
 
     routing [B, T, M, X] int32, routing replay (docs/posttrain.md): per token and MoE layer of
     the main stack (M of them in layer order; not the MTP layer), the experts to send it to, -1
-    = route as usual (all -1, `record_routing`: only record). out.expert_ids [B, T, M, X] are then the experts
-    each token went to. None (the default): nothing changes.
+    = route as usual (all -1, `record_routing`: only record). out.expert_ids [B, T, M, X] are
+    then the experts each token went to. None (the default): nothing changes.
     """
     B, T = tokens.shape
     index = cache["index"] if cache is not None else 0
