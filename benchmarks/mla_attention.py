@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks.timing import guarded, time_jax
 from pallas_kernels.attention import (FLASH_BLOCKS, attention_reference, cudnn_attention,
-                                      flash_attention)
+                                      flash_attention, flash_width)
 
 SHAPES = {"small": dict(B=8, T=4096, H=8, K=64, R=32, V=64),    # ling_small
           "flash": dict(B=1, T=8192, H=32, K=128, R=64, V=128)}  # Ling-2.6-flash's MLA
@@ -77,7 +77,7 @@ def main():
       fwd = guarded(time_jax, jax.jit(f), *args)
       loss = lambda *x, f=f: jnp.sum(f(*x).astype(jnp.float32) ** 2)
       fb = guarded(time_jax, jax.jit(jax.grad(loss, argnums=range(5))), *args)
-      base = FLASH_BLOCKS[max(128, 1 << (K + R - 1).bit_length())]
+      base = FLASH_BLOCKS[max(128, flash_width(K + R, V, jnp.bfloat16))]
       blocks = {**base, **BWD_BLOCKS[int(impl[5:])]} if impl.startswith("flash") else None
       rows.append(dict(shape=name, docs=docs, impl=impl, blocks=blocks, fwd_s=fwd, fwdbwd_s=fb,
                        causal_flops=causal_flops))

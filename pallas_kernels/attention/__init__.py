@@ -8,8 +8,8 @@ reference.py's semantics (an MLA layer passes its decoupled RoPE parts as q_rope
 * "interpret": the same kernel in Pallas interpret mode (CPU tests);
 * "cudnn": cuDNN's fused flash attention (cudnn.py; Hopper+, bf16 / fp16), packed rows in its
   packed layout, past `CUDNN_SEGMENT_LADDER` documents a row the flash kernel;
-* "auto": on a GPU, when the sequence length is a multiple of 128 and the q/k and v head dims
-  at most 256, "cudnn" for bf16 / fp16 where cuDNN >= 9.10 is found, else "pallas"; "xla"
+* "auto": on a GPU, when the sequence length is a multiple of 128 and the head dims fit the
+  flash kernel (at most 256 in bf16, 128 in fp32: `flash_width`), "cudnn" for bf16 / fp16 where cuDNN >= 9.10 is found, else "pallas"; "xla"
   otherwise.
 The kernels mask by index within a segment; `positions` (default 0 .. T-1) only feed the
 reference's mask, which equals it where positions increase along each document.
@@ -23,14 +23,15 @@ import jax.numpy as jnp
 from pallas_kernels.attention.cudnn import (CUDNN_SEGMENT_LADDER, cudnn_attention, cudnn_available,
                                             ladder_rung, segment_offsets)
 from pallas_kernels.attention.flash import (FLASH_BLOCK, FLASH_BLOCKS, FLASH_MAX_HEAD_DIM,
-                                            flash_attention)
+                                            flash_attention, flash_width)
 from pallas_kernels.attention.reference import attention_reference, masked_softmax
 
 IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "cudnn")
 
 __all__ = ["CUDNN_SEGMENT_LADDER", "FLASH_BLOCKS", "FLASH_MAX_HEAD_DIM", "IMPLS",
            "attention_reference", "causal_attention", "cudnn_attention", "cudnn_available",
-           "flash_attention", "ladder_rung", "masked_softmax", "resolve_impl", "segment_offsets"]
+           "flash_attention", "flash_width", "ladder_rung", "masked_softmax", "resolve_impl",
+           "segment_offsets"]
 
 
 def resolve_impl(impl: str, seq_len: int, qk_dim: int, v_dim: int, dtype) -> str:
@@ -39,7 +40,7 @@ def resolve_impl(impl: str, seq_len: int, qk_dim: int, v_dim: int, dtype) -> str
     raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLS}")
   if impl != "auto":
     return impl
-  fits = qk_dim <= FLASH_MAX_HEAD_DIM and v_dim <= FLASH_MAX_HEAD_DIM
+  fits = flash_width(qk_dim, v_dim, dtype) <= FLASH_MAX_HEAD_DIM
   if jax.default_backend() != "gpu" or seq_len % FLASH_BLOCK or not fits:
     return "xla"
   return "cudnn" if dtype in (jnp.bfloat16, jnp.float16) and cudnn_available() else "pallas"

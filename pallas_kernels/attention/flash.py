@@ -19,12 +19,22 @@ import jax.numpy as jnp
 # (ling_small: 64 + 32): forward 128 x 128 (jax's default), backward 64 x 64, fwd+bwd 3.9 ms
 # against 7.2 ms for jax's 32 x 32. At 256 (Ling-2.6-flash: 128 + 64) 128-row blocks need
 # 320 KiB of shared memory, more than an H100 has: forward 64 x 64, backward 32 x 32.
+# Shared memory grows with bytes, so the table is keyed by the head's width in bf16 terms
+# (`flash_width`): an fp32 head of 128 takes the 256 row. ling_small in fp32 on 128-row blocks
+# asked for 256 KiB on an H100 (2026-12-07), 227 KiB there.
 FLASH_BLOCKS = {128: dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
                           block_q_dq=64, block_kv_dq=64),
                 256: dict(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
                           block_q_dq=32, block_kv_dq=32)}
-FLASH_MAX_HEAD_DIM = 256
+FLASH_MAX_HEAD_DIM = 256  # the widest head (in bf16 terms, `flash_width`) the table covers
 FLASH_BLOCK = 128  # the kernel's default forward block (rows of q and of k)
+
+
+def flash_width(qk_dim: int, v_dim: int, dtype) -> int:
+  """The kernel's head dim (the wider of q/k's and v's, padded to a power of two >= 64) scaled by
+  the element size against bf16's: the key of FLASH_BLOCKS."""
+  padded = max(64, 1 << (max(qk_dim, v_dim) - 1).bit_length())
+  return padded * jnp.dtype(dtype).itemsize // 2
 
 
 def join_rope(q, k, q_rope=None, k_rope=None):
@@ -57,11 +67,11 @@ def flash_attention(q, k, v, *, scale: float, q_rope=None, k_rope=None, segment_
   V = v.shape[-1]
   q, k, v = one_head_dim(*join_rope(q, k, q_rope, k_rope), v)  # the kernel wants one
   T = q.shape[1]
-  padded = max(64, 1 << (q.shape[-1] - 1).bit_length())
-  if padded > FLASH_MAX_HEAD_DIM:
-    raise ValueError(f"flash attention supports q/k head dims up to {FLASH_MAX_HEAD_DIM}, got "
-                     f"{q.shape[-1]}")
-  base = FLASH_BLOCKS[max(128, padded)]
+  width = flash_width(q.shape[-1], V, q.dtype)
+  if width > FLASH_MAX_HEAD_DIM:
+    raise ValueError(f"flash attention supports head dims up to {FLASH_MAX_HEAD_DIM} in bf16 "
+                     f"({FLASH_MAX_HEAD_DIM // 2} in fp32), got {q.shape[-1]} in {q.dtype}")
+  base = FLASH_BLOCKS[max(128, width)]
   sizes = {name: min(n, T) for name, n in {**base, **(blocks or {})}.items()}  # short rows: one block
   if any(T % n or n & (n - 1) for n in sizes.values()):
     raise ValueError(f"flash attention needs power-of-two blocks that divide the sequence length "

@@ -16,7 +16,7 @@ from ling_jax.config import ling_tiny
 from ling_jax.model import Kernels
 from pallas_kernels.attention import (CUDNN_SEGMENT_LADDER, attention_reference, causal_attention,
                                       cudnn_attention, cudnn_available, flash_attention,
-                                      ladder_rung, resolve_impl, segment_offsets)
+                                      flash_width, ladder_rung, resolve_impl, segment_offsets)
 from testing import ON_GPU, gpu, random_model, random_tokens, rel
 
 K, R, V = 16, 8, 16  # nope, rope and value head dims (ling_tiny's)
@@ -101,14 +101,23 @@ def test_auto_and_bad_input():
                                       "pallas" if ON_GPU else "xla")
   assert auto(4096, 24, 16, jnp.float32) == ("pallas" if ON_GPU else "xla")
   assert auto(100, 24, 16, bf16) == "xla"
-  assert auto(4096, 192, 128, jnp.float32) == ("pallas" if ON_GPU else "xla")  # smaller blocks
-  assert auto(4096, 320, 128, jnp.float32) == "xla"
+  assert auto(4096, 192, 128, bf16) == ("cudnn" if ON_GPU and cudnn_available() else
+                                        "pallas" if ON_GPU else "xla")
+  assert auto(4096, 96, 64, jnp.float32) == ("pallas" if ON_GPU else "xla")  # 64-row blocks
+  assert auto(4096, 192, 128, jnp.float32) == "xla"  # past the kernel's shared memory in fp32
+  assert auto(4096, 320, 128, bf16) == "xla"
+  # blocks by bytes: an fp32 head of 96 (padded 128) takes a bf16 head of 256's blocks
+  assert [flash_width(96, 64, d) for d in (bf16, jnp.float32)] == [128, 256]
+  assert flash_width(24, 16, jnp.float32) == 128 and flash_width(192, 128, bf16) == 256
   with pytest.raises(ValueError, match="bf16 / fp16"):
     cudnn(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32), None, 0.2)
   with pytest.raises(ValueError, match="divisible by 128 .*got 96"):
     cudnn(*inputs(np.random.default_rng(3), 1, 96, 2, jnp.bfloat16), jnp.ones((1, 96)), 0.2)
   with pytest.raises(ValueError, match="head dims up to 256"):
     flash(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32, (200, 64, 64)), None, 0.2,
+          interpret=True)
+  with pytest.raises(ValueError, match=r"\(128 in fp32\), got 192 in float32"):
+    flash(*inputs(np.random.default_rng(3), 1, 64, 2, jnp.float32, (128, 64, 128)), None, 0.2,
           interpret=True)
   with pytest.raises(ValueError, match="divide the sequence length 48"):
     flash(*inputs(np.random.default_rng(3), 1, 48, 2, jnp.float32), None, 0.2, interpret=True)
@@ -135,6 +144,23 @@ def test_gpu_flash_matches_xla_bf16_with_grads(dims):
   got = jax.jit(jax.grad(loss(f_flash), argnums=range(5)))(*args)
   for g, w in zip(got, want):
     assert rel(g, w) < 3e-2
+
+
+@gpu
+def test_gpu_flash_matches_float64_in_fp32_at_ling_small_dims():
+  """fp32 picks the blocks of a head twice as wide (flash_width): on 128-row blocks this shape
+  asked for more shared memory than an H100 has."""
+  rng = np.random.default_rng(5)
+  seg, pos = packed(rng, 2, 1024)
+  args = inputs(rng, 2, 1024, 4, jnp.float32, (64, 32, 64))
+  got = jax.jit(lambda *a: flash(*a, seg, 0.2))(*args)
+  assert rel(got, np_attention(*args, seg, pos, 0.2)) < 1e-2  # TF32 dots
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(flash(*a, seg, 0.2) ** 2), argnums=range(5)))(*args)
+  with jax.default_matmul_precision("highest"):
+    want = jax.grad(lambda *a: jnp.sum(xla_attention(*a, seg, pos, 0.2) ** 2),
+                    argnums=range(5))(*args)
+  for g, w in zip(grads, want):
+    assert rel(g, w) < 2e-2
 
 
 def test_segment_offsets_against_python_runs():

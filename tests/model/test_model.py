@@ -477,17 +477,18 @@ def test_lightning_decay_is_a_constant_of_each_layer_and_never_saved(form):
 
 # ---------------------------------------------------------------------- on a GPU
 @gpu
-def test_gpu_float32_ling_small_on_the_default_kernels_matches_the_xla_paths():
-  """ling_small computing in fp32 on a GPU's default ("auto") kernels, against every op on its
-  XLA path, routing replayed (a near-tie may flip a top-k choice between the two). On an H100
-  (2026-12-07, benchmarks/fp8_accuracy.py's fp32 reference) this forward asked for 262,144 bytes
-  of shared memory, 232,448 there: some kernel's tiles, sized for bf16, were not cut for fp32
-  (the Lightning kernels' fp32 GPU test uses 64-wide heads, ling_small's are 128; the flash MLA
-  kernel, which "auto" picks for fp32 where cuDNN does not apply, has no fp32 GPU test)."""
+@pytest.mark.parametrize("op", [None, "lightning", "attention", "moe"])  # fp32's other "auto"s: XLA
+def test_gpu_float32_ling_small_on_the_default_kernels_matches_the_xla_paths(op):
+  """ling_small computing in fp32 on a GPU, one op on its default ("auto") kernel and the others
+  on their XLA paths (op None: every op on "auto"), against every op on XLA, routing replayed (a
+  near-tie may flip a top-k choice between the two). Each op alone, so that a failure names it:
+  on an H100 (2026-12-07) the all-"auto" forward asked for 262,144 bytes of shared memory,
+  232,448 there (the flash MLA kernel's fp32 tiles, sized as for bf16; now by bytes)."""
   model = random_model(ling_small(), seed=0, dtype=jnp.float32, param_dtype=jnp.float32)
   xla = with_kernels(model, Kernels.every("xla"))
+  on = model if op is None else with_kernels(model, dataclasses.replace(xla.kernels, **{op: "auto"}))
   tokens = random_tokens(model.config, (4, 256), seed=1)
   fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
   want = fwd(xla, tokens, record_routing(model.config, *tokens.shape))
-  got = fwd(model, tokens, want.expert_ids)
+  got = fwd(on, tokens, want.expert_ids)
   assert rel(got.logits, want.logits) < 1e-2  # TF32 where a kernel allows it; a bug is O(1)
