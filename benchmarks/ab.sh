@@ -12,9 +12,10 @@
 # the median over the steady intervals (what "steady-state" reports) leaves it out. Both hold
 # their GPU memory while stopped (~52 GiB each), so this needs a card with more than 100 GiB (an
 # H200). On a smaller one (an H100) one call runs one tree, all of LIMIT: SIDE=this (default) or
-# SIDE=other, two calls back to back on one warm machine (the two at LIMIT/2 each did not fit:
-# the H100 compiled the step in 369 s on 2026-12-07). `train` takes key=value overrides; STEPS
-# (default 15) and EXPERIMENT (default small_pretrain) pick the run.
+# SIDE=other, two calls back to back on one warm machine, each LIMIT >= 450 (the two at LIMIT/2
+# each did not fit: an H100 host took 369-371 s to the first step on 2026-12-07, ~3 minutes of
+# that tracing and lowering before XLA's own compilation, for either tree). `train` takes
+# key=value overrides; STEPS (default 15) and EXPERIMENT (default small_pretrain) pick the run.
 set -uo pipefail
 other=${1:?usage: bash benchmarks/ab.sh OTHER_TREE SLICE [args ...]}
 part=${2:?usage: bash benchmarks/ab.sh OTHER_TREE SLICE [args ...]}; shift 2
