@@ -64,12 +64,14 @@ def random_model(cfg, seed=0, **kwargs) -> LingForCausalLM:
   keys = jax.random.split(jax.random.key(seed + 1), len(flat))
 
   def perturb(path, x, k):
-    noise = jax.random.normal(k, x.shape, jnp.float32)
+    # The noise only where it is used: drawing it eagerly for every variable compiled a
+    # random-normal program for each parameter shape.
+    noise = lambda: jax.random.normal(k, x.shape, jnp.float32)
     name = path[-1] if path[-1] != "weight" else path[-2]
     if "norm" in str(name) or name in ("enorm", "hnorm", "final_layernorm", "g_norm"):
-      return (1.0 + 0.1 * noise).astype(x.dtype)
+      return (1.0 + 0.1 * noise()).astype(x.dtype)
     if name == "expert_bias":
-      return (0.05 * noise).astype(x.dtype)
+      return (0.05 * noise()).astype(x.dtype)
     return x
 
   for (path, var), k in zip(flat, keys):
