@@ -63,11 +63,11 @@ def test_overrides_parse_typed_fields_and_refuse_unknown_ones():
       apply_overrides(tiny_pretrain.config(), [arg])
 
 
-def test_cli_refuses_unknown_override_without_writing(tmp_path):
+def test_cli_refuses_unknown_override_without_writing(tmp_path, jax_cache):
   out = tmp_path / "run"
   proc = subprocess.run([sys.executable, "-m", "experiments.tiny_pretrain", "train.nope=1",
                          f"train.out_dir={out}"], cwd=ROOT, capture_output=True, text=True,
-                        env=_env(tmp_path))
+                        env=_env(jax_cache))
   assert proc.returncode != 0 and "unknown field 'train.nope'" in proc.stderr
   assert not out.exists()
 
@@ -450,12 +450,18 @@ def test_loss_curve_leaves_the_matplotlib_backend_alone(tmp_path):
 
 
 # ---------------------------------------------------------------------- whole runs
-def _env(tmp_path):
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(jax_cache):
   env = dict(os.environ)
   # Few steps: compile time dominates, and the suite's quick compiles halve it. The processes
-  # share a compilation cache, so later ones load rather than compile.
+  # of this module's tests share a compilation cache, so later ones load rather than compile
+  # (the Ctrl-C run's eval and sampling programs are the resumed runs').
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_COMPILATION_CACHE_DIR=str(jax_cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
 
@@ -478,12 +484,12 @@ def _snapshot(root):
                 for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path, capsys):
+def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path, capsys, jax_cache):
   """Kill -9 a training process after its first checkpoint; rerunning the same command resumes
   from the last complete checkpoint and logs exactly the losses of an uninterrupted run. The
   finished run then refuses a different config or a smaller train.steps without touching its
   directory, and at the same train.steps says there is nothing to train."""
-  env = _env(tmp_path)
+  env = _env(jax_cache)
   cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN]
   full_dir, kill_dir = tmp_path / "full", tmp_path / "killed"
   # The uninterrupted run first: it fills the compilation cache, so the victim (and later the
@@ -537,11 +543,11 @@ def test_resume_after_kill_gives_exactly_the_same_losses(tmp_path, capsys):
   assert again["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-4)
 
 
-def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, jax_cache):
   """SIGINT after step 5: the run finishes its step and the saves in flight, says
   where it can resume and exits with 130, without a traceback or an abort; the same command then
   resumes from that checkpoint and finishes. Before the first step, the run says it compiles."""
-  env, out, steps = {**_env(tmp_path), "PYTHONUNBUFFERED": "1"}, tmp_path / "run", 40
+  env, out, steps = {**_env(jax_cache), "PYTHONUNBUFFERED": "1"}, tmp_path / "run", 40
   cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN, f"train.steps={steps}",
          f"train.out_dir={out}"]
   err_path = tmp_path / "stderr.txt"
@@ -578,7 +584,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
   assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, steps + 1))
 
 
-def test_a_diverging_run_exits_non_zero_and_keeps_its_last_finite_checkpoint(tmp_path):
+def test_a_diverging_run_exits_non_zero_and_keeps_its_last_finite_checkpoint(tmp_path,
+                                                                                  jax_cache):
   """A learning rate of 1e30 makes step 2's gradient NaN: the entry point stops with a one-line
   error and exit status 1; step 1's checkpoint is kept, and step 2 is never saved. (A process of
   one device: this suite's eight would compile a sharded step for half again the time.)"""
@@ -586,7 +593,7 @@ def test_a_diverging_run_exits_non_zero_and_keeps_its_last_finite_checkpoint(tmp
                 "train.warmup_steps=0", "train.learning_rate=1e30", "model.num_hidden_layers=2",
                 "data.seq_len=16", "data.batch_size=8", f"train.out_dir={tmp_path / 'run'}"]
   proc = subprocess.run([sys.executable, "-m", "experiments.tiny_pretrain", *argv], cwd=ROOT,
-                        env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+                        env=_env(jax_cache), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stdout + proc.stderr
   err = proc.stderr
   assert err.startswith("error: training diverged at step 2: loss ") and err.count("\n") == 1, err
