@@ -50,11 +50,26 @@ def abstract_model(cfg: LingConfig, dtype=jnp.bfloat16, *, kernels: Kernels = Ke
                    expert_weights: ExpertWeights = ExpertWeights()):
   """(graphdef, abstract state, constants) of a model, without allocating parameters: the state
   of the variables a checkpoint holds (`CHECKPOINTED`) as shapes, and the model's `Constant`s,
-  which no checkpoint holds, computed (`build_constants`)."""
-  make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                                 kernels=kernels, expert_weights=expert_weights)
-  graphdef, state, _ = nnx.split(nnx.eval_shape(make), CHECKPOINTED, Constant)
-  return graphdef, state, build_constants(make)
+  which no checkpoint holds, computed (`build_constants`).
+
+  The last few are remembered (tracing a model's init and compiling its constants takes seconds,
+  and a session loads the same model again and again); each call gets fresh Variables, which
+  the loaders fill in place, around the same immutable leaves."""
+  key = (repr(cfg), np.dtype(dtype).name, kernels, expert_weights)
+  if key not in _ABSTRACT:
+    make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                   kernels=kernels, expert_weights=expert_weights)
+    graphdef, state, _ = nnx.split(nnx.eval_shape(make), CHECKPOINTED, Constant)
+    while len(_ABSTRACT) >= _ABSTRACT_KEEP:
+      _ABSTRACT.pop(next(iter(_ABSTRACT)))
+    _ABSTRACT[key] = graphdef, state, build_constants(make)
+  graphdef, state, constants = _ABSTRACT[key]
+  fresh = lambda st: jax.tree.map(lambda x: x, st)  # new State and Variables, the same leaves
+  return graphdef, fresh(state), fresh(constants)
+
+
+_ABSTRACT: dict = {}  # abstract_model's memory, oldest first
+_ABSTRACT_KEEP = 4
 
 
 def param_dtype_for(path: tuple, dtype) -> np.dtype:

@@ -107,6 +107,19 @@ def ckpt(tmp_path):
   return folder
 
 
+def test_loads_of_one_config_share_no_state(tmp_path):
+  """abstract_model remembers the models it described; two loads of one config still get their
+  own variables: filling the second leaves the first as it was."""
+  hf_config = tiny_hf_config()
+  folders = [tmp_path / "a", tmp_path / "b"]
+  tensors = [write_random_hf_checkpoint(f, hf_config, seed=i) for i, f in enumerate(folders)]
+  _, first = hf_io.load_hf(folders[0], jnp.float32)
+  _, second = hf_io.load_hf(folders[1], jnp.float32)
+  name = "model.word_embeddings.weight"
+  np.testing.assert_array_equal(np.asarray(first.word_embeddings[...]), tensors[0][name])
+  np.testing.assert_array_equal(np.asarray(second.word_embeddings[...]), tensors[1][name])
+
+
 def test_unknown_config_field(ckpt):
   hf = json.loads((ckpt / "config.json").read_text())
   (ckpt / "config.json").write_text(json.dumps({**hf, "mystery_knob": 3}))
