@@ -54,7 +54,8 @@ case "$part" in
       timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
   fp8)        # FP8 expert weights: the compiled kernels against float64 and the dequantised bf16
               # ones (and ling_small in fp32 on each op's default kernel: the flash MLA kernel's
-              # fp32 tiles overflowed shared memory on 2026-12-07), then the experts' forward with bf16 / FP8 block / FP8
+              # fp32 tiles overflowed shared memory on 2026-12-07), then the experts' forward
+              # with bf16 / FP8 block / FP8
               # channel weights, then ling_small's logits with FP8 experts against bf16 and fp32
               # (benchmarks/fp8_accuracy)
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -k gpu \

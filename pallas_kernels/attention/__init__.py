@@ -9,8 +9,8 @@ reference.py's semantics (an MLA layer passes its decoupled RoPE parts as q_rope
 * "cudnn": cuDNN's fused flash attention (cudnn.py; Hopper+, bf16 / fp16), packed rows in its
   packed layout, past `CUDNN_SEGMENT_LADDER` documents a row the flash kernel;
 * "auto": on a GPU, when the sequence length is a multiple of 128 and the head dims fit the
-  flash kernel (at most 256 in bf16, 128 in fp32: `flash_width`), "cudnn" for bf16 / fp16 where cuDNN >= 9.10 is found, else "pallas"; "xla"
-  otherwise.
+  flash kernel (at most 256 in bf16, 128 in fp32: `flash_width`), "cudnn" for bf16 / fp16 where
+  cuDNN >= 9.10 is found, else "pallas"; "xla" otherwise.
 The kernels mask by index within a segment; `positions` (default 0 .. T-1) only feed the
 reference's mask, which equals it where positions increase along each document.
 """

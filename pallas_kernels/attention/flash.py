@@ -20,8 +20,8 @@ import jax.numpy as jnp
 # against 7.2 ms for jax's 32 x 32. At 256 (Ling-2.6-flash: 128 + 64) 128-row blocks need
 # 320 KiB of shared memory, more than an H100 has: forward 64 x 64, backward 32 x 32.
 # Shared memory grows with bytes, so the table is keyed by the head's width in bf16 terms
-# (`flash_width`): an fp32 head of 128 takes the 256 row. ling_small in fp32 on 128-row blocks
-# asked for 256 KiB on an H100 (2026-12-07), 227 KiB there.
+# (`flash_width`): an fp32 head of 128 takes the 256 row. ling_small's fp32 forward asked an H100
+# for 256 KiB (2026-12-07; 227 KiB there), most likely these tiles: k and v, two stages, 4 x 64 KiB.
 FLASH_BLOCKS = {128: dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
                           block_q_dq=64, block_kv_dq=64),
                 256: dict(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,

@@ -475,7 +475,8 @@ def test_gpu_float32_ling_small_on_the_default_kernels_matches_the_xla_paths(op)
   232,448 there (the flash MLA kernel's fp32 tiles, sized as for bf16; now by bytes)."""
   model = random_model(ling_small(), seed=0, dtype=jnp.float32, param_dtype=jnp.float32)
   xla = with_kernels(model, Kernels.every("xla"))
-  on = model if op is None else with_kernels(model, dataclasses.replace(xla.kernels, **{op: "auto"}))
+  on = model if op is None else with_kernels(model,
+                                             dataclasses.replace(xla.kernels, **{op: "auto"}))
   tokens = random_tokens(model.config, (4, 256), seed=1)
   fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
   want = fwd(xla, tokens, record_routing(model.config, *tokens.shape))
