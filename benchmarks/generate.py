@@ -43,6 +43,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# JAX's default pool is 75% of the card: on an H200 (140.4 GiB) 105.3 GiB, and Ling-2.6-flash with
+# FP8 experts is 104.3 GiB of weights (out of memory in its first prefill, 2026-12-07).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import argparse
 import dataclasses
