@@ -102,8 +102,8 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   4 warps waste less of each tile at group boundaries (H100: ling_small's layer at
   256 tokens, 32 rows per expert, 0.078 against 0.087 ms; the flash shape at 256 and 1024
   tokens 1% faster). At 128 rows per expert it was mixed: 64-row tiles 3% faster for
-  ling_small at 1024 tokens, slower for the flash shape at 4096 (sessions 3-4), so the switch is
-  at 64."""
+  ling_small at 1024 tokens, slower for the flash shape at 4096 (docs/history/benchmarks-log.md),
+  so the switch is at 64."""
   small = hidden * width <= 1024 * 1024
   # The Mosaic GPU kernel for the down projection: ling_small's layer 3% faster
   # forward+backward at 16384 tokens, 8% forward at 4096; at the flash shape no faster forward
