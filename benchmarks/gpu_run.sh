@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | multi | generate [args]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | fp8-sweep | fp32 | multi | generate [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -53,15 +53,26 @@ case "$part" in
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
       timeout ${LIMIT:-560} python3 -m benchmarks.profile_step "$@" ;;
   fp8)        # FP8 expert weights: the compiled kernels against float64 and the dequantised bf16
-              # ones (and ling_small in fp32 on each op's default kernel: the flash MLA kernel's
-              # fp32 tiles overflowed shared memory on 2026-12-07), then the experts' forward
-              # with bf16 / FP8 block / FP8
-              # channel weights, then ling_small's logits with FP8 experts against bf16 and fp32
-              # (benchmarks/fp8_accuracy)
+              # ones, then the experts' forward with bf16 / FP8 block / FP8 channel weights, then
+              # ling_small's logits with FP8 experts against bf16 and fp32 (benchmarks/fp8_accuracy)
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -k gpu \
-        tests/kernels/test_grouped_matmul_fp8.py tests/model/test_fp8_experts.py \
-        tests/model/test_model.py 2>&1 | tail -40 &&
+        tests/kernels/test_grouped_matmul_fp8.py tests/model/test_fp8_experts.py 2>&1 |
+        tee "${OUT:-/tmp}/fp8_tests.log" | tail -40 &&
       python3 -m benchmarks.fp8_experts "$@" && python3 -m benchmarks.fp8_accuracy' _ "$@" ;;
+  fp32)       # fp32 compute on the GPU kernels: the flash MLA kernel against float64 at ling_small's
+              # head (its fp32 tiles overflowed shared memory on 2026-12-07; passed on an H200 the
+              # same day after the fix), then ling_small in fp32 with each op alone on its default
+              # kernel against the XLA paths (four compilations of ling_small: minutes)
+    timeout ${LIMIT:-560} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -k "gpu and \
+      (fp32 or float32)" tests/kernels/test_mla_flash.py tests/model/test_model.py 2>&1 |
+      tee "${OUT:-/tmp}/fp32_tests.log" | tail -40 ;;
+  fp8-sweep)  # the FP8 experts' kernels over tile configurations at decode sizes (1-64 tokens):
+              # 16-row tiles (mma.sync, weights converted in registers), 8 warps, 128-deep steps,
+              # 4 stages, against tuned_config's choice (64-row tiles, 4 warps; BENCHMARKS.md#decode)
+    timeout ${LIMIT:-560} python3 -m benchmarks.fp8_experts --tokens ${TOKENS:-1,16,64} --configs \
+      '[{}, {"block_k": 128}, {"block_m": 16}, {"block_m": 16, "block_k": 128}, {"num_warps": 8},
+        {"num_warps": 8, "block_k": 128}, {"block_m": 16, "num_stages": 4},
+        {"block_m": 16, "block_k": 128, "num_stages": 4}]' "$@" ;;
   multi)      # a sharded train step per mesh and expert-exchange strategy on the GPUs present
               # (ling_small, 8 rows x 4096 per GPU; on one GPU a dry run of one row); each row
               # compiles for minutes, so pick one or two per call (--meshes "fsdp=-1"
@@ -73,5 +84,5 @@ case "$part" in
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
         tests/generate/test_generate.py tests/model/test_fp8_experts.py 2>&1 | tail -3 &&
       python3 -m benchmarks.generate "$@"' _ "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | multi | generate)"; exit 2 ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | fp8-sweep | fp32 | multi | generate)"; exit 2 ;;
 esac
