@@ -67,12 +67,14 @@ case "$part" in
       (fp32 or float32)" tests/kernels/test_mla_flash.py tests/model/test_model.py 2>&1 |
       tee "${OUT:-/tmp}/fp32_tests.log" | tail -40 ;;
   fp8-sweep)  # the FP8 experts' kernels over tile configurations at decode sizes (1-64 tokens):
-              # 16-row tiles (mma.sync, weights converted in registers), 8 warps, 128-deep steps,
-              # 4 stages, against tuned_config's choice (64-row tiles, 4 warps; BENCHMARKS.md#decode)
+              # 16-row tiles (mma.sync, weights converted in registers), the weight tile as the
+              # first operand (swap_ab), 8 warps, 128-deep steps, 4 stages, against tuned_config's
+              # choice (64-row tiles, 4 warps; BENCHMARKS.md#decode)
     timeout ${LIMIT:-560} python3 -m benchmarks.fp8_experts --tokens ${TOKENS:-1,16,64} --configs \
       '[{}, {"block_k": 128}, {"block_m": 16}, {"block_m": 16, "block_k": 128}, {"num_warps": 8},
-        {"num_warps": 8, "block_k": 128}, {"block_m": 16, "num_stages": 4},
-        {"block_m": 16, "block_k": 128, "num_stages": 4}]' "$@" ;;
+        {"block_m": 16, "swap_ab": true}, {"block_m": 16, "swap_ab": true, "block_k": 128},
+        {"block_m": 16, "swap_ab": true, "block_k": 128, "num_stages": 4},
+        {"block_m": 16, "swap_ab": true, "block_n": 64, "block_n_glu": 64}]' "$@" ;;
   multi)      # a sharded train step per mesh and expert-exchange strategy on the GPUs present
               # (ling_small, 8 rows x 4096 per GPU; on one GPU a dry run of one row); each row
               # compiles for minutes, so pick one or two per call (--meshes "fsdp=-1"

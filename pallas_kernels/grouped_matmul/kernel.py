@@ -89,6 +89,11 @@ class Config(NamedTuple):
   # tiles fit (`mosaic_tgmm.tiles_for`); gmm_glu's forward then writes x's gathered rows [M, K]
   # out for it (save_rows).
   mosaic_tgmm: bool = False
+  # The Triton gmm kernels compute each output tile transposed, out^T = w^T @ x^T: the weight
+  # tile is the dot's first operand (block_n rows, which Triton may keep in registers after an
+  # FP8 tile's conversion) and the few token rows its second (block_m down to 16). For decode,
+  # where a visit holds a row or two; not yet measured on a GPU (`gpu_run.sh fp8-sweep`).
+  swap_ab: bool = False
   interpret: bool = False
 
 
@@ -195,7 +200,7 @@ def _load_sizes(sizes_ref, G: int):
 
 
 def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpose_rhs, n_inner,
-                group_rows=False, copy_rows=False, fp8_block=False):
+                group_rows=False, copy_rows=False, fp8_block=False, swap_ab=False):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
     "mm"  [rows], x, w, out:              out = x @ w[g]
     "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
@@ -205,7 +210,9 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
   `group_rows` the visits are group pieces, decoded from the group sizes in meta_ref
   (visits.piece): a visit's block starts at its row lo. Otherwise meta_ref is visit_table's.
   Unless fp8_block is False, the w refs are float8 and their scale refs follow them: block-scaled
-  (fp8_block the (rows, cols) of a scale block) or channel-wise (None), as fp8.py explains."""
+  (fp8_block the (rows, cols) of a scale block) or channel-wise (None), as fp8.py explains.
+  swap_ab accumulates each product transposed ([bn, bm] = w^T @ x^T; Config.swap_ab) and
+  transposes the accumulators back after the loop."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
   x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
@@ -247,13 +254,20 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
               for w, s_ref in zip(ws, s_refs)]
       elif fp8_block is None:  # channel-wise: exact in the compute dtype, scaled after the loop
         ws = [w.astype(xs[0].dtype) for w in ws]
+      if swap_ab:  # [bn, bm] += w^T @ x^T (w is [bn, bk] already when transpose_rhs)
+        prod = lambda x, w: _dot(w, x, ta=not transpose_rhs, tb=True)
+      else:
+        prod = lambda x, w: _dot(x, w, tb=transpose_rhs)
       if mode == "sum":
-        return (accs[0] + _dot(xs[0], ws[0], tb=transpose_rhs) + _dot(xs[1], ws[1], tb=transpose_rhs),)
-      return tuple(acc + _dot(xs[0], w, tb=transpose_rhs) for acc, w in zip(accs, ws))
+        return (accs[0] + prod(xs[0], ws[0]) + prod(xs[1], ws[1]),)
+      return tuple(acc + prod(xs[0], w) for acc, w in zip(accs, ws))
 
     steps = (grp < G).astype(jnp.int32) * pl.cdiv(K, bk)  # (a jnp.where here lowers to mistyped scf.for bounds)
     n_acc = 2 if mode == "glu" else 1
-    accs = lax.fori_loop(0, steps, step, (jnp.zeros((bm, bn), jnp.float32),) * n_acc)
+    shape = (bn, bm) if swap_ab else (bm, bn)
+    accs = lax.fori_loop(0, steps, step, (jnp.zeros(shape, jnp.float32),) * n_acc)
+    if swap_ab:
+      accs = tuple(a.T for a in accs)
     if fp8_block is None:
       accs = tuple(fp8.scale_columns(a, s, g, j * bn, bn, cmask) for a, s in zip(accs, s_refs))
     if mode == "glu":
@@ -328,7 +342,7 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
   kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, M=M, K=K, N=N, G=G, mode=mode,
                              gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
                              n_inner=cfg.n_inner, group_rows=cfg.group_rows, copy_rows=copy_rows,
-                             fp8_block=fp8_block)
+                             fp8_block=fp8_block, swap_ab=cfg.swap_ab)
   nb = pl.cdiv(N, bn)
   grid = (nb, V) if cfg.n_inner else (V, nb)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)

@@ -130,6 +130,41 @@ def test_fp8_gmm_glu_matches_float64(scheme):
   assert rel(down, np_grouped(np.asarray(h, np.float64), np_weight(wd), sizes)) < 5e-3
 
 
+@pytest.mark.parametrize("scheme", [*SCHEMES, "bf16"])
+def test_swapped_operands_give_the_same_products(scheme):
+  """Config.swap_ab (each tile accumulated as w^T @ x^T, for decode's row or two per expert):
+  gmm, the fused gate/up on gathered rows and (bf16 weights) the transposed-weight gmm, at
+  16-row tiles and decode-like groups of 0-3 rows, against float64 and the unswapped kernel."""
+  rng = np.random.default_rng(7 + len(scheme))
+  T, M, K, N, G = 6, 12, 256, 192, 5
+  sizes = np.array([3, 0, 2, 1, 3])  # 9 rows in groups, 3 past them
+  gs = jnp.asarray(sizes, jnp.int32)
+  rows = jnp.asarray(rng.integers(0, T, M), jnp.int32)
+  if scheme == "bf16":
+    wg, wu, wd = (jnp.asarray(rng.standard_normal(s) / 16, jnp.float32)
+                  for s in ((G, K, N), (G, K, N), (G, N, K)))
+    np_w = lambda w: np.asarray(w, np.float64)
+  else:
+    wg, wu, wd = (random_fp8(rng, s, SCHEMES[scheme]) for s in ((G, K, N), (G, K, N), (G, N, K)))
+    np_w = np_weight
+  x = jnp.asarray(rng.standard_normal((T, K)), jnp.float32)
+  xs = np.asarray(x, np.float64)[np.asarray(rows)]
+  cfg = CFG._replace(block_m=16, block_n=64, block_n_glu=64)
+  swapped = cfg._replace(swap_ab=True)
+  g, u = np_grouped(xs, np_w(wg), sizes), np_grouped(xs, np_w(wu), sizes)
+  h_want = g / (1 + np.exp(-g)) * u
+  hs = [gmm_glu_pallas(x, wg, wu, gs, c, lhs_rows=rows) for c in (cfg, swapped)]
+  assert rel(hs[1], h_want) < 1e-5 and rel(hs[1], hs[0]) < 1e-6
+  assert (np.asarray(hs[1][9:]) == 0).all()  # rows past the groups
+  downs = [gmm_pallas(hs[1], wd, gs, c) for c in (cfg, swapped)]
+  want = np_grouped(np.asarray(hs[1], np.float64), np_w(wd), sizes)
+  assert rel(downs[1], want) < 1e-6 and rel(downs[1], downs[0]) < 1e-6
+  if scheme == "bf16":  # the weights as [G, N, K], contracted on their second axis
+    wt = jnp.swapaxes(wd, 1, 2)
+    got = gmm_pallas(hs[1], wt, gs, swapped, transpose_rhs=True)
+    assert rel(got, want) < 1e-6
+
+
 def test_fp8_weights_refuse_gradients():
   """Differentiating through an FP8 product is an error that says why; a forward under jit and
   a gradient that does not reach the FP8 op are fine."""

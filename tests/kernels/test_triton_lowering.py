@@ -67,6 +67,17 @@ CASES = {
         (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 192), jnp.float8_e4m3fn),
          S((G, K, 192), jnp.float8_e4m3fn), S((G, 2, 2), jnp.float32), S((G, 2, 2), jnp.float32),
          S((G,), jnp.int32)), 1),
+    "gmm_glu_fp8_block_swapped": (  # decode's tiles: 16 token rows, the weight tile first
+        lambda x, r, vg, vu, sg, su, s: gmm_glu_pallas(
+            x, Fp8Weight(vg, sg, (128, 128)), Fp8Weight(vu, su, (128, 128)), s,
+            tuned_config(K, 192, 1)._replace(block_m=16, swap_ab=True), lhs_rows=r),
+        (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 192), jnp.float8_e4m3fn),
+         S((G, K, 192), jnp.float8_e4m3fn), S((G, 2, 2), jnp.float32), S((G, 2, 2), jnp.float32),
+         S((G,), jnp.int32)), 1),
+    "gmm_fp8_channel_swapped": (lambda x, v, sc, s: gmm_pallas(
+        x, Fp8Weight(v, sc), s, tuned_config(K, N, 1)._replace(block_m=16, swap_ab=True)),
+                                (S((M, K), jnp.bfloat16), S((G, K, 200), jnp.float8_e4m3fn),
+                                 S((G, 200), jnp.float32), S((G,), jnp.int32)), 1),
     "gmm_glu_fp8_channel": (
         lambda x, r, vg, vu, sg, su, s: gmm_glu(x, r, None, Fp8Weight(vg, sg), Fp8Weight(vu, su), s,
                                                 Config()),
