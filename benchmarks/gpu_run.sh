@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work for the device tool, in slices that each fit one 10-minute call:
-#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | fp8-sweep | fp32 | multi | generate [args]
+#   bash benchmarks/gpu_run.sh tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | fp8-sweep | fp32 | decode-graphs | multi | generate [args]
 # Run from the repo root with `.whl/` carried (fla-core + einops wheels, see BENCHMARKS.md).
 # Results land in $OUT (json) and on stdout (markdown tables). LIMIT=seconds caps one slice
 # (default 540-560) so that two slices can share one call.
@@ -75,6 +75,17 @@ case "$part" in
         {"block_m": 16, "swap_ab": true}, {"block_m": 16, "swap_ab": true, "block_k": 128},
         {"block_m": 16, "swap_ab": true, "block_k": 128, "num_stages": 4},
         {"block_m": 16, "swap_ab": true, "block_n": 64, "block_n_glu": 64}]' "$@" ;;
+  decode-graphs) # the decode loop as CUDA graphs: ling_small's decode (launch-bound at batch 1:
+              # ~20 kernels a layer, each launched from the host, and the while loop's predicate
+              # read back every step) with XLA's default command buffers, with none, and with the
+              # while loop and its conditionals captured too (+WHILE,+CONDITIONAL), in turn;
+              # --model flash-group etc. override
+    timeout ${LIMIT:-560} bash -c 'for cb in default "" +WHILE,+CONDITIONAL; do
+        echo "== command buffers: ${cb:-none}"
+        flags="${XLA_FLAGS:-}"; [[ $cb != default ]] && flags="$flags --xla_gpu_enable_command_buffer=$cb"
+        XLA_FLAGS="$flags" timeout ${PER:-180} python3 -m benchmarks.generate --model small \
+          --batches 1,16 --mtp 0,1 --prefill "" "$@"
+      done' _ "$@" ;;
   multi)      # a sharded train step per mesh and expert-exchange strategy on the GPUs present
               # (ling_small, 8 rows x 4096 per GPU; on one GPU a dry run of one row); each row
               # compiles for minutes, so pick one or two per call (--meshes "fsdp=-1"
@@ -86,5 +97,5 @@ case "$part" in
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
         tests/generate/test_generate.py tests/model/test_fp8_experts.py 2>&1 | tail -3 &&
       python3 -m benchmarks.generate "$@"' _ "$@" ;;
-  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | fp8-sweep | fp32 | multi | generate)"; exit 2 ;;
+  *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | fp8-sweep | fp32 | decode-graphs | multi | generate)"; exit 2 ;;
 esac
