@@ -17,7 +17,7 @@ import pytest
 
 from pallas_kernels.grouped_matmul import (Config, Fp8Weight, dequantize, gmm, gmm_glu,
                                            gmm_glu_pallas, gmm_glu_reference, gmm_pallas,
-                                           grouped_matmul)
+                                           gmm_sum_pallas, grouped_matmul)
 from testing import gpu, rel, rel_max
 
 CFG = Config(block_m=32, block_n=64, block_k=64, block_n_glu=64, interpret=True)
@@ -159,10 +159,15 @@ def test_swapped_operands_give_the_same_products(scheme):
   downs = [gmm_pallas(hs[1], wd, gs, c) for c in (cfg, swapped)]
   want = np_grouped(np.asarray(hs[1], np.float64), np_w(wd), sizes)
   assert rel(downs[1], want) < 1e-6 and rel(downs[1], downs[0]) < 1e-6
-  if scheme == "bf16":  # the weights as [G, N, K], contracted on their second axis
+  if scheme == "bf16":  # the weights as [G, N, K], contracted on their second axis; and the
+    # two-product kernel of the gate/up backward
     wt = jnp.swapaxes(wd, 1, 2)
     got = gmm_pallas(hs[1], wt, gs, swapped, transpose_rhs=True)
     assert rel(got, want) < 1e-6
+    h2 = jnp.flip(hs[1], axis=0)
+    both = gmm_sum_pallas(hs[1], h2, wd, wd * 0.5, gs, swapped)
+    want2 = want + np_grouped(np.asarray(h2, np.float64), np_w(wd) * 0.5, sizes)
+    assert rel(both, want2) < 1e-6
 
 
 def test_fp8_weights_refuse_gradients():
