@@ -239,6 +239,11 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
         return _load(w_ref.at[g, pl.ds(j * bn, bn), pl.ds(k0, bk)], _mask2(cmask, kmask))
       return _load(w_ref.at[g, pl.ds(k0, bk), pl.ds(j * bn, bn)], _mask2(kmask, cmask))
 
+    if swap_ab:  # [bn, bm] += w^T @ x^T (w is [bn, bk] already when transpose_rhs)
+      prod = lambda x, w: _dot(w, x, ta=not transpose_rhs, tb=True)
+    else:
+      prod = lambda x, w: _dot(x, w, tb=transpose_rhs)
+
     def step(kk, accs):
       kmask = _tail_mask(kk * bk, bk, K)
       xs = [_load_rows(x_ref, rows_ref, r0, bm, mine, kk * bk, bk, kmask) for x_ref in x_refs]
@@ -254,10 +259,6 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
               for w, s_ref in zip(ws, s_refs)]
       elif fp8_block is None:  # channel-wise: exact in the compute dtype, scaled after the loop
         ws = [w.astype(xs[0].dtype) for w in ws]
-      if swap_ab:  # [bn, bm] += w^T @ x^T (w is [bn, bk] already when transpose_rhs)
-        prod = lambda x, w: _dot(w, x, ta=not transpose_rhs, tb=True)
-      else:
-        prod = lambda x, w: _dot(x, w, tb=transpose_rhs)
       if mode == "sum":
         return (accs[0] + prod(xs[0], ws[0]) + prod(xs[1], ws[1]),)
       return tuple(acc + prod(xs[0], w) for acc, w in zip(accs, ws))
