@@ -22,8 +22,9 @@ kernels, Lightning attention the Pallas kernels and MLA cuDNN's fused attention 
 "auto"; the memory estimates above used the CPU paths, sorted experts, the chunked reference and
 materialised scores); on the GPU the head's cross-entropy and Lightning's QK norms + RoPE run fused
 Pallas kernels. On an H100: 227.4k-228.8k tokens/s, 42.9-43.2% MFU with the MTP head's matmul
-counted (2026-12-07, two leases; the code before the refactor 195.8k, 36.95%, a gain not yet
-explained: BENCHMARKS.md#training-throughput; micro-batches of 12 rows run out of memory). The
+counted (2026-12-07, two leases); on an H200 243.4k, 45.9%, against 208.8k for the code before
+the refactor in the same call (+16.6%, not yet explained: BENCHMARKS.md#training-throughput;
+micro-batches of 12 rows run out of memory). The
 default data is the synthetic packed stream, which needs neither grain nor files (the GPU image
 has no grain); where grain is installed, `data.source=stdlib` (bytes) or a JSONL/ArrayRecord corpus with
 `data.tokenizer=tokenizer.json` trains on text instead.

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 # Shared memory grows with bytes, so the table is keyed by the head's width in bf16 terms
 # (`flash_width`): an fp32 head of 128 takes the 256 row. ling_small's fp32 forward asked an H100
 # for 256 KiB (2026-12-07; 227 KiB there), most likely these tiles: k and v, two stages, 4 x 64 KiB.
+# With this table the kernel's fp32 GPU test at ling_small's head passes (H200, 2026-12-07).
 FLASH_BLOCKS = {128: dict(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64,
                           block_q_dq=64, block_kv_dq=64),
                 256: dict(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32,
