@@ -93,9 +93,11 @@ def seconds(fn, args, on_gpu, tiny):
 def bench(E, D, F, X, N, kinds, configs, hbm, on_gpu, tiny):
   x, rows, sizes = routing(E, D, X, N)
   active = int((np.asarray(sizes) > 0).sum())
-  base = tuned_config(D, F, rows_per_group=N * X / E)._replace(interpret=not on_gpu)
   out, results = [], {}
   for name, ws in kinds.items():
+    # tuned_config's choice for these weights (the kind's name: "bf16", "fp8 block", ...)
+    base = tuned_config(D, F, rows_per_group=N * X / E, weights=name.replace(" ", "-"))._replace(
+        interpret=not on_gpu)
     times, fns = {}, {}
     for over in configs:
       key = json.dumps(over)

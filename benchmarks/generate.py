@@ -4,6 +4,7 @@ MTP speculative decoding, and prefill tokens/s, beside the HBM byte floor of eac
   python -m benchmarks.generate [--model flash|flash-group|small|tiny] [--batches 1,16,64]
       [--prompt 256] [--new 64] [--mtp 0,1] [--accept 0.8] [--prefill 4096,32768]
       [--contexts 4096,65536,131072] [--fp8 block|channel] [--hbm 3.35e12] [--png generate.png]
+      [--memory]
 
 Models (random weights, bf16): "flash" is Ling-2.6-flash whole (32 layers and its MTP layer:
 208 GB in bf16, 112 GB with --fp8, which fits one H200), "flash-group" the same widths with 8
@@ -33,6 +34,12 @@ them), timed over 16 steps with the cache donated; cache bytes per sequence (Lig
 MLA latents, bf16) beside it. The release's throughput-against-context figure in this form.
 The all-MLA model is built once the hybrid one's rows are done and that one dropped (one model on
 the device at a time); a context whose step runs out of device memory is a row saying so.
+
+--memory prints, before each decode row, the compiled memory (arguments, outputs, temporaries) of
+the three jitted functions generation runs, and every row ends with the allocator's bytes in use,
+peak and limit: where the bytes go when a model barely fits (Ling-2.6-flash FP8 on an H200 ran out
+of memory asking for 16 GiB in its first-token step, 2026-12-07). A decode row that runs out of
+device memory is a row saying so.
 
 Prints a markdown table, writes the PNG (decode tokens/s beside the floor's, per batch), and the
 raw rows to $OUT/generate.json when OUT is set.
@@ -124,6 +131,46 @@ def cache_bytes(model, batch: int, context: int) -> float:
                   + mla * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2)
 
 
+def device_memory() -> str:
+  """The device's allocator: in use, peak, limit (GiB), for the log."""
+  st = jax.devices()[0].memory_stats() or {}
+  g = lambda k: st.get(k, 0) / 2**30
+  return (f"device memory: {g('bytes_in_use'):.1f} GiB in use, {g('peak_bytes_in_use'):.1f} "
+          f"peak, {g('bytes_limit'):.1f} limit")
+
+
+def compiled_memory(model, batch: int, prompt: int, new: int, k: int) -> str:
+  """GiB of arguments, outputs (aliased: donated back), and temporaries of each jitted function
+  that `generate` runs for a `batch` x `prompt` decode of `new` tokens with k drafts, from their
+  compiled programs (nothing is allocated: the slots are abstract)."""
+  from ling_jax.generate import engine
+  from ling_jax.generate.api import CACHE_ALIGN
+  from ling_jax.generate.sampling import Sampling
+  from ling_jax.generate.slots import init_slots
+  graphdef, state = nnx.split(model)
+  max_len = -(-(prompt + new + k) // CACHE_ALIGN) * CACHE_ALIGN
+  slots = jax.eval_shape(lambda s: init_slots(nnx.merge(graphdef, s), batch, max_len, new, k, 0,
+                                              0), state)
+  C = min(2048, 1 << max(4, (prompt - 1).bit_length()))
+  cols = jax.ShapeDtypeStruct((batch, C), jnp.int32)
+  rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  eos, greedy = jax.ShapeDtypeStruct((1,), jnp.int32), Sampling(0.0, 0, 1.0)
+  calls = {"prefill_chunk": lambda: engine.prefill_chunk.lower(
+               graphdef, state, slots, cols, cols, rows, cols, cols),
+           "start": lambda: engine.start.lower(graphdef, state, slots, rows, eos, None,
+                                               sampling=greedy),
+           "decode": lambda: engine.decode.lower(graphdef, state, slots, jnp.int32(16), eos, None,
+                                                 sampling=greedy)}
+  lines = [f"compiled memory, batch {batch}, MTP k {k}, cache {max_len} (GiB):"]
+  for name, lower in calls.items():
+    m = lower().compile().memory_analysis()
+    gib = lambda f: getattr(m, f) / 2**30
+    lines.append(f"  {name}: arguments {gib('argument_size_in_bytes'):.2f}, outputs "
+                 f"{gib('output_size_in_bytes'):.2f} ({gib('alias_size_in_bytes'):.2f} donated), "
+                 f"temporaries {gib('temp_size_in_bytes'):.2f}")
+  return "\n".join(lines)
+
+
 def timed(fn, trials: int = 3) -> float:
   """The fastest of `trials` calls' seconds, after a warm-up (compilation) call."""
   jax.block_until_ready(fn().tokens)
@@ -188,7 +235,10 @@ def table(rows, device) -> str:
            "| batch | MTP k | context | ms / step | tokens/s | floor ms | floor tokens/s | "
            "x floor | acceptance |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    if r["kind"] == "decode":
+    if r["kind"] == "decode" and r["step_ms"] is None:
+      lines.append(f"| {r['batch']} | {r['mtp']} | {r['context']} | out of memory | - | - | - | - "
+                   "| - |")
+    elif r["kind"] == "decode":
       acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
       lines.append(f"| {r['batch']} | {r['mtp']} | {r['context']} | {r['step_ms']:.2f} | "
                    f"{r['tokens_s']:,.0f} | {r['floor_ms']:.2f} | {r['floor_tokens_s']:,.0f} | "
@@ -214,7 +264,7 @@ def plot(rows, path, title):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  dec = [r for r in rows if r["kind"] == "decode"]
+  dec = [r for r in rows if r["kind"] == "decode" and r["step_ms"] is not None]
   ctx = [r for r in rows if r["kind"] == "context"]
   fig, axes = plt.subplots(1, 2 if ctx else 1, figsize=(11 if ctx else 6, 4), squeeze=False)
   ax = axes[0, 0]
@@ -255,16 +305,29 @@ def main(argv=None):
   p.add_argument("--fp8", choices=("block", "channel"), default=None)
   p.add_argument("--hbm", type=float, default=3.35e12)
   p.add_argument("--png", default=None, help="default: $OUT/generate.png or ./generate.png")
+  p.add_argument("--memory", action="store_true",
+                 help="first print the compiled memory of each jitted step (prefill chunk, first "
+                      "token, decode loop) at every batch and MTP setting")
   args = p.parse_args(argv)
   ints = lambda s: [int(v) for v in s.split(",") if v]
   cfg = MODELS[args.model]()
   model = build(cfg, args.fp8)
   device = jax.devices()[0].device_kind
+  print(f"built {args.model}{' fp8 ' + args.fp8 if args.fp8 else ''}; {device_memory()}", flush=True)
   rows = []
   for k in ints(args.mtp):
     for b in ints(args.batches):
-      rows.append(decode_row(model, b, args.prompt, args.new, k, args.accept, args.hbm))
-      print(rows[-1], flush=True)
+      if args.memory:
+        print(compiled_memory(model, b, args.prompt, args.new, k), flush=True)
+      try:
+        rows.append(decode_row(model, b, args.prompt, args.new, k, args.accept, args.hbm))
+      except jax.errors.JaxRuntimeError as e:  # a batch the device cannot hold: say so, go on
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        print(f"batch {b}, MTP k {k}: out of device memory: {str(e).splitlines()[0][:300]}")
+        rows.append(dict(kind="decode", batch=b, mtp=k, context=args.prompt + args.new,
+                         step_ms=None))
+      print(rows[-1], device_memory(), flush=True)
   for n in ints(args.prefill):
     rows.append(prefill_row(model, n))
     print(rows[-1], flush=True)

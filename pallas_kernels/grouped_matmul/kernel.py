@@ -92,12 +92,14 @@ class Config(NamedTuple):
   # The Triton gmm kernels compute each output tile transposed, out^T = w^T @ x^T: the weight
   # tile is the dot's first operand (block_n rows, which Triton may keep in registers after an
   # FP8 tile's conversion) and the few token rows its second (block_m down to 16). For decode,
-  # where a visit holds a row or two; not yet measured on a GPU (`gpu_run.sh fp8-sweep`).
+  # where a visit holds a row or two; measured at decode sizes on an H200 (`_decode_tiles`): no
+  # faster for bf16, 1.7-1.9x slower for FP8, so off.
   swap_ab: bool = False
   interpret: bool = False
 
 
-def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -> Config:
+def tuned_config(hidden: int, width: int, rows_per_group: float | None = None,
+                 weights: str = "bf16") -> Config:
   """Defaults by expert shape (hidden x width), from the H100 sweeps (BENCHMARKS.md#grouped_matmul-kernels):
   at ling_small's 1024 x 576 the fused gate/up kernel ran fastest with 64-wide accumulators and
   the fused two-product backward won; at Ling-2.6-flash's 4096 x 1024, 128-wide accumulators
@@ -108,7 +110,11 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   256 tokens, 32 rows per expert, 0.078 against 0.087 ms; the flash shape at 256 and 1024
   tokens 1% faster). At 128 rows per expert it was mixed: 64-row tiles 3% faster for
   ling_small at 1024 tokens, slower for the flash shape at 4096 (docs/history/benchmarks-log.md),
-  so the switch is at 64."""
+  so the switch is at 64.
+
+  At decode sizes (rows_per_group <= 16; top-8 of 256 experts: 1-64 tokens) the tiles of the
+  H200 sweep at the flash expert shape (`gpu_run.sh fp8-sweep`, BENCHMARKS.md#decode), by
+  `weights` ("bf16", "fp8-block", "fp8-channel")."""
   small = hidden * width <= 1024 * 1024
   # The Mosaic GPU kernel for the down projection: ling_small's layer 3% faster
   # forward+backward at 16384 tokens, 8% forward at 4096; at the flash shape no faster forward
@@ -136,7 +142,27 @@ def tuned_config(hidden: int, width: int, rows_per_group: float | None = None) -
   # visit table is ~7 us of XLA ops.
   if rows_per_group is not None and rows_per_group <= 512:
     cfg = cfg._replace(mosaic=False)
+  if rows_per_group is not None and rows_per_group <= 16:
+    cfg = cfg._replace(**_decode_tiles(weights, rows_per_group))
   return cfg
+
+
+def _decode_tiles(weights: str, rows_per_group: float) -> dict:
+  """Tiles for a decode step's experts: the gate/up + down kernels' device time at 1 / 16 / 64
+  tokens (H200, 2026-12-07, flash shape, µs), this choice against the 64-row tiles before it.
+  bf16: 16-row tiles, 128-deep steps (67 / 537 / 1218 against 84 / 554 / 1244; 128-deep steps
+  with 64-row tiles ask for more shared memory than Hopper has). FP8 from 16 tokens (0.5 rows
+  per expert): 16-row tiles (block 497 / 1091 against 760 / 1699 with 128-deep steps; channel
+  465 / 1018 against 578 / 1275 with 64-deep ones); at one token 64-row tiles with 128-deep
+  steps (block 138, channel 150 against 219 / 173). The weight tile as the first operand
+  (`swap_ab`) lost for FP8 (1.7-1.9x slower) and was within 1% for bf16, so it stays off."""
+  if weights not in ("bf16", "fp8-block", "fp8-channel"):
+    raise ValueError(f"weights must be 'bf16', 'fp8-block' or 'fp8-channel', got {weights!r}")
+  if weights == "bf16":
+    return dict(block_m=16, block_k=128)
+  if rows_per_group < 0.5:
+    return dict(block_m=64, block_k=128)
+  return dict(block_m=16, block_k=128 if weights == "fp8-block" else 64)
 
 
 def _tile(n: int, want: int) -> int:

@@ -114,7 +114,9 @@ def routed_experts_grouped(x, idx, w, wg, wu, wd, *, config: Config | None = Non
   N, D = x.shape
   E, X = wg.shape[0], idx.shape[1]
   A = N * X
-  cfg = (config or tuned_config(D, wg.shape[2], rows_per_group=A / E))._replace(
+  weights = ("bf16" if not isinstance(wg, Fp8Weight)
+             else "fp8-channel" if wg.block is None else "fp8-block")
+  cfg = (config or tuned_config(D, wg.shape[2], rows_per_group=A / E, weights=weights))._replace(
       interpret=interpret)
   if config is None and isinstance(wg, Fp8Weight) and wg.block is not None:
     # A contraction tile must lie inside one scale block (fp8.check_k_tile).

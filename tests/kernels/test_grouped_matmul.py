@@ -398,6 +398,21 @@ def test_tuned_config_tiles_by_rows_per_expert():
   assert flash.group_rows
 
 
+def test_tuned_config_decode_tiles_by_weight_format():
+  """Decode sizes (<= 16 rows per expert) get the H200 sweep's tiles per weight format: 16-row
+  tiles, 128-deep steps for bf16; FP8 from 0.5 rows per expert 16-row tiles (128-deep for block
+  scales, 64 for channel scales), below that 64-row tiles with 128-deep steps."""
+  tiles = lambda r, w: (lambda c: (c.block_m, c.block_k))(tuned_config(4096, 1024, r, w))
+  assert tiles(0.03, "bf16") == tiles(2.0, "bf16") == (16, 128)
+  assert tiles(0.03, "fp8-block") == tiles(0.03, "fp8-channel") == (64, 128)
+  assert tiles(0.5, "fp8-block") == tiles(2.0, "fp8-block") == (16, 128)
+  assert tiles(0.5, "fp8-channel") == tiles(2.0, "fp8-channel") == (16, 64)
+  assert tiles(32, "fp8-block") == tiles(32, "bf16") == (64, 64)  # short prefills: unchanged
+  assert not tuned_config(4096, 1024, 1.0, "fp8-block").swap_ab
+  with pytest.raises(ValueError, match="'fp8'"):
+    tuned_config(4096, 1024, 1.0, "fp8")
+
+
 def test_moe_impl_switch():
   assert resolve_impl("auto") == ("pallas" if ON_GPU else "xla")
   x, idx, w, wts = moe_case(np.random.default_rng(12), 6, 8, 4, 4, 2, jnp.float32)
