@@ -163,12 +163,30 @@ def compiled_memory(model, batch: int, prompt: int, new: int, k: int) -> str:
                                                  sampling=greedy)}
   lines = [f"compiled memory, batch {batch}, MTP k {k}, cache {max_len} (GiB):"]
   for name, lower in calls.items():
-    m = lower().compile().memory_analysis()
+    compiled = lower().compile()
+    m = compiled.memory_analysis()
     gib = lambda f: getattr(m, f) / 2**30
     lines.append(f"  {name}: arguments {gib('argument_size_in_bytes'):.2f}, outputs "
                  f"{gib('output_size_in_bytes'):.2f} ({gib('alias_size_in_bytes'):.2f} donated), "
-                 f"temporaries {gib('temp_size_in_bytes'):.2f}")
+                 f"temporaries {gib('temp_size_in_bytes'):.2f}; largest arrays in its program: "
+                 + ", ".join(largest_arrays(compiled.as_text())))
   return "\n".join(lines)
+
+
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
+          "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
+
+
+def largest_arrays(hlo: str, n: int = 3) -> list[str]:
+  """The n largest array shapes named in a compiled program's text, with their GiB (what a
+  temporary that does not fit is likely made of)."""
+  import re
+  sizes = {}
+  for dtype, dims in re.findall(r"\b(" + "|".join(_BYTES) + r")\[([\d,]+)\]", hlo):
+    shape = f"{dtype}[{dims}]"
+    sizes[shape] = float(np.prod([int(d) for d in dims.split(",")])) * _BYTES[dtype]
+  top = sorted(sizes.items(), key=lambda kv: -kv[1])[:n]
+  return [f"{shape} {b / 2**30:.2f}" for shape, b in top]
 
 
 def timed(fn, trials: int = 3) -> float:
