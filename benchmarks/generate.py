@@ -36,10 +36,10 @@ The all-MLA model is built once the hybrid one's rows are done and that one drop
 the device at a time); a context whose step runs out of device memory is a row saying so.
 
 --memory prints, before each decode row, the compiled memory (arguments, outputs, temporaries) of
-the three jitted functions generation runs and the largest arrays each program names, and every row ends with the allocator's bytes in use,
-peak and limit: where the bytes go when a model barely fits (Ling-2.6-flash FP8 on an H200 ran out
-of memory asking for 16 GiB in its first-token step, 2026-12-07). A decode row that runs out of
-device memory is a row saying so.
+the three jitted functions generation runs and the largest arrays each program names, and every
+row ends with the allocator's bytes in use, peak and limit: where the bytes go when a model
+barely fits (Ling-2.6-flash FP8 on an H200 ran out of memory asking for 16 GiB in its first-token
+step, 2026-12-07). A decode row that runs out of device memory is a row saying so.
 
 Prints a markdown table, writes the PNG (decode tokens/s beside the floor's, per batch), and the
 raw rows to $OUT/generate.json when OUT is set.
