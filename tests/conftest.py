@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # One persistent compilation cache for the run: the xdist workers and every subprocess a test
 # starts (CLIs, notebooks, multi-process runs inherit the environment) load a program that another
 # process, or an earlier test's fresh `jax.jit` of the same function, already compiled. Removed
-# when the run ends (`pytest_sessionfinish`). A cache set from outside is left alone.
+# when the run ends (`pytest_sessionfinish`). Set here in the process pytest started, whose
+# environment the workers inherit; a cache set from outside is left alone.
 _RUN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-  _RUN_CACHE = os.path.join(tempfile.gettempdir(), f"ling_jax_tests_jax_cache_{_run}")
+  _RUN_CACHE = os.path.join(tempfile.gettempdir(), f"ling_jax_tests_jax_cache_{os.getpid()}")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
@@ -41,5 +41,5 @@ gc.set_threshold(50_000, 50, 1000)
 
 
 def pytest_sessionfinish(session):
-  if _RUN_CACHE is not None and not hasattr(session.config, "workerinput"):  # the controller
+  if _RUN_CACHE is not None:  # the process that made it
     shutil.rmtree(_RUN_CACHE, ignore_errors=True)
