@@ -57,6 +57,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import argparse
 import dataclasses
 import json
+import re
 import time
 
 import jax
@@ -144,15 +145,14 @@ def compiled_memory(model, batch: int, prompt: int, new: int, k: int) -> str:
   that `generate` runs for a `batch` x `prompt` decode of `new` tokens with k drafts, from their
   compiled programs (nothing is allocated: the slots are abstract)."""
   from ling_jax.generate import engine
-  from ling_jax.generate.api import CACHE_ALIGN
+  from ling_jax.generate.api import cache_length, chunk_width
   from ling_jax.generate.sampling import Sampling
   from ling_jax.generate.slots import init_slots
   graphdef, state = nnx.split(model)
-  max_len = -(-(prompt + new + k) // CACHE_ALIGN) * CACHE_ALIGN
+  max_len = cache_length(prompt + new, k)
   slots = jax.eval_shape(lambda s: init_slots(nnx.merge(graphdef, s), batch, max_len, new, k, 0,
                                               0), state)
-  C = min(2048, 1 << max(4, (prompt - 1).bit_length()))
-  cols = jax.ShapeDtypeStruct((batch, C), jnp.int32)
+  cols = jax.ShapeDtypeStruct((batch, chunk_width(prompt, 2048)), jnp.int32)
   rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
   eos, greedy = jax.ShapeDtypeStruct((1,), jnp.int32), Sampling(0.0, 0, 1.0)
   calls = {"prefill_chunk": lambda: engine.prefill_chunk.lower(
@@ -180,7 +180,6 @@ _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2,
 def largest_arrays(hlo: str, n: int = 3) -> list[str]:
   """The n largest array shapes named in a compiled program's text, with their GiB (what a
   temporary that does not fit is likely made of)."""
-  import re
   sizes = {}
   for dtype, dims in re.findall(r"\b(" + "|".join(_BYTES) + r")\[([\d,]+)\]", hlo):
     shape = f"{dtype}[{dims}]"

@@ -68,8 +68,8 @@ case "$part" in
       tee "${OUT:-/tmp}/fp32_tests.log" | tail -40 ;;
   fp8-sweep)  # the FP8 experts' kernels over tile configurations at decode sizes (1-64 tokens):
               # 16-row tiles (mma.sync, weights converted in registers), the weight tile as the
-              # first operand (swap_ab), 8 warps, 128-deep steps, 4 stages, against tuned_config's
-              # choice (64-row tiles, 4 warps; BENCHMARKS.md#decode)
+              # first operand (swap_ab), 8 warps, 128-deep steps, 4 stages, each over tuned_config's
+              # choice per weight format (its decode tiles came from this sweep: BENCHMARKS.md#decode)
     timeout ${LIMIT:-560} python3 -m benchmarks.fp8_experts --tokens ${TOKENS:-1,16,64} --configs \
       '[{}, {"block_k": 128}, {"block_m": 16}, {"block_m": 16, "block_k": 128}, {"num_warps": 8},
         {"block_m": 16, "swap_ab": true}, {"block_m": 16, "swap_ab": true, "block_k": 128},

@@ -26,6 +26,18 @@ from ling_jax.model import Kernels, LingForCausalLM, with_kernels
 CACHE_ALIGN = 128  # cache lengths are rounded up to this, so nearby lengths share compilations
 
 
+def cache_length(longest: int, mtp_draft: int) -> int:
+  """Cache positions a row needs: its prompt + new tokens (`longest`) and the drafts a
+  speculative step writes past them, rounded up to CACHE_ALIGN."""
+  return -(-(longest + mtp_draft) // CACHE_ALIGN) * CACHE_ALIGN
+
+
+def chunk_width(prompt_len: int, chunk: int) -> int:
+  """Columns of one prefill call: `chunk`, or the prompt rounded up to a power of two (>= 16)
+  where that is shorter."""
+  return min(chunk, 1 << max(4, (prompt_len - 1).bit_length()))
+
+
 @dataclasses.dataclass
 class Generation:
   """tokens [B, N] int32: row b's first lengths[b] entries are its new tokens (an eos last if it
@@ -129,7 +141,7 @@ def stream(model: LingForCausalLM, prompts, max_new_tokens: int, *, lengths=None
                      f"max_position_embeddings ({cfg.max_position_embeddings})")
   eos = jnp.asarray(_eos(model, eos_ids))
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-  max_len = -(-(longest + mtp_draft) // CACHE_ALIGN) * CACHE_ALIGN
+  max_len = cache_length(longest, mtp_draft)
   # speculative.py's test rig
   rig = None if _rig is None else tuple(None if r is None else jnp.asarray(r) for r in _rig)
   host, rows = np.asarray, B
@@ -155,7 +167,7 @@ def _steps(model, tokens, lens, max_new_tokens, max_len, sampling, eos, pad, see
   slots = init_slots(model, B, max_len, max_new_tokens, mtp_draft, seed, pad)
 
   # Prefill: chunks of C columns; a column past a row's end is padding (position -1).
-  C = min(chunk, 1 << max(4, (T - 1).bit_length()))
+  C = chunk_width(T, chunk)
   n_chunks = -(-T // C)
   cols = np.arange(n_chunks * C + 1)
   padded = np.zeros((B, len(cols)), np.int32)
