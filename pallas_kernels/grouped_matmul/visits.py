@@ -26,8 +26,10 @@ def group_bounds(group_sizes: jax.Array, m: int, *, pseudo: bool = False):
 
 
 def pieces(m: int, bm: int, G: int) -> int:
-  """How many visits the group-piece layout has: cdiv(m, bm) + G slots (some left empty)."""
-  return pl.cdiv(m, bm) + G
+  """How many visits the group-piece layout has: cdiv(m, bm) + min(G, m) slots (some left
+  empty). At decode, where m (tokens x top-k) is far below G, the grid shrinks with it: one
+  token's 8 rows over 256 experts take 1 + 8 slots, not 1 + 256."""
+  return max(1, pl.cdiv(m, bm) + min(G, m))
 
 
 def padded_groups(G: int) -> int:
@@ -55,13 +57,18 @@ def piece(sizes: jax.Array, v, *, G: int, m: int, bm: int):
 
   sizes [P] holds the G group sizes then anything (ignored; P = padded_groups(G)); group G is the
   pseudo-group of rows [sum(sizes), m), whose visits store zeros. Group g's pieces take the
-  slots first_g + p for p < cdiv(size_g, bm), first_g = start_g // bm + g: consecutive groups'
-  slot ranges never overlap (first_{g+1} - first_g >= floor(size_g / bm) + 1 >= the pieces of g)
-  and all fit in `pieces(m, bm, G)`. Plain jnp on a vector and a scalar: the kernels run it on
-  their program id (O(G) work, no table in HBM).
+  slots first_g + p for p < cdiv(size_g, bm), first_g = start_g // bm + r_g, r_g the number of
+  non-empty groups before g: the slot ranges of consecutive non-empty groups never overlap
+  (first_{g'} - first_g >= floor(size_g / bm) + 1 >= the pieces of g), an empty group's range is
+  empty (it shares its first slot with the next non-empty group, which the count below picks, being
+  the later one), and the last slot used is below cdiv(m, bm) + (the non-empty groups, at most
+  min(G, m)) = `pieces(m, bm, G)`. Plain jnp on a vector and a scalar: the kernels run it on their
+  program id (O(G) work, no table in HBM).
   """
   g, starts, ends = _bounds(sizes, G, m)
-  first = jnp.where(g <= G, lax.div(starts, jnp.int32(bm)) + g, jnp.iinfo(jnp.int32).max)
+  full = ((ends > starts) & (g < G)).astype(jnp.int32)
+  before = jnp.cumsum(full) - full  # r_g; the pseudo-group's is the count of non-empty groups
+  first = jnp.where(g <= G, lax.div(starts, jnp.int32(bm)) + before, jnp.iinfo(jnp.int32).max)
   grp = jnp.sum((first <= v).astype(jnp.int32)) - 1  # first[0] = 0 <= v
   lo = _pick(g, grp, starts + (v - first) * bm)
   return grp, lo, jnp.minimum(_pick(g, grp, ends), lo + bm)

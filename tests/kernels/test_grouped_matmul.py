@@ -29,6 +29,7 @@ CASES = [  # (M, K, N, G, kind, rows past the groups)
     (20, 64, 32, 9, "uniform", 3),   # fewer rows than a tile, groups of 0-5 rows
     (130, 48, 40, 6, "skewed", 4),   # K and N tails: 48 = 1.5 K-tiles, 40 = 2.5 N-tiles
     (70, 24, 9, 4, "uniform", 2),    # dims below one 16-wide tile, neither a multiple of 16
+    (10, 32, 16, 24, "uniform", 2),  # decode: fewer rows than groups (visits.pieces < G)
 ]
 
 
