@@ -66,15 +66,18 @@ case "$part" in
     timeout ${LIMIT:-560} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider -k "gpu and \
       (fp32 or float32)" tests/kernels/test_mla_flash.py tests/model/test_model.py 2>&1 |
       tee "${OUT:-/tmp}/fp32_tests.log" | tail -40 ;;
-  fp8-sweep)  # the FP8 experts' kernels over tile configurations at decode sizes (1-64 tokens):
-              # 16-row tiles (mma.sync, weights converted in registers), the weight tile as the
-              # first operand (swap_ab), 8 warps, 128-deep steps, 4 stages, each over tuned_config's
-              # choice per weight format (its decode tiles came from this sweep: BENCHMARKS.md#decode)
-    timeout ${LIMIT:-560} python3 -m benchmarks.fp8_experts --tokens ${TOKENS:-1,16,64} --configs \
-      '[{}, {"block_k": 128}, {"block_m": 16}, {"block_m": 16, "block_k": 128}, {"num_warps": 8},
-        {"block_m": 16, "swap_ab": true}, {"block_m": 16, "swap_ab": true, "block_k": 128},
-        {"block_m": 16, "swap_ab": true, "block_k": 128, "num_stages": 4},
-        {"block_m": 16, "swap_ab": true, "block_n": 64, "block_n_glu": 64}]' "$@" ;;
+  fp8-sweep)  # the FP8 experts' kernels over tile configurations at decode sizes (1-64 tokens),
+              # each over tuned_config's choice per weight format ({}). Default list: narrower
+              # N-blocks (block_n for the down kernel, block_n_glu for gate/up), so that one
+              # token's 8 experts fill the GPU's SMs, with 16 / 64-row tiles, 5 stages, 2 warps.
+              # (The 2026-12-07 sweep's 16-row / 128-deep / swap_ab / 8-warp list gave
+              # `_decode_tiles`: BENCHMARKS.md#decode.) CONFIGS='[...]' overrides.
+    sweep='[{}, {"block_n_glu": 64, "block_n": 64}, {"block_n_glu": 32, "block_n": 64},
+      {"block_n_glu": 32, "block_n": 32}, {"block_n_glu": 16, "block_n": 32},
+      {"block_m": 16, "block_n_glu": 32, "block_n": 64}, {"block_m": 64, "block_n_glu": 32, "block_n": 64},
+      {"block_n_glu": 32, "block_n": 64, "num_stages": 5}, {"block_n_glu": 32, "block_n": 64, "num_warps": 2}]'
+    timeout ${LIMIT:-560} python3 -m benchmarks.fp8_experts --tokens ${TOKENS:-1,16,64} \
+      --configs "${CONFIGS:-$sweep}" "$@" ;;
   decode-graphs) # the decode loop as CUDA graphs: ling_small's decode (launch-bound at batch 1:
               # ~20 kernels a layer, each launched from the host, and the while loop's predicate
               # read back every step) with XLA's default command buffers, with none, and with the
