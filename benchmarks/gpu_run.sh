@@ -69,13 +69,17 @@ case "$part" in
   fp8-sweep)  # the FP8 experts' kernels over tile configurations at decode sizes (1-64 tokens),
               # each over tuned_config's choice per weight format ({}). Default list: narrower
               # N-blocks (block_n for the down kernel, block_n_glu for gate/up), so that one
-              # token's 8 experts fill the GPU's SMs, with 16 / 64-row tiles, 5 stages, 2 warps.
+              # token's 8 experts fill the GPU's SMs; one-row visits (block_m 1: multiply-and-sum
+              # on the CUDA cores) with 1-4 K-steps a loop step (k_unroll), 2 warps.
               # (The 2026-12-07 sweep's 16-row / 128-deep / swap_ab / 8-warp list gave
               # `_decode_tiles`: BENCHMARKS.md#decode.) CONFIGS='[...]' overrides.
-    sweep='[{}, {"block_n_glu": 64, "block_n": 64}, {"block_n_glu": 32, "block_n": 64},
-      {"block_n_glu": 32, "block_n": 32}, {"block_n_glu": 16, "block_n": 32},
-      {"block_m": 16, "block_n_glu": 32, "block_n": 64}, {"block_m": 64, "block_n_glu": 32, "block_n": 64},
-      {"block_n_glu": 32, "block_n": 64, "num_stages": 5}, {"block_n_glu": 32, "block_n": 64, "num_warps": 2}]'
+    sweep='[{}, {"block_n_glu": 32, "block_n": 64}, {"block_m": 16, "block_n_glu": 32, "block_n": 64},
+      {"block_m": 1, "block_n_glu": 32, "block_n": 64}, {"block_m": 1, "block_n_glu": 32, "block_n": 64, "k_unroll": 2},
+      {"block_m": 1, "block_n_glu": 32, "block_n": 64, "k_unroll": 4},
+      {"block_m": 1, "block_n_glu": 16, "block_n": 32, "k_unroll": 4},
+      {"block_m": 1, "block_n_glu": 64, "block_n": 128, "k_unroll": 2},
+      {"block_m": 1, "block_n_glu": 32, "block_n": 64, "k_unroll": 2, "num_warps": 2},
+      {"block_m": 1, "block_n_glu": 32, "block_n": 64, "block_k": 64, "k_unroll": 4}]'
     timeout ${LIMIT:-560} python3 -m benchmarks.fp8_experts --tokens ${TOKENS:-1,16,64} \
       --configs "${CONFIGS:-$sweep}" "$@" ;;
   decode-graphs) # the decode loop as CUDA graphs: ling_small's decode (launch-bound at batch 1:

@@ -52,7 +52,7 @@ from pallas_kernels.grouped_matmul.visits import (group_rows_of, padded_groups, 
 class Config(NamedTuple):
   """Static tile parameters (hashable: rides in custom_vjp's nondiff args)."""
   # Defaults: the best of the H100 sweep at the flash expert shape (BENCHMARKS.md#grouped_matmul-kernels).
-  block_m: int = 128
+  block_m: int = 128  # 1: one-row visits, products as multiply-and-sum (decode; below)
   block_n: int = 256
   block_k: int = 64
   num_warps: int = 8
@@ -95,6 +95,10 @@ class Config(NamedTuple):
   # where a visit holds a row or two; measured at decode sizes on an H200 (`_decode_tiles`): no
   # faster for bf16, 1.7-1.9x slower for FP8, so off.
   swap_ab: bool = False
+  # The contraction loop's body takes `k_unroll` consecutive bk-steps, their loads issued
+  # together (more bytes in flight per program where Triton does not pipeline: the one-row
+  # kernels below; reduced to a divisor of the step count).
+  k_unroll: int = 1
   interpret: bool = False
 
 
@@ -226,7 +230,7 @@ def _load_sizes(sizes_ref, G: int):
 
 
 def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpose_rhs, n_inner,
-                group_rows=False, copy_rows=False, fp8_block=False, swap_ab=False):
+                group_rows=False, copy_rows=False, fp8_block=False, swap_ab=False, k_unroll=1):
   """One (row tile, group) visit x one N-block. Modes (refs after the visit table):
     "mm"  [rows], x, w, out:              out = x @ w[g]
     "sum" x0, x1, w0, w1, out:            out = x0 @ w0[g] + x1 @ w1[g]  (two products, one acc)
@@ -238,7 +242,8 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
   Unless fp8_block is False, the w refs are float8 and their scale refs follow them: block-scaled
   (fp8_block the (rows, cols) of a scale block) or channel-wise (None), as fp8.py explains.
   swap_ab accumulates each product transposed ([bn, bm] = w^T @ x^T; Config.swap_ab) and
-  transposes the accumulators back after the loop."""
+  transposes the accumulators back after the loop. bm = 1 (one-row visits, decode) takes each
+  product as an fp32 multiply-and-sum instead of a dot; k_unroll bk-steps make one loop step."""
   rows_ref, refs = (refs[0], refs[1:]) if gathered else (None, refs)
   n_x, n_w = {"mm": (1, 1), "sum": (2, 2), "glu": (1, 2)}[mode]
   x_refs, w_refs, out_refs = refs[:n_x], refs[n_x:n_x + n_w], refs[n_x + n_w:]
@@ -265,12 +270,24 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
         return _load(w_ref.at[g, pl.ds(j * bn, bn), pl.ds(k0, bk)], _mask2(cmask, kmask))
       return _load(w_ref.at[g, pl.ds(k0, bk), pl.ds(j * bn, bn)], _mask2(kmask, cmask))
 
-    if swap_ab:  # [bn, bm] += w^T @ x^T (w is [bn, bk] already when transpose_rhs)
+    if bm == 1:  # one row: no tensor-core tile to fill, so fp32 multiply-and-sum on the CUDA
+      # cores; the weight tile goes straight from registers into the sum (nothing staged)
+      def prod(x, w):  # x [1, bk], w [bk, bn] ([bn, bk] when transpose_rhs) -> [1, bn]
+        x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+        if transpose_rhs:
+          return jnp.sum(w * x, axis=1)[None, :]
+        return jnp.sum(w * x.T, axis=0)[None, :]
+    elif swap_ab:  # [bn, bm] += w^T @ x^T (w is [bn, bk] already when transpose_rhs)
       prod = lambda x, w: _dot(w, x, ta=not transpose_rhs, tb=True)
     else:
       prod = lambda x, w: _dot(x, w, tb=transpose_rhs)
 
     def step(kk, accs):
+      for u in range(k_unroll):
+        accs = one_step(kk * k_unroll + u, accs)
+      return accs
+
+    def one_step(kk, accs):
       kmask = _tail_mask(kk * bk, bk, K)
       xs = [_load_rows(x_ref, rows_ref, r0, bm, mine, kk * bk, bk, kmask) for x_ref in x_refs]
       if copy_ref is not None:
@@ -289,7 +306,7 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
         return (accs[0] + prod(xs[0], ws[0]) + prod(xs[1], ws[1]),)
       return tuple(acc + prod(xs[0], w) for acc, w in zip(accs, ws))
 
-    steps = (grp < G).astype(jnp.int32) * pl.cdiv(K, bk)  # (a jnp.where here lowers to mistyped scf.for bounds)
+    steps = (grp < G).astype(jnp.int32) * (pl.cdiv(K, bk) // k_unroll)  # (a jnp.where here lowers to mistyped scf.for bounds)
     n_acc = 2 if mode == "glu" else 1
     shape = (bn, bm) if swap_ab else (bm, bn)
     accs = lax.fori_loop(0, steps, step, (jnp.zeros(shape, jnp.float32),) * n_acc)
@@ -361,6 +378,9 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
   bn, bk = _tile(N, bn_want), _tile(K, _per_bytes(cfg.block_k, lhs.dtype))
   if fp8_block:
     fp8.check_k_tile(fp8_block, bk)
+  if bm == 1 and (copy_rows or cfg.swap_ab):
+    raise ValueError("block_m=1 (one-row products) writes no saved rows and has no swap_ab")
+  unroll = max(u for u in range(1, cfg.k_unroll + 1) if pl.cdiv(K, bk) % u == 0)
   if cfg.group_rows:  # the kernel decodes its visit from the sizes: no table, no XLA op
     meta, V = group_sizes.astype(jnp.int32), pieces(M, bm, G)
   else:
@@ -369,7 +389,7 @@ def _gmm_call(mode, lhs_list, rhs_list, group_sizes, cfg, *, lhs_rows, transpose
   kernel = functools.partial(_gmm_kernel, bm=bm, bn=bn, bk=bk, M=M, K=K, N=N, G=G, mode=mode,
                              gathered=lhs_rows is not None, transpose_rhs=transpose_rhs,
                              n_inner=cfg.n_inner, group_rows=cfg.group_rows, copy_rows=copy_rows,
-                             fp8_block=fp8_block, swap_ab=cfg.swap_ab)
+                             fp8_block=fp8_block, swap_ab=cfg.swap_ab, k_unroll=unroll)
   nb = pl.cdiv(N, bn)
   grid = (nb, V) if cfg.n_inner else (V, nb)
   rows = () if lhs_rows is None else (lhs_rows.astype(jnp.int32),)

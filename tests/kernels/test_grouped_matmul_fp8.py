@@ -130,11 +130,16 @@ def test_fp8_gmm_glu_matches_float64(scheme):
   assert rel(down, np_grouped(np.asarray(h, np.float64), np_weight(wd), sizes)) < 5e-3
 
 
+DECODE_VARIANTS = {"swap_ab": dict(swap_ab=True), "one_row": dict(block_m=1, k_unroll=2)}
+
+
+@pytest.mark.parametrize("variant", list(DECODE_VARIANTS))
 @pytest.mark.parametrize("scheme", [*SCHEMES, "bf16"])
-def test_swapped_operands_give_the_same_products(scheme):
-  """Config.swap_ab (each tile accumulated as w^T @ x^T, for decode's row or two per expert):
-  gmm, the fused gate/up on gathered rows and (bf16 weights) the transposed-weight gmm, at
-  16-row tiles and decode-like groups of 0-3 rows, against float64 and the unswapped kernel."""
+def test_decode_variants_give_the_same_products(scheme, variant):
+  """The decode-sized kernels: Config.swap_ab (each tile accumulated as w^T @ x^T) and one-row
+  visits (block_m 1: products as multiply-and-sum, two K-steps a loop step): gmm, the fused
+  gate/up on gathered rows and (bf16 weights) the transposed-weight gmm and the two-product
+  kernel, at decode-like groups of 0-3 rows, against float64 and the 16-row dot kernel."""
   rng = np.random.default_rng(7 + len(scheme))
   T, M, K, N, G = 6, 12, 256, 192, 5
   sizes = np.array([3, 0, 2, 1, 3])  # 9 rows in groups, 3 past them
@@ -150,7 +155,7 @@ def test_swapped_operands_give_the_same_products(scheme):
   x = jnp.asarray(rng.standard_normal((T, K)), jnp.float32)
   xs = np.asarray(x, np.float64)[np.asarray(rows)]
   cfg = CFG._replace(block_m=16, block_n=64, block_n_glu=64)
-  swapped = cfg._replace(swap_ab=True)
+  swapped = cfg._replace(**DECODE_VARIANTS[variant])
   g, u = np_grouped(xs, np_w(wg), sizes), np_grouped(xs, np_w(wu), sizes)
   h_want = g / (1 + np.exp(-g)) * u
   hs = [gmm_glu_pallas(x, wg, wu, gs, c, lhs_rows=rows) for c in (cfg, swapped)]

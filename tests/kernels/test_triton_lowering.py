@@ -81,6 +81,21 @@ CASES = {
         (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 192), jnp.float8_e4m3fn),
          S((G, K, 192), jnp.float8_e4m3fn), S((G, 2, 2), jnp.float32), S((G, 2, 2), jnp.float32),
          S((G,), jnp.int32)), 1),
+    "gmm_glu_fp8_block_one_row": (  # one-row visits: multiply-and-sum, unrolled K-steps
+        lambda x, r, vg, vu, sg, su, s: gmm_glu_pallas(
+            x, Fp8Weight(vg, sg, (128, 128)), Fp8Weight(vu, su, (128, 128)), s,
+            tuned_config(K, 192, 1, "fp8-block")._replace(block_m=1, k_unroll=2), lhs_rows=r),
+        (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 192), jnp.float8_e4m3fn),
+         S((G, K, 192), jnp.float8_e4m3fn), S((G, 2, 2), jnp.float32), S((G, 2, 2), jnp.float32),
+         S((G,), jnp.int32)), 1),
+    "gmm_fp8_channel_one_row": (lambda x, v, sc, s: gmm_pallas(
+        x, Fp8Weight(v, sc), s, tuned_config(K, N, 1, "fp8-channel")._replace(block_m=1)),
+                                (S((M, K), jnp.bfloat16), S((G, K, 200), jnp.float8_e4m3fn),
+                                 S((G, 200), jnp.float32), S((G,), jnp.int32)), 1),
+    "gmm_bf16_one_row_transposed": (lambda d, w, s: gmm_pallas(
+        d, w, s, tuned_config(K, N, 1)._replace(block_m=1, k_unroll=4), transpose_rhs=True),
+                                    (S((M, N), jnp.bfloat16), S((G, K, N), jnp.bfloat16),
+                                     S((G,), jnp.int32)), 1),
     "gmm_bf16_decode": (lambda x, w, s: gmm_pallas(x, w, s, tuned_config(K, N, 1)),
                         (S((M, K), jnp.bfloat16), S((G, K, N), jnp.bfloat16),
                          S((G,), jnp.int32)), 1),
