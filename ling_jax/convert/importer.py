@@ -106,34 +106,34 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dtype=None
   hf, cfg, scheme = read_config(hf_dir)
   where = scan_folder(hf_dir)
   check_counts(cfg, where, hf_dir)
-  experts = kept_weights(scheme, hf_dir) if keep_fp8 else ExpertWeights()
-  if experts.fp8 and fp8_linears:
-    experts = kept_linears(experts, cfg, hf_dir, where)
+  weights = kept_weights(scheme, hf_dir) if keep_fp8 else ExpertWeights()
+  if weights.fp8 and fp8_linears:
+    weights = kept_linears(weights, cfg, hf_dir, where)
   suffix = scheme.scale_suffix if scheme else None
-  maps, variables = state_layout(cfg, np.float32 if dtype is None else dtype, experts, suffix)
+  maps, variables = state_layout(cfg, np.float32 if dtype is None else dtype, weights, suffix)
   slice_shapes = {m.name: variables[m.path][0][len(m.index):] for m in maps}
   src = HFSource.open(hf_dir, maps, slice_shapes)
   try:
-    if experts.fp8:
+    if weights.fp8:
       _check_kept(src, variables)
     if dtype is None:
       dtype, dtype_from = source_dtype(hf, src)
     else:
       dtype, dtype_from = np.dtype(dtype), "asked for"
-    _, abstract, _ = abstract_model(cfg, dtype, expert_weights=experts)
+    _, abstract, _ = abstract_model(cfg, dtype, expert_weights=weights)
     flat = dict(nnx.to_flat_state(abstract))
     variables = {p: (s, _stored_dtype(p, flat[p], dtype), n) for p, (s, _, n) in variables.items()}
     with dest:
-      summary = _convert(src, dest, variables, cfg, dtype, scheme, experts, progress=progress,
+      summary = _convert(src, dest, variables, cfg, dtype, scheme, weights, progress=progress,
                          block_bytes=block_bytes, chunk_bytes=chunk_bytes,
                          inflight_bytes=inflight_bytes, workers=workers,
                          verify_data=verify_data, durable=durable)
   finally:
     src.close()
   summary.dtype, summary.dtype_from = dtype.name, dtype_from
-  if experts.fp8:
-    summary.fp8 = (f"{experts.format}: routed experts"
-                   + (" and dense Linears" if experts.linears else "; dense Linears dequantised"))
+  if weights.fp8:
+    summary.fp8 = (f"{weights.format}: routed experts"
+                   + (" and dense Linears" if weights.linears else "; dense Linears dequantised"))
   return summary
 
 
@@ -150,8 +150,8 @@ def kept_weights(scheme, hf_dir: str) -> ExpertWeights:
 def kept_linears(experts: ExpertWeights, cfg: LingConfig, hf_dir: str, where: dict
                  ) -> ExpertWeights:
   """`experts` with the dense Linears kept in FP8 as well where the source stores every one of
-  them in FP8 (the releases quantise every Linear but the router and the head); as it is where
-  it stores none in FP8 (nothing to keep). A source that quantised only some (e.g. all but the
+  them in FP8 (flash-fp8's size says it quantises every Linear but the router and the head);
+  as it is where it stores none in FP8 (nothing to keep). A source that quantised only some (e.g. all but the
   MTP layer's) is refused by name, as a model holds all of them in one form: keep the experts
   alone (`fp8_linears=False`, `--keep-fp8 experts`) to dequantise them."""
   names = [m.name for m in all_maps(cfg) if is_dense_linear(m) and m.name in where]

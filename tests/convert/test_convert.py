@@ -293,6 +293,17 @@ def test_keep_fp8_refuses_a_bad_dense_scale_or_a_partly_quantised_source(tmp_pat
   assert model.groups.layers[0].mlp.experts.gate_proj[...].dtype == jnp.float8_e4m3fn
 
 
+def test_dense_linears_stay_as_stored_where_the_source_quantised_none(hf):
+  """kept_linears turns `linears` on only for float8 dense Linears: where the source stores none
+  in float8 (as a release that quantised only its experts would) the setting stays off."""
+  from ling_jax.convert.importer import kept_linears
+  from ling_jax.convert.source import read_config
+  from ling_jax.hf_io import scan_folder
+  _, cfg, _ = read_config(str(hf))
+  experts = ExpertWeights("fp8-block", (16, 16))
+  assert kept_linears(experts, cfg, str(hf), scan_folder(hf)) == experts
+
+
 def test_keep_fp8_needs_an_fp8_source(tmp_path):
   write_random_hf_checkpoint(tmp_path / "hf", CFG, num_shards=1)
   with pytest.raises(CheckpointError, match="keeping FP8 experts needs an FP8 source"):
