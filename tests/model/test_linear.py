@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ling_jax.config import ling_tiny
+from ling_jax.config import ling_small, ling_tiny
 from ling_jax.model import Kernels, LingForCausalLM, with_kernels
 from ling_jax.model.linear import SwiGLU
 from ling_jax.model.ling import (fp8_linears, record_routing, with_dense_experts,
                                  with_fp8_experts)
 from ling_jax.model.settings import ExpertWeights
-from testing import random_model, random_tokens, rel
+from testing import gpu, random_model, random_tokens, rel
 
 CFG = ling_tiny(num_hidden_layers=2, num_nextn_predict_layers=1)  # (Lightning, MLA) and MTP
 BLOCK = (16, 16)
@@ -109,3 +109,21 @@ def test_a_bad_scale_and_a_gradient_are_refused_by_name():
   fp8.up_proj_scale = nnx.Param(jnp.ones((1, 31), jnp.float32))
   with pytest.raises(ValueError, match=r"SwiGLU\.up_proj_scale has shape \[1, 31\].*\[1, 32\]"):
     fp8(x)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["fp8-block", "fp8-channel"])
+def test_gpu_fp8_linears_compiled_match_the_xla_path(fmt):
+  """ling_small (random) with 128 x 128 block or channel FP8 experts and dense Linears: every
+  Linear through the compiled one-group kernel ("auto" on a GPU) against the XLA path, routing
+  replayed, at a prefill (4 x 256 rows) and a decode step's size (4 rows)."""
+  cfg = ling_small(num_nextn_predict_layers=1)
+  base = random_model(cfg, seed=0, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  fp8 = with_fp8_experts(base, ExpertWeights(fmt, (128, 128), linears=True))
+  fwd = nnx.jit(lambda m, t, r: m.forward(t, routing=r))
+  for shape in ((4, 256), (4, 1)):
+    tokens = random_tokens(cfg, shape, seed=1)
+    want = fwd(with_kernels(fp8, Kernels(linear="xla")), tokens,
+               record_routing(cfg, *tokens.shape))
+    got = fwd(fp8, tokens, want.expert_ids)
+    assert rel(got.logits, want.logits) < 2e-2, shape
