@@ -3,14 +3,17 @@ MTP speculative decoding, and prefill tokens/s, beside the HBM byte floor of eac
 
   python -m benchmarks.generate [--model flash|flash-group|small|tiny] [--batches 1,16,64]
       [--prompt 256] [--new 64] [--mtp 0,1] [--accept 0.8] [--prefill 4096,32768]
-      [--contexts 4096,65536,131072] [--fp8 block|channel] [--hbm 3.35e12] [--png generate.png]
-      [--memory]
+      [--contexts 4096,65536,131072] [--fp8 block|channel [--no-fp8-linears]] [--hbm 3.35e12]
+      [--png generate.png] [--memory]
 
 Models (random weights, bf16): "flash" is Ling-2.6-flash whole (32 layers and its MTP layer:
-208 GB in bf16, 112 GB with --fp8, which fits one H200), "flash-group" the same widths with 8
-layers (one hybrid group of 7 Lightning + 1 MLA) and the MTP layer, "small" ling_small with one
-MTP layer, "tiny" a toy for the CPU. --fp8 draws the routed experts in FP8 (128 x 128 blocks, or
-one scale per output column), every other weight bf16.
+208 GB in bf16, 112 GB with FP8 experts alone, which fits one H200), "flash-group" the same widths
+with 8 layers (one hybrid group of 7 Lightning + 1 MLA) and the MTP layer, "small" ling_small with
+one MTP layer, "tiny" a toy for the CPU. --fp8 draws the routed experts in FP8 (128 x 128 blocks,
+or one scale per output column) and, as the FP8 release stores them, the dense Linears too
+(attention, the dense and shared-expert MLPs, eh_proj; `ExpertWeights.linears`); with
+--no-fp8-linears those stay bf16. The embedding, the head, the norms and the router are bf16 /
+fp32 either way.
 
 Decode: `ling_jax.generate.generate` (greedy, no eos) on --prompt-token prompts, timed for --new
 new tokens and for 1; a step is the difference over --new - 1 steps (the prefill and the first
@@ -78,30 +81,42 @@ MODELS = {
 }
 
 
-def build(cfg, fp8: str | None):
-  """A random model made on the device: bf16 in one jitted init; with --fp8, the routed experts
-  drawn straight in FP8, one stacked tensor and one layer at a time (the whole model never
-  exists in bf16, which no single GPU holds, and one program drawing every expert at once keeps
-  their random bits alive together: 650 GB of temporaries for Ling-2.6-flash on XLA:CPU)."""
-  weights = ExpertWeights() if fp8 is None else ExpertWeights(f"fp8-{fp8}", (128, 128))
+def build(cfg, fp8: str | None, linears: bool = True):
+  """A random model made on the device: bf16 in one jitted init; with --fp8, every FP8 kernel
+  (the routed experts', and with `linears` the dense Linears') drawn straight in FP8, one tensor
+  at a time and the experts one stacked layer at a time (the whole model never exists in bf16,
+  which no single GPU holds, and one program drawing every expert at once keeps their random
+  bits alive together: 650 GB of temporaries for Ling-2.6-flash on XLA:CPU)."""
+  weights = (ExpertWeights() if fp8 is None
+             else ExpertWeights(f"fp8-{fp8}", (128, 128), linears=linears))
   make = lambda: LingForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                                  param_dtype=jnp.bfloat16, expert_weights=weights)
   if fp8 is None:
     return nnx.jit(make)()
-  expert = lambda path, _: (len(path) > 1 and path[-2] == "experts"
-                           and not str(path[-1]).endswith("_scale"))
+  in_fp8 = lambda _, v: v.get_value().dtype == jnp.float8_e4m3fn
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
-  # Every other variable from the model's own init (XLA drops the experts' unused draws).
-  rest = jax.jit(lambda: nnx.state(make()).filter(lambda p, v: not expert(p, v)))()
+  # Every other variable (scales included) from the model's own init (XLA drops the FP8
+  # kernels' unused draws).
+  rest = jax.jit(lambda: nnx.state(make()).filter(lambda p, v: not in_fp8(p, v)))()
   flat = list(nnx.to_flat_state(rest))
   key = jax.random.key(0)
-  for i, (path, var) in enumerate(nnx.to_flat_state(abstract.filter(expert))):
-    shape, dtype = var.get_value().shape, var.get_value().dtype  # [groups..., E, K, N] e4m3
-    draw = lambda k, sh=shape[-3:]: jax.random.normal(k, sh, jnp.bfloat16).astype(dtype)
-    keys = jax.random.split(jax.random.fold_in(key, i), int(np.prod(shape[:-3])))
+  for i, (path, var) in enumerate(nnx.to_flat_state(abstract.filter(in_fp8))):
+    shape, dtype = var.get_value().shape, var.get_value().dtype
+    # Experts [groups..., E, K, N] a layer at a time; a dense Linear (at most ~0.2 GB) at once.
+    each = 3 if path[-2] == "experts" else len(shape)
+    draw = lambda k, sh=shape[len(shape) - each:]: (
+        jax.random.normal(k, sh, jnp.bfloat16).astype(dtype))
+    keys = jax.random.split(jax.random.fold_in(key, i), int(np.prod(shape[:len(shape) - each])))
     values = jax.jit(lambda ks: jax.lax.map(draw, ks))(keys).reshape(shape)
     flat.append((path, var.replace(values)))  # N(0, 1), as the module draws them
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def label(args) -> str:
+  """What --fp8 made FP8, for the log and the plot."""
+  if not args.fp8:
+    return ""
+  return f" fp8 {args.fp8}" + (" (experts and Linears)" if args.fp8_linears else " (experts)")
 
 
 def weight_bytes(model, rows: int, mtp: bool) -> float:
@@ -320,6 +335,8 @@ def main(argv=None):
   p.add_argument("--contexts", default="", help="hybrid vs all-MLA decode at these contexts")
   p.add_argument("--context-batch", type=int, default=1)
   p.add_argument("--fp8", choices=("block", "channel"), default=None)
+  p.add_argument("--fp8-linears", action=argparse.BooleanOptionalAction, default=True,
+                 help="with --fp8, the dense Linears in FP8 too (the release's form; default)")
   p.add_argument("--hbm", type=float, default=3.35e12)
   p.add_argument("--png", default=None, help="default: $OUT/generate.png or ./generate.png")
   p.add_argument("--memory", action="store_true",
@@ -328,9 +345,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   ints = lambda s: [int(v) for v in s.split(",") if v]
   cfg = MODELS[args.model]()
-  model = build(cfg, args.fp8)
+  model = build(cfg, args.fp8, args.fp8_linears)
   device = jax.devices()[0].device_kind
-  print(f"built {args.model}{' fp8 ' + args.fp8 if args.fp8 else ''}; {device_memory()}", flush=True)
+  print(f"built {args.model}{label(args)}; {device_memory()}", flush=True)
   rows = []
   for k in ints(args.mtp):
     for b in ints(args.batches):
@@ -354,7 +371,7 @@ def main(argv=None):
         # One model on the device at a time: flash-group and its all-MLA twin (49 GB each) did not
         # fit an H100 together.
         del model
-        model = build(dataclasses.replace(cfg, layer_group_size=1), args.fp8)
+        model = build(dataclasses.replace(cfg, layer_group_size=1), args.fp8, args.fp8_linears)
       for n in ints(args.contexts):
         try:
           rows.append(context_row(model, arm, args.context_batch, n))
@@ -368,7 +385,7 @@ def main(argv=None):
   print(table(rows, device))
   out = os.environ.get("OUT")
   png = args.png or os.path.join(out or ".", "generate.png")
-  plot(rows, png, f"{args.model}{' fp8 ' + args.fp8 if args.fp8 else ''}, {device}")
+  plot(rows, png, f"{args.model}{label(args)}, {device}")
   if out:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "generate.json"), "w") as f:

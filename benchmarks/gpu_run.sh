@@ -103,7 +103,8 @@ case "$part" in
               # and 64 with MTP off and on (rigged 0.8 acceptance), prefill, against the byte floor
               # (flash widths, one hybrid group; --model small, --fp8 block, --hbm 4.8e12 on an H200)
     timeout ${LIMIT:-560} bash -c 'python3 -m pytest -q -p no:cacheprovider -k gpu \
-        tests/generate/test_generate.py tests/model/test_fp8_experts.py 2>&1 | tail -3 &&
+        tests/generate/test_generate.py tests/model/test_fp8_experts.py tests/model/test_linear.py \
+        2>&1 | tail -3 &&
       python3 -m benchmarks.generate "$@"' _ "$@" ;;
   *) echo "unknown part $part (tests | moe-sweep | moe | moe-parts | gla | gla-bwd | train | ce | qk | mla | profile | fp8 | fp8-sweep | fp32 | decode-graphs | multi | generate)"; exit 2 ;;
 esac

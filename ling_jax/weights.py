@@ -135,11 +135,19 @@ def all_maps(cfg: LingConfig) -> list[TensorMap]:
   return list(main_maps(cfg)) + list(mtp_maps(cfg))
 
 
-def expert_scale_maps(maps: list[TensorMap], suffix: str) -> list[TensorMap]:
-  """The FP8 scale tensor `<expert weight>.<suffix>` of every routed expert weight in `maps`, for a
-  model that keeps its experts in FP8 (`ExpertWeights`): into the variable `<name>_scale` beside
-  the weight, transposed as a Linear ([out blocks, in blocks] -> [in blocks, out blocks]; a
-  per-channel [out, 1] -> [1, out])."""
+def is_dense_linear(m: TensorMap) -> bool:
+  """Whether `m` is one of the dense Linears that FP8 linears (`ExpertWeights.linears`) hold in
+  FP8: every Linear but the routed experts' (FP8 with the experts), the router gate and the head
+  (kept in their own dtypes, as the FP8 releases store them)."""
+  return (m.n_in > 0 and m.path[-2:-1] != ("experts",) and m.path[-2:] != ("gate", "weight")
+          and m.path != ("lm_head",))
+
+
+def fp8_scale_maps(maps: list[TensorMap], suffix: str, linears: bool) -> list[TensorMap]:
+  """The FP8 scale tensor `<weight>.<suffix>` of every routed expert weight in `maps` (and, with
+  `linears`, of every dense Linear), for a model that keeps them in FP8 (`ExpertWeights`): into
+  the variable `<name>_scale` beside the weight, transposed as a Linear ([out blocks, in blocks]
+  -> [in blocks, out blocks]; a per-channel [out, 1] -> [1, out])."""
   return [TensorMap(m.name[:-len("weight")] + suffix, m.path[:-1] + (f"{m.path[-1]}_scale",),
                     m.index, 1)
-          for m in maps if m.path[-2:-1] == ("experts",)]
+          for m in maps if m.path[-2:-1] == ("experts",) or (linears and is_dense_linear(m))]

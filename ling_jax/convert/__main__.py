@@ -31,9 +31,13 @@ def main(argv=None) -> int:
                         "config.json's torch_dtype says otherwise; the summary says which). "
                         "The router weight and "
                         "expert bias stay float32")
-  imp.add_argument("--keep-fp8", action="store_true",
-                   help="keep an FP8 source's routed experts in FP8 (values and scales) for "
-                        "serving; the other quantised weights are dequantised to --dtype")
+  imp.add_argument("--keep-fp8", nargs="?", const="all", choices=("all", "experts"),
+                   default=None,
+                   help="keep an FP8 source's weights in FP8 (values and scales) for serving: "
+                        "the routed experts, and the dense Linears (attention, dense and shared "
+                        "MLPs, eh_proj) where the source stores them all in FP8; '--keep-fp8 "
+                        "experts' keeps the experts only. The rest (and the dense Linears with "
+                        "'experts') are dequantised to --dtype")
   imp.add_argument("--verify-data", action="store_true",
                    help="read every block back and compare before committing")
   exp = sub.add_parser("export", help="Orbax checkpoint (converted, or a training run's: its "
@@ -66,7 +70,8 @@ def main(argv=None) -> int:
     if args.command == "import":
       summary = import_hf(args.hf_dir, args.ckpt_dir,
                           None if args.dtype is None else DTYPES[args.dtype],
-                          verify_data=args.verify_data, keep_fp8=args.keep_fp8, **common)
+                          verify_data=args.verify_data, keep_fp8=args.keep_fp8 is not None,
+                          fp8_linears=args.keep_fp8 != "experts", **common)
     else:
       summary = export_hf(args.ckpt_dir, args.hf_dir,
                           dtype=None if args.dtype is None else DTYPES[args.dtype],

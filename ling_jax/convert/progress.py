@@ -32,6 +32,7 @@ class Summary:
   peak_rss_bytes: int
   dtype: str | None = None       # import: the parameter dtype written
   dtype_from: str | None = None  # ... and why ("asked for", "config.json torch_dtype", ...)
+  fp8: str | None = None         # import with keep_fp8: the format and which weights kept it
 
   @property
   def gb_per_s(self) -> float:
@@ -41,7 +42,8 @@ class Summary:
     return (f"{self.action}: {self.tensors} tensors, {self.bytes / 2**30:.2f} GiB in "
             f"{self.seconds:.1f} s ({self.gb_per_s:.2f} GB/s; fsync {self.sync_seconds:.1f} s), "
             f"peak host memory {self.peak_rss_bytes / 2**30:.2f} GiB"
-            + (f"; parameters in {self.dtype} ({self.dtype_from})" if self.dtype else ""))
+            + (f"; parameters in {self.dtype} ({self.dtype_from})" if self.dtype else "")
+            + (f"; kept in {self.fp8}" if self.fp8 else ""))
 
   def to_json(self) -> str:
     return json.dumps({**dataclasses.asdict(self), "gb_per_s": self.gb_per_s})

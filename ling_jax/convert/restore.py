@@ -43,8 +43,9 @@ def load(ckpt_dir: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, dty
   the dtype the checkpoint stores (its marker's); another dtype is cast to by Orbax on restore.
   `ckpt_dir` may also be a training run's checkpoint (its out_dir, `checkpoints/` or one step;
   `train.checkpoint.load_run`): its parameters and expert biases, fp32 unless `dtype` is given.
-  The model runs the ops `kernels` picks. A checkpoint that kept FP8 experts (`convert import
-  --keep-fp8`) restores them as they are stored (`ExpertWeights` from the marker), whatever dtype.
+  The model runs the ops `kernels` picks. A checkpoint that kept FP8 weights (`convert import
+  --keep-fp8`: the routed experts, and the dense Linears where its marker says `linears`) restores
+  them as they are stored (`ExpertWeights` from the marker), whatever dtype.
 
   mesh=None puts every parameter on the default device; otherwise parameters are sharded over
   `mesh` by `rules` (router weight and expert bias stay fp32, as the model builds them), and so

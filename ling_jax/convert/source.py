@@ -93,7 +93,7 @@ class HFSource:
 
     wanted = {m.name: m for m in maps}
     scale_suffix = scheme.scale_suffix if scheme else None
-    # Weights whose scale tensor is a model variable of its own (FP8 experts kept as they are).
+    # Weights whose scale tensor is a model variable of its own (FP8 weights kept as they are).
     kept = {n[:-len(scale_suffix)] + "weight" for n in wanted
             if scale_suffix and n.endswith("." + scale_suffix)}
     scales, dropped, unknown = {}, [], []
@@ -154,7 +154,7 @@ class HFSource:
                               f"{m.name!r}, which is {dtype.name}, not float8")
       tensors.append(SourceTensor(m, file, dtype, shape, nbytes, scale,
                                   where[scale] if scale else None))
-    if scheme is not None and not any(t.scale for t in tensors):
+    if scheme is not None and not any(t.scale or t.dtype in FP8_DTYPES for t in tensors):
       raise CheckpointError(f"{folder}/config.json has a quantization_config "
                             f"({scheme.description}) but no tensor is float8")
     # Shard by shard, in offset order: sequential reads of each file.

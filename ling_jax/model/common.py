@@ -1,4 +1,4 @@
-"""Building blocks shared by the Ling layers: variables with logical axes, norms, SwiGLU.
+"""Building blocks shared by the Ling layers: variables with logical axes, norms.
 
 Kernels are stored [in, ..., out] (the transpose of PyTorch's [out, in]) and may be split into
 named axes, e.g. the Lightning projection is [D, 3, H, K]. Parameters are stored in `param_dtype`
@@ -84,21 +84,3 @@ class GroupRMSNorm(nnx.Module):
     y = rms_norm(x.reshape(B, T, H * K), self.weight[...], eps=self.eps, dtype=self.dtype,
                  groups=self.groups, impl=self.impl)
     return y.reshape(B, T, H, K)
-
-
-class SwiGLU(nnx.Module):
-  """W_down(silu(W_gate x) * W_up x): the dense MLP, the shared expert (docs/architecture.md §3.6).
-  Called as every MLP is, x -> (y, aux); its aux is None (SparseMoE's is the expert load)."""
-
-  def __init__(self, hidden: int, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
-    self.dtype = dtype
-    self.gate_proj = param(rngs, (hidden, width), (ax.EMBED, ax.MLP), param_dtype, fan_in=hidden)
-    self.up_proj = param(rngs, (hidden, width), (ax.EMBED, ax.MLP), param_dtype, fan_in=hidden)
-    self.down_proj = param(rngs, (width, hidden), (ax.MLP, ax.EMBED), param_dtype, fan_in=width)
-
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
-    x = x.astype(self.dtype)
-    g = x @ self.gate_proj[...].astype(self.dtype)
-    u = x @ self.up_proj[...].astype(self.dtype)
-    return (jax.nn.silu(g) * u) @ self.down_proj[...].astype(self.dtype), None

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax.config import LingConfig
-from ling_jax.model.common import RMSNorm, SwiGLU
+from ling_jax.model.common import RMSNorm
 from ling_jax.model.lightning import LightningAttention
+from ling_jax.model.linear import SwiGLU
 from ling_jax.model.mla import MultiLatentAttention
 from ling_jax.model.moe import SparseMoE
 from ling_jax.model.remat import checkpointed
@@ -57,6 +58,7 @@ def make_layer(cfg: LingConfig, layer_idx, mixer: str, mlp: str, *, rngs: nnx.Rn
   """Build decoder layer `layer_idx` (its global index: an int, or traced inside the stacked
   groups' nnx.vmap) of the given kinds from the config (the only place that reads it)."""
   common = dict(dtype=dtype, param_dtype=param_dtype)
+  linears = dict(weights=expert_weights, linear_impl=kernels.linear)
   D, eps, norm_impl = cfg.hidden_size, cfg.rms_norm_eps, kernels.rms_norm
   if mixer == "linear":
     attention = LightningAttention(
@@ -64,23 +66,23 @@ def make_layer(cfg: LingConfig, layer_idx, mixer: str, mlp: str, *, rngs: nnx.Rn
         norm_groups=cfg.group_norm_size, layer_idx=layer_idx, num_layers=cfg.num_hidden_layers,
         decay_form=cfg.decay_form, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
         use_qk_norm=cfg.use_qk_norm, eps=eps, rngs=rngs, impl=kernels.lightning,
-        qk_impl=kernels.qk_norm_rope, norm_impl=norm_impl, **common)
+        qk_impl=kernels.qk_norm_rope, norm_impl=norm_impl, **linears, **common)
   else:
     attention = MultiLatentAttention(
         hidden=D, heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank,
         kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
         rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, eps=eps, rngs=rngs,
-        impl=kernels.attention, norm_impl=norm_impl, **common)
+        impl=kernels.attention, norm_impl=norm_impl, **linears, **common)
   if mlp == "dense":
-    ffn = SwiGLU(D, cfg.intermediate_size, rngs=rngs, **common)
+    ffn = SwiGLU(D, cfg.intermediate_size, rngs=rngs, **linears, **common)
   else:
     ffn = SparseMoE(
         hidden=D, num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
         width=cfg.moe_intermediate_size, shared_width=cfg.shared_expert_intermediate_size,
         n_group=cfg.n_group, topk_group=cfg.topk_group, routed_scale=cfg.routed_scaling_factor,
         rngs=rngs, impl=kernels.moe, exchange=parallel.expert_exchange,
-        expert_weights=expert_weights, **common)
+        expert_weights=expert_weights, linear_impl=kernels.linear, **common)
   return DecoderLayer(attention, ffn, D, eps=eps, norm_impl=norm_impl, **common)
 
 

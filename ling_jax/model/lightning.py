@@ -29,7 +29,9 @@ from flax import nnx
 from ling_jax import axes as ax
 from ling_jax.config import alibi_slopes
 from ling_jax.model import rope
-from ling_jax.model.common import GroupRMSNorm, RMSNorm, constant, param
+from ling_jax.model.common import GroupRMSNorm, RMSNorm, constant
+from ling_jax.model.linear import add_linear, linear
+from ling_jax.model.settings import ExpertWeights
 from ling_jax.parallel import islands
 from pallas_kernels.simple_gla import simple_gla_prefix_state, simple_gla_step
 
@@ -68,24 +70,29 @@ class LightningAttention(nnx.Module):
   """Lightning attention with the checkpoint's names (`query_key_value`, `g_proj`, `g_norm`,
   `dense`). layer_idx: the layer's global index (an int, or traced where the model builds a
   stack of layers under nnx.vmap); `decay` holds its log-decay [H]. impl, qk_impl and norm_impl
-  are the `impl`s of simple_gla, qk_norm_rope and rms_norm."""
+  are the `impl`s of simple_gla, qk_norm_rope and rms_norm; weights and linear_impl say how the
+  three projections are held and run (model/linear.py)."""
 
   def __init__(self, *, hidden: int, heads: int, head_dim: int, rotary_dim: int,
                norm_groups: int, layer_idx, num_layers: int, decay_form: str, rope_theta: float,
                rope_scaling, use_qk_norm: bool, eps: float, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto",
-               qk_impl: str = "auto", norm_impl: str = "auto"):
+               qk_impl: str = "auto", norm_impl: str = "auto",
+               weights: ExpertWeights = ExpertWeights(), linear_impl: str = "auto"):
     self.heads, self.head_dim, self.rotary_dim = heads, head_dim, rotary_dim
     self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
     self.dtype, self.impl, self.qk_impl = dtype, impl, qk_impl
+    self.weights, self.linear_impl = weights, linear_impl
     slopes = jnp.asarray(np.asarray(alibi_slopes(heads)), jnp.float32)
     self.decay = constant(layer_decay(slopes, layer_idx, num_layers, decay_form), (ax.HEADS,))
     HK = (ax.HEADS, ax.HEAD_DIM)
-    self.query_key_value = param(rngs, (hidden, 3, heads, head_dim), (ax.EMBED, ax.QKV, *HK),
-                                 param_dtype, fan_in=hidden)
-    self.g_proj = param(rngs, (hidden, heads, head_dim), (ax.EMBED, *HK), param_dtype, fan_in=hidden)
-    self.dense = param(rngs, (heads, head_dim, hidden), (*HK, ax.EMBED), param_dtype,
-                       fan_in=heads * head_dim)
+    lin = dict(weights=weights, n_in=1)
+    add_linear(self, "query_key_value", rngs, (hidden, 3, heads, head_dim),
+               (ax.EMBED, ax.QKV, *HK), param_dtype, **lin)
+    add_linear(self, "g_proj", rngs, (hidden, heads, head_dim), (ax.EMBED, *HK), param_dtype,
+               **lin)
+    add_linear(self, "dense", rngs, (heads, head_dim, hidden), (*HK, ax.EMBED), param_dtype,
+               weights=weights, n_in=2)
     norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, impl=norm_impl)
     self.g_norm = GroupRMSNorm(heads, head_dim, norm_groups, **norm)
     if use_qk_norm:
@@ -106,7 +113,7 @@ class LightningAttention(nnx.Module):
     """a [B, T, D] -> (y [B, T, D], new state, a `Pending`, or None): module docstring."""
     dt = self.dtype
     a = a.astype(dt)
-    qkv = jnp.einsum("btd,dshk->btshk", a, self.query_key_value[...].astype(dt))  # [B, T, 3, H, K]
+    qkv = linear(self, "query_key_value", "btd,dshk->btshk", a)  # [B, T, 3, H, K]
     cos, sin = rope.cos_sin(positions, self.rotary_dim, self.rope_theta, self.rope_scaling)
     qn, kn = self.query_layernorm, self.key_layernorm
     pending = isinstance(cache, Pending)
@@ -138,7 +145,7 @@ class LightningAttention(nnx.Module):
         state = jax.lax.cond(jnp.all(real), lambda: final,
                              lambda: simple_gla_prefix_state(k, v, g, s0, n))
     o = self.g_norm(o.astype(dt))
-    gate = jnp.einsum("btd,dhk->bthk", a, self.g_proj[...].astype(dt))
+    gate = linear(self, "g_proj", "btd,dhk->bthk", a)
     o = o * jax.nn.sigmoid(gate)
-    y = jnp.einsum("bthk,hkd->btd", o, self.dense[...].astype(dt))
+    y = linear(self, "dense", "bthk,hkd->btd", o)
     return y, (state if cache is not None else None)

@@ -22,6 +22,8 @@ sets with `jax.set_mesh` (docs/parallelism.md §4; none, or one device: the sing
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable
 
 import flax
@@ -33,6 +35,7 @@ from ling_jax import axes as ax
 from ling_jax.config import LingConfig
 from ling_jax.model.common import Constant, RMSNorm, param
 from ling_jax.model.decoder import HybridGroup, make_layer
+from ling_jax.model.linear import dequantize_linear
 from ling_jax.model.mtp import MTPLayer
 from ling_jax.model.remat import REMAT, checkpointed
 from ling_jax.model.settings import ExpertWeights, Kernels, Parallel, Remat
@@ -94,7 +97,8 @@ class LingForCausalLM(nnx.Module):
     if cfg.num_nextn_predict_layers:
       mtp = make_layer(cfg, cfg.num_hidden_layers, "mla", "moe", rngs=rngs, **build)
       self.mtp = MTPLayer(mtp, D, eps=cfg.rms_norm_eps, rngs=rngs, dtype=dtype,
-                          param_dtype=param_dtype, norm_impl=kernels.rms_norm)
+                          param_dtype=param_dtype, norm_impl=kernels.rms_norm,
+                          weights=expert_weights, linear_impl=kernels.linear)
     else:
       self.mtp = None
 
@@ -282,30 +286,46 @@ def with_kernels(model: LingForCausalLM, kernels: Kernels | None = None,
 
 
 def with_fp8_experts(model: LingForCausalLM, expert_weights: ExpertWeights) -> LingForCausalLM:
-  """`model` with its routed experts quantised to FP8 (`pallas_kernels.grouped_matmul.fp8
-  .quantize`: the scale of each block or column is its largest magnitude over e4m3's 448), every
-  other variable shared. For tests and benchmarks; a released FP8 checkpoint keeps its own
-  scales (`convert import --keep-fp8`)."""
+  """`model` with its routed experts, and with `expert_weights.linears` its dense Linears too,
+  quantised to FP8 (`pallas_kernels.grouped_matmul.fp8.quantize`: the scale of each block or
+  column is its largest magnitude over e4m3's 448; a Linear over its [in, out] view), every other
+  variable shared. For tests and benchmarks; a released FP8 checkpoint keeps its own scales
+  (`convert import --keep-fp8`)."""
   make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=model.dtype,
                                  kernels=model.kernels, parallel=model.parallel,
                                  expert_weights=expert_weights)
-  graphdef, abstract = nnx.split(nnx.eval_shape(make))
+  fp8_model = nnx.eval_shape(make)
+  graphdef, abstract = nnx.split(fp8_model)
   old = dict(nnx.to_flat_state(nnx.state(model)))
+  scales = dict(nnx.to_flat_state(abstract))
   block = expert_weights.block if expert_weights.format == "fp8-block" else None
+  linears = fp8_linears(fp8_model)
   flat = []
   for path, var in nnx.to_flat_state(abstract):
     name = path[-1]
-    if path[-2:-1] == ("experts",) and name.endswith("_scale"):
-      continue  # set with its weight
-    if path[-2:-1] == ("experts",):
-      w = quantize(old[path].get_value(), block)
-      scale = w.scale if block is not None else w.scale[..., None, :]
-      flat.append((path, var.replace(w.values)))
-      scale_path = path[:-1] + (f"{name}_scale",)
-      flat.append((scale_path, dict(nnx.to_flat_state(abstract))[scale_path].replace(scale)))
-    else:
-      flat.append((path, old[path]))
+    scale_path = path[:-1] + (f"{name}_scale",)
+    if scale_path not in scales:
+      if not str(name).endswith("_scale"):
+        flat.append((path, old[path]))  # not FP8; a scale is set with its weight
+      continue
+    w = old[path].get_value()
+    if path[-2:-1] == ("experts",):  # [..., E, K, N]
+      view = w
+    else:  # a dense Linear: its [..., K, N] view below the stacked groups' axes
+      lead = scales[scale_path].get_value().ndim - 2
+      view = w.reshape(*w.shape[:lead], math.prod(w.shape[lead:lead + linears[path]]), -1)
+    q = quantize(view, block)
+    scale = q.scale if block is not None else q.scale[..., None, :]
+    flat += [(path, var.replace(q.values.reshape(w.shape))),
+             (scale_path, scales[scale_path].replace(scale))]
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def fp8_linears(model: nnx.Module) -> dict[tuple, int]:
+  """The state path of every FP8 dense Linear kernel in `model` -> its input axes
+  (model/linear.py)."""
+  return {path + (name,): n_in for path, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Module) for name, n_in in getattr(node, "fp8_linears", ())}
 
 
 def record_routing(config, batch: int, seq: int) -> jax.Array:
@@ -316,31 +336,39 @@ def record_routing(config, batch: int, seq: int) -> jax.Array:
 
 
 def with_dense_experts(model: LingForCausalLM, dtype=None) -> LingForCausalLM:
-  """The inverse of `with_fp8_experts`: `model` with its FP8 routed experts dequantised (values x
-  scale in fp32, rounded once to the compute dtype) as dense weights, the reference an FP8 model
-  is checked against. With `dtype` (e.g. float32) the model computes in it and every floating
-  variable is cast to it: float32 gives the FP8 model's weights to fp32's one rounding, an
-  accuracy reference for both. Without, the other variables are shared."""
+  """The inverse of `with_fp8_experts`: `model` with its FP8 routed experts and dense Linears
+  dequantised (values x scale in fp32, rounded once to the compute dtype) as dense weights, the
+  reference an FP8 model is checked against. With `dtype` (e.g. float32) the model computes in
+  it and every floating variable is cast to it: float32 gives the FP8 model's weights to fp32's
+  one rounding, an accuracy reference for both. Without, the other variables are shared."""
   dtype = model.dtype if dtype is None else dtype
   make = lambda: LingForCausalLM(model.config, rngs=nnx.Rngs(0), dtype=dtype,
                                  kernels=model.kernels, parallel=model.parallel)
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
   old = dict(nnx.to_flat_state(nnx.state(model)))
   ew = model.expert_weights
+  linears = fp8_linears(model)
   flat = []
   for path, var in nnx.to_flat_state(abstract):
     value = old[path].get_value()
+    scale_path = path[:-1] + (f"{path[-1]}_scale",)
     if path[-2:-1] == ("experts",) and ew.fp8:
-      scale = old[path[:-1] + (f"{path[-1]}_scale",)].get_value()
       f = lambda v, s: dequantize(Fp8Weight(v, s[:, 0] if ew.format == "fp8-channel" else s,
                                             ew.block if ew.format == "fp8-block" else None), dtype)
-      for _ in range(value.ndim - 3):  # the stacked groups' leading axis
-        f = jax.vmap(f)
-      flat.append((path, var.replace(f(value, scale))))
+      lead = value.ndim - 3  # the stacked groups' leading axis
+    elif path in linears:
+      f = functools.partial(dequantize_linear, n_in=linears[path], weights=ew, dtype=dtype,
+                            name="/".join(map(str, path)))
+      lead = old[scale_path].get_value().ndim - 2
     elif dtype != model.dtype and jnp.issubdtype(value.dtype, jnp.floating):
       flat.append((path, var.replace(value.astype(dtype))))
+      continue
     else:
       flat.append((path, old[path]))
+      continue
+    for _ in range(lead):
+      f = jax.vmap(f)
+    flat.append((path, var.replace(f(value, old[scale_path].get_value()))))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

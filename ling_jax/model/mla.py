@@ -22,7 +22,9 @@ from flax import nnx
 
 from ling_jax import axes as ax
 from ling_jax.model import rope
-from ling_jax.model.common import RMSNorm, param
+from ling_jax.model.common import RMSNorm
+from ling_jax.model.linear import add_linear, dense_kernel, linear
+from ling_jax.model.settings import ExpertWeights
 from ling_jax.parallel import islands
 
 # Fp32 scores of one block of cache slots, [B, T, H, block], are kept under this many bytes
@@ -33,54 +35,51 @@ _NEG = -1e30  # finite "minus infinity": a row with no visible slot stays finite
 
 class MultiLatentAttention(nnx.Module):
   """MLA with the checkpoint's names (`q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `dense`...).
-  impl and norm_impl are the `impl`s of pallas_kernels.attention and rms_norm."""
+  impl and norm_impl are the `impl`s of pallas_kernels.attention and rms_norm; weights and
+  linear_impl say how the projections are held and run (model/linear.py)."""
 
   def __init__(self, *, hidden: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int,
                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope_theta: float,
                rope_scaling, eps: float, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, impl: str = "auto", norm_impl: str = "auto"):
-    self.impl = impl
+               param_dtype=jnp.float32, impl: str = "auto", norm_impl: str = "auto",
+               weights: ExpertWeights = ExpertWeights(), linear_impl: str = "auto"):
+    self.impl, self.weights, self.linear_impl = impl, weights, linear_impl
     self.heads, self.kv_lora_rank = heads, kv_lora_rank
     self.nope, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
     self.rope_theta, self.rope_scaling, self.dtype = rope_theta, rope_scaling, dtype
     self.scale = (qk_nope_head_dim + qk_rope_head_dim) ** -0.5 * rope.yarn_softmax_scale(rope_scaling)
     qk = qk_nope_head_dim + qk_rope_head_dim
-    mk = lambda *a, **k: param(rngs, *a, param_dtype, **k)
+    mk = lambda name, shape, axes, n_in=1: add_linear(self, name, rngs, shape, axes, param_dtype,
+                                                      n_in=n_in, weights=weights)
     norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, impl=norm_impl)
     if q_lora_rank is None:
-      self.q_proj = mk((hidden, heads, qk), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), fan_in=hidden)
+      mk("q_proj", (hidden, heads, qk), (ax.EMBED, ax.HEADS, ax.HEAD_DIM))
       self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
     else:
       self.q_proj = None
-      self.q_a_proj = mk((hidden, q_lora_rank), (ax.EMBED, ax.Q_LORA), fan_in=hidden)
+      mk("q_a_proj", (hidden, q_lora_rank), (ax.EMBED, ax.Q_LORA))
       self.q_a_layernorm = RMSNorm(q_lora_rank, **norm)
-      self.q_b_proj = mk((q_lora_rank, heads, qk), (ax.Q_LORA, ax.HEADS, ax.HEAD_DIM),
-                         fan_in=q_lora_rank)
-    self.kv_a_proj_with_mqa = mk((hidden, kv_lora_rank + qk_rope_head_dim), (ax.EMBED, ax.KV_LORA),
-                                 fan_in=hidden)
+      mk("q_b_proj", (q_lora_rank, heads, qk), (ax.Q_LORA, ax.HEADS, ax.HEAD_DIM))
+    mk("kv_a_proj_with_mqa", (hidden, kv_lora_rank + qk_rope_head_dim), (ax.EMBED, ax.KV_LORA))
     self.kv_a_layernorm = RMSNorm(kv_lora_rank, **norm)
-    self.kv_b_proj = mk((kv_lora_rank, heads, qk_nope_head_dim + v_head_dim),
-                        (ax.KV_LORA, ax.HEADS, ax.HEAD_DIM), fan_in=kv_lora_rank)
-    self.dense = mk((heads, v_head_dim, hidden), (ax.HEADS, ax.HEAD_DIM, ax.EMBED),
-                    fan_in=heads * v_head_dim)
+    mk("kv_b_proj", (kv_lora_rank, heads, qk_nope_head_dim + v_head_dim),
+       (ax.KV_LORA, ax.HEADS, ax.HEAD_DIM))
+    mk("dense", (heads, v_head_dim, hidden), (ax.HEADS, ax.HEAD_DIM, ax.EMBED), n_in=2)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> jax.Array:
     """The latent cache [B, S, L + R]: normed c_kv then roped k_pe per position."""
     latent = jnp.zeros((batch, max_len, self.kv_lora_rank + self.rope_dim), dtype or self.dtype)
     return islands.constrain(latent, islands.LATENT_CACHE)  # under a mesh: by rows
 
-  def _w(self, v):
-    return v[...].astype(self.dtype)
-
   def _project(self, a: jax.Array, positions: jax.Array):
     """Query heads and the per-token latent (c_kv normed, k_pe roped)."""
     if self.q_proj is not None:
-      q = jnp.einsum("btd,dhk->bthk", a, self._w(self.q_proj))
+      q = linear(self, "q_proj", "btd,dhk->bthk", a)
     else:
-      c_q = self.q_a_layernorm(a @ self._w(self.q_a_proj))
-      q = jnp.einsum("btq,qhk->bthk", c_q, self._w(self.q_b_proj))  # [B, T, H, K + R]
+      c_q = self.q_a_layernorm(linear(self, "q_a_proj", "btd,dq->btq", a))
+      q = linear(self, "q_b_proj", "btq,qhk->bthk", c_q)  # [B, T, H, K + R]
     q_nope, q_pe = q[..., : self.nope], q[..., self.nope:]
-    ckv = a @ self._w(self.kv_a_proj_with_mqa)  # [B, T, L + R]
+    ckv = linear(self, "kv_a_proj_with_mqa", "btd,dl->btl", a)  # [B, T, L + R]
     c_kv = self.kv_a_layernorm(ckv[..., : self.kv_lora_rank])
     cos, sin = rope.cos_sin(positions, self.rope_dim, self.rope_theta, self.rope_scaling)
     q_pe = rope.apply_interleaved(q_pe, cos, sin)
@@ -103,18 +102,18 @@ class MultiLatentAttention(nnx.Module):
       rows = jnp.broadcast_to(jnp.arange(B)[:, None], slot.shape)
       cache = cache.at[rows, slot].set(latent, mode="drop")
       o = self._attend_absorbed(q_nope, q_pe, cache, positions)
-    y = jnp.einsum("bthv,hvd->btd", o, self._w(self.dense))
+    y = linear(self, "dense", "bthv,hvd->btd", o)
     return y, cache
 
   def _attend_plain(self, q_nope, q_pe, c_kv, k_pe, positions, segment_ids):
-    kv = jnp.einsum("btl,lhk->bthk", c_kv, self._w(self.kv_b_proj))  # [B, T, H, K + V]
+    kv = linear(self, "kv_b_proj", "btl,lhk->bthk", c_kv)  # [B, T, H, K + V]
     k_nope, v = kv[..., : self.nope], kv[..., self.nope:]
     # Under a mesh of several devices: per device, on its rows and heads (parallel/islands.py).
     return islands.causal_attention(q_nope, k_nope, v, scale=self.scale, q_rope=q_pe, k_rope=k_pe,
                                     segment_ids=segment_ids, positions=positions, impl=self.impl)
 
   def _attend_absorbed(self, q_nope, q_pe, cache, positions):
-    w = self._w(self.kv_b_proj)
+    w = dense_kernel(self, "kv_b_proj")  # small: dequantised in XLA whatever linear_impl
     w_uk, w_uv = w[..., : self.nope], w[..., self.nope:]  # [L, H, K], [L, H, V]
     q_lat = jnp.einsum("bthk,lhk->bthl", q_nope, w_uk)  # [B, T, H, L]
     B, T, H, L = q_lat.shape

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ling_jax import axes as ax
-from ling_jax.model.common import SwiGLU, param
+from ling_jax.model.common import param
+from ling_jax.model.linear import SwiGLU
 from ling_jax.model.router import Router, expert_load, route
 from ling_jax.model.settings import ExpertWeights, Parallel
 from ling_jax.parallel import islands
@@ -69,20 +70,22 @@ class Experts(nnx.Module):
 
 class SparseMoE(nnx.Module):
   """Router + routed experts + shared expert; called as every MLP is, x -> (y, aux), its aux the
-  per-expert token counts. impl: pallas_kernels.moe's; exchange: `Parallel.expert_exchange`."""
+  per-expert token counts. impl: pallas_kernels.moe's; exchange: `Parallel.expert_exchange`;
+  linear_impl: the shared expert's (model/linear.py)."""
 
   def __init__(self, *, hidden: int, num_experts: int, top_k: int, width: int, shared_width: int,
                n_group: int, topk_group: int, routed_scale: float, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, impl: str = "auto",
                exchange: str = Parallel().expert_exchange,
-               expert_weights: ExpertWeights = ExpertWeights()):
+               expert_weights: ExpertWeights = ExpertWeights(), linear_impl: str = "auto"):
     self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
     self.routed_scale, self.dtype, self.impl, self.exchange = routed_scale, dtype, impl, exchange
     self.gate = Router(hidden, num_experts, rngs=rngs)
     self.experts = Experts(num_experts, hidden, width, rngs=rngs, param_dtype=param_dtype,
                            weights=expert_weights)
     self.shared_experts = (SwiGLU(hidden, shared_width, rngs=rngs, dtype=dtype,
-                                  param_dtype=param_dtype) if shared_width else None)
+                                  param_dtype=param_dtype, weights=expert_weights,
+                                  linear_impl=linear_impl) if shared_width else None)
 
   def __call__(self, x: jax.Array, routing: jax.Array | None = None):
     """x [B, T, D] -> (y [B, T, D], load [E] = tokens routed to each expert).

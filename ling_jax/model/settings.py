@@ -1,7 +1,7 @@
 """How the model runs, as small frozen settings: which implementation each op runs (`Kernels`),
 which blocks of the forward are rematerialised (`Remat`), how its shard_map islands exchange data
-under a mesh (`Parallel`), and how the routed experts' weights are held (`ExpertWeights`: the
-parameter dtype, or FP8 for serving).
+under a mesh (`Parallel`), and how the routed experts' weights, and optionally the dense
+Linears', are held (`ExpertWeights`: the parameter dtype, or FP8 for serving).
 
 `LingForCausalLM(cfg, rngs=..., kernels=Kernels(moe="xla"))` hands each `Kernels` field to the
 modules that call that op; `forward(..., remat=Remat("dots"))` checkpoints its blocks. Training
@@ -45,6 +45,7 @@ class Kernels:
   moe: str = "auto"            # pallas_kernels.moe: the routed experts
   rms_norm: str = "auto"       # pallas_kernels.rms_norm: every RMSNorm and GroupRMSNorm
   cross_entropy: str = "auto"  # pallas_kernels.cross_entropy: the training loss's chunked head
+  linear: str = "auto"         # pallas_kernels.grouped_matmul: the dense Linears' FP8 products
 
   def __post_init__(self):
     errors = []
@@ -90,11 +91,15 @@ class ExpertWeights:
                    the [in, out] weight (the "fp8" release's 128 x 128 blocks)
     "fp8-channel"  float8_e4m3fn values with one fp32 scale per output column
                    (compressed-tensors' channel strategy)
-  The FP8 forms are read by the grouped-matmul kernels as they are (the XLA paths dequantise
-  them first) and are forward only."""
+  `linears` holds the dense Linears in the same FP8 form too (attention, dense and shared-expert
+  MLPs, MTP eh_proj; not the router gate or the head), over the 2-D view [prod(in axes),
+  prod(out axes)] of each kernel (docs/inference.md, "FP8 weights"). The FP8 forms are read by
+  the grouped-matmul kernels as they are (the XLA paths dequantise them first) and are forward
+  only."""
 
   format: str = "dense"
   block: tuple[int, int] = (128, 128)
+  linears: bool = False
 
   def __post_init__(self):
     if isinstance(self.block, list):  # from JSON
@@ -106,13 +111,20 @@ class ExpertWeights:
     if not (isinstance(b, tuple) and len(b) == 2
             and all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in b)):
       raise ValueError(f"ExpertWeights.block={b!r} must be (rows, cols), two ints > 0")
+    if not isinstance(self.linears, bool):
+      raise ValueError(f"ExpertWeights.linears={self.linears!r} must be True or False")
+    if self.linears and self.format == "dense":
+      raise ValueError("ExpertWeights.linears=True needs an FP8 format (fp8-block or "
+                       "fp8-channel), not 'dense'")
 
   @property
   def fp8(self) -> bool:
     return self.format != "dense"
 
   def to_json(self) -> dict:
-    return {"format": self.format, "block": list(self.block)}
+    # `linears` only when on: a marker of FP8 experts alone reads as it did before the field.
+    out = {"format": self.format, "block": list(self.block)}
+    return {**out, "linears": True} if self.linears else out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ from ling_jax.io.safetensors import SafetensorsError, SafetensorsFile, write_saf
 from ling_jax.io.safetensors_writer import SafetensorsWriter
 from ling_jax.model import LingForCausalLM
 from ling_jax.model.common import Constant
+from ling_jax.model.settings import ExpertWeights
 from testing import deadline, rel
 
 SMALL = dict(progress=False, block_bytes=2048, chunk_bytes=1024, inflight_bytes=1 << 18)
@@ -170,42 +171,137 @@ def test_fp8_is_dequantised_on_import(kind, tmp_path):
                    {n: expected[n].astype(ml_dtypes.bfloat16) for n in quantised})
 
 
-@pytest.mark.parametrize("kind", ["channel", "block"])
-def test_fp8_experts_are_kept_on_import_and_load(kind, tmp_path):
-  """import keep_fp8: the routed experts (main layers, stacked groups and MTP) keep the source's
-  e4m3 values and scales (transposed to the model's layout; 16 x 8 blocks, so transposing the
-  block is checked too), everything else is dequantised; `load` restores them, and the logits
-  equal those of the fully dequantised bf16 import (the XLA path dequantises with the import's
-  rounding); export refuses such a checkpoint."""
-  if kind == "block":
+# (HF layer, state path, stacked index, input axes) of one of each kind of dense Linear: the
+# prefix group's Lightning and MLA layers and dense MLP, the scanned groups' Lightning output
+# projection (two input axes) and shared expert, the MLA tail, the MTP layer.
+DENSE_LINEARS = [
+    ("model.layers.0.attention.query_key_value", ("prefix", 0, "layers", 0, "attention",
+                                                  "query_key_value"), (), 1),
+    ("model.layers.0.mlp.up_proj", ("prefix", 0, "layers", 0, "mlp", "up_proj"), (), 1),
+    ("model.layers.1.attention.q_b_proj", ("prefix", 0, "layers", 1, "attention", "q_b_proj"),
+     (), 1),
+    ("model.layers.4.attention.dense", ("groups", "layers", 0, "attention", "dense"), (1,), 2),
+    ("model.layers.5.mlp.shared_experts.down_proj", ("groups", "layers", 1, "mlp",
+                                                     "shared_experts", "down_proj"), (1,), 1),
+    ("model.layers.6.attention.kv_b_proj", ("tail", 0, "attention", "kv_b_proj"), (), 1),
+    ("model.layers.7.eh_proj", ("mtp", "eh_proj"), (), 1),
+    ("model.layers.7.attention.kv_a_proj_with_mqa", ("mtp", "layer", "attention",
+                                                     "kv_a_proj_with_mqa"), (), 1),
+]
+
+
+@pytest.fixture(scope="module", params=["channel", "block"])
+def fp8_source(request, tmp_path_factory):
+  """(kind, scheme, FP8 folder, its fully dequantised bf16 import). Blocks of 16 x 8, so that
+  transposing the block is checked too."""
+  root = tmp_path_factory.mktemp(f"fp8_{request.param}")
+  if request.param == "block":
     scheme = QuantScheme("block", (16, 8))
     qc = {**FP8_SCHEMES["block"][1], "weight_block_size": [16, 8]}
   else:
     scheme, qc = FP8_SCHEMES["channel"]
-  write_fp8(tmp_path / "hf", scheme, qc)
-  import_hf(tmp_path / "hf", tmp_path / "kept", keep_fp8=True, verify_data=True, **SMALL)
-  import_hf(tmp_path / "hf", tmp_path / "deq", **SMALL)
+  write_fp8(root / "hf", scheme, qc)
+  import_hf(root / "hf", root / "deq", **SMALL)
+  return request.param, scheme, root / "hf", root / "deq"
+
+
+@functools.partial(nnx.jit)
+def _logits_and_mtp(model, tokens):
+  out = model.forward(tokens, mtp=True)
+  return out.logits, out.mtp_logits
+
+
+def test_fp8_weights_are_kept_on_import_and_load(fp8_source, tmp_path):
+  """import keep_fp8: the routed experts (main layers, stacked groups and MTP) and every dense
+  Linear (both attentions, the dense MLP, shared experts, eh_proj) keep the source's e4m3 values
+  and scales, transposed to the model's layout (a Linear over its [in, out] view); the router and
+  head, not quantised, keep their dtypes. `load` restores them, and the logits and MTP logits
+  equal those of the fully dequantised bf16 import bit for bit (the XLA path dequantises with
+  the import's rounding); export refuses such a checkpoint."""
+  kind, scheme, hf, deq_dir = fp8_source
+  summary = import_hf(hf, tmp_path / "kept", keep_fp8=True, verify_data=True, **SMALL)
+  assert summary.fp8 == f"fp8-{kind}: routed experts and dense Linears"
+  assert json.loads((tmp_path / "kept" / store.MARKER).read_text())["expert_weights"][
+      "linears"] is True
   _, kept = load(tmp_path / "kept")
-  _, deq = load(tmp_path / "deq")
-  assert kept.expert_weights.format == f"fp8-{kind}"
-  src = read_folder(tmp_path / "hf")
+  _, deq = load(deq_dir)
+  block = (scheme.block[1], scheme.block[0]) if kind == "block" else (128, 128)
+  assert kept.expert_weights == ExpertWeights(f"fp8-{kind}", block, linears=True)
+  src = read_folder(hf)
   flat = dict(nnx.to_flat_state(nnx.state(kept)))
+  value = lambda path: np.asarray(flat[path].get_value())
   e4m3 = np.dtype(ml_dtypes.float8_e4m3fn)
-  for layer, path, index in [(1, ("prefix", 0, "layers", 1), ()),
-                             (5, ("groups", "layers", 1), (1,)), (7, ("mtp", "layer"), ())]:
-    for name in ("gate_proj", "down_proj"):
-      hf = f"model.layers.{layer}.mlp.experts.3.{name}"
-      values = np.asarray(flat[path + ("mlp", "experts", name)].get_value())[index + (3,)]
-      scale = np.asarray(flat[path + ("mlp", "experts", f"{name}_scale")].get_value())
-      assert values.dtype == e4m3
-      np.testing.assert_array_equal(values.view(np.uint8), src[f"{hf}.weight"].T.view(np.uint8))
-      np.testing.assert_array_equal(scale[index + (3,)],
-                                    src[f"{hf}.{scheme.scale_suffix}"].astype(np.float32).T)
-  dense = flat[("prefix", 0, "layers", 1, "attention", "q_a_proj")].get_value()
-  assert dense.dtype == jnp.bfloat16  # dequantised, as without keep_fp8
-  np.testing.assert_array_equal(_logits(kept, TOKENS), _logits(deq, TOKENS))
+  experts = [(f"model.layers.{layer}.mlp.experts.3.{name}",
+              path + ("mlp", "experts", name), index + (3,), 1)
+             for layer, path, index in [(1, ("prefix", 0, "layers", 1), ()),
+                                        (5, ("groups", "layers", 1), (1,)),
+                                        (7, ("mtp", "layer"), ())]
+             for name in ("gate_proj", "down_proj")]
+  for hf_name, path, index, n_in in experts + DENSE_LINEARS:
+    v, s = value(path)[index], value(path[:-1] + (f"{path[-1]}_scale",))[index]
+    assert v.dtype == e4m3, hf_name
+    np.testing.assert_array_equal(v.reshape(int(np.prod(v.shape[:n_in])), -1).view(np.uint8),
+                                  src[f"{hf_name}.weight"].T.view(np.uint8), err_msg=hf_name)
+    np.testing.assert_array_equal(s, src[f"{hf_name}.{scheme.scale_suffix}"].astype(np.float32).T,
+                                  err_msg=hf_name)
+  assert value(("groups", "layers", 0, "mlp", "gate", "weight")).dtype == np.float32
+  assert value(("lm_head",)).dtype == value(("word_embeddings",)).dtype == ml_dtypes.bfloat16
+  for got, want in zip(_logits_and_mtp(kept, TOKENS), _logits_and_mtp(deq, TOKENS)):
+    np.testing.assert_array_equal(got, want)
   with pytest.raises(CheckpointFormatError, match="keeps its experts in FP8"):
     export_hf(tmp_path / "kept", tmp_path / "out", progress=False)
+
+
+def test_keep_fp8_refuses_a_bad_dense_scale_or_a_partly_quantised_source(tmp_path, capsys):
+  """A dense Linear's scale of the wrong shape is refused naming the tensor; a source whose dense
+  Linears are float8 but for one is refused naming it (a model holds them all in one form), and
+  imports with the experts alone kept (`--keep-fp8 experts`): the dense Linears dequantised as
+  without keep_fp8, the marker as it was before FP8 dense Linears existed."""
+  scheme, qc = FP8_SCHEMES["block"]
+  hf = tmp_path / "hf"
+  expected = write_fp8(hf, scheme, qc)
+  w = "model.layers.4.attention.dense"
+  fname = json.loads((hf / INDEX).read_text())["weight_map"][f"{w}.weight"]
+  scale = read_folder(hf)[f"{w}.weight_scale_inv"]
+  rewrite(hf, fname, lambda t: t.update({f"{w}.weight_scale_inv": scale[:, :1]}))
+  with pytest.raises(CheckpointError, match=rf"{w}\.weight_scale_inv.*\[4, 1\]"):
+    import_hf(hf, tmp_path / "ckpt", keep_fp8=True, **SMALL)
+  rewrite(hf, fname, lambda t: t.update({f"{w}.weight_scale_inv": scale}))
+  w = "model.layers.7.eh_proj"
+  dense = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+  rewrite(hf, MTP_FILE,
+          lambda t: (t.pop(f"{w}.weight_scale_inv"), t.update({f"{w}.weight": dense})))
+  with pytest.raises(CheckpointError, match=rf"are float8.*, 1 not \('{w}\.weight'\).*"
+                     "--keep-fp8 experts"):
+    import_hf(hf, tmp_path / "ckpt", keep_fp8=True, **SMALL)
+  assert not (tmp_path / "ckpt").exists()
+  from ling_jax.convert.__main__ import main
+  assert main(["import", str(hf), str(tmp_path / "ckpt"), "--keep-fp8", "experts",
+               "--no-progress"]) == 0
+  assert "kept in fp8-block: routed experts; dense Linears dequantised" in capsys.readouterr().err
+  assert json.loads((tmp_path / "ckpt" / store.MARKER).read_text())["expert_weights"] == {
+      "format": "fp8-block", "block": [16, 16]}
+  _, model = load(tmp_path / "ckpt")
+  assert model.expert_weights == ExpertWeights("fp8-block", (16, 16))
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  assert not any(str(p[-1]).endswith("_scale") and "experts" not in p for p in flat)
+  expected[f"{w}.weight"] = dense
+  for name, path, index, n_in in DENSE_LINEARS:
+    got = np.asarray(flat[path].get_value())[index]
+    want = expected[f"{name}.weight"].T.astype(ml_dtypes.bfloat16)
+    assert got.reshape(want.shape).tobytes() == want.tobytes(), name
+  assert model.groups.layers[0].mlp.experts.gate_proj[...].dtype == jnp.float8_e4m3fn
+
+
+def test_dense_linears_stay_as_stored_where_the_source_quantised_none(hf):
+  """kept_linears turns `linears` on only for float8 dense Linears: where the source stores none
+  in float8 (as a release that quantised only its experts would) the setting stays off."""
+  from ling_jax.convert.importer import kept_linears
+  from ling_jax.convert.source import read_config
+  from ling_jax.hf_io import scan_folder
+  _, cfg, _ = read_config(str(hf))
+  experts = ExpertWeights("fp8-block", (16, 16))
+  assert kept_linears(experts, cfg, str(hf), scan_folder(hf)) == experts
 
 
 def test_keep_fp8_needs_an_fp8_source(tmp_path):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from ling_jax.model.linear import fp8_matmul
 from pallas_kernels.attention import flash_attention
 from pallas_kernels.grouped_matmul import (Config, Fp8Weight, gmm_glu, gmm_glu_pallas, gmm_pallas,
                                            sort_by_group, tgmm_pallas, tuned_config)
@@ -109,6 +110,24 @@ CASES = {
         (S((M // 4, K), jnp.bfloat16), S((M,), jnp.int32), S((G, K, 72), jnp.float8_e4m3fn),
          S((G, K, 72), jnp.float8_e4m3fn), S((G, 72), jnp.float32), S((G, 72), jnp.float32),
          S((G,), jnp.int32)), 1),
+    # A dense FP8 Linear (ling_jax/model/linear.py): one group, at decode and prefill sizes
+    "linear_fp8_block_decode": (lambda x, v, sc: fp8_matmul(x, Fp8Weight(v, sc, (128, 128)),
+                                                            "pallas"),
+                                (S((1, K), jnp.bfloat16), S((1, K, 200), jnp.float8_e4m3fn),
+                                 S((1, 2, 2), jnp.float32)), 1),
+    "linear_fp8_channel_decode": (lambda x, v, sc: fp8_matmul(x, Fp8Weight(v, sc), "pallas"),
+                                  (S((16, K), jnp.bfloat16), S((1, K, 200), jnp.float8_e4m3fn),
+                                   S((1, 200), jnp.float32)), 1),
+    # (a kernel of over 2^20 weights, as every flash Linear is: tuned_config's pieces of a group)
+    "linear_fp8_block_prefill": (lambda x, v, sc: fp8_matmul(x, Fp8Weight(v, sc, (128, 128)),
+                                                             "pallas"),
+                                 (S((4096, 1536), jnp.bfloat16),
+                                  S((1, 1536, 1000), jnp.float8_e4m3fn),
+                                  S((1, 12, 8), jnp.float32)), 1),
+    "linear_fp8_channel_prefill": (lambda x, v, sc: fp8_matmul(x, Fp8Weight(v, sc), "pallas"),
+                                   (S((4096, 1536), jnp.bfloat16),
+                                    S((1, 1536, 1000), jnp.float8_e4m3fn),
+                                    S((1, 1000), jnp.float32)), 1),
     "simple_gla_fwd_bwd_packed": (
         lambda q, k, v, g, seg: jax.vjp(
             lambda q, k, v: simple_gla_pallas(q, k, v, g, segment_ids=seg)[0], q, k, v)[1](q),
