@@ -137,9 +137,14 @@ class Learner:
 
   def __init__(self, model, tx, rl, *, version: int = 0, opt_state=None):
     from ling_jax.train.step import split_model
-    self.graphdef, self.params, self.bias, self.constants = split_model(model)
+    self.graphdef, params, self.bias, self.constants = split_model(model)
     self.rl, self.tx, self.version = rl, tx, version
-    self.opt_state = opt_state if opt_state is not None else tx.init(self.params)
+    opt_state = opt_state if opt_state is not None else tx.init(params)
+    # Each array committed where it is, as the step's outputs are: a fresh model's arrays and
+    # optax's new counters are uncommitted, and the second step compiled the step again for the
+    # first's committed outputs (5 s of a tiny model's CPU run).
+    self.params, self.opt_state = jax.tree.map(lambda x: jax.device_put(x, x.sharding),
+                                               (params, opt_state))
     self.ref = self.params if rl.kl_coef else None
     self.step_fn = make_rl_step(self.graphdef, self.constants, tx, rl)
     self.lock = threading.Condition()

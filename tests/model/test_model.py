@@ -323,8 +323,8 @@ def test_model_with_pallas_lightning_kernels_matches_reference():
 # ---------------------------------------------------------------------- per-layer remat
 _O0 = {"xla_backend_optimization_level": 0}  # compile time dominates
 # (layout, policy, scope) checked against no remat (scanned): each policy once, both scopes and
-# both layouts (each compile costs ~10 s); the checkpoints' placement is counted for every scope
-# and layout. dots_no_scores saves nothing at ling_tiny's widths (all < 256): it is "full"
+# both layouts (each case adds ~7 s of compile); the checkpoints' placement is counted for every
+# scope and layout. dots_no_scores saves nothing at ling_tiny's widths (all < 256): it is "full"
 # there; its choice of matmuls is tested on its own below.
 _REMATS = [(True, "full", "layer"), (True, "dots_no_batch", "group"), (False, "dots", "layer")]
 
@@ -357,10 +357,6 @@ def test_remat_hook_keeps_loss_and_gradients():
     return -(jnp.take_along_axis(lp, tokens[:, 1:, None], -1).mean()
              + 0.3 * jnp.take_along_axis(mp, tokens[:, 2:, None], -1).mean())
 
-  def value_and_grad(remat, scope, scan):
-    f = functools.partial(loss, remat=remat, scope=scope, scan=scan)
-    return jax.jit(jax.value_and_grad(f), compiler_options=_O0)(state)
-
   # One checkpoint (printed with its prevent_cse flag) around each block, the scan body's once:
   # prefix group (2 layers), scanned groups (2 x 2 layers), tail layer, MTP layer.
   for scan in (True, False):
@@ -370,7 +366,13 @@ def test_remat_hook_keeps_loss_and_gradients():
       assert str(jax.make_jaxpr(f)(state)).count("prevent_cse=") == n, (scan, scope)
   # The unrolled layout against the scanned one too: their logits are bit-identical
   # (test_scan_and_unrolled_give_identical_logits), their gradients sum in other orders.
-  want_loss, want = value_and_grad("none", "layer", True)
+  # The reference and every case in one program: 28 s of compile against 36 s for a program
+  # each. Each case's gradients are still its own remat's (XLA merges only identical
+  # computations, which give identical values), and a failure names its case.
+  cases = [(True, "none", "layer")] + _REMATS
+  (want_loss, want), *results = jax.jit(lambda state: [
+      jax.value_and_grad(functools.partial(loss, remat=remat, scope=scope, scan=scan))(state)
+      for scan, remat, scope in cases], compiler_options=_O0)(state)
   want = dict(nnx.to_flat_state(want))
   params = [(path, np.asarray(g.get_value())) for path, g in want.items()
             if isinstance(g, nnx.Param)]
@@ -378,8 +380,7 @@ def test_remat_hook_keeps_loss_and_gradients():
   for path, g in params:
     assert np.isfinite(g).all(), path
     assert np.abs(g).max() > 0, path
-  for scan, remat, scope in _REMATS:
-    got_loss, got = value_and_grad(remat, scope, scan)
+  for (scan, remat, scope), (got_loss, got) in zip(_REMATS, results):
     case = f"{'scanned' if scan else 'unrolled'} {remat} {scope}"
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6, err_msg=case)
     for path, g in nnx.to_flat_state(got):

@@ -459,20 +459,23 @@ def _env(jax_cache):
   env = dict(os.environ)
   # Few steps: compile time dominates, and the suite's quick compiles halve it. The processes
   # of this module's tests share a compilation cache, so later ones load rather than compile
-  # (the Ctrl-C run's eval and sampling programs are the resumed runs').
+  # (the Ctrl-C runs load the kill test's step and eval programs).
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(),
              JAX_COMPILATION_CACHE_DIR=str(jax_cache),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
 
 
-STEPS = 12
+# One train.steps for every run of RUN: the learning-rate schedule spans it, so another value is
+# another program to compile (the Ctrl-C test's runs load the kill test's).
+STEPS = 16
 RUN = [f"train.steps={STEPS}", "train.checkpoint_every=2", "train.log_every=1",
        "train.progress=false", "train.warmup_steps=2", "train.sample_tokens=0",
        "train.unigram_batches=1", "data.seq_len=32", "data.batch_size=4", "data.eval_batches=1",
        "data.eval_docs=4",
-       # No dense layer: both hybrid groups are scanned (one compiled body, stacked expert biases).
-       "model.first_k_dense_replace=0"]
+       # One hybrid group (Lightning + MLA, both MoE), scanned, and MTP: what a run saves and
+       # resumes (stacked expert biases included) at about half the compile of two groups.
+       "model.first_k_dense_replace=0", "model.num_hidden_layers=2"]
 
 
 def _committed(ckpt_dir):
@@ -547,9 +550,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path, jax_cache):
   """SIGINT after step 5: the run finishes its step and the saves in flight, says
   where it can resume and exits with 130, without a traceback or an abort; the same command then
   resumes from that checkpoint and finishes. Before the first step, the run says it compiles."""
-  env, out, steps = {**_env(jax_cache), "PYTHONUNBUFFERED": "1"}, tmp_path / "run", 40
-  cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN, f"train.steps={steps}",
-         f"train.out_dir={out}"]
+  env, out, steps = {**_env(jax_cache), "PYTHONUNBUFFERED": "1"}, tmp_path / "run", STEPS
+  cmd = [sys.executable, "-m", "experiments.tiny_pretrain", *RUN, f"train.out_dir={out}"]
   err_path = tmp_path / "stderr.txt"
   with open(err_path, "w") as err:
     # SIGINT as a terminal delivers it: a test run started in the background (CI scripts) passes
@@ -590,8 +592,8 @@ def test_a_diverging_run_exits_non_zero_and_keeps_its_last_finite_checkpoint(tmp
   error and exit status 1; step 1's checkpoint is kept, and step 2 is never saved. (A process of
   one device: this suite's eight would compile a sharded step for half again the time.)"""
   argv = RUN + ["train.steps=3", "train.checkpoint_every=1", "train.log_every=3",
-                "train.warmup_steps=0", "train.learning_rate=1e30", "model.num_hidden_layers=2",
-                "data.seq_len=16", "data.batch_size=8", f"train.out_dir={tmp_path / 'run'}"]
+                "train.warmup_steps=0", "train.learning_rate=1e30", "data.seq_len=16",
+                "data.batch_size=8", f"train.out_dir={tmp_path / 'run'}"]
   proc = subprocess.run([sys.executable, "-m", "experiments.tiny_pretrain", *argv], cwd=ROOT,
                         env=_env(jax_cache), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stdout + proc.stderr
