@@ -52,10 +52,15 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # JAX's default pool is 75% of the card: on an H200 (140.4 GiB) 105.3 GiB, and Ling-2.6-flash with
 # FP8 experts is 104.3 GiB of weights (out of memory in its first prefill, 2026-12-07).
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+# The pool taken whole at start (JAX's default), not grown: a growing allocator asks the driver
+# for regions of doubling size and, once it has backed off a failed one, no longer backs off, so
+# near the card's limit it fails on a region (exactly 16 GiB, in the first-token step of
+# Ling-2.6-flash FP8, 2026-12-07; the likely cause, not yet confirmed) while the step needs far
+# less. This script used to turn preallocation off.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
 
 import argparse
 import dataclasses
