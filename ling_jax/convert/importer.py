@@ -151,9 +151,9 @@ def kept_linears(experts: ExpertWeights, cfg: LingConfig, hf_dir: str, where: di
                  ) -> ExpertWeights:
   """`experts` with the dense Linears kept in FP8 as well where the source stores every one of
   them in FP8 (flash-fp8's size says it quantises every Linear but the router and the head);
-  as it is where it stores none in FP8 (nothing to keep). A source that quantised only some (e.g. all but the
-  MTP layer's) is refused by name, as a model holds all of them in one form: keep the experts
-  alone (`fp8_linears=False`, `--keep-fp8 experts`) to dequantise them."""
+  as it is where it stores none in FP8 (nothing to keep). A source that quantised only some
+  (e.g. all but the MTP layer's) is refused by name, as a model holds all of them in one form:
+  keep the experts alone (`fp8_linears=False`, `--keep-fp8 experts`) to dequantise them."""
   names = [m.name for m in all_maps(cfg) if is_dense_linear(m) and m.name in where]
   fp8 = set()
   for fname in sorted({where[n] for n in names}):

@@ -306,7 +306,8 @@ def _gmm_kernel(meta_ref, *refs, bm, bn, bk, M, K, N, G, mode, gathered, transpo
         return (accs[0] + prod(xs[0], ws[0]) + prod(xs[1], ws[1]),)
       return tuple(acc + prod(xs[0], w) for acc, w in zip(accs, ws))
 
-    steps = (grp < G).astype(jnp.int32) * (pl.cdiv(K, bk) // k_unroll)  # (a jnp.where here lowers to mistyped scf.for bounds)
+    # (a jnp.where here lowers to mistyped scf.for bounds)
+    steps = (grp < G).astype(jnp.int32) * (pl.cdiv(K, bk) // k_unroll)
     n_acc = 2 if mode == "glu" else 1
     shape = (bn, bm) if swap_ab else (bm, bn)
     accs = lax.fori_loop(0, steps, step, (jnp.zeros(shape, jnp.float32),) * n_acc)
